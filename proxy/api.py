@@ -1,0 +1,69 @@
+"""The client listener: metered OpenAI routes plus models, credits and health."""
+
+from __future__ import annotations
+
+import functools
+import time
+
+import orjson
+from aiohttp import web
+
+from . import errors, relay, views
+from .intake import ENDPOINTS
+from .money import usd
+from .state import STATE
+
+
+def json_response(data: object, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(body=orjson.dumps(data), status=status, content_type="application/json", headers=headers)
+
+
+async def list_models(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    req_id = relay.request_id()
+    try:
+        key = await state.keys.authenticate(request.headers.get("Authorization"))
+        if not await state.accounts.key_active(key):
+            raise errors.InvalidApiKey("Incorrect API key provided: the key was revoked.")
+    except errors.ProxyError as err:
+        return relay.error_response(err, req_id)
+    created = int(time.time())
+    data = [
+        {"id": name, "object": "model", "created": created, "owned_by": route.upstream_name}
+        for name, route in state.catalog.routes.items()
+        if key.allows(name)
+    ]
+    return json_response({"object": "list", "data": data}, headers={"x-request-id": req_id})
+
+
+async def credits(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    req_id = relay.request_id()
+    try:
+        key = await state.keys.authenticate(request.headers.get("Authorization"))
+        view = await state.ledger.touch(key.account_id, key.key_id)
+    except errors.ProxyError as err:
+        return relay.error_response(err, req_id)
+    body = views.balance(key.account_id, view)
+    body.update(
+        tier=view.fields.get("tier"),
+        rate_limits={"rpm": view.rpm, "tpm": view.tpm},
+        plan=view.fields.get("plan") or None,
+        lifetime_paid_usd=usd(view.num("lifetime_paid")),
+    )
+    return json_response(body, headers={"x-request-id": req_id})
+
+
+async def healthz(_: web.Request) -> web.Response:
+    return json_response({"status": "ok"})
+
+
+def client_app() -> web.Application:
+    # client_max_size is enforced by relay.read_body with a clean 413 instead
+    app = web.Application(client_max_size=2**62)
+    for endpoint, (path, _, _) in ENDPOINTS.items():
+        app.router.add_post(path, functools.partial(relay.metered, endpoint=endpoint))
+    app.router.add_get("/v1/models", list_models)
+    app.router.add_get("/v1/credits", credits)
+    app.router.add_get("/healthz", healthz)
+    return app

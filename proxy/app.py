@@ -1,0 +1,163 @@
+"""Assembling and running the proxy: Redis, services, both listeners, background work.
+
+`Proxy` owns the lifecycle; `serve()` runs it until SIGINT/SIGTERM and reloads the
+config on SIGHUP or when the file changes (a bad file is refused; the old config keeps
+serving).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+from pathlib import Path
+from typing import Any
+
+import structlog
+from aiohttp import web
+from redis.asyncio import Redis, RedisCluster
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from . import admin, api, logs, metrics
+from .accounts import Accounts
+from .config import Config, ConfigError, load_config
+from .embedded import EmbeddedRedis
+from .keys import KeyCache
+from .ledger import Ledger
+from .pricing import Catalog
+from .state import STATE, State
+from .upstream import Upstream
+from .worker import Worker
+
+log = structlog.get_logger("proxy")
+RELOAD_POLL_S = 1.0
+
+
+def connect(url: str, cluster: bool = False) -> Redis:
+    """Fail fast: a metered request must get its 503 within 2 s when Redis is gone."""
+    options: dict[str, Any] = dict(
+        decode_responses=True, socket_timeout=2.0, socket_connect_timeout=1.0, retry=Retry(NoBackoff(), 0)
+    )
+    if cluster:
+        return RedisCluster.from_url(url, **options)  # type: ignore[return-value]
+    return Redis.from_url(url, **options)
+
+
+class Proxy:
+    def __init__(self, config: Config, config_path: Path | None = None) -> None:
+        self.config = config
+        self.config_path = config_path
+        self.embedded: EmbeddedRedis | None = None
+        self.state: State | None = None
+        self.runners: list[web.AppRunner] = []
+        self.tasks: list[asyncio.Task[Any]] = []
+        self.ports: dict[str, int] = {}
+        self._config_stamp: tuple[float, int] | None = None
+
+    async def start(self) -> State:
+        config = self.config
+        logs.REDACTOR.use(config.secrets())
+        if config.redis is None:
+            self.embedded = EmbeddedRedis(config.data_dir / "redis")
+            url = await self.embedded.start()
+            log.warning(
+                "embedded_redis", port=self.embedded.port, note="for production set redis.url to a managed Redis"
+            )
+            redis = connect(url)
+        else:
+            redis = connect(config.redis.url.get_secret_value(), config.redis.cluster)
+        ledger = Ledger(redis, config)
+        catalog = await asyncio.to_thread(Catalog, config)  # loads tiktoken encodings (~1 s CPU)
+        upstream = Upstream()
+        await upstream.start()
+        state = State(config, redis, ledger, Accounts(redis, ledger), KeyCache(redis), catalog, upstream)
+        self.state = state
+        await self._listen("client", api.client_app(), config.server.host, config.server.port, state)
+        if config.server.admin_token is not None:
+            await self._listen("admin", admin.admin_app(), config.server.admin_host, config.server.admin_port, state)
+        from .webhooks import Webhooks
+
+        hooks = Webhooks(state)
+        self.tasks.append(asyncio.create_task(Worker(ledger, hooks.deliver).run()))
+        if self.config_path is not None:
+            self._config_stamp = _stamp(self.config_path)
+            self.tasks.append(asyncio.create_task(self._watch_config()))
+        log.info("started", **{f"{name}_port": port for name, port in self.ports.items()})
+        return state
+
+    async def _listen(self, name: str, app: web.Application, host: str, port: int, state: State) -> None:
+        app[STATE] = state
+        runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await runner.setup()
+        site = web.TCPSite(runner, host, port, reuse_address=True)
+        await site.start()
+        self.runners.append(runner)
+        self.ports[name] = runner.addresses[0][1]  # the bound port, when asked for port 0
+
+    async def stop(self) -> None:
+        for task in self.tasks:
+            task.cancel()
+        for runner in self.runners:
+            await runner.cleanup()  # waits for in-flight requests and their settlements
+        if self.state is not None:
+            if self.state.background:
+                await asyncio.gather(*self.state.background, return_exceptions=True)
+            await self.state.upstream.close()
+            await self.state.redis.aclose()
+        if self.embedded is not None:
+            self.embedded.stop()
+
+    async def reload(self) -> bool:
+        """Load the config file again; keep the old one if the new one is bad."""
+        assert self.config_path is not None and self.state is not None
+        try:
+            config = await asyncio.to_thread(load_config, self.config_path)
+            catalog = await asyncio.to_thread(Catalog, config)
+        except ConfigError as exc:
+            metrics.CONFIG_RELOADS.labels("error").inc()
+            log.error("config_reload_rejected", path=str(self.config_path), errors=exc.errors)
+            return False
+        if config.redis != self.config.redis or config.server != self.config.server:
+            log.warning("config_reload_partial", note="server and redis changes need a restart")
+        self.state.use_config(config, catalog)
+        self.config = config
+        logs.REDACTOR.use(config.secrets())
+        metrics.CONFIG_RELOADS.labels("success").inc()
+        log.info("config_reloaded", path=str(self.config_path))
+        return True
+
+    async def _watch_config(self) -> None:
+        assert self.config_path is not None
+        while True:
+            await asyncio.sleep(RELOAD_POLL_S)  # polling the file's mtime, not a synchronisation
+            stamp = _stamp(self.config_path)
+            if stamp != self._config_stamp:
+                self._config_stamp = stamp
+                await self.reload()
+
+
+def _stamp(path: Path) -> tuple[float, int] | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return (st.st_mtime, st.st_size)
+
+
+async def serve(config: Config, config_path: Path | None, on_started: Any = None) -> None:
+    proxy = Proxy(config, config_path)
+    await proxy.start()
+    if on_started is not None:
+        await on_started(proxy)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    if config_path is not None:
+        loop.add_signal_handler(signal.SIGHUP, lambda: proxy.tasks.append(loop.create_task(proxy.reload())))
+    try:
+        await stop.wait()
+    finally:
+        with contextlib.suppress(Exception):
+            await proxy.stop()

@@ -1,0 +1,543 @@
+"""Configuration: PRODUCT.md's YAML schema as frozen pydantic models, and its loader.
+
+`parse_config`/`load_config` compose the YAML into nodes (to keep line numbers), expand
+`${VAR}` / `${VAR:-default}` in string scalars, validate, and raise one `ConfigError`
+listing every problem as `path: message (line N)`.
+
+Empty values: an unset `${VAR}` expands to "". In an optional field "" means "not set"
+(`api_key: "${OPENAI_API_KEY:-}"` -> no key is sent upstream; an empty `admin_token`
+-> None, the admin API is disabled); in a required field it is an error.
+Relative paths (`data_dir`) are relative to the working directory, not the file.
+"""
+
+import base64
+import binascii
+import os
+import re
+import sys
+from collections.abc import Callable, Mapping
+from decimal import Decimal, InvalidOperation
+from pathlib import Path
+from typing import Annotated, Any, Literal
+from urllib.parse import unquote, urlsplit
+
+import yaml
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+Loc = tuple[str | int, ...]
+
+MICRO = Decimal("0.000001")
+# Lua numbers are doubles: every amount must stay below 2^53 micro-USD.
+MAX_USD = Decimal(2**53) * MICRO
+_DEFER_REFS = "defer_reference_checks"
+
+
+class ConfigError(Exception):
+    """A config that cannot be used; `errors` holds one line per problem."""
+
+    def __init__(self, errors: list[str], source: str = "<string>") -> None:
+        super().__init__("\n".join(errors))
+        self.errors = list(errors)
+        self.source = source
+
+    def __str__(self) -> str:
+        return "\n".join(self.errors)
+
+
+# --- field types -------------------------------------------------------------------
+
+
+def _blank_to_none(v: Any) -> Any:
+    # "${VAR:-}" expands to "": for an optional field that means "not set".
+    return None if isinstance(v, str) and not v.strip() else v
+
+
+def _none_to_empty(v: Any) -> Any:
+    # `billing:` with nothing under it means "all defaults", not an error.
+    return {} if v is None else v
+
+
+def _required_text(v: Any) -> Any:
+    if isinstance(v, str):
+        v = v.strip()
+        if not v:
+            raise ValueError("must not be empty (is its environment variable set?)")
+    return v
+
+
+def _decimal_in(v: Any) -> Any:
+    if isinstance(v, bool):  # pydantic turns only ValueError into a field error
+        raise ValueError("must be a number, not a boolean")
+    if isinstance(v, float):
+        # str() is the shortest repr, so YAML 2.5 -> Decimal("2.5"); no float survives.
+        return Decimal(str(v))
+    return v.strip() if isinstance(v, str) else v
+
+
+def _decimal_out(v: Decimal) -> Decimal:
+    # NaN/inf are already refused by pydantic's Decimal (allow_inf_nan=False).
+    if v < 0:
+        raise ValueError("must not be negative")
+    if v >= MAX_USD:
+        raise ValueError(f"must be below {MAX_USD}")
+    if v != v.quantize(MICRO):
+        raise ValueError("must have at most 6 decimal places (micro-USD)")
+    return v
+
+
+def _http_url(v: str) -> str:
+    parts = urlsplit(v)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ValueError("must be an http:// or https:// URL")
+    return v.rstrip("/")
+
+
+def _redis_url(v: SecretStr) -> SecretStr:
+    # The URL may carry a password: never echo it in the message.
+    if urlsplit(v.get_secret_value()).scheme not in ("redis", "rediss", "unix"):
+        raise ValueError("must be a redis://, rediss:// or unix:// URL")
+    return v
+
+
+def _webhook_secret(v: SecretStr) -> SecretStr:
+    raw = v.get_secret_value()
+    if not raw.startswith("whsec_"):
+        raise ValueError("must start with 'whsec_'")
+    try:
+        key = base64.b64decode(raw.removeprefix("whsec_"), validate=True)
+    except binascii.Error:
+        key = b""
+    if not key:
+        raise ValueError("must be 'whsec_' followed by non-empty base64")
+    return v
+
+
+Amount = Annotated[Decimal, BeforeValidator(_decimal_in), AfterValidator(_decimal_out)]
+OptAmount = Annotated[Amount | None, BeforeValidator(_blank_to_none)]
+OptPositiveAmount = Annotated[Annotated[Amount, Field(gt=0)] | None, BeforeValidator(_blank_to_none)]
+_Required = BeforeValidator(_required_text)
+_EmptyOk = BeforeValidator(_none_to_empty)
+Text = Annotated[str, _Required]
+OptText = Annotated[str | None, BeforeValidator(_blank_to_none)]
+HttpUrlText = Annotated[str, _Required, AfterValidator(_http_url)]
+OptSecret = Annotated[SecretStr | None, BeforeValidator(_blank_to_none)]
+Port = Annotated[int, Field(ge=0, le=65535)]  # 0 = any free port (tests)
+PosInt = Annotated[int, Field(ge=1)]
+OptPosInt = Annotated[PosInt | None, BeforeValidator(_blank_to_none)]
+PosFloat = Annotated[float, Field(gt=0)]  # durations only, never money
+
+
+# --- models ------------------------------------------------------------------------
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class ServerConfig(_Frozen):
+    host: Text = "0.0.0.0"
+    port: Port = 8080
+    admin_host: Text = "127.0.0.1"
+    admin_port: Port = 8081
+    admin_token: OptSecret = None  # None: admin API disabled
+    max_body_bytes: PosInt = 10 * 1024 * 1024
+
+    @model_validator(mode="after")
+    def _distinct_ports(self) -> "ServerConfig":
+        if self.port == self.admin_port != 0:
+            raise ValueError("port and admin_port must differ")
+        return self
+
+
+class RedisConfig(_Frozen):
+    url: Annotated[SecretStr, _Required, AfterValidator(_redis_url)]
+    cluster: bool = False
+
+
+class UpstreamConfig(_Frozen):
+    base_url: HttpUrlText  # trailing "/" removed
+    api_key: OptSecret = None  # None: no Authorization header upstream
+    timeout_s: PosFloat = 600.0
+    connect_timeout_s: PosFloat = 10.0
+
+
+class Price(_Frozen):
+    """USD per 1M tokens."""
+
+    input: Amount
+    cached_input: OptAmount = None  # None: priced at `input`
+    output: OptAmount = None  # None: free (embeddings)
+
+    @property
+    def cached_input_price(self) -> Decimal:
+        return self.input if self.cached_input is None else self.cached_input
+
+    @property
+    def output_price(self) -> Decimal:
+        return Decimal(0) if self.output is None else self.output
+
+
+class ModelConfig(_Frozen):
+    upstream: Text
+    upstream_model: OptText = None  # None: the configured name is sent upstream
+    encoding: OptText = None  # tiktoken encoding for estimates
+    max_output_tokens: OptPosInt = None
+    price: Price
+    markup_percent: OptAmount = None  # None: billing.markup_percent
+
+
+class BillingConfig(_Frozen):
+    markup_percent: Amount = Decimal(0)
+    default_max_output_tokens: PosInt = 4096
+    on_insufficient: Literal["reject", "clamp"] = "reject"
+    reservation_ttl_s: PosInt = 900
+
+
+class ModelLimits(_Frozen):
+    rpm: PosInt
+    tpm: PosInt
+
+
+class Tier(_Frozen):
+    name: Text
+    min_usd: Amount
+    rpm: PosInt
+    tpm: PosInt
+    min_days_since_first_payment: Annotated[int, Field(ge=0)] = 0
+    models: Annotated[dict[str, ModelLimits], _EmptyOk] = Field(default_factory=dict)
+
+
+DEFAULT_TIERS = (Tier(name="default", min_usd=Decimal(0), rpm=10_000, tpm=100_000_000),)
+
+
+class RateTiersConfig(_Frozen):
+    basis: Literal["paid", "consumed"] = "paid"
+    tiers: Annotated[tuple[Tier, ...], Field(min_length=1)] = DEFAULT_TIERS
+
+
+class Allocation(_Frozen):
+    amount_usd: Amount
+    every: Literal["day", "week", "month", "year"]
+
+
+class Overage(_Frozen):
+    limit_usd: OptAmount = None  # None: no limit (section absent: no overage at all)
+    invoice_every_usd: OptPositiveAmount = None
+
+
+class OnExhausted(_Frozen):
+    downgrade_to: Text
+
+
+class Plan(_Frozen):
+    allocation: Allocation | None = None
+    overage: Overage | None = None
+    on_exhausted: OnExhausted | None = None
+
+
+class WebhooksConfig(_Frozen):
+    url: HttpUrlText
+    secret: Annotated[SecretStr, _Required, AfterValidator(_webhook_secret)]
+    # Normalised to unique values, highest first.
+    low_balance_thresholds_usd: tuple[Amount, ...] = ()
+    max_attempts: PosInt = 8
+    timeout_s: PosFloat = 10.0
+    auto_topup_cooldown_s: Annotated[int, Field(ge=0)] = 300
+
+    @field_validator("low_balance_thresholds_usd")
+    @classmethod
+    def _descending(cls, v: tuple[Decimal, ...]) -> tuple[Decimal, ...]:
+        return tuple(sorted(set(v), reverse=True))
+
+    def secret_bytes(self) -> bytes:
+        """The HMAC key of the Standard Webhooks secret."""
+        return base64.b64decode(self.secret.get_secret_value().removeprefix("whsec_"))
+
+
+class MetricsConfig(_Frozen):
+    per_account_labels: bool = False
+
+
+class Config(_Frozen):
+    server: Annotated[ServerConfig, _EmptyOk] = Field(default_factory=ServerConfig)
+    redis: RedisConfig | None = None  # None: embedded redis-server, data in data_dir
+    data_dir: Annotated[Path, _Required] = Path(".metering-proxy")
+    upstreams: Annotated[dict[Text, UpstreamConfig], Field(min_length=1)]
+    models: Annotated[dict[Text, ModelConfig], Field(min_length=1)]
+    billing: Annotated[BillingConfig, _EmptyOk] = Field(default_factory=BillingConfig)
+    rate_tiers: Annotated[RateTiersConfig, _EmptyOk] = RateTiersConfig()
+    plans: Annotated[dict[Text, Plan], _EmptyOk] = Field(default_factory=dict)
+    default_plan: OptText = None  # plan given to new accounts
+    webhooks: WebhooksConfig | None = None
+    metrics: Annotated[MetricsConfig, _EmptyOk] = Field(default_factory=MetricsConfig)
+
+    @model_validator(mode="after")
+    def _check_references(self, info: ValidationInfo) -> "Config":
+        # The loader defers these to report them with line numbers.
+        if info.context and info.context.get(_DEFER_REFS):
+            return self
+        errors = _reference_errors(self.model_dump())
+        if errors:
+            raise ValueError("; ".join(f"{_fmt_loc(loc)}: {msg}" for loc, msg in errors))
+        return self
+
+    def markup_for(self, model: str) -> Decimal:
+        override = self.models[model].markup_percent
+        return self.billing.markup_percent if override is None else override
+
+    def upstream_model(self, model: str) -> str:
+        return self.models[model].upstream_model or model
+
+    def secrets(self) -> list[str]:
+        """Every secret value present, for log redaction."""
+        found: list[SecretStr | None] = [self.server.admin_token]
+        found += [u.api_key for u in self.upstreams.values()]
+        if self.webhooks:
+            found.append(self.webhooks.secret)
+        values = [s.get_secret_value() for s in found if s is not None]
+        if self.redis:
+            password = urlsplit(self.redis.url.get_secret_value()).password
+            values += [password, unquote(password)] if password else []
+        return list(dict.fromkeys(v for v in values if v))
+
+
+# --- cross-references (on raw data, so they are reported alongside field errors) ---
+
+
+def _dict(v: Any) -> dict[Any, Any]:
+    return v if isinstance(v, dict) else {}
+
+
+def _name(v: Any) -> str | None:
+    return v.strip() if isinstance(v, str) and v.strip() else None
+
+
+def _try_decimal(v: Any) -> Decimal | None:
+    if isinstance(v, bool) or not isinstance(v, (int, float, str, Decimal)):
+        return None
+    try:
+        d = Decimal(str(v))
+    except InvalidOperation:
+        return None
+    return d if d.is_finite() else None
+
+
+def _unknown(kind: str, name: str, known: Mapping[Any, Any]) -> str:
+    return f"unknown {kind} {name!r} (configured: {', '.join(map(str, known)) or 'none'})"
+
+
+def _reference_errors(data: Any) -> list[tuple[Loc, str]]:
+    data = _dict(data)
+    upstreams, models, plans = (_dict(data.get(k)) for k in ("upstreams", "models", "plans"))
+    errors: list[tuple[Loc, str]] = []
+    for name, model in models.items():
+        up = _name(_dict(model).get("upstream"))
+        if up is not None and up not in upstreams:
+            errors.append((("models", name, "upstream"), _unknown("upstream", up, upstreams)))
+    for name, plan in plans.items():
+        target = _name(_dict(_dict(plan).get("on_exhausted")).get("downgrade_to"))
+        if target is not None and target not in models:
+            loc: Loc = ("plans", name, "on_exhausted", "downgrade_to")
+            errors.append((loc, _unknown("model", target, models)))
+    default_plan = _name(data.get("default_plan"))
+    if default_plan is not None and default_plan not in plans:
+        errors.append((("default_plan",), _unknown("plan", default_plan, plans)))
+    return errors + _tier_errors(_dict(data.get("rate_tiers")).get("tiers"), models)
+
+
+def _tier_errors(tiers: Any, models: Mapping[Any, Any]) -> list[tuple[Loc, str]]:
+    if not isinstance(tiers, (list, tuple)):
+        return []
+    errors: list[tuple[Loc, str]] = []
+    seen: set[str] = set()
+    prev: Decimal | None = None
+    for i, tier in enumerate(map(_dict, tiers)):
+        loc: Loc = ("rate_tiers", "tiers", i)
+        name, low = _name(tier.get("name")), _try_decimal(tier.get("min_usd"))
+        if name is not None and name in seen:
+            errors.append((loc + ("name",), f"duplicate tier name {name!r}"))
+        seen.add(name or "")
+        if i == 0 and low is not None and low != 0:
+            errors.append((loc + ("min_usd",), "the first tier must have min_usd 0"))
+        if prev is not None and low is not None and low < prev:
+            errors.append((loc + ("min_usd",), "tiers must be sorted by ascending min_usd"))
+        prev = low if low is not None else prev
+        for model in _dict(tier.get("models")):
+            if model not in models:
+                errors.append((loc + ("models", model), _unknown("model", model, models)))
+    return errors
+
+
+# --- YAML: nodes, line numbers, ${VAR} expansion -----------------------------------
+
+_VAR = re.compile(r"\$\$\{|\$\{([A-Za-z_][A-Za-z0-9_]*)(:-([^}]*))?\}|\$\{")
+_STR_TAG = "tag:yaml.org,2002:str"
+
+
+def _expand(value: str, env: Mapping[str, str], on_error: Callable[[str], None]) -> str:
+    def sub(m: re.Match[str]) -> str:
+        if m.group(0) == "$${":  # escaped: a literal "${"
+            return "${"
+        if m.group(1) is None:
+            on_error("malformed variable reference; use ${VAR} or ${VAR:-default}")
+            return m.group(0)
+        value = env.get(m.group(1), "")
+        if m.group(2) and not value:  # like the shell, ":-" also covers set-but-empty
+            return m.group(3)
+        return value
+
+    return _VAR.sub(sub, value)
+
+
+class _Walker:
+    """Expands env vars in string scalars and records the line of every path."""
+
+    def __init__(self, env: Mapping[str, str]) -> None:
+        self.env = env
+        self.lines: dict[Loc, int] = {}
+        self.problems: list[tuple[int, str]] = []
+        self._done: set[int] = set()  # aliased nodes are expanded once
+
+    def walk(self, node: yaml.Node, path: Loc) -> None:
+        if id(node) in self._done:
+            return
+        self._done.add(id(node))
+        if isinstance(node, yaml.ScalarNode) and node.tag == _STR_TAG:
+            line = node.start_mark.line + 1
+
+            def report(msg: str) -> None:
+                self.problems.append((line, _fmt(path, msg)))
+
+            node.value = _expand(node.value, self.env, report)
+        elif isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                self.lines[path + (i,)] = item.start_mark.line + 1
+                self.walk(item, path + (i,))
+        elif isinstance(node, yaml.MappingNode):
+            self._walk_mapping(node, path)
+
+    def _walk_mapping(self, node: yaml.MappingNode, path: Loc) -> None:
+        # Keys merged with `<<: *anchor` keep only their parent's line.
+        seen: set[str] = set()
+        for key, value in node.value:
+            name, line = str(key.value), key.start_mark.line + 1
+            if name in seen:
+                self.problems.append((line, _fmt(path + (name,), "duplicate key")))
+            seen.add(name)
+            self.lines[path + (name,)] = line
+            self.walk(value, path + (name,))
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    if isinstance(exc, yaml.MarkedYAMLError) and exc.problem_mark is not None:
+        problem = " ".join(p for p in (exc.context, exc.problem) if p)
+        return f"invalid YAML: {problem} (line {exc.problem_mark.line + 1})"
+    return f"invalid YAML: {exc}"
+
+
+def _read_yaml(text: str, env: Mapping[str, str], source: str) -> tuple[Any, _Walker]:
+    loader = yaml.SafeLoader(text)
+    walker = _Walker(env)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return {}, walker
+        walker.lines[()] = node.start_mark.line + 1
+        walker.walk(node, ())
+        return loader.construct_document(node), walker
+    except yaml.YAMLError as exc:
+        raise ConfigError([_yaml_problem(exc)], source) from exc
+    finally:
+        loader.dispose()
+
+
+# --- errors ------------------------------------------------------------------------
+
+
+def _fmt_loc(loc: Loc) -> str:
+    text = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc)
+    return text.removeprefix(".")
+
+
+def _fmt(loc: Loc, msg: str) -> str:
+    return f"{_fmt_loc(loc)}: {msg}" if loc else msg
+
+
+def _line_for(loc: Loc, lines: Mapping[Loc, int]) -> int:
+    for n in range(len(loc), -1, -1):  # nearest parent that has a node
+        if loc[:n] in lines:
+            return lines[loc[:n]]
+    return 1
+
+
+_MESSAGES = {
+    "extra_forbidden": "unknown key",
+    "model_type": "expected a mapping",
+    "dict_type": "expected a mapping",
+    "tuple_type": "expected a list",
+    "too_short": "must not be empty",
+}
+
+
+def _pydantic_problems(exc: ValidationError) -> list[tuple[Loc, str]]:
+    out: list[tuple[Loc, str]] = []
+    for err in exc.errors(include_url=False, include_input=False):
+        if err["type"] == "value_error":
+            msg = str(err.get("ctx", {}).get("error", err["msg"]))
+        else:
+            msg = _MESSAGES.get(err["type"], err["msg"])
+        out.append((tuple(err["loc"]), msg))
+    return out
+
+
+# --- entry points ------------------------------------------------------------------
+
+
+def parse_config(text: str, env: Mapping[str, str] | None = None, source: str = "<string>") -> Config:
+    """Parse YAML text into a Config; `env` defaults to a snapshot of os.environ."""
+    env = dict(os.environ) if env is None else env
+    data, walker = _read_yaml(text, env, source)
+    found = _reference_errors(data)
+    config: Config | None = None
+    try:
+        config = Config.model_validate(data, context={_DEFER_REFS: True})
+    except ValidationError as exc:
+        found = _pydantic_problems(exc) + found
+    problems = walker.problems + [(_line_for(loc, walker.lines), _fmt(loc, msg)) for loc, msg in found]
+    if problems or config is None:
+        problems.sort(key=lambda p: p[0])  # stable: file order, then discovery order
+        raise ConfigError([f"{msg} (line {line})" for line, msg in problems], source)
+    return config
+
+
+def load_config(path: str | Path, env: Mapping[str, str] | None = None) -> Config:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError([f"{path}: cannot read config: {exc}"], str(path)) from exc
+    return parse_config(text, env, source=str(path))
+
+
+def check_main(path: str | Path) -> int:
+    """`metering-proxy config check PATH`: 0 if valid, else 1 with every error."""
+    try:
+        config = load_config(path)
+    except ConfigError as exc:
+        for line in exc.errors:
+            print(line, file=sys.stderr)
+        return 1
+    counts = (len(config.models), len(config.upstreams), len(config.plans))
+    print("ok: {} models, {} upstreams, {} plans".format(*counts))
+    return 0

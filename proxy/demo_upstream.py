@@ -1,0 +1,417 @@
+"""Fake OpenAI API speaking the real wire format, with fault injection.
+
+Used as the upstream in tests and as a zero-cost demo upstream
+(`metering-proxy demo-upstream --port 9999`). Replies are deterministic:
+N visible tokens "tok0 tok1 ...", N = min(request max tokens, fault.output_tokens).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import itertools
+import struct
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from aiohttp import web
+from aiohttp.typedefs import Handler
+from multidict import CIMultiDict
+
+Json = dict[str, Any]
+# An SSE event to write: (event name or None, JSON object or raw bytes like b"[DONE]").
+Event = tuple[str | None, Json | bytes]
+
+SSE_HEADERS = {"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache"}
+MODELS = ("gpt-4o-mini", "gpt-4o", "o3-mini", "text-embedding-3-small")
+EMBED_DIMS = 8
+BODY_KEY: web.RequestKey[Json] = web.RequestKey("json_body", dict)
+ERROR_CODES = {401: "invalid_api_key", 429: "rate_limit_exceeded"}
+
+
+@dataclass
+class Fault:
+    """Mutable knobs; tests flip them between requests."""
+
+    status: int | None = None  # answer with this HTTP error status (OpenAI error body)
+    error_message: str = "Injected fault from demo upstream"
+    omit_usage: bool = False  # never report usage, even when asked
+    output_tokens: int = 5  # visible tokens, capped by the request's max tokens
+    prompt_tokens: int = 10
+    cached_tokens: int = 0  # part of prompt_tokens, as OpenAI reports it
+    reasoning_tokens: int = 0  # added on top of visible tokens in completion_tokens
+    cut_after_chunks: int | None = None  # stream: drop the connection after this many data events
+    chunk_delay_s: float = 0.0  # sleep between stream events
+    delay_before_headers_s: float = 0.0  # sleep before answering at all
+    responses_final_event: str = "response.completed"  # or response.incomplete / response.failed
+    stream_error_event: bool = False  # emit an error event halfway through the stream
+
+
+@dataclass
+class RecordedRequest:
+    method: str
+    path: str
+    headers: CIMultiDict[str]  # case-insensitive: headers["authorization"] works too
+    body: Any  # parsed JSON, or None when absent/invalid
+
+
+@dataclass
+class _Reply:
+    """What one generation produced, shared by all endpoint formats."""
+
+    model: str
+    tokens: list[str]  # text deltas; "".join(tokens) is the full text
+    finish_reason: str
+    usage: Json | None  # chat-style usage, None when omitted
+
+    @property
+    def text(self) -> str:
+        return "".join(self.tokens)
+
+
+class _Cut(Exception):
+    """Raised by the SSE writer once fault.cut_after_chunks events went out."""
+
+
+class DemoUpstream:
+    def __init__(self) -> None:
+        self.fault = Fault()
+        self.requests: list[RecordedRequest] = []
+        self.stream_chunks_sent = 0
+        self.client_disconnected = False
+        self.stream_closed = asyncio.Event()  # set whenever a stream ends, for any reason
+        self._ids = itertools.count(1)
+        self._runner: web.AppRunner | None = None
+        self.base_url = ""
+
+    def reset(self) -> None:
+        self.fault = Fault()
+        self.requests.clear()
+        self.stream_chunks_sent = 0
+        self.client_disconnected = False
+        self.stream_closed.clear()
+
+    def make_app(self) -> web.Application:
+        app = web.Application(middlewares=[self._middleware])
+        app[UPSTREAM_KEY] = self
+        app.router.add_post("/v1/chat/completions", self._chat)
+        app.router.add_post("/v1/completions", self._completions)
+        app.router.add_post("/v1/embeddings", self._embeddings)
+        app.router.add_post("/v1/responses", self._responses)
+        app.router.add_get("/v1/models", self._models)
+        app.router.add_route("*", "/{tail:.*}", self._not_found)
+        return app
+
+    async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
+        self._runner = web.AppRunner(self.make_app(), access_log=None)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, host, port).start()
+        bound_port = self._runner.addresses[0][1]  # resolves port=0
+        shown = f"[{host}]" if ":" in host else host
+        self.base_url = f"http://{shown}:{bound_port}/v1"
+        return self.base_url
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    @web.middleware
+    async def _middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        # Record first so tests see the request even when a fault answers it.
+        raw = await request.read()
+        try:
+            body = orjson.loads(raw) if raw else None
+        except orjson.JSONDecodeError:
+            body = None
+        request[BODY_KEY] = body if isinstance(body, dict) else {}
+        headers = CIMultiDict(request.headers)
+        self.requests.append(RecordedRequest(request.method, request.path, headers, body))
+        if self.fault.delay_before_headers_s:
+            await asyncio.sleep(self.fault.delay_before_headers_s)
+        if self.fault.status is not None:
+            return _error(self.fault.status, self.fault.error_message)
+        if request.method == "POST" and handler != self._not_found and not isinstance(body, dict):
+            return _error(400, "We could not parse the JSON body of your request.")
+        return await handler(request)
+
+    def _reply(self, body: Json, *max_fields: str) -> _Reply:
+        limit = next((body[f] for f in max_fields if isinstance(body.get(f), int)), None)
+        n = self.fault.output_tokens if limit is None else max(0, min(limit, self.fault.output_tokens))
+        finish = "length" if limit is not None and limit < self.fault.output_tokens else "stop"
+        tokens = [f"tok{i}" if i == 0 else f" tok{i}" for i in range(n)]
+        return _Reply(str(body.get("model", "demo-model")), tokens, finish, self._usage(n))
+
+    def _usage(self, visible: int) -> Json | None:
+        if self.fault.omit_usage:
+            return None
+        f = self.fault
+        completion = visible + f.reasoning_tokens
+        return {
+            "prompt_tokens": f.prompt_tokens,
+            "completion_tokens": completion,
+            "total_tokens": f.prompt_tokens + completion,
+            "prompt_tokens_details": {"cached_tokens": f.cached_tokens, "audio_tokens": 0},
+            "completion_tokens_details": {
+                "reasoning_tokens": f.reasoning_tokens,
+                "audio_tokens": 0,
+                "accepted_prediction_tokens": 0,
+                "rejected_prediction_tokens": 0,
+            },
+        }
+
+    def _id(self, prefix: str) -> str:
+        return f"{prefix}{next(self._ids)}"
+
+    async def _stream(self, request: web.Request, events: Iterator[Event]) -> web.StreamResponse:
+        self.stream_chunks_sent, self.client_disconnected = 0, False
+        self.stream_closed.clear()
+        resp = web.StreamResponse(headers=SSE_HEADERS)
+        await resp.prepare(request)
+        try:
+            for name, data in events:
+                await self._send(resp, name, data)
+            await resp.write_eof()
+        except _Cut:
+            # Close (not abort) so already-written bytes are flushed first, but the
+            # chunked body never terminates: the client sees an incomplete read.
+            if request.transport is not None:
+                request.transport.close()
+        except ConnectionError:  # client went away mid-stream
+            self.client_disconnected = True
+        except asyncio.CancelledError:
+            self.client_disconnected = True
+            raise
+        finally:
+            self.stream_closed.set()
+        return resp
+
+    async def _send(self, resp: web.StreamResponse, name: str | None, data: Json | bytes) -> None:
+        f = self.fault
+        if f.cut_after_chunks is not None and self.stream_chunks_sent >= f.cut_after_chunks:
+            raise _Cut
+        if f.chunk_delay_s and self.stream_chunks_sent:
+            await asyncio.sleep(f.chunk_delay_s)
+        payload = data if isinstance(data, bytes) else orjson.dumps(data)
+        head = f"event: {name}\n".encode() if name else b""
+        await resp.write(head + b"data: " + payload + b"\n\n")
+        self.stream_chunks_sent += 1
+
+    def _mid_stream_error(self, i: int, n: int) -> bool:
+        return self.fault.stream_error_event and i == n // 2
+
+    async def _chat(self, request: web.Request) -> web.StreamResponse:
+        body = request[BODY_KEY]
+        r = self._reply(body, "max_completion_tokens", "max_tokens")
+        base: Json = {
+            "id": self._id("chatcmpl-"),
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": r.model,
+        }
+        if body.get("stream"):
+            choices: list[Json] = [{"delta": {"role": "assistant", "content": "", "refusal": None}}]
+            choices += [{"delta": {"content": tok}} for tok in r.tokens]
+            choices.append({"delta": {}, "finish_reason": r.finish_reason})
+            base["object"] = "chat.completion.chunk"
+            return await self._stream(request, self._chunk_events(body, r, base, choices))
+        message: Json = {"role": "assistant", "content": r.text, "refusal": None, "annotations": []}
+        choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": r.finish_reason}
+        return _json(_with_usage({**base, "choices": [choice]}, r.usage))
+
+    async def _completions(self, request: web.Request) -> web.StreamResponse:
+        body = request[BODY_KEY]
+        r = self._reply(body, "max_tokens")
+        base: Json = {
+            "id": self._id("cmpl-"),
+            "object": "text_completion",
+            "created": int(time.time()),
+            "model": r.model,
+        }
+        if body.get("stream"):
+            choices: list[Json] = [{"text": tok} for tok in r.tokens]
+            choices.append({"text": "", "finish_reason": r.finish_reason})
+            return await self._stream(request, self._chunk_events(body, r, base, choices))
+        choice = {"index": 0, "text": r.text, "logprobs": None, "finish_reason": r.finish_reason}
+        return _json(_with_usage({**base, "choices": [choice]}, r.usage))
+
+    def _chunk_events(self, body: Json, r: _Reply, base: Json, choices: list[Json]) -> Iterator[Event]:
+        """One `data:` chunk per choice delta, then the optional usage chunk and [DONE]."""
+        opts = body.get("stream_options")
+        with_usage = isinstance(opts, dict) and opts.get("include_usage") is True
+        for i, choice in enumerate(choices):
+            if self._mid_stream_error(i, len(choices)):
+                yield None, _error_body(500, "Injected mid-stream error")  # OpenAI style: no [DONE]
+                return
+            chunk = {**base, "choices": [{"index": 0, "logprobs": None, "finish_reason": None, **choice}]}
+            # With include_usage OpenAI puts "usage": null on every regular chunk.
+            yield None, ({**chunk, "usage": None} if with_usage else chunk)
+        if with_usage and r.usage is not None:
+            yield None, {**base, "choices": [], "usage": r.usage}
+        yield None, b"[DONE]"
+
+    async def _responses(self, request: web.Request) -> web.StreamResponse:
+        body: Json = request[BODY_KEY]
+        r = self._reply(body, "max_output_tokens")
+        rid, mid, created = self._id("resp_"), self._id("msg_"), int(time.time())
+        final = self._response_obj(r, rid, mid, created)
+        if body.get("stream"):
+            return await self._stream(request, self._response_events(r, final, mid))
+        return _json(final)
+
+    def _response_obj(self, r: _Reply, rid: str, mid: str, created: int) -> Json:
+        """The final Response object; its status follows fault.responses_final_event."""
+        status = self.fault.responses_final_event.removeprefix("response.")
+        failed = status == "failed"
+        return {
+            "id": rid,
+            "object": "response",
+            "created_at": created,
+            "status": status,
+            "model": r.model,
+            "error": {"code": "server_error", "message": "Injected failure"} if failed else None,
+            "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
+            "output": [] if failed else [_message_item(mid, r.text, status)],  # status: completed|incomplete
+            "usage": None if failed else _responses_usage(r.usage),
+            "instructions": None,
+            "metadata": {},
+            "parallel_tool_calls": True,
+            "tool_choice": "auto",
+            "tools": [],
+            "temperature": 1.0,
+            "top_p": 1.0,
+            "text": {"format": {"type": "text"}},
+            "reasoning": {"effort": None, "summary": None},
+            "truncation": "disabled",
+        }
+
+    def _response_events(self, r: _Reply, final: Json, mid: str) -> Iterator[Event]:
+        seq = itertools.count()
+        start = {
+            **final,
+            "status": "in_progress",
+            "output": [],
+            "usage": None,
+            "error": None,
+            "incomplete_details": None,
+        }
+        loc = {"item_id": mid, "output_index": 0, "content_index": 0}
+        part: Json = {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
+
+        def ev(kind: str, **fields: Any) -> Event:
+            return kind, {"type": kind, "sequence_number": next(seq), **fields}
+
+        yield ev("response.created", response=start)
+        yield ev("response.in_progress", response=start)
+        yield ev("response.output_item.added", output_index=0, item=_message_item(mid, "", "in_progress"))
+        yield ev("response.content_part.added", **loc, part=part)
+        for i, tok in enumerate(r.tokens):
+            if self._mid_stream_error(i, len(r.tokens)):
+                yield ev("error", code="server_error", message="Injected mid-stream error", param=None)
+                return
+            yield ev("response.output_text.delta", **loc, delta=tok, logprobs=[])
+        yield ev("response.output_text.done", **loc, text=r.text, logprobs=[])
+        yield ev("response.content_part.done", **loc, part={**part, "text": r.text})
+        done_item = _message_item(mid, r.text, "completed" if final["status"] == "completed" else "incomplete")
+        yield ev("response.output_item.done", output_index=0, item=done_item)
+        yield ev(self.fault.responses_final_event, response=final)
+
+    async def _embeddings(self, request: web.Request) -> web.StreamResponse:
+        body: Json = request[BODY_KEY]
+        items = _embedding_inputs(body.get("input"))
+        if not items:
+            return _error(400, "'input' must be a non-empty string, array of strings or token arrays.")
+        as_b64 = body.get("encoding_format") == "base64"  # the SDK asks for base64 by default
+        vectors = [_vector(i, as_b64) for i in range(len(items))]
+        data = [{"object": "embedding", "index": i, "embedding": v} for i, v in enumerate(vectors)]
+        out: Json = {"object": "list", "data": data, "model": str(body.get("model", "demo-embedding"))}
+        if not self.fault.omit_usage:
+            p = self.fault.prompt_tokens
+            out["usage"] = {"prompt_tokens": p, "total_tokens": p}
+        return _json(out)
+
+    async def _models(self, request: web.Request) -> web.StreamResponse:
+        data = [{"id": m, "object": "model", "created": 1700000000, "owned_by": "demo"} for m in MODELS]
+        return _json({"object": "list", "data": data})
+
+    async def _not_found(self, request: web.Request) -> web.StreamResponse:
+        return _error(404, f"Invalid URL ({request.method} {request.path})")
+
+
+UPSTREAM_KEY = web.AppKey("demo_upstream", DemoUpstream)
+
+
+def _json(obj: Json, status: int = 200) -> web.Response:
+    return web.Response(body=orjson.dumps(obj), status=status, content_type="application/json")
+
+
+def _error_body(status: int, message: str) -> Json:
+    kind = "server_error" if status >= 500 else "invalid_request_error"
+    return {"error": {"message": message, "type": kind, "param": None, "code": ERROR_CODES.get(status)}}
+
+
+def _error(status: int, message: str) -> web.Response:
+    return _json(_error_body(status, message), status)
+
+
+def _with_usage(obj: Json, usage: Json | None) -> Json:
+    return {**obj, "usage": usage} if usage is not None else obj
+
+
+def _responses_usage(u: Json | None) -> Json | None:
+    if u is None:
+        return None
+    cached = {"cached_tokens": u["prompt_tokens_details"]["cached_tokens"], "cache_write_tokens": 0}
+    reasoning = {"reasoning_tokens": u["completion_tokens_details"]["reasoning_tokens"]}
+    return {
+        "input_tokens": u["prompt_tokens"],
+        "input_tokens_details": cached,
+        "output_tokens": u["completion_tokens"],
+        "output_tokens_details": reasoning,
+        "total_tokens": u["total_tokens"],
+    }
+
+
+def _message_item(mid: str, text: str, status: str) -> Json:
+    content = [{"type": "output_text", "text": text, "annotations": [], "logprobs": []}] if text else []
+    return {"id": mid, "type": "message", "role": "assistant", "status": status, "content": content}
+
+
+def _embedding_inputs(value: Any) -> list[Any]:
+    # A string or a flat token list is ONE input; a list of those is many.
+    is_token_list = isinstance(value, list) and bool(value) and all(isinstance(v, int) for v in value)
+    if isinstance(value, str) or is_token_list:
+        return [value]
+    return list(value) if isinstance(value, list) else []
+
+
+def _vector(index: int, as_b64: bool) -> list[float] | str:
+    # Multiples of 1/8 survive the float32 base64 round trip exactly.
+    floats = [((index + 1) * (d + 1) % 8) / 8 for d in range(EMBED_DIMS)]
+    if as_b64:
+        return base64.b64encode(struct.pack(f"<{EMBED_DIMS}f", *floats)).decode()
+    return floats
+
+
+def make_app() -> web.Application:
+    """Standalone app backed by a fresh DemoUpstream (reachable via app[UPSTREAM_KEY])."""
+    return DemoUpstream().make_app()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="metering-proxy demo-upstream", description="Run a fake OpenAI-compatible API for demos and tests."
+    )
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=9999)
+    args = parser.parse_args(argv)
+    print(f"Demo upstream listening on http://{args.host}:{args.port}/v1", flush=True)
+    web.run_app(make_app(), host=args.host, port=args.port, print=None)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,109 @@
+"""The proxy's errors, each knowing its HTTP status and OpenAI `type`/`code`.
+
+    ProxyError
+    ├── InvalidRequest          400 invalid_request_error
+    ├── InvalidApiKey           401 invalid_api_key
+    ├── InsufficientQuota       402 insufficient_quota
+    ├── PermissionDenied        403 model_not_allowed | account_suspended
+    ├── NotFound                404
+    ├── BodyTooLarge            413
+    ├── RateLimited             429 rate_limit_exceeded (type requests | tokens)
+    ├── UpstreamUnavailable     502 (the upstream failed before answering)
+    ├── StoreUnavailable        503 (Redis unreachable: fail closed)
+    └── UpstreamTimeout         504
+
+Foreign exceptions (aiohttp, redis) are mapped to these at the boundary; `to_body`
+renders every one of them in OpenAI's error shape.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import orjson
+
+
+class ProxyError(Exception):
+    status = 500
+    type = "server_error"
+    code: str | None = None
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        type: str | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        if code is not None:
+            self.code = code
+        if type is not None:
+            self.type = type
+        self.headers = dict(headers or {})
+
+    def to_body(self) -> bytes:
+        return orjson.dumps(
+            {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+        )
+
+
+class InvalidRequest(ProxyError):
+    status = 400
+    type = "invalid_request_error"
+
+
+class InvalidApiKey(ProxyError):
+    status = 401
+    type = "invalid_request_error"
+    code = "invalid_api_key"
+
+
+class InsufficientQuota(ProxyError):
+    status = 402
+    type = "insufficient_quota"
+    code = "insufficient_quota"
+
+
+class PermissionDenied(ProxyError):
+    status = 403
+    type = "invalid_request_error"
+
+
+class NotFound(ProxyError):
+    status = 404
+    type = "invalid_request_error"
+    code = "not_found"
+
+
+class BodyTooLarge(ProxyError):
+    status = 413
+    type = "invalid_request_error"
+    code = "request_too_large"
+
+
+class RateLimited(ProxyError):
+    status = 429
+    code = "rate_limit_exceeded"
+
+
+class UpstreamUnavailable(ProxyError):
+    status = 502
+    type = "upstream_error"
+    code = "upstream_unavailable"
+
+
+class StoreUnavailable(ProxyError):
+    status = 503
+    type = "server_error"
+    code = "metering_unavailable"
+
+
+class UpstreamTimeout(ProxyError):
+    status = 504
+    type = "upstream_error"
+    code = "upstream_timeout"

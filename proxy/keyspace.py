@@ -1,0 +1,56 @@
+"""Every Redis key name, in one place.
+
+Keys of one account share the hash tag `{ID}`, so each Lua script touches one slot
+and the proxy runs unchanged on Redis Cluster. Global keys (key-hash index, account
+index, sharded watch sets) are never touched by a script.
+"""
+
+from __future__ import annotations
+
+import re
+import zlib
+
+PREFIX = "mp"
+WATCH_SHARDS = 16
+ACCOUNT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:@-]{0,127}$")
+
+# The order is the KEYS order every script expects (see lua/lib.lua).
+ACCOUNT_PARTS = ("acct", "grants", "live", "resv", "ledger", "outbox", "keys", "reaped", "idem", "rl")
+
+
+def valid_account_id(account_id: str) -> bool:
+    return bool(ACCOUNT_ID.match(account_id))
+
+
+def account(account_id: str, part: str) -> str:
+    return f"{PREFIX}:{{{account_id}}}:{part}"
+
+
+def script_keys(account_id: str, model: str = "") -> list[str]:
+    """KEYS for every script: the account's keys plus its per-model rate window."""
+    keys = [account(account_id, part) for part in ACCOUNT_PARTS]
+    keys.append(account(account_id, f"rl:{model}"))
+    return keys
+
+
+def api_key(key_hash: str) -> str:
+    """Key hash -> key record (JSON). Only the hash of a key is ever stored."""
+    return f"{PREFIX}:key:{key_hash}"
+
+
+def key_id(kid: str) -> str:
+    """Key id -> {account_id, hash}, for revocation by id."""
+    return f"{PREFIX}:keyid:{kid}"
+
+
+ACCOUNTS = f"{PREFIX}:accounts"
+DEAD_LETTERS = f"{PREFIX}:dead"
+
+
+def watch_shard(account_id: str) -> str:
+    """Sharded zset of accounts to visit (reservations to reap, events to deliver)."""
+    return watch_shard_n(zlib.crc32(account_id.encode()) % WATCH_SHARDS)
+
+
+def watch_shard_n(n: int) -> str:
+    return f"{PREFIX}:watch:{{w{n}}}"

@@ -1,0 +1,352 @@
+"""The credit ledger in Redis: the one module that runs the Lua scripts in `lua/`.
+
+Every decision about money is made inside one script call, atomically: admission
+(`admit.lua`), settlement (`settle.lua`), grants, voids, reaping and balance reads.
+Python only prices requests beforehand and renders results afterwards.
+
+Invariants, for every account at every moment (checked by `reconcile`):
+  balance  == sum(ledger entry amounts) == sum(live grant remainders) - debt
+  reserved == sum(open reservation amounts)
+  each grant: amount == remaining + drawn + expired + voided
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Any
+
+import orjson
+from redis import exceptions as redis_errors
+from redis.asyncio import Redis
+
+from . import errors, keyspace
+from .config import Config
+from .metrics import REDIS_SCRIPT_SECONDS
+from .money import to_micro, usd
+from .ratelimits import RateFigures, go_duration, retry_headers
+
+SCRIPT_NAMES = ("admit", "settle", "grant", "void", "reap", "touch", "account")
+
+
+def _load_sources() -> dict[str, str]:
+    lua = resources.files("proxy") / "lua"
+    lib = (lua / "lib.lua").read_text()
+    sources = {name: lib + "\n" + (lua / f"{name}.lua").read_text() for name in SCRIPT_NAMES}
+    sources["watch"] = (lua / "watch.lua").read_text()  # not an account script: no lib
+    return sources
+
+
+SOURCES = _load_sources()
+SHAS = {name: hashlib.sha1(src.encode()).hexdigest() for name, src in SOURCES.items()}
+
+
+def script_context(config: Config, model: str | None = None) -> bytes:
+    """ARGV[1] of every script: the config the scripts need, encoded once per config."""
+    tiers = []
+    for tier in config.rate_tiers.tiers:
+        limits = tier.models.get(model) if model else None
+        tiers.append(
+            {
+                "n": tier.name,
+                "m": to_micro(tier.min_usd),
+                "d": tier.min_days_since_first_payment,
+                "r": tier.rpm,
+                "t": tier.tpm,
+                "mr": limits.rpm if limits else 0,
+                "mt": limits.tpm if limits else 0,
+            }
+        )
+    plans = {}
+    for name, plan in config.plans.items():
+        overage = plan.overage
+        plans[name] = {
+            "a": to_micro(plan.allocation.amount_usd) if plan.allocation else 0,
+            "e": plan.allocation.every if plan.allocation else "month",
+            # overage section absent: no overage; limit null: unlimited (-1)
+            "o": 0 if overage is None else (-1 if overage.limit_usd is None else to_micro(overage.limit_usd)),
+            "i": to_micro(overage.invoice_every_usd) if overage and overage.invoice_every_usd else 0,
+            "d": plan.on_exhausted.downgrade_to if plan.on_exhausted else "",
+        }
+    hooks = config.webhooks
+    return orjson.dumps(
+        {
+            "tiers": tiers,
+            "basis": config.rate_tiers.basis,
+            "plans": plans or {"": {}},  # cjson: {} would decode as an empty array anyway
+            "th": [to_micro(t) for t in hooks.low_balance_thresholds_usd] if hooks else [],
+            "wh": 1 if hooks else 0,
+            "cd": hooks.auto_topup_cooldown_s * 1000 if hooks else 0,
+            "ttl": config.billing.reservation_ttl_s * 1000,
+            "mode": config.billing.on_insufficient,
+        }
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Admission:
+    reserved: int
+    balance: int
+    available: int
+    tier: str
+    rate: RateFigures
+    clamp_tokens: int  # 0: max tokens unchanged
+    downgrade_to: str  # '': served as asked
+
+
+@dataclass(frozen=True, slots=True)
+class Settlement:
+    cost: int
+    balance: int
+    ledger_id: str
+    duplicate: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class AccountView:
+    """An account as the touch script returns it (raw Redis fields, micro-USD)."""
+
+    fields: dict[str, str]
+    grants: list[dict[str, Any]]
+    rpm: int
+    tpm: int
+    overage_room: int
+
+    def num(self, name: str) -> int:
+        return int(self.fields.get(name) or 0)
+
+    @property
+    def balance(self) -> int:
+        return self.num("balance")
+
+    @property
+    def reserved(self) -> int:
+        return self.num("reserved")
+
+    @property
+    def available(self) -> int:
+        return self.balance - self.reserved - self.num("held") + self.overage_room
+
+
+@dataclass
+class Ledger:
+    redis: Redis
+    config: Config
+    clock_offset_ms: int = 0  # tests move time forward; always 0 in production
+    _contexts: dict[str, bytes] = field(default_factory=dict)
+
+    def use_config(self, config: Config) -> None:
+        self.config = config
+        self._contexts = {}
+
+    def _context(self, model: str = "") -> bytes:
+        ctx = self._contexts.get(model)
+        if ctx is None:
+            ctx = self._contexts[model] = script_context(self.config, model or None)
+        return ctx
+
+    async def _run(self, name: str, account_id: str, *args: Any, model: str = "", watch_due: int | None = None) -> Any:
+        keys = keyspace.script_keys(account_id, model)
+        argv = (self._context(model), self.clock_offset_ms, *args)
+        started = time.perf_counter()
+        try:
+            try:
+                return await self._evalsha(name, keys, argv, account_id, watch_due)
+            except redis_errors.NoScriptError:  # Redis restarted or flushed its script cache
+                await self.redis.script_load(SOURCES[name])
+                return await self._evalsha(name, keys, argv, account_id, watch_due)
+        except (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError) as exc:
+            raise errors.StoreUnavailable("The metering store is unavailable; nothing was charged.") from exc
+        finally:
+            REDIS_SCRIPT_SECONDS.labels(name).observe(time.perf_counter() - started)
+
+    async def _evalsha(
+        self, name: str, keys: list[str], argv: tuple[Any, ...], account_id: str, watch_due: int | None
+    ) -> Any:
+        if watch_due is None:
+            return await self.redis.evalsha(SHAS[name], len(keys), *keys, *argv)
+        # One round trip: the watch pointer is written before the script, so a
+        # reservation can never exist unseen by the reaper, even if we die right after.
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.zadd(keyspace.watch_shard(account_id), {account_id: watch_due}, lt=True)
+        pipe.evalsha(SHAS[name], len(keys), *keys, *argv)
+        _, result = await pipe.execute(raise_on_error=False)
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    async def watch(self, account_id: str, due_ms: int) -> None:
+        """Ask the background worker to visit the account at `due_ms` (or earlier)."""
+        await self.redis.zadd(keyspace.watch_shard(account_id), {account_id: due_ms}, lt=True)
+
+    async def due_accounts(self, shard: int, limit: int = 100) -> list[tuple[str, float]]:
+        now = int(time.time() * 1000) + self.clock_offset_ms
+        rows = await self.redis.zrangebyscore(keyspace.watch_shard_n(shard), "-inf", now, 0, limit, withscores=True)
+        return [(str(account), float(score)) for account, score in rows]
+
+    async def reschedule(self, account_id: str, seen: float, next_ms: int) -> bool:
+        """Move the account's watch pointer unless it changed since `seen` was read."""
+        key = keyspace.watch_shard(account_id)
+        args = (account_id, repr(seen), next_ms)
+        try:
+            changed = await self.redis.evalsha(SHAS["watch"], 1, key, *args)
+        except redis_errors.NoScriptError:
+            await self.redis.script_load(SOURCES["watch"])
+            changed = await self.redis.evalsha(SHAS["watch"], 1, key, *args)
+        return bool(changed)
+
+    # -- the metered path -------------------------------------------------------------
+
+    async def admit(
+        self,
+        account_id: str,
+        key_id: str,
+        model: str,
+        request_id: str,
+        *,
+        prompt_cost: int,
+        output_cost: int,
+        output_pico: int,
+        prompt_tokens: int,
+        max_output_tokens: int,
+        choices: int,
+    ) -> Admission:
+        # The watch pointer goes first so a reservation can never exist unseen by the
+        # reaper, even if this process dies right after the script.
+        due = int(time.time() * 1000) + self.clock_offset_ms + self.config.billing.reservation_ttl_s * 1000
+        result = await self._run(
+            "admit",
+            account_id,
+            request_id,
+            key_id,
+            model,
+            prompt_cost,
+            output_cost,
+            output_pico,
+            prompt_tokens,
+            max_output_tokens,
+            choices,
+            model=model,
+            watch_due=due,
+        )
+        return _admission(result, model)
+
+    async def settle(
+        self, account_id: str, model: str, request_id: str, cost: int, real_tokens: int, entry: dict[str, Any]
+    ) -> Settlement:
+        result = await self._run("settle", account_id, request_id, cost, real_tokens, orjson.dumps(entry), model=model)
+        if result[0] == "duplicate":
+            return Settlement(0, 0, "", duplicate=True)
+        return Settlement(int(result[1]), int(result[2]), str(result[3]))
+
+    # -- credits and accounts ----------------------------------------------------------
+
+    async def grant(self, account_id: str, spec: dict[str, Any]) -> tuple[bool, dict[str, Any]]:
+        """Returns (created, grant). An existing idempotency key returns the first grant."""
+        # JSON null would reach Lua as a truthy cjson.null: leave unset fields out
+        result = await self._run("grant", account_id, orjson.dumps({k: v for k, v in spec.items() if v is not None}))
+        if result[0] == "no_account":
+            raise errors.NotFound(f"No account {account_id!r}.")
+        if result[0] == "invalid":
+            raise errors.InvalidRequest(str(result[1]))
+        await self.watch(account_id, 0)
+        return result[0] == "created", orjson.loads(result[1])
+
+    async def void(self, account_id: str, grant_id: str, reason: str) -> tuple[bool, dict[str, Any]]:
+        result = await self._run("void", account_id, grant_id, reason)
+        if result[0] == "not_found":
+            raise errors.NotFound(f"No grant {grant_id!r} on account {account_id!r}.")
+        await self.watch(account_id, 0)
+        return result[0] == "voided", orjson.loads(result[1])
+
+    async def touch(self, account_id: str, key_id: str = "") -> AccountView:
+        result = await self._run("touch", account_id, key_id)
+        if result[0] == "no_account":
+            raise errors.NotFound(f"No account {account_id!r}.")
+        if result[0] == "revoked":
+            raise errors.InvalidApiKey("Incorrect API key provided: the key was revoked.")
+        return AccountView(
+            fields=_pairs(result[1]),
+            grants=[orjson.loads(g) for g in result[2]],
+            rpm=int(result[3]),
+            tpm=int(result[4]),
+            overage_room=int(result[5]),
+        )
+
+    async def save_account(self, account_id: str, fields: dict[str, str | None], *, create: bool) -> dict[str, str]:
+        fields = {name: "" if value is None else value for name, value in fields.items()}  # "" deletes
+        result = await self._run("account", account_id, "create" if create else "update", orjson.dumps(fields))
+        if result[0] == "exists":
+            raise errors.InvalidRequest(f"Account {account_id!r} already exists.", code="account_exists")
+        if result[0] == "no_account":
+            raise errors.NotFound(f"No account {account_id!r}.")
+        if create:
+            await self.redis.sadd(keyspace.ACCOUNTS, account_id)
+        return _pairs(result[1])
+
+    async def reap(self, account_id: str) -> tuple[int, int, int]:
+        """Release lapsed reservations: (released, next expiry ms or 0, outbox length)."""
+        released, next_exp, outbox = await self._run("reap", account_id)
+        return int(released), int(next_exp), int(outbox)
+
+
+def _pairs(flat: list[str]) -> dict[str, str]:
+    return dict(zip(flat[::2], flat[1::2], strict=True))
+
+
+def _admission(result: list[Any], model: str) -> Admission:
+    code = result[0]
+    if code == "ok":
+        return Admission(
+            reserved=int(result[1]),
+            balance=int(result[2]),
+            available=int(result[3]),
+            tier=str(result[4]),
+            rate=RateFigures.from_script(result[5:11]),
+            clamp_tokens=int(result[11]),
+            downgrade_to=str(result[12]),
+        )
+    if code == "no_account" or code == "revoked":
+        raise errors.InvalidApiKey("Incorrect API key provided: the key was revoked or its account is gone.")
+    if code == "suspended":
+        raise errors.PermissionDenied("This account is suspended.", code="account_suspended")
+    if code == "insufficient":
+        available, needed = int(result[1]), int(result[2])
+        rate = RateFigures.from_script(result[4:10])
+        raise errors.InsufficientQuota(
+            "You exceeded your current quota, please check your plan and billing details. "
+            f"This request needs up to ${usd(needed)}; ${usd(max(available, 0))} is available.",
+            headers=rate.headers(),
+        )
+    # rate_requests | rate_tokens: {code, tier, limit, used, requested, retry ms, rate x6}
+    kind = "requests" if code == "rate_requests" else "tokens"
+    limit, used, requested, retry_ms = (int(v) for v in result[2:6])
+    unit = "requests per min (RPM)" if kind == "requests" else "tokens per min (TPM)"
+    rate = RateFigures.from_script(result[6:12])
+    raise errors.RateLimited(
+        f"Rate limit reached for {model} on {unit} (tier {result[1]}): Limit {limit}, Used {used}, "
+        f"Requested {requested}. Please try again in {go_duration(retry_ms)}.",
+        type=kind,
+        headers={**rate.headers(), **retry_headers(retry_ms)},
+    )
+
+
+# -- reading the ledger (plain stream reads; no decision is made here) ---------------
+
+
+async def read_entries(
+    redis: Redis,
+    account_id: str,
+    *,
+    after: str | None = None,
+    limit: int = 100,
+    start_ms: int | None = None,
+    end_ms: int | None = None,
+) -> list[tuple[str, str]]:
+    """Entries oldest first: (stream id, entry JSON). `after` is an exclusive cursor."""
+    low = f"({after}" if after else (str(start_ms) if start_ms is not None else "-")
+    high = str(end_ms) if end_ms is not None else "+"
+    rows = await redis.xrange(keyspace.account(account_id, "ledger"), low, high, count=limit)
+    return [(entry_id, fields["e"]) for entry_id, fields in rows]

@@ -1,0 +1,20 @@
+-- account.lua: create or update an account's settings (not its money).
+-- KEYS: see lib.lua.  ARGV (after ctx, clock offset): 3 'create' | 'update',
+-- 4 JSON of fields to set (string values; '' deletes the field).
+-- Returns {'ok', flat account hash} or {'exists'} / {'no_account'}.
+local op, fields = ARGV[3], cjson.decode(ARGV[4])
+local exists = redis.call('EXISTS', K.acct) == 1
+if op == 'create' and exists then return {'exists'} end
+if op == 'update' and not exists then return {'no_account'} end
+local now = now_ms()
+if op == 'create' then
+  redis.call('HSET', K.acct, 'created_ms', fmt(now), 'status', 'active', 'balance', '0',
+             'reserved', '0', 'debt', '0', 'held', '0', 'lifetime_paid', '0',
+             'lifetime_consumed', '0')
+end
+for field, value in pairs(fields) do
+  if value == '' then redis.call('HDEL', K.acct, field) else redis.call('HSET', K.acct, field, value) end
+end
+refresh(now)
+derive_tier(now)
+return {'ok', redis.call('HGETALL', K.acct)}

@@ -1,0 +1,135 @@
+-- admit.lua: the ONE admission script of a metered request.
+-- Checks the key and account, runs lazy grant bookkeeping, derives the tier, checks
+-- RPM/TPM in a rolling minute (1 s buckets) and reserves the worst-case cost.
+-- KEYS: see lib.lua.  ARGV (after ctx, clock offset):
+--   3 request id   4 key id   5 model   6 prompt cost (micro-USD, rounded up)
+--   7 output cost at max tokens (micro-USD, rounded up)
+--   8 output price per token in pico-USD (clamp mode; 0 = cannot clamp)
+--   9 prompt tokens (estimate)   10 max output tokens (all choices)   11 choices (n)
+-- Returns {'ok', reserved, balance, available after, tier, rate figures x6, clamp
+-- max tokens (0 = none), downgrade model ('' = none)} or a rejection:
+-- {'no_account'} {'revoked'} {'suspended'}
+-- {'rate_requests'|'rate_tokens', tier, limit, used, requested, retry ms, rate x6}
+-- {'insufficient', available, needed, tier, rate x6}
+local req_id, key_id, model = ARGV[3], ARGV[4], ARGV[5]
+local prompt_cost, output_cost, out_pico = tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8])
+local prompt_tokens, max_out, n = tonumber(ARGV[9]), tonumber(ARGV[10]), tonumber(ARGV[11])
+
+if redis.call('EXISTS', K.acct) == 0 then return {'no_account'} end
+if redis.call('HGET', K.keys, key_id) ~= 'active' then return {'revoked'} end
+if redis.call('HGET', K.acct, 'status') == 'suspended' then return {'suspended'} end
+
+local now = now_ms()
+local now_s = math.floor(now / 1000)
+refresh(now)
+local tier, rpm, tpm, model_rpm, model_tpm = derive_tier(now)
+
+-- Sum one rolling-minute window; buckets older than 60 s are dropped as we go.
+local function window(key)
+  local flat = redis.call('HGETALL', key)
+  local used = {r = 0, t = 0}
+  local buckets = {r = {}, t = {}}
+  local stale = {}
+  for i = 1, #flat, 2 do
+    local kind, sec, v = string.sub(flat[i], 1, 1), tonumber(string.sub(flat[i], 3)), tonumber(flat[i + 1])
+    if sec <= now_s - 60 then
+      stale[#stale + 1] = flat[i]
+    else
+      used[kind] = used[kind] + v
+      table.insert(buckets[kind], {sec, v})
+    end
+  end
+  if #stale > 0 then redis.call('HDEL', key, unpack(stale)) end
+  table.sort(buckets.r, function(a, b) return a[1] < b[1] end)
+  table.sort(buckets.t, function(a, b) return a[1] < b[1] end)
+  return used, buckets
+end
+
+-- Milliseconds until enough of the window ages out for `requested` more to fit.
+local function retry_ms(buckets, used, limit, requested)
+  local freed = 0
+  for _, b in ipairs(buckets) do
+    freed = freed + b[2]
+    if used - freed + requested <= limit then return (b[1] + 60) * 1000 - now end
+  end
+  return 60000
+end
+
+local function reset_ms(buckets)
+  if #buckets == 0 then return 0 end
+  return (buckets[1][1] + 60) * 1000 - now
+end
+
+local tokens = prompt_tokens + max_out
+local used, buckets = window(K.rl)
+
+local function figures(admitted_tokens, admitted_requests)
+  return {rpm, math.max(0, rpm - used.r - admitted_requests), reset_ms(buckets.r),
+          tpm, math.max(0, tpm - used.t - admitted_tokens), reset_ms(buckets.t)}
+end
+
+local function reject(code, limit, used_now, requested, kind_buckets)
+  local out = {code, tier, limit, used_now, requested, retry_ms(kind_buckets, used_now, limit, requested)}
+  for _, v in ipairs(figures(0, 0)) do out[#out + 1] = v end
+  return out
+end
+
+if used.r + 1 > rpm then return reject('rate_requests', rpm, used.r, 1, buckets.r) end
+if used.t + tokens > tpm then return reject('rate_tokens', tpm, used.t, tokens, buckets.t) end
+local per_model = model_rpm > 0 or model_tpm > 0
+if per_model then
+  local mused, mbuckets = window(K.rlm)
+  if model_rpm > 0 and mused.r + 1 > model_rpm then
+    return reject('rate_requests', model_rpm, mused.r, 1, mbuckets.r)
+  end
+  if model_tpm > 0 and mused.t + tokens > model_tpm then
+    return reject('rate_tokens', model_tpm, mused.t, tokens, mbuckets.t)
+  end
+end
+
+local avail = available()
+local reserve = prompt_cost + output_cost
+local clamp, downgrade = 0, ''
+if reserve > avail then
+  local per_choice = out_pico * n
+  local affordable = 0
+  if CTX.mode == 'clamp' and per_choice > 0 and avail > prompt_cost then
+    affordable = math.floor((avail - prompt_cost) * 1000000 / per_choice)
+    if affordable * n >= max_out then affordable = math.floor(max_out / n) - 1 end
+    -- doubles lose a little above 2^53 / 1e6: step down until it really fits
+    while affordable > 0 and prompt_cost + math.ceil(affordable * per_choice / 1000000) > avail do
+      affordable = affordable - 1
+    end
+  end
+  local plan = plan_of_account()
+  if affordable >= 1 then
+    clamp = affordable
+    reserve = prompt_cost + math.ceil(affordable * per_choice / 1000000)
+    tokens = prompt_tokens + affordable * n
+  elseif plan and plan.d and plan.d ~= '' and plan.d ~= model then
+    downgrade = plan.d
+    reserve = 0
+  else
+    local out = {'insufficient', avail, reserve, tier}
+    for _, v in ipairs(figures(0, 0)) do out[#out + 1] = v end
+    return out
+  end
+end
+
+redis.call('HINCRBY', K.rl, 'r:' .. now_s, 1)
+redis.call('HINCRBY', K.rl, 't:' .. now_s, tokens)
+redis.call('PEXPIRE', K.rl, 61000)
+if per_model then
+  redis.call('HINCRBY', K.rlm, 'r:' .. now_s, 1)
+  redis.call('HINCRBY', K.rlm, 't:' .. now_s, tokens)
+  redis.call('PEXPIRE', K.rlm, 61000)
+end
+redis.call('HSET', K.resv, req_id, cjson.encode({
+  amount = fmt(reserve), admitted = now, sec = now_s, tokens = tokens, pm = per_model,
+  key = key_id, model = model, exp = now + CTX.ttl, dg = downgrade}))
+redis.call('HINCRBY', K.acct, 'reserved', fmt(reserve))
+local out = {'ok', reserve, acct_num('balance'), avail - reserve, tier}
+for _, v in ipairs(figures(tokens, 1)) do out[#out + 1] = v end
+out[#out + 1] = clamp
+out[#out + 1] = downgrade
+return out

@@ -1,0 +1,305 @@
+-- lib.lua: helpers prepended to every script (see ledger.py). Not a script itself.
+--
+-- Units: money is integer micro-USD (1e-6 USD), times are integer milliseconds of
+-- Redis TIME. Lua numbers are doubles, exact below 2^53: money is written back with
+-- fmt() (never tostring, which prints 1e+15) and kept as strings inside JSON.
+--
+-- Every script receives the same KEYS, all in one hash slot ({account id}):
+--   1 acct    hash   account fields (balance, reserved, debt, lifetime_*, plan, ...)
+--   2 grants  hash   grant id -> grant JSON (every grant ever made)
+--   3 live    set    ids of pending/active grants
+--   4 resv    hash   request id -> open reservation JSON
+--   5 ledger  stream append-only entries, field "e" = entry JSON
+--   6 outbox  list   webhook events not yet delivered
+--   7 keys    hash   api key id -> "active" | "revoked"
+--   8 reaped  hash   request id -> reservation JSON released by the reaper
+--   9 idem    hash   grant idempotency key -> grant id
+--  10 rl      hash   rate window of the account, fields r:<sec> / t:<sec>
+--  11 rlm     hash   rate window of the account for one model
+-- ARGV[1] is the context JSON built once per config (ledger.py: Context).
+
+local K = {acct = KEYS[1], grants = KEYS[2], live = KEYS[3], resv = KEYS[4],
+           ledger = KEYS[5], outbox = KEYS[6], keys = KEYS[7], reaped = KEYS[8],
+           idem = KEYS[9], rl = KEYS[10], rlm = KEYS[11]}
+local CTX = cjson.decode(ARGV[1])
+local UNLIMITED = 4503599627370496  -- 2^52 micro-USD: "no limit", still exact
+local DAY_MS = 86400000
+
+local function fmt(n) return string.format('%d', n) end
+
+local function num(v)
+  if v == false or v == nil or v == '' then return 0 end
+  return tonumber(v)
+end
+
+-- ARGV[2] is a clock offset in ms: 0 in production, moved forward by tests.
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + tonumber(ARGV[2])
+end
+
+local function acct_num(field) return num(redis.call('HGET', K.acct, field)) end
+
+local function get_grant(gid) return cjson.decode(redis.call('HGET', K.grants, gid)) end
+local function put_grant(g) redis.call('HSET', K.grants, g.id, cjson.encode(g)) end
+
+-- Append one ledger entry and move the stored balance by its amount, together:
+-- balance == sum(ledger amounts) holds after every script.
+local function ledger_add(entry, now)
+  local balance = redis.call('HINCRBY', K.acct, 'balance', fmt(entry.amount))
+  entry.amount = fmt(entry.amount)
+  entry.balance = fmt(balance)
+  entry.ts = now
+  local id = redis.call('XADD', K.ledger, '*', 'e', cjson.encode(entry))
+  return id, balance
+end
+
+local function emit(kind, data, now)
+  if CTX.wh ~= 1 then return end
+  local seq = redis.call('HINCRBY', K.acct, 'event_seq', 1)
+  data.account_id = redis.call('HGET', K.acct, 'id')
+  local id = 'evt_' .. data.account_id .. '_' .. fmt(seq)
+  redis.call('RPUSH', K.outbox, cjson.encode({id = id, type = kind, ts = now, data = data, tries = 0}))
+end
+
+-- Calendar periods in UTC, computed from Redis time (no os.date in Redis Lua).
+local function days_from_civil(y, m, d)
+  if m <= 2 then y = y - 1 end
+  local era = math.floor(y / 400)
+  local yoe = y - era * 400
+  local mp = (m + 9) % 12
+  local doy = math.floor((153 * mp + 2) / 5) + d - 1
+  local doe = yoe * 365 + math.floor(yoe / 4) - math.floor(yoe / 100) + doy
+  return era * 146097 + doe - 719468
+end
+
+local function civil_from_days(z)
+  z = z + 719468
+  local era = math.floor(z / 146097)
+  local doe = z - era * 146097
+  local yoe = math.floor((doe - math.floor(doe / 1460) + math.floor(doe / 36524) - math.floor(doe / 146096)) / 365)
+  local doy = doe - (365 * yoe + math.floor(yoe / 4) - math.floor(yoe / 100))
+  local mp = math.floor((5 * doy + 2) / 153)
+  local m = mp < 10 and mp + 3 or mp - 9
+  local y = yoe + era * 400
+  if m <= 2 then y = y + 1 end
+  return y, m
+end
+
+-- Returns (period id, start ms, end ms) of the period containing now.
+local function period(every, now)
+  local days = math.floor(now / DAY_MS)
+  if every == 'day' then
+    return 'd' .. days, days * DAY_MS, (days + 1) * DAY_MS
+  elseif every == 'week' then  -- ISO weeks start on Monday; 1970-01-01 was a Thursday
+    local start = days - (days + 3) % 7
+    return 'w' .. start, start * DAY_MS, (start + 7) * DAY_MS
+  end
+  local y, m = civil_from_days(days)
+  if every == 'year' then
+    return 'y' .. y, days_from_civil(y, 1, 1) * DAY_MS, days_from_civil(y + 1, 1, 1) * DAY_MS
+  end
+  local ny, nm = y, m + 1
+  if nm == 13 then ny, nm = y + 1, 1 end
+  return 'm' .. y .. '-' .. m, days_from_civil(y, m, 1) * DAY_MS, days_from_civil(ny, nm, 1) * DAY_MS
+end
+
+local function plan_of_account()
+  local name = redis.call('HGET', K.acct, 'plan')
+  if not name or name == '' then return nil end
+  return CTX.plans[name]
+end
+
+-- How far below zero the balance may go: the account's override, else its plan's.
+local function overage_room()
+  local override = redis.call('HGET', K.acct, 'overage_limit')
+  if override == 'unlimited' then return UNLIMITED end
+  if override and override ~= '' then return tonumber(override) end
+  local plan = plan_of_account()
+  if plan and plan.o then
+    if plan.o < 0 then return UNLIMITED end
+    return plan.o
+  end
+  return 0
+end
+
+local function recompute_next_change(now)
+  local next_change = 0
+  for _, gid in ipairs(redis.call('SMEMBERS', K.live)) do
+    local g = get_grant(gid)
+    local t = (g.status == 'pending') and g.effective_at or g.expires_at
+    if g.status == 'expiring' then t = now + 1000 end  -- re-check, rate-limited
+    if t > 0 and (next_change == 0 or t < next_change) then next_change = t end
+  end
+  redis.call('HSET', K.acct, 'next_change_ms', fmt(next_change))
+end
+
+-- A new grant pays off overage debt first: balance = sum(live remaining) - debt.
+local function activate(g, now, entry_type)
+  g.status = 'active'
+  local amount = tonumber(g.amount)
+  local debt = acct_num('debt')
+  local pay = math.min(debt, amount)
+  if pay > 0 then
+    redis.call('HINCRBY', K.acct, 'debt', fmt(-pay))
+    g.remaining = fmt(amount - pay)
+    g.drawn = fmt(tonumber(g.drawn or '0') + pay)
+  end
+  if g.kind == 'paid' then
+    redis.call('HINCRBY', K.acct, 'lifetime_paid', fmt(amount))
+    if acct_num('first_payment_ms') == 0 then
+      redis.call('HSET', K.acct, 'first_payment_ms', fmt(math.max(g.effective_at, 0)))
+    end
+  end
+  if tonumber(g.remaining) == 0 then g.status = 'depleted'; redis.call('SREM', K.live, g.id) end
+  put_grant(g)
+  ledger_add({type = entry_type, amount = amount, grant_id = g.id, description = g.description}, now)
+  if g.idem and g.idem == redis.call('HGET', K.acct, 'topup_pending') then
+    redis.call('HDEL', K.acct, 'topup_pending')
+  end
+  emit('credits.granted', {grant_id = g.id, kind = g.kind, amount_usd = g.amount}, now)
+end
+
+-- Oldest admission time among open reservations (0 when none).
+local function oldest_open_admission()
+  local oldest = 0
+  for _, raw in ipairs(redis.call('HVALS', K.resv)) do
+    local r = cjson.decode(raw)
+    if oldest == 0 or r.admitted < oldest then oldest = r.admitted end
+  end
+  return oldest
+end
+
+-- An expired grant's remainder leaves the balance as an `expiration` entry, unless a
+-- reservation admitted while it was live is still open: that request may still draw
+-- on it (late settlement), so it waits as `expiring`, excluded from availability.
+local function expire(g, now)
+  local oldest = oldest_open_admission()
+  if oldest > 0 and oldest < g.expires_at then
+    if g.status ~= 'expiring' then
+      g.status = 'expiring'
+      put_grant(g)
+      redis.call('HINCRBY', K.acct, 'held', g.remaining)
+    end
+    return
+  end
+  local remaining = tonumber(g.remaining)
+  if g.status == 'expiring' then redis.call('HINCRBY', K.acct, 'held', fmt(-remaining)) end
+  g.status = 'expired'
+  g.expired = g.remaining
+  g.remaining = '0'
+  put_grant(g)
+  redis.call('SREM', K.live, g.id)
+  if remaining > 0 then
+    ledger_add({type = 'expiration', amount = -remaining, grant_id = g.id}, now)
+    emit('credits.expired', {grant_id = g.id, amount_usd = fmt(remaining)}, now)
+  end
+end
+
+local function grant_record(id, kind, amount, priority, effective_at, expires_at, now, description, idem)
+  return {id = id, kind = kind, amount = fmt(amount), remaining = fmt(amount), drawn = '0',
+          priority = priority, effective_at = effective_at, expires_at = expires_at,
+          created_at = now, description = description, idem = idem, status = 'pending'}
+end
+
+-- Grant the plan's allocation once per period, lazily, as a promotional grant that
+-- expires at the period's end.
+local function allocate(now)
+  local plan = plan_of_account()
+  if not plan or not plan.a or plan.a <= 0 then return end
+  local pid, start_ms, end_ms = period(plan.e, now)
+  local name = redis.call('HGET', K.acct, 'plan')
+  local gid = 'alloc_' .. name .. '_' .. pid
+  if redis.call('HGET', K.acct, 'alloc_last') == gid then return end  -- the usual case: one HGET
+  redis.call('HSET', K.acct, 'alloc_last', gid)
+  if redis.call('HEXISTS', K.grants, gid) == 1 then return end  -- plan switched back and forth
+  local g = grant_record(gid, 'promotional', plan.a, 0, start_ms, end_ms, now,
+                         'plan ' .. name .. ' allocation ' .. pid, nil)
+  redis.call('SADD', K.live, g.id)
+  activate(g, now, 'allocation')
+  recompute_next_change(now)
+end
+
+-- Lazy bookkeeping run at every touch: activate due grants, expire lapsed ones,
+-- grant a due plan allocation. Cheap when nothing is due (one HGET).
+local function refresh(now)
+  local next_change = acct_num('next_change_ms')
+  if next_change > 0 and next_change <= now then
+    for _, gid in ipairs(redis.call('SMEMBERS', K.live)) do
+      local g = get_grant(gid)
+      if g.status == 'pending' and g.effective_at <= now then activate(g, now, 'grant') end
+      if g.status ~= 'pending' and g.expires_at > 0 and g.expires_at <= now then expire(g, now) end
+    end
+    recompute_next_change(now)
+  end
+  allocate(now)
+end
+
+local function available()
+  return acct_num('balance') - acct_num('reserved') - acct_num('held') + overage_room()
+end
+
+local function thresholds()
+  local own = redis.call('HGET', K.acct, 'thresholds')
+  if own and own ~= '' then return cjson.decode(own) end
+  return CTX.th or {}
+end
+
+-- Balance events, state-based so each fires once per crossing and re-arms itself.
+local function balance_events(now)
+  if CTX.wh ~= 1 then return end
+  local balance = acct_num('balance')
+  local avail = balance - acct_num('reserved') - acct_num('held')
+  for _, t in ipairs(thresholds()) do
+    local flag = 'low_fired:' .. fmt(t)
+    local fired = redis.call('HEXISTS', K.acct, flag) == 1
+    if balance < t and not fired then
+      redis.call('HSET', K.acct, flag, '1')
+      emit('credit_balance.low', {threshold_usd = fmt(t), balance_usd = fmt(balance)}, now)
+    elseif balance >= t and fired then
+      redis.call('HDEL', K.acct, flag)
+    end
+  end
+  local depleted = redis.call('HEXISTS', K.acct, 'depleted_fired') == 1
+  if avail <= 0 and not depleted then
+    redis.call('HSET', K.acct, 'depleted_fired', '1')
+    emit('credit_balance.depleted', {balance_usd = fmt(balance)}, now)
+  elseif avail > 0 and depleted then
+    redis.call('HDEL', K.acct, 'depleted_fired')
+  end
+  local topup = redis.call('HGET', K.acct, 'auto_topup')
+  if topup and topup ~= '' then
+    local cfg = cjson.decode(topup)
+    local last = acct_num('topup_last_ms')
+    if balance < tonumber(cfg.threshold) and not redis.call('HGET', K.acct, 'topup_pending')
+       and (last == 0 or now - last >= (CTX.cd or 0)) then
+      local n = redis.call('HINCRBY', K.acct, 'topup_seq', 1)
+      local key = 'topup_' .. redis.call('HGET', K.acct, 'id') .. '_' .. fmt(n)
+      redis.call('HSET', K.acct, 'topup_pending', key, 'topup_last_ms', fmt(now))
+      emit('auto_topup.requested', {amount_usd = cfg.amount, idempotency_key = key,
+                                    balance_usd = fmt(balance)}, now)
+    end
+  end
+end
+
+-- The account's tier from its lifetime figures (CTX.tiers ascending by min_usd), kept
+-- in the account so a change is noticed once. Returns the tier and its limits, with
+-- the account's admin override (rl_rpm / rl_tpm) taking precedence.
+local function derive_tier(now)
+  local basis = acct_num(CTX.basis == 'consumed' and 'lifetime_consumed' or 'lifetime_paid')
+  local first = acct_num('first_payment_ms')
+  local chosen = CTX.tiers[1]
+  for _, t in ipairs(CTX.tiers) do
+    if basis >= t.m and (t.d == 0 or (first > 0 and now - first >= t.d * DAY_MS)) then chosen = t end
+  end
+  local prev = redis.call('HGET', K.acct, 'tier')
+  if prev ~= chosen.n then
+    redis.call('HSET', K.acct, 'tier', chosen.n)
+    if prev then emit('tier.changed', {from = prev, to = chosen.n}, now) end
+  end
+  local rpm, tpm = chosen.r, chosen.t
+  local own_rpm, own_tpm = acct_num('rl_rpm'), acct_num('rl_tpm')
+  if own_rpm > 0 then rpm = own_rpm end
+  if own_tpm > 0 then tpm = own_tpm end
+  return chosen.n, rpm, tpm, chosen.mr or 0, chosen.mt or 0
+end

@@ -1,0 +1,98 @@
+-- settle.lua: the ONE settlement script of a metered request; idempotent by request id.
+-- Releases the reservation, draws the real cost from the grants that were live at
+-- admission (priority, then earliest expiry, never-expiring last, then oldest; the
+-- rest becomes overage debt), appends the usage entry, updates lifetime figures,
+-- corrects the TPM window to real tokens and raises balance events.
+-- KEYS: see lib.lua.  ARGV (after ctx, clock offset):
+--   3 request id   4 cost (micro-USD, already rounded)   5 real tokens (input + output)
+--   6 entry JSON from the proxy (model, usage, estimated, key_id, ...)
+-- Returns {'ok', cost, balance, ledger id} or {'duplicate'} when already settled.
+local req_id, cost, real_tokens = ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5])
+local entry = cjson.decode(ARGV[6])
+
+local raw = redis.call('HGET', K.resv, req_id)
+local released = false
+if raw then
+  redis.call('HDEL', K.resv, req_id)
+else
+  -- released by the reaper (proxy was presumed dead): still charge, exactly once
+  raw = redis.call('HGET', K.reaped, req_id)
+  if not raw then return {'duplicate'} end
+  redis.call('HDEL', K.reaped, req_id)
+  released = true
+end
+local r = cjson.decode(raw)
+local now = now_ms()
+if not released then redis.call('HINCRBY', K.acct, 'reserved', fmt(-tonumber(r.amount))) end
+
+local function drawable(g)
+  return (g.status == 'active' or g.status == 'expiring') and tonumber(g.remaining) > 0
+    and g.effective_at <= r.admitted and (g.expires_at == 0 or g.expires_at > r.admitted)
+end
+
+local function draw_order(a, b)
+  if a.priority ~= b.priority then return a.priority < b.priority end
+  local ea = a.expires_at == 0 and math.huge or a.expires_at
+  local eb = b.expires_at == 0 and math.huge or b.expires_at
+  if ea ~= eb then return ea < eb end
+  if a.created_at ~= b.created_at then return a.created_at < b.created_at end
+  return a.id < b.id
+end
+
+local draws = {}
+local left = cost
+if left > 0 then
+  local candidates = {}
+  for _, gid in ipairs(redis.call('SMEMBERS', K.live)) do
+    local g = get_grant(gid)
+    if drawable(g) then candidates[#candidates + 1] = g end
+  end
+  table.sort(candidates, draw_order)
+  for _, g in ipairs(candidates) do
+    if left == 0 then break end
+    local take = math.min(left, tonumber(g.remaining))
+    left = left - take
+    g.remaining = fmt(tonumber(g.remaining) - take)
+    g.drawn = fmt(tonumber(g.drawn) + take)
+    if g.status == 'expiring' then redis.call('HINCRBY', K.acct, 'held', fmt(-take)) end
+    if tonumber(g.remaining) == 0 then
+      if g.status == 'expiring' then g.status = 'expired'; g.expired = '0' else g.status = 'depleted' end
+      redis.call('SREM', K.live, g.id)
+    end
+    put_grant(g)
+    draws[#draws + 1] = {grant_id = g.id, amount = fmt(take)}
+  end
+  if left > 0 then redis.call('HINCRBY', K.acct, 'debt', fmt(left)) end
+  redis.call('HINCRBY', K.acct, 'lifetime_consumed', fmt(cost))
+end
+
+entry.type = entry.type or 'usage'  -- 'release' when nothing is charged
+entry.amount = -cost
+entry.request_id = req_id
+if #draws > 0 then entry.grant_id = draws[1].grant_id; entry.draws = draws end
+if left > 0 then entry.overage = fmt(left) end
+local id, balance = ledger_add(entry, now)
+
+-- TPM counted the worst case at admission; correct its bucket to the real tokens.
+local now_s = math.floor(now / 1000)
+if r.sec > now_s - 60 then
+  local delta = real_tokens - r.tokens
+  local field = 't:' .. fmt(r.sec)
+  for _, key in ipairs(r.pm and {K.rl, K.rlm} or {K.rl}) do
+    if redis.call('HINCRBY', key, field, delta) < 0 then redis.call('HSET', key, field, 0) end
+  end
+end
+
+refresh(now)
+local plan = plan_of_account()
+if plan and plan.i and plan.i > 0 then
+  local steps = math.floor(acct_num('debt') / plan.i)
+  local invoiced = acct_num('invoiced_steps')
+  if steps > invoiced then
+    emit('overage.invoice_threshold', {overage_usd = fmt(acct_num('debt')),
+                                       invoice_every_usd = fmt(plan.i)}, now)
+  end
+  if steps ~= invoiced then redis.call('HSET', K.acct, 'invoiced_steps', steps) end
+end
+balance_events(now)
+return {'ok', cost, balance, id}

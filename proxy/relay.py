@@ -1,0 +1,360 @@
+"""The metered request path, top to bottom:
+
+    authenticate -> parse -> admit (one Lua call) -> forward -> tap usage
+                 -> settle (one Lua call, in `finally`, shielded) -> respond
+
+A request that was admitted is settled exactly once whatever happens after: upstream
+errors release the reservation at no charge; a client that vanishes mid-stream is
+charged for what was streamed; a cancelled handler still settles (the settlement runs
+as its own task).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+import orjson
+import structlog
+from aiohttp import web
+
+from . import errors, intake, metrics
+from .intake import ClientRequest
+from .ledger import Admission, Settlement
+from .money import Usage, usd
+from .pricing import Route
+from .sse import SSEParser, data_event
+from .state import STATE, State
+from .upstream import passthrough_headers
+from .usage import StreamTap, usage_from_body
+
+log = structlog.get_logger("proxy.access")
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+SETTLE_ATTEMPTS = 8  # ~25 s of retries if Redis blips; after that the reaper releases it
+CLIENT_GONE = (ConnectionResetError, aiohttp.ClientConnectionResetError)
+UPSTREAM_BROKEN = (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, asyncio.TimeoutError)
+
+
+@dataclass
+class Meter:
+    """One admitted request's money: settled exactly once, from `finally`."""
+
+    state: State
+    account_id: str
+    key_id: str
+    request_id: str
+    route: Route  # the model served (a downgrade target, when downgraded)
+    client: ClientRequest
+    admission: Admission
+    prompt_tokens: int
+    settled: asyncio.Future[Settlement | None] | None = None
+    usage: Usage | None = None
+    estimated: bool = False
+    outcome: str = "ok"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def downgraded(self) -> bool:
+        return bool(self.admission.downgrade_to)
+
+    def charge(self, usage: Usage | None, output_estimate: int = 0) -> None:
+        """Record what to charge; no usage from the upstream means we count it ourselves."""
+        if usage is None:
+            usage = Usage(input_tokens=self.prompt_tokens, output_tokens=output_estimate)
+            self.estimated = True
+        self.usage = usage
+
+    async def settle(self) -> Settlement | None:
+        if self.settled is None:
+            self.settled = self.state.spawn(self._settle_with_retries())
+        return await asyncio.shield(self.settled)
+
+    async def _settle_with_retries(self) -> Settlement | None:
+        usage = self.usage
+        cost = 0 if usage is None or self.downgraded else self.route.price.cost(usage)
+        entry: dict[str, Any] = {"model": self.route.model, "key_id": self.key_id, **self.extra}
+        if usage is None:
+            entry["type"] = "release"
+            entry["description"] = f"nothing charged: {self.outcome}"
+        else:
+            entry["usage"] = usage.as_dict()
+            entry["estimated"] = self.estimated
+            if self.downgraded:
+                entry["downgraded_from"] = self.client.model
+        real_tokens = usage.total_tokens if usage else 0
+        for attempt in range(SETTLE_ATTEMPTS):
+            try:
+                return await self.state.ledger.settle(
+                    self.account_id, self.client.model, self.request_id, cost, real_tokens, entry
+                )
+            except errors.StoreUnavailable:
+                await asyncio.sleep(min(0.1 * 2**attempt, 8))
+        log.error("settlement_failed", request_id=self.request_id, account_id=self.account_id)
+        return None
+
+
+def request_id() -> str:
+    return "req_" + secrets.token_hex(12)
+
+
+async def read_body(request: web.Request, limit: int) -> bytes:
+    if request.content_length is not None and request.content_length > limit:
+        raise errors.BodyTooLarge(f"Request body too large: the limit is {limit} bytes.")
+    body = bytearray()
+    async for chunk in request.content.iter_chunked(65536):
+        body += chunk
+        if len(body) > limit:
+            raise errors.BodyTooLarge(f"Request body too large: the limit is {limit} bytes.")
+    return bytes(body)
+
+
+def error_response(err: errors.ProxyError, req_id: str) -> web.Response:
+    headers = {**err.headers, "x-request-id": req_id}
+    return web.Response(status=err.status, body=err.to_body(), content_type="application/json", headers=headers)
+
+
+async def metered(request: web.Request, endpoint: str) -> web.StreamResponse:
+    state = request.app[STATE]
+    req_id = request_id()
+    started = time.perf_counter()
+    model = "-"
+    try:
+        meter = await admit(state, request, endpoint, req_id)
+        model = meter.client.model
+    except errors.ProxyError as err:
+        metrics.REJECTIONS.labels(type(err).__name__ if err.code is None else err.code).inc()
+        response: web.StreamResponse = error_response(err, req_id)
+        access_log(request, req_id, model, response.status, started, None, reason=err.code)
+        return response
+    status = 499  # what the log says if the handler is cancelled mid-flight
+    try:
+        response = await forward(state, request, meter)
+        status = response.status
+        return response
+    finally:
+        settlement = await meter.settle()
+        access_log(request, req_id, model, status, started, meter, settlement=settlement)
+
+
+async def admit(state: State, request: web.Request, endpoint: str, req_id: str) -> Meter:
+    key = await state.keys.authenticate(request.headers.get("Authorization"))
+    client = intake.parse(endpoint, await read_body(request, state.config.server.max_body_bytes))
+    route = state.catalog.route(client.model)
+    if not key.allows(client.model):
+        raise errors.PermissionDenied(
+            f"This API key may not use the model `{client.model}`.", param="model", code="model_not_allowed"
+        )
+    prompt_tokens = route.prompt_tokens(client)
+    max_output = route.reserved_output_tokens(client)
+    admission = await state.ledger.admit(
+        key.account_id,
+        key.key_id,
+        client.model,
+        req_id,
+        prompt_cost=route.price.prompt_reserve(prompt_tokens),
+        output_cost=route.price.output_reserve(max_output),
+        output_pico=route.price.output_pico if client.endpoint != "embeddings" else 0,
+        prompt_tokens=prompt_tokens,
+        max_output_tokens=max_output,
+        choices=client.choices,
+    )
+    if admission.downgrade_to:
+        route = state.catalog.route(admission.downgrade_to)
+    return Meter(state, key.account_id, key.key_id, req_id, route, client, admission, prompt_tokens)
+
+
+def our_headers(meter: Meter) -> dict[str, str]:
+    headers = {"x-request-id": meter.request_id, **meter.admission.rate.headers()}
+    if meter.admission.clamp_tokens:
+        headers["x-metering-clamped-max-tokens"] = str(meter.admission.clamp_tokens)
+    if meter.downgraded:
+        headers["x-metering-downgraded-from"] = meter.client.model
+    return headers
+
+
+async def forward(state: State, request: web.Request, meter: Meter) -> web.StreamResponse:
+    route, client = meter.route, meter.client
+    body = client.upstream_body(route.upstream_model, meter.admission.clamp_tokens)
+    path = intake.ENDPOINTS[client.endpoint][0].removeprefix("/v1")
+    upstream_started = time.perf_counter()
+    try:
+        upstream = await state.upstream.post(route.upstream, path, body, meter.request_id)
+    except errors.ProxyError as err:
+        meter.outcome = f"upstream failed ({err.code})"
+        return error_response(err, meter.request_id)
+    async with upstream:
+        if upstream.status >= 400:
+            return await pass_error(upstream, meter)
+        if client.stream and upstream.content_type == "text/event-stream":
+            return await relay_stream(request, upstream, meter, upstream_started)
+        return await relay_body(upstream, meter, upstream_started)
+
+
+async def pass_error(upstream: aiohttp.ClientResponse, meter: Meter) -> web.Response:
+    """Upstream errors pass through as they came, and cost nothing."""
+    meter.outcome = f"upstream status {upstream.status}"
+    try:
+        body = await upstream.read()
+    except UPSTREAM_BROKEN:
+        body = errors.UpstreamUnavailable("The upstream failed while answering.").to_body()
+    headers = {**passthrough_headers(upstream.headers), **our_headers(meter)}
+    return web.Response(status=upstream.status, body=body, headers=headers)
+
+
+async def relay_body(upstream: aiohttp.ClientResponse, meter: Meter, started: float) -> web.Response:
+    try:
+        body = await upstream.read()
+    except UPSTREAM_BROKEN:
+        meter.outcome = "upstream broke before its body ended"
+        err = errors.UpstreamUnavailable("The upstream failed while answering; nothing was charged.")
+        return error_response(err, meter.request_id)
+    metrics.UPSTREAM_SECONDS.labels(meter.client.model).observe(time.perf_counter() - started)
+    try:
+        parsed = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        parsed = None
+    meter.charge(usage_from_body(parsed), output_estimate=estimate_output(meter, parsed))
+    settlement = await meter.settle()
+    headers = {**passthrough_headers(upstream.headers), **our_headers(meter)}
+    if settlement is not None:
+        headers["x-metering-cost-usd"] = usd(settlement.cost)
+        headers["x-metering-balance-usd"] = usd(settlement.balance)
+    return web.Response(status=upstream.status, body=body, headers=headers)
+
+
+def estimate_output(meter: Meter, parsed: Any) -> int:
+    """Output tokens of a non-streamed body, counted only when the upstream gave no usage."""
+    if usage_from_body(parsed) is not None or not isinstance(parsed, dict):
+        return 0
+    tap = StreamTap(meter.client.endpoint, False)
+    for choice in parsed.get("choices") or ():
+        if isinstance(choice, dict):
+            message = choice.get("message")
+            tap.output.add(message.get("content") or "" if isinstance(message, dict) else "")
+            tap.output.add(choice.get("text") or "")
+    for item in parsed.get("output") or ():
+        for part in (item.get("content") or ()) if isinstance(item, dict) else ():
+            if isinstance(part, dict) and isinstance(part.get("text"), str):
+                tap.output.add(part["text"])
+    return tap.output.count(meter.route.encoding)
+
+
+async def relay_stream(
+    request: web.Request, upstream: aiohttp.ClientResponse, meter: Meter, started: float
+) -> web.StreamResponse:
+    response = web.StreamResponse(
+        status=upstream.status,
+        headers={
+            **passthrough_headers(upstream.headers),
+            **our_headers(meter),
+            "cache-control": "no-cache",
+            "x-accel-buffering": "no",
+        },
+    )
+    await response.prepare(request)
+    parser = SSEParser()
+    tap = StreamTap(meter.client.endpoint, meter.client.wants_usage)
+    first = True
+    broken = gone = False
+    try:
+        async for chunk in upstream.content.iter_any():
+            if first:
+                metrics.TTFT_SECONDS.labels(meter.client.model).observe(time.perf_counter() - started)
+                first = False
+            out = b"".join(event.raw for event in parser.feed(chunk) if tap.forward(event))
+            if out and not await write(response, out):
+                gone = True
+                break
+    except UPSTREAM_BROKEN:
+        broken = True
+    finally:
+        if gone or broken:
+            upstream.close()  # stop the upstream generating what nobody will pay for
+        metrics.UPSTREAM_SECONDS.labels(meter.client.model).observe(time.perf_counter() - started)
+    if not tap.finished and not gone:
+        broken = True
+        notice = orjson.dumps(
+            {
+                "error": {
+                    "message": "The upstream stream ended unexpectedly.",
+                    "type": "upstream_error",
+                    "param": None,
+                    "code": "stream_interrupted",
+                }
+            }
+        )
+        gone = not await write(response, parser.tail() + data_event(notice))
+    meter.outcome = "client disconnected" if gone else ("upstream stream broken" if broken else "ok")
+    meter.charge(tap.usage, output_estimate=tap.output.count(meter.route.encoding) if tap.usage is None else 0)
+    if not gone:
+        try:
+            await response.write_eof()
+        except CLIENT_GONE:
+            pass
+    return response
+
+
+async def write(response: web.StreamResponse, data: bytes) -> bool:
+    """Write to the client; False when the client has gone away."""
+    try:
+        await response.write(data)
+    except CLIENT_GONE:
+        return False
+    return True
+
+
+def access_log(
+    request: web.Request,
+    req_id: str,
+    model: str,
+    status: int,
+    started: float,
+    meter: Meter | None,
+    *,
+    reason: str | None = None,
+    settlement: Settlement | None = None,
+) -> None:
+    """One line per request, and the request metrics. Never a key or a secret."""
+    elapsed = time.perf_counter() - started
+    route = request.path
+    metrics.REQUESTS.labels(route, model, str(status)).inc()
+    metrics.REQUEST_SECONDS.labels(route, model).observe(elapsed)
+    fields: dict[str, Any] = {
+        "request_id": req_id,
+        "route": route,
+        "model": model,
+        "status": status,
+        "duration_ms": round(elapsed * 1000, 2),
+    }
+    if reason:
+        fields["reason"] = reason
+    if meter is not None:
+        fields.update(account_id=meter.account_id, key_id=meter.key_id, outcome=meter.outcome)
+        if meter.usage is not None:
+            fields.update(meter.usage.as_dict(), estimated=meter.estimated)
+            record_usage(meter)
+        if settlement is not None:
+            fields["cost_usd"] = usd(settlement.cost)
+            # metrics are not money: a float is fine here
+            metrics.SPEND_USD.labels(meter.route.model).inc(settlement.cost / 1_000_000)
+    log.info("request", **fields)
+
+
+def record_usage(meter: Meter) -> None:
+    usage, model = meter.usage, meter.route.model
+    assert usage is not None
+    for kind, count in (
+        ("input", usage.input_tokens),
+        ("cached_input", usage.cached_input_tokens),
+        ("output", usage.output_tokens),
+        ("reasoning", usage.reasoning_tokens),
+    ):
+        if count:
+            metrics.TOKENS.labels(model, kind).inc(count)
+    if meter.estimated:
+        metrics.USAGE_ESTIMATED.labels(model).inc()

@@ -1,0 +1,71 @@
+"""The upstream seam: one pooled aiohttp session; failures mapped to proxy errors.
+
+The relay only sees `UpstreamResponse`-like aiohttp responses or `ProxyError`s, so it
+does not care whether it talks to OpenAI or the test upstream.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import aiohttp
+
+from . import errors
+from .config import UpstreamConfig
+
+# Response headers that describe one hop, not the message (RFC 9110 7.6.1), plus the
+# ones aiohttp recomputes when it writes our response.
+HOP_BY_HOP = frozenset(
+    (
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "content-length",
+        "content-encoding",
+        "server",
+        "date",
+    )
+)
+# Upstream headers that would mislead the client about our limits or identity.
+OURS = frozenset(
+    {"x-request-id", "openai-organization", "openai-project", "set-cookie"}
+    | {f"x-ratelimit-{what}-{unit}" for what in ("limit", "remaining", "reset") for unit in ("requests", "tokens")}
+)
+
+
+def passthrough_headers(headers: Mapping[str, str]) -> dict[str, str]:
+    return {k: v for k, v in headers.items() if k.lower() not in HOP_BY_HOP and k.lower() not in OURS}
+
+
+class Upstream:
+    def __init__(self) -> None:
+        self.session: aiohttp.ClientSession | None = None
+
+    async def start(self) -> None:
+        # no total timeout here: each call sets its own from its upstream's config
+        connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300)
+        self.session = aiohttp.ClientSession(connector=connector, auto_decompress=True)
+
+    async def close(self) -> None:
+        if self.session is not None:
+            await self.session.close()
+
+    async def post(self, upstream: UpstreamConfig, path: str, body: bytes, request_id: str) -> aiohttp.ClientResponse:
+        assert self.session is not None, "Upstream.start() was not awaited"
+        headers = {"content-type": "application/json", "accept-encoding": "identity", "x-request-id": request_id}
+        if upstream.api_key is not None:
+            headers["authorization"] = f"Bearer {upstream.api_key.get_secret_value()}"
+        timeout = aiohttp.ClientTimeout(total=None, connect=upstream.connect_timeout_s, sock_read=upstream.timeout_s)
+        try:
+            return await self.session.post(upstream.base_url + path, data=body, headers=headers, timeout=timeout)
+        except TimeoutError as exc:
+            raise errors.UpstreamTimeout("The upstream did not answer in time; nothing was charged.") from exc
+        except aiohttp.ClientError as exc:
+            raise errors.UpstreamUnavailable(
+                f"The upstream could not be reached ({type(exc).__name__}); nothing was charged."
+            ) from exc

@@ -1,0 +1,121 @@
+"""Reading real token usage from upstream responses, streamed or not.
+
+`usage_from` understands both shapes OpenAI uses: chat/completions/embeddings
+(`prompt_tokens`, `completion_tokens`, `*_details`) and the Responses API
+(`input_tokens`, `output_tokens`, `*_details`). Input includes cached tokens and
+output includes reasoning tokens, as OpenAI reports them.
+
+`StreamTap` watches a relayed stream event by event: it keeps the usage when it
+comes, collects output text cheaply for an estimate when it never does, and hides
+the usage-only chunk from a client that did not ask for it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+from .money import Usage
+from .sse import Event
+from .tokens import OutputCounter
+
+
+def _int(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+
+
+def usage_from(raw: Any) -> Usage | None:
+    if not isinstance(raw, dict):
+        return None
+    if "input_tokens" in raw or "output_tokens" in raw:
+        inp, out = raw.get("input_tokens_details"), raw.get("output_tokens_details")
+        input_tokens, output_tokens = _int(raw.get("input_tokens")), _int(raw.get("output_tokens"))
+    else:
+        inp, out = raw.get("prompt_tokens_details"), raw.get("completion_tokens_details")
+        input_tokens, output_tokens = _int(raw.get("prompt_tokens")), _int(raw.get("completion_tokens"))
+    cached = _int(inp.get("cached_tokens")) if isinstance(inp, dict) else 0
+    reasoning = _int(out.get("reasoning_tokens")) if isinstance(out, dict) else 0
+    return Usage(input_tokens, min(cached, input_tokens), output_tokens, min(reasoning, output_tokens))
+
+
+def usage_from_body(body: Any) -> Usage | None:
+    """Usage of a non-streamed response (every endpoint keeps it under `usage`)."""
+    return usage_from(body.get("usage")) if isinstance(body, dict) else None
+
+
+FINAL_RESPONSE_EVENTS = ("response.completed", "response.incomplete", "response.failed")
+
+
+class StreamTap:
+    def __init__(self, endpoint: str, client_wants_usage: bool) -> None:
+        self.responses = endpoint == "responses"
+        self.client_wants_usage = client_wants_usage
+        self.usage: Usage | None = None
+        self.output = OutputCounter()
+        self.finished = False  # saw [DONE] or the final Responses event
+        self.error: str | None = None
+
+    def forward(self, event: Event) -> bool:
+        """Observe one event; False when the client must not see it."""
+        data = event.data
+        if not data:
+            return True
+        if data == b"[DONE]":
+            self.finished = True
+            return True
+        try:
+            payload = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            return True
+        if not isinstance(payload, dict):
+            return True
+        if self.responses:
+            self._responses_event(payload)
+            return True
+        return self._chat_event(payload)
+
+    def _chat_event(self, payload: dict[str, Any]) -> bool:
+        if "error" in payload:
+            self.error = str(payload.get("error"))[:500]
+        for choice in payload.get("choices") or ():
+            if isinstance(choice, dict):
+                self._collect_choice(choice)
+        raw_usage = payload.get("usage")
+        if raw_usage:
+            self.usage = usage_from(raw_usage)
+            # the usage-only chunk we forced on: shown only to clients that asked
+            return self.client_wants_usage or bool(payload.get("choices"))
+        return True
+
+    def _collect_choice(self, choice: dict[str, Any]) -> None:
+        text = choice.get("text")
+        if isinstance(text, str):
+            self.output.add(text)
+        delta = choice.get("delta")
+        if not isinstance(delta, dict):
+            return
+        for name in ("content", "refusal", "reasoning_content"):
+            value = delta.get(name)
+            if isinstance(value, str):
+                self.output.add(value)
+        for call in delta.get("tool_calls") or ():
+            function = call.get("function") if isinstance(call, dict) else None
+            if isinstance(function, dict):
+                for name in ("name", "arguments"):
+                    if isinstance(function.get(name), str):
+                        self.output.add(function[name])
+
+    def _responses_event(self, payload: dict[str, Any]) -> None:
+        kind = payload.get("type")
+        if kind in FINAL_RESPONSE_EVENTS:
+            self.finished = True
+            response = payload.get("response")
+            if isinstance(response, dict):
+                self.usage = usage_from(response.get("usage"))
+        elif isinstance(kind, str) and kind.endswith(".delta"):
+            delta = payload.get("delta")
+            if isinstance(delta, str):
+                self.output.add(delta)
+        elif kind == "error":
+            self.error = str(payload.get("message") or payload)[:500]

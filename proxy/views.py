@@ -1,0 +1,109 @@
+"""JSON shapes of the public API: balances, grants, ledger entries, usage.
+
+Amounts leave as decimal strings in USD, times as RFC 3339 UTC strings.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+
+from .ledger import AccountView
+from .money import usd
+
+
+def rfc3339(ms: int | str | None) -> str | None:
+    if not ms:
+        return None
+    return datetime.fromtimestamp(int(ms) / 1000, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def parse_time(value: str | None) -> int | None:
+    """RFC 3339 (or a bare date) -> ms; None passes through. Raises ValueError."""
+    if value in (None, ""):
+        return None
+    moment = datetime.fromisoformat(str(value).replace("Z", "+00:00"))
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return int(moment.timestamp() * 1000)
+
+
+def grant(g: dict[str, Any]) -> dict[str, Any]:
+    out = {
+        "id": g["id"],
+        "kind": g["kind"],
+        "amount_usd": usd(int(g["amount"])),
+        "remaining_usd": usd(int(g["remaining"])),
+        "priority": g.get("priority", 0),
+        "effective_at": rfc3339(g.get("effective_at")),
+        "expires_at": rfc3339(g.get("expires_at")),
+        "status": g["status"],
+        "description": g.get("description"),
+    }
+    if g.get("void_reason"):
+        out["void_reason"] = g["void_reason"]
+    if g.get("cost_basis"):
+        out["per_unit_cost_basis"] = g["cost_basis"]
+    return out
+
+
+def balance(account_id: str, view: AccountView) -> dict[str, Any]:
+    grants = sorted(view.grants, key=lambda g: (g.get("priority", 0), g.get("expires_at") or 2**62, g["created_at"]))
+    return {
+        "account_id": account_id,
+        "balance_usd": usd(view.balance),
+        "available_usd": usd(max(view.available, 0)) if view.overage_room < 2**52 else None,
+        "reserved_usd": usd(view.reserved),
+        "overage_usd": usd(view.num("debt")),
+        "grants": [grant(g) for g in grants],
+    }
+
+
+def account(account_id: str, view: AccountView) -> dict[str, Any]:
+    f = view.fields
+    topup = orjson.loads(f["auto_topup"]) if f.get("auto_topup") else None
+    return {
+        "id": account_id,
+        "status": f.get("status", "active"),
+        "plan": f.get("plan") or None,
+        "tier": f.get("tier"),
+        "rate_limits": {"rpm": view.rpm, "tpm": view.tpm, "override": bool(f.get("rl_rpm") or f.get("rl_tpm"))},
+        "overage_limit_usd": _overage(f.get("overage_limit")),
+        "auto_topup": {"threshold_usd": usd(int(topup["threshold"])), "amount_usd": usd(int(topup["amount"]))}
+        if topup
+        else None,
+        "metadata": orjson.loads(f["metadata"]) if f.get("metadata") else {},
+        "lifetime_paid_usd": usd(view.num("lifetime_paid")),
+        "lifetime_consumed_usd": usd(view.num("lifetime_consumed")),
+        "first_payment_at": rfc3339(f.get("first_payment_ms")),
+        "created_at": rfc3339(f.get("created_ms")),
+        **{k: v for k, v in balance(account_id, view).items() if k != "account_id"},
+    }
+
+
+def _overage(value: str | None) -> str | None:
+    if not value:
+        return None
+    return "unlimited" if value == "unlimited" else usd(int(value))
+
+
+def entry(account_id: str, entry_id: str, raw: str) -> dict[str, Any]:
+    e = orjson.loads(raw)
+    out: dict[str, Any] = {
+        "id": entry_id,
+        "account_id": account_id,
+        "created_at": rfc3339(e.get("ts")),
+        "type": e["type"],
+        "amount_usd": usd(int(e["amount"])),
+        "balance_usd": usd(int(e["balance"])),
+    }
+    for name in ("grant_id", "request_id", "model", "usage", "estimated", "downgraded_from", "description"):
+        if e.get(name) is not None:
+            out[name] = e[name]
+    if isinstance(e.get("draws"), list):
+        out["draws"] = [{"grant_id": d["grant_id"], "amount_usd": usd(int(d["amount"]))} for d in e["draws"]]
+    if e.get("overage"):
+        out["overage_usd"] = usd(int(e["overage"]))
+    return out

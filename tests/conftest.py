@@ -1,0 +1,163 @@
+"""Real parts only: a redis-server child process, the fake OpenAI upstream as a real
+aiohttp server, the proxy on loopback ports, and the official openai SDK as client."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import openai
+import pytest
+import yaml
+from redis.asyncio import Redis
+
+from proxy import logs
+from proxy.app import Proxy, connect
+from proxy.config import Config, parse_config
+from proxy.demo_upstream import DemoUpstream
+from proxy.embedded import EmbeddedRedis
+from proxy.state import State
+
+ADMIN_TOKEN = "test-admin-token-123"
+UPSTREAM_KEY = "sk-upstream-secret-abcdef123456"
+
+BASE_CONFIG: dict[str, Any] = {
+    "server": {"host": "127.0.0.1", "port": 0, "admin_host": "127.0.0.1", "admin_port": 0,
+               "admin_token": ADMIN_TOKEN, "max_body_bytes": 1_000_000},
+    "upstreams": {"openai": {"base_url": "http://placeholder/v1", "api_key": UPSTREAM_KEY, "timeout_s": 30,
+                             "connect_timeout_s": 2}},
+    "models": {
+        "gpt-4o": {"upstream": "openai", "upstream_model": "gpt-4o-2024-08-06", "max_output_tokens": 16384,
+                   "price": {"input": "2.50", "cached_input": "1.25", "output": "10.00"}},
+        "gpt-4o-mini": {"upstream": "openai", "max_output_tokens": 16384,
+                        "price": {"input": "0.15", "cached_input": "0.075", "output": "0.60"}},
+        "o3-mini": {"upstream": "openai", "price": {"input": "1.10", "cached_input": "0.55", "output": "4.40"}},
+        "text-embedding-3-small": {"upstream": "openai", "price": {"input": "0.02"}},
+    },
+    "billing": {"markup_percent": 0, "default_max_output_tokens": 1000, "on_insufficient": "reject",
+                "reservation_ttl_s": 900},
+    "rate_tiers": {"basis": "paid", "tiers": [{"name": "free", "min_usd": "0", "rpm": 10000, "tpm": 100000000}]},
+}  # fmt: skip
+
+
+def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _logging() -> None:
+    logs.setup("warning")
+
+
+@pytest.fixture(scope="session")
+async def redis_server(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[EmbeddedRedis]:
+    server = EmbeddedRedis(tmp_path_factory.mktemp("redis"))
+    await server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+async def redis(redis_server: EmbeddedRedis) -> AsyncIterator[Redis]:
+    client = connect(redis_server.url)
+    await client.flushall()
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture(scope="session")
+async def upstream_server() -> AsyncIterator[DemoUpstream]:
+    server = DemoUpstream()
+    await server.start()
+    yield server
+    await server.stop()
+
+
+@pytest.fixture
+def upstream(upstream_server: DemoUpstream) -> DemoUpstream:
+    upstream_server.reset()
+    return upstream_server
+
+
+@pytest.fixture
+def make_config(redis_server: EmbeddedRedis, upstream_server: DemoUpstream, tmp_path: Path) -> Callable[..., Config]:
+    def make(extra: dict[str, Any] | None = None) -> Config:
+        data = deep_merge(BASE_CONFIG, {"redis": {"url": redis_server.url}, "data_dir": str(tmp_path / "data"),
+                                        "upstreams": {"openai": {"base_url": upstream_server.base_url}}})  # fmt: skip
+        return parse_config(yaml.safe_dump(deep_merge(data, extra or {})))
+
+    return make
+
+
+@dataclass
+class Running:
+    proxy: Proxy
+    state: State
+    url: str
+    admin_url: str
+
+    def client(self, key: str, **kwargs: Any) -> openai.AsyncOpenAI:
+        kwargs.setdefault("max_retries", 0)
+        return openai.AsyncOpenAI(base_url=f"{self.url}/v1", api_key=key, **kwargs)
+
+    async def admin(self, method: str, path: str, json: Any = None, token: str = ADMIN_TOKEN) -> tuple[int, Any]:
+        async with aiohttp.ClientSession() as session:
+            async with session.request(method, f"{self.admin_url}{path}", json=json,
+                                       headers={"Authorization": f"Bearer {token}"}) as resp:  # fmt: skip
+                body = await resp.json(content_type=None)
+                return resp.status, body
+
+    async def account(self, account_id: str = "acme", usd: str | None = "10", **fields: Any) -> str:
+        """Create an account, fund it with a paid grant and return a fresh API key."""
+        await self.state.ledger.save_account(account_id, fields, create=True)
+        if usd is not None:
+            await self.fund(account_id, usd)
+        _, key = await self.state.accounts.create_key(account_id, name="test")
+        return key
+
+    async def fund(self, account_id: str, usd: str, kind: str = "paid", **spec: Any) -> dict[str, Any]:
+        from proxy.money import to_micro
+
+        import secrets
+
+        body = {"id": "grant_" + secrets.token_hex(6), "kind": kind, "amount": str(to_micro(usd)), "priority": 0,
+                "effective_at": 0, "expires_at": 0, "description": None, "idem": None, **spec}  # fmt: skip
+        _, grant = await self.state.ledger.grant(account_id, body)
+        return grant
+
+    async def balance(self, account_id: str = "acme") -> Any:
+        return await self.state.ledger.touch(account_id)
+
+
+@pytest.fixture
+async def start_proxy(
+    redis: Redis, make_config: Callable[..., Config]
+) -> AsyncIterator[Callable[..., Any]]:
+    started: list[Proxy] = []
+
+    async def start(extra: dict[str, Any] | None = None, config: Config | None = None,
+                    config_path: Path | None = None) -> Running:  # fmt: skip
+        proxy = Proxy(config or make_config(extra), config_path)
+        state = await proxy.start()
+        started.append(proxy)
+        return Running(proxy, state, f"http://127.0.0.1:{proxy.ports['client']}",
+                       f"http://127.0.0.1:{proxy.ports.get('admin', 0)}")  # fmt: skip
+
+    yield start
+    for proxy in started:
+        await proxy.stop()
+
+
+@pytest.fixture
+async def proxy(start_proxy: Callable[..., Any]) -> Running:
+    return await start_proxy()  # type: ignore[no-any-return]
