@@ -88,7 +88,8 @@ class Proxy:
 
     async def _listen(self, name: str, app: web.Application, host: str, port: int, state: State) -> None:
         app[STATE] = state
-        runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        # lingering_time: how long an unread (e.g. 413) body is drained before closing
+        runner = web.AppRunner(app, access_log=None, handle_signals=False, lingering_time=1.0)
         await runner.setup()
         site = web.TCPSite(runner, host, port, reuse_address=True)
         await site.start()

@@ -129,6 +129,8 @@ async def metered(request: web.Request, endpoint: str) -> web.StreamResponse:
     except errors.ProxyError as err:
         metrics.REJECTIONS.labels(type(err).__name__ if err.code is None else err.code).inc()
         response: web.StreamResponse = error_response(err, req_id)
+        if isinstance(err, errors.BodyTooLarge):
+            response.force_close()  # the unread rest of the body makes the connection unusable
         access_log(request, req_id, model, response.status, started, None, reason=err.code)
         return response
     status = 499  # what the log says if the handler is cancelled mid-flight
@@ -276,6 +278,10 @@ async def relay_stream(
         if gone or broken:
             upstream.close()  # stop the upstream generating what nobody will pay for
         metrics.UPSTREAM_SECONDS.labels(meter.client.model).observe(time.perf_counter() - started)
+    if not gone:
+        last, rest = parser.finish()
+        out = b"".join(event.raw for event in last if tap.forward(event)) + rest
+        gone = bool(out) and not await write(response, out)
     if not tap.finished and not gone:
         broken = True
         notice = orjson.dumps(
@@ -288,7 +294,7 @@ async def relay_stream(
                 }
             }
         )
-        gone = not await write(response, parser.tail() + data_event(notice))
+        gone = not await write(response, data_event(notice))
     meter.outcome = "client disconnected" if gone else ("upstream stream broken" if broken else "ok")
     meter.charge(tap.usage, output_estimate=tap.output.count(meter.route.encoding) if tap.usage is None else 0)
     if not gone:

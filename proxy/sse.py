@@ -41,10 +41,12 @@ class SSEParser:
         self._buf = buf[start:]
         return events
 
-    def tail(self) -> bytes:
-        """Bytes of an unterminated last event (discarded by clients, per the spec)."""
+    def finish(self) -> tuple[list[Event], bytes]:
+        """At end of stream: events completed by a held CR, and the bytes of an
+        unterminated last event (which clients discard, per the spec)."""
+        events = self.feed(b"\n") if self._buf.endswith(b"\r") else []
         rest, self._buf = self._buf, b""
-        return rest
+        return events, rest
 
 
 def _parse_block(block: bytes) -> Event:

@@ -140,9 +140,7 @@ class Running:
 
 
 @pytest.fixture
-async def start_proxy(
-    redis: Redis, make_config: Callable[..., Config]
-) -> AsyncIterator[Callable[..., Any]]:
+async def start_proxy(redis: Redis, make_config: Callable[..., Config]) -> AsyncIterator[Callable[..., Any]]:
     started: list[Proxy] = []
 
     async def start(extra: dict[str, Any] | None = None, config: Config | None = None,

@@ -137,7 +137,9 @@ async def test_model_not_allowed_and_413(proxy: Running, upstream: DemoUpstream)
     models = await client.models.list()
     assert [m.id for m in models.data] == ["gpt-4o-mini"]
     with pytest.raises(openai.APIStatusError) as too_big:
-        await client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "x" * 2_000_000}])
+        await client.chat.completions.create(
+            model="gpt-4o-mini", messages=[{"role": "user", "content": "x" * 2_000_000}]
+        )
     assert too_big.value.status_code == 413
     assert upstream.requests == []
 

@@ -1,0 +1,45 @@
+# metering-proxy: `make run` starts the proxy, `make test` runs the tests.
+# Both create the virtualenv (.venv) and install what they need on a fresh machine.
+
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+CONFIG ?= config.example.yaml
+
+.PHONY: run demo-upstream test lint typecheck bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q -e '.[embedded]'
+	touch $@
+
+$(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $@ $(VENV)/.installed
+
+# Without OPENAI_API_KEY the proxy serves from a built-in fake OpenAI (--demo) and
+# prints a funded demo key; with it, requests go to the real OpenAI.
+run: $(VENV)/.installed
+	$(BIN)/metering-proxy --config $(CONFIG) serve $(if $(OPENAI_API_KEY),,--demo)
+
+demo-upstream: $(VENV)/.installed
+	$(BIN)/metering-proxy demo-upstream --port 9999
+
+test: $(VENV)/.installed-dev
+	$(BIN)/python -m pytest -q
+
+lint: $(VENV)/.installed-dev
+	$(BIN)/ruff check proxy tests
+	$(BIN)/ruff format --check proxy tests
+
+typecheck: $(VENV)/.installed-dev
+	$(BIN)/mypy proxy
+
+bench: $(VENV)/.installed-dev
+	$(BIN)/python bench/bench.py
+
+clean:
+	rm -rf $(VENV) .metering-proxy .pytest_cache .ruff_cache .mypy_cache
