@@ -18,7 +18,11 @@ async def last_entry_id(redis: Redis, account_id: str) -> str:
 async def next_entry(redis: Redis, account_id: str, after: str, timeout_s: float = 10) -> dict[str, Any]:
     """Block until the account's ledger gets an entry after `after` (XREAD BLOCK)."""
     key = keyspace.account(account_id, "ledger")
-    rows = await redis.xread({key: after}, count=1, block=int(timeout_s * 1000))
+    rows = None
+    for _ in range(max(1, int(timeout_s / 1.5))):  # blocks of 1.5 s: the client's socket timeout is 2 s
+        rows = await redis.xread({key: after}, count=1, block=1500)
+        if rows:
+            break
     assert rows, f"no ledger entry for {account_id} within {timeout_s}s"
     entry: dict[str, Any] = orjson.loads(rows[0][1][0][1]["e"])
     return entry
