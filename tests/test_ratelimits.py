@@ -1,0 +1,153 @@
+"""Spend-based tiers and rate limits that hold across instances (real Redis)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import openai
+import pytest
+
+from proxy.demo_upstream import DemoUpstream
+from proxy.ratelimits import go_duration
+
+from .conftest import Running
+
+DAY_MS = 86_400_000
+MESSAGES = [{"role": "user", "content": "hi"}]
+TIERS = {"rate_tiers": {"basis": "paid", "tiers": [
+    {"name": "free", "min_usd": "0", "rpm": 3, "tpm": 1_000_000},
+    {"name": "tier-1", "min_usd": "5", "rpm": 10, "tpm": 1_000_000},
+    {"name": "tier-2", "min_usd": "50", "rpm": 20, "tpm": 1_000_000, "min_days_since_first_payment": 7},
+]}}  # fmt: skip
+
+
+async def chat(running: Running, key: str, **kwargs: Any) -> Any:
+    return await running.client(key).chat.completions.with_raw_response.create(
+        model="gpt-4o-mini", messages=MESSAGES, max_tokens=10, **kwargs
+    )
+
+
+def test_go_duration_matches_openai_format() -> None:
+    assert [go_duration(ms) for ms in (0, 12, 1000, 1500, 59_999, 360_000)] == [
+        "0s", "12ms", "1s", "1.5s", "59.999s", "6m0s"]  # fmt: skip
+
+
+async def test_rpm_limit_429_with_headers_and_rejections_do_not_count(start_proxy: Any) -> None:
+    running = await start_proxy(TIERS)
+    key = await running.account("acme", "1")
+    for remaining in (2, 1, 0):
+        raw = await chat(running, key)
+        assert raw.headers["x-ratelimit-limit-requests"] == "3"
+        assert raw.headers["x-ratelimit-remaining-requests"] == str(remaining)
+    for _ in range(2):
+        with pytest.raises(openai.RateLimitError) as caught:
+            await chat(running, key)
+    err = caught.value
+    assert err.body["code"] == "rate_limit_exceeded" and err.body["type"] == "requests"  # type: ignore[index]
+    assert "Limit 3, Used 3, Requested 1" in err.message  # the second 429 did not count the first
+    assert 0 < int(err.response.headers["retry-after-ms"]) <= 60_000
+    assert int(err.response.headers["retry-after"]) >= 1
+    assert err.response.headers["x-ratelimit-remaining-requests"] == "0"
+    view = await running.balance("acme")
+    # the 429s reserved and cost nothing: 3 requests of 10 * 0.15 + 5 * 0.60 = 4.5 -> 5 micro-USD
+    assert view.reserved == 0 and view.balance == 1_000_000 - 3 * 5
+
+
+async def test_limits_are_global_across_two_instances(start_proxy: Any) -> None:
+    first, second = await start_proxy(TIERS), await start_proxy(TIERS)
+    key = await first.account("acme", "1")
+    await chat(first, key)
+    await chat(second, key)
+    await chat(first, key)
+    with pytest.raises(openai.RateLimitError):
+        await chat(second, key)
+
+
+async def test_tier_upgrade_counts_what_was_used(start_proxy: Any) -> None:
+    running = await start_proxy(TIERS)
+    key = await running.account("acme", "1")
+    for _ in range(3):
+        await chat(running, key)
+    with pytest.raises(openai.RateLimitError):
+        await chat(running, key)
+    await running.fund("acme", "5")  # lifetime paid $6: tier-1, rpm 10
+    for _ in range(7):  # 3 of 10 already used: 7 more now
+        raw = await chat(running, key)
+    assert raw.headers["x-ratelimit-limit-requests"] == "10"
+    with pytest.raises(openai.RateLimitError):
+        await chat(running, key)
+    assert (await running.balance("acme")).fields["tier"] == "tier-1"
+
+
+async def test_min_days_since_first_payment(start_proxy: Any) -> None:
+    running = await start_proxy(TIERS)
+    await running.account("acme", "60")
+    view = await running.balance("acme")
+    assert view.fields["tier"] == "tier-1" and view.rpm == 10  # paid enough, too recently
+    running.state.ledger.clock_offset_ms = 6 * DAY_MS
+    assert (await running.balance("acme")).fields["tier"] == "tier-1"
+    running.state.ledger.clock_offset_ms = 7 * DAY_MS + 1000
+    view = await running.balance("acme")
+    assert view.fields["tier"] == "tier-2" and view.rpm == 20
+
+
+async def test_admin_override_pins_limits(start_proxy: Any) -> None:
+    running = await start_proxy(TIERS)
+    key = await running.account("acme", "100", rl_rpm="1")
+    await chat(running, key)
+    with pytest.raises(openai.RateLimitError):
+        await chat(running, key)
+
+
+async def test_tpm_counts_reserved_max_tokens_then_real_usage(start_proxy: Any, upstream: DemoUpstream) -> None:
+    running = await start_proxy({"rate_tiers": {"tiers": [{"name": "t", "min_usd": "0", "rpm": 100, "tpm": 10_000}]}})
+    key = await running.account("acme", "10")
+    client = running.client(key)
+    upstream.fault.chunk_delay_s = 0.05
+    stream = await client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES, max_tokens=9000,
+                                                  stream=True)  # fmt: skip
+    # while the first stream holds ~9000 reserved tokens, a second large one does not fit
+    with pytest.raises(openai.RateLimitError) as caught:
+        await client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES, max_tokens=9000)
+    assert caught.value.body["type"] == "tokens"  # type: ignore[index]
+    assert "Limit 10000" in caught.value.message
+    [chunk async for chunk in stream]
+    # settled: the window now holds the real 15 tokens, so the large request fits
+    raw = await client.chat.completions.with_raw_response.create(model="gpt-4o-mini", messages=MESSAGES,
+                                                                 max_tokens=9000)  # fmt: skip
+    assert int(raw.headers["x-ratelimit-remaining-tokens"]) < 1000
+
+
+async def test_stream_responses_carry_rate_headers(start_proxy: Any) -> None:
+    running = await start_proxy(TIERS)
+    key = await running.account("acme", "1")
+    async with running.client(key).chat.completions.with_streaming_response.create(
+        model="gpt-4o-mini", messages=MESSAGES, stream=True
+    ) as resp:
+        assert resp.headers["x-ratelimit-limit-requests"] == "3"
+        assert resp.headers["x-ratelimit-remaining-requests"] == "2"
+        assert resp.headers["x-ratelimit-limit-tokens"] == "1000000"
+        assert "x-metering-cost-usd" not in resp.headers  # only known after the stream
+
+
+async def test_sdk_honours_retry_after(start_proxy: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The SDK retries a 429 after retry-after-ms; a fake client clock advances Redis time."""
+    import openai._base_client as base_client
+
+    running = await start_proxy(TIERS)
+    key = await running.account("acme", "1")
+    slept: list[float] = []
+
+    class Clock:
+        @staticmethod
+        async def sleep(seconds: float) -> None:
+            slept.append(seconds)
+            running.state.ledger.clock_offset_ms += int(seconds * 1000) + 1
+
+    monkeypatch.setattr(base_client, "anyio", Clock)
+    for _ in range(3):
+        await chat(running, key)
+    client = running.client(key, max_retries=2)
+    completion = await client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES, max_tokens=10)
+    assert completion.choices
+    assert len(slept) == 1 and 1 <= slept[0] <= 60  # waited exactly what retry-after-ms said
