@@ -235,6 +235,11 @@ local function refresh(now)
   allocate(now)
 end
 
+-- A reservation just closed: an `expiring` grant it held back may now expire.
+local function recheck_held(now)
+  if acct_num('held') > 0 then redis.call('HSET', K.acct, 'next_change_ms', fmt(now)) end
+end
+
 local function available()
   return acct_num('balance') - acct_num('reserved') - acct_num('held') + overage_room()
 end

@@ -21,6 +21,7 @@ for i = 1, #flat, 2 do
 end
 if released > 0 then
   redis.call('PEXPIRE', K.reaped, 7 * DAY_MS)
+  recheck_held(now)
   refresh(now)
 end
 return {released, next_exp, redis.call('LLEN', K.outbox)}

@@ -83,6 +83,7 @@ if r.sec > now_s - 60 then
   end
 end
 
+recheck_held(now)
 refresh(now)
 local plan = plan_of_account()
 if plan and plan.i and plan.i > 0 then
