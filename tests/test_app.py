@@ -1,0 +1,105 @@
+"""Config hot reload, redacted logs, health and metrics on the admin listener."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import yaml
+
+from proxy import logs
+from proxy.config import load_config
+from proxy.demo_upstream import DemoUpstream
+
+from .conftest import ADMIN_TOKEN, UPSTREAM_KEY, BASE_CONFIG, deep_merge
+
+
+def reloads(outcome: str) -> float:
+    from prometheus_client import REGISTRY
+
+    return REGISTRY.get_sample_value("metering_proxy_config_reloads_total", {"outcome": outcome}) or 0.0
+
+
+def write_config(path: Path, redis_url: str, upstream_url: str, price: str) -> None:
+    data = deep_merge(BASE_CONFIG, {"redis": {"url": redis_url}, "upstreams": {"openai": {"base_url": upstream_url}},
+                                    "models": {"gpt-4o": {"price": {"input": price}}}})  # fmt: skip
+    path.write_text(yaml.safe_dump(data))
+
+
+async def cost_of_one_request(running: Any, key: str) -> str:
+    raw = await running.client(key).chat.completions.with_raw_response.create(
+        model="gpt-4o", messages=[{"role": "user", "content": "x"}], max_tokens=5
+    )
+    return str(raw.headers["x-metering-cost-usd"])
+
+
+async def test_reload_applies_good_config_and_refuses_bad(
+    start_proxy: Any, redis_server: Any, upstream: DemoUpstream, tmp_path: Path
+) -> None:
+    path = tmp_path / "config.yaml"
+    write_config(path, redis_server.url, upstream.base_url, "2.50")
+    running = await start_proxy(config=load_config(path), config_path=path)
+    key = await running.account("acme", "10")
+    upstream.fault.prompt_tokens, upstream.fault.output_tokens = 1000, 0
+    assert await cost_of_one_request(running, key) == "0.002500"
+
+    errors_before = reloads("error")
+    path.write_text("models: [this is: not valid\n")
+    assert await running.proxy.reload() is False
+    assert reloads("error") >= errors_before + 1  # the file watcher may count it too
+    assert await cost_of_one_request(running, key) == "0.002500"  # the old config keeps serving
+
+    write_config(path, redis_server.url, upstream.base_url, "5.00")
+    assert await running.proxy.reload() is True
+    assert await cost_of_one_request(running, key) == "0.005000"
+
+
+async def test_file_change_is_picked_up_by_the_watcher(
+    start_proxy: Any, redis_server: Any, upstream: DemoUpstream, tmp_path: Path
+) -> None:
+    path = tmp_path / "config.yaml"
+    write_config(path, redis_server.url, upstream.base_url, "2.50")
+    running = await start_proxy(config=load_config(path), config_path=path)
+    old = running.state.config
+    write_config(path, redis_server.url, upstream.base_url, "3.00")
+    for _ in range(100):  # the watcher polls the file every second
+        if running.state.config is not old:
+            break
+        await asyncio.sleep(0.05)
+    assert str(running.state.config.models["gpt-4o"].price.input) == "3.00"
+
+
+async def test_logs_never_show_keys_or_secrets(proxy: Any, upstream: DemoUpstream) -> None:
+    sink = io.StringIO()
+    logs.setup("info", stream=sink)
+    try:
+        key = await proxy.account("acme", "10")
+        await proxy.client(key).chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "x"}])
+        import structlog
+
+        structlog.get_logger("test").info("oops", leaked=f"upstream said Bearer {UPSTREAM_KEY}", key=key)
+    finally:
+        logs.setup("warning")
+    text = sink.getvalue()
+    assert '"event":"request"' in text and '"account_id":"acme"' in text and '"cost_usd"' in text
+    assert key not in text and UPSTREAM_KEY not in text and ADMIN_TOKEN not in text
+    assert "[REDACTED]" in text
+
+
+async def test_health_ready_and_metrics(proxy: Any, upstream: DemoUpstream) -> None:
+    key = await proxy.account("acme", "10")
+    await proxy.client(key).chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "x"}])
+    async with aiohttp.ClientSession() as session:
+        for url in (f"{proxy.url}/healthz", f"{proxy.admin_url}/healthz", f"{proxy.admin_url}/readyz"):
+            async with session.get(url) as resp:
+                assert resp.status == 200
+        async with session.get(f"{proxy.admin_url}/metrics") as resp:
+            text = await resp.text()
+    for name in ("metering_proxy_requests_total", "metering_proxy_request_duration_seconds",
+                 "metering_proxy_upstream_duration_seconds", "metering_proxy_tokens_total",
+                 "metering_proxy_spend_usd_total", "metering_proxy_redis_script_duration_seconds"):  # fmt: skip
+        assert name in text
+    assert 'route="/v1/chat/completions"' in text
