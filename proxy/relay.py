@@ -75,6 +75,12 @@ class Meter:
         return await asyncio.shield(self.settled)
 
     async def _settle_with_retries(self) -> Settlement | None:
+        try:
+            return await self._settle()
+        finally:
+            metrics.RESERVATIONS_OPEN.dec()
+
+    async def _settle(self) -> Settlement | None:
         usage = self.usage
         cost = 0 if usage is None or self.downgraded else self.route.price.cost(usage)
         entry: dict[str, Any] = {"model": self.route.model, "key_id": self.key_id, **self.extra}
@@ -165,6 +171,7 @@ async def admit(state: State, request: web.Request, endpoint: str, req_id: str) 
         max_output_tokens=max_output,
         choices=client.choices,
     )
+    metrics.RESERVATIONS_OPEN.inc()
     if admission.downgrade_to:
         route = state.catalog.route(admission.downgrade_to)
     return Meter(state, key.account_id, key.key_id, req_id, route, client, admission, prompt_tokens)
