@@ -1,0 +1,66 @@
+"""The hot path's lean Redis client, against a real redis-server."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+from redis import exceptions as redis_errors
+
+from proxy.embedded import EmbeddedRedis
+from proxy.resp import RespClient
+
+
+async def test_concurrent_calls_get_their_own_replies(redis: Any, redis_server: EmbeddedRedis) -> None:
+    client = RespClient(redis_server.url)
+    try:
+        await asyncio.gather(*(client.call("INCRBY", f"k{i % 7}", i) for i in range(500)))
+        totals = await asyncio.gather(*(client.call("GET", f"k{k}") for k in range(7)))
+        assert [int(t) for t in totals] == [sum(range(k, 500, 7)) for k in range(7)]
+        echoes = await asyncio.gather(*(client.call("ECHO", f"v{i}") for i in range(500)))
+        assert echoes == [f"v{i}" for i in range(500)]
+    finally:
+        await client.aclose()
+
+
+async def test_errors_map_to_redis_py_types(redis: Any, redis_server: EmbeddedRedis) -> None:
+    client = RespClient(redis_server.url)
+    try:
+        with pytest.raises(redis_errors.NoScriptError):
+            await client.call("EVALSHA", "0" * 40, 0)
+        await client.call("SET", "s", "x")
+        with pytest.raises(redis_errors.ResponseError):
+            await client.call("INCR", "s")
+        zadd, echo = await client.pipeline(("ZADD", "z", "LT", 5, "a"), ("ECHO", "after"))
+        assert zadd == 1 and echo == "after"
+    finally:
+        await client.aclose()
+
+
+async def test_reconnects_after_a_redis_restart(redis: Any, redis_server: EmbeddedRedis) -> None:
+    client = RespClient(redis_server.url)
+    try:
+        assert await client.call("PING") == "PONG"
+        redis_server.stop()
+        with pytest.raises(redis_errors.ConnectionError):
+            await client.call("PING")
+        await redis_server.start()
+        assert await client.call("PING") == "PONG"
+    finally:
+        await client.aclose()
+
+
+async def test_silent_server_times_out() -> None:
+    async def never_answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(1 << 20)
+
+    server = await asyncio.start_server(never_answer, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    client = RespClient(f"redis://127.0.0.1:{port}/0", timeout_s=0.3)
+    try:
+        with pytest.raises(redis_errors.TimeoutError):
+            await client.call("PING")
+    finally:
+        await client.aclose()
+        server.close()
