@@ -55,7 +55,7 @@ class Accounts:
         statuses = await self.redis.hgetall(keyspace.account(account_id, "keys"))
         out = []
         for key_id, status in sorted(statuses.items()):
-            raw = await self.redis.get(keyspace.key_id(key_id))
+            raw = await self.redis.get(keyspace.key_id(str(key_id)))
             meta = orjson.loads(raw) if raw else {}
             out.append(
                 {
@@ -72,4 +72,4 @@ class Accounts:
         return bool(status == "active")
 
     async def all_ids(self) -> list[str]:
-        return sorted(await self.redis.smembers(keyspace.ACCOUNTS))
+        return sorted(str(account) for account in await self.redis.smembers(keyspace.ACCOUNTS))

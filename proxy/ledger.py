@@ -16,7 +16,7 @@ import hashlib
 import time
 from dataclasses import dataclass, field
 from importlib import resources
-from typing import Any
+from typing import Any, cast
 
 import orjson
 from redis import exceptions as redis_errors
@@ -27,6 +27,7 @@ from .config import Config
 from .metrics import REDIS_SCRIPT_SECONDS
 from .money import to_micro, usd
 from .ratelimits import RateFigures, go_duration, retry_headers
+from .resp import RespClient
 
 SCRIPT_NAMES = ("admit", "settle", "grant", "void", "reap", "touch", "account")
 
@@ -135,6 +136,7 @@ class Ledger:
     redis: Redis
     config: Config
     clock_offset_ms: int = 0  # tests move time forward; always 0 in production
+    fast: RespClient | None = None  # the hot path's lean client (resp.py), when the URL allows
     _contexts: dict[str, bytes] = field(default_factory=dict)
 
     def use_config(self, config: Config) -> None:
@@ -153,10 +155,13 @@ class Ledger:
         started = time.perf_counter()
         try:
             try:
-                return await self._evalsha(name, keys, argv, account_id, watch_due)
+                result = await self._evalsha(name, keys, argv, account_id, watch_due)
             except redis_errors.NoScriptError:  # Redis restarted or flushed its script cache
                 await self.redis.script_load(SOURCES[name])
-                return await self._evalsha(name, keys, argv, account_id, watch_due)
+                result = await self._evalsha(name, keys, argv, account_id, watch_due)
+            if result[-1]:  # the script raised webhook events: have them delivered now
+                await self.watch(account_id, 0)
+            return result
         except (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError) as exc:
             raise errors.StoreUnavailable("The metering store is unavailable; nothing was charged.") from exc
         finally:
@@ -165,6 +170,8 @@ class Ledger:
     async def _evalsha(
         self, name: str, keys: list[str], argv: tuple[Any, ...], account_id: str, watch_due: int | None
     ) -> Any:
+        if self.fast is not None:
+            return await self._evalsha_fast(name, keys, argv, account_id, watch_due)
         if watch_due is None:
             return await self.redis.evalsha(SHAS[name], len(keys), *keys, *argv)
         # One round trip: the watch pointer is written before the script, so a
@@ -177,13 +184,27 @@ class Ledger:
             raise result
         return result
 
+    async def _evalsha_fast(
+        self, name: str, keys: list[str], argv: tuple[Any, ...], account_id: str, watch_due: int | None
+    ) -> Any:
+        assert self.fast is not None
+        script = ("EVALSHA", SHAS[name], len(keys), *keys, *argv)
+        if watch_due is None:
+            return await self.fast.call(*script)
+        watch = ("ZADD", keyspace.watch_shard(account_id), "LT", watch_due, account_id)
+        _, result = await self.fast.pipeline(watch, script)
+        if isinstance(result, Exception):
+            raise result
+        return result
+
     async def watch(self, account_id: str, due_ms: int) -> None:
         """Ask the background worker to visit the account at `due_ms` (or earlier)."""
         await self.redis.zadd(keyspace.watch_shard(account_id), {account_id: due_ms}, lt=True)
 
     async def due_accounts(self, shard: int, limit: int = 100) -> list[tuple[str, float]]:
         now = int(time.time() * 1000) + self.clock_offset_ms
-        rows = await self.redis.zrangebyscore(keyspace.watch_shard_n(shard), "-inf", now, 0, limit, withscores=True)
+        shard_key = keyspace.watch_shard_n(shard)
+        rows = cast(list[tuple[str, float]], await self.redis.zrangebyscore(shard_key, "-inf", now, 0, limit, True))
         return [(str(account), float(score)) for account, score in rows]
 
     async def reschedule(self, account_id: str, seen: float, next_ms: int) -> bool:
@@ -251,14 +272,12 @@ class Ledger:
             raise errors.NotFound(f"No account {account_id!r}.")
         if result[0] == "invalid":
             raise errors.InvalidRequest(str(result[1]))
-        await self.watch(account_id, 0)
         return result[0] == "created", orjson.loads(result[1])
 
     async def void(self, account_id: str, grant_id: str, reason: str) -> tuple[bool, dict[str, Any]]:
         result = await self._run("void", account_id, grant_id, reason)
         if result[0] == "not_found":
             raise errors.NotFound(f"No grant {grant_id!r} on account {account_id!r}.")
-        await self.watch(account_id, 0)
         return result[0] == "voided", orjson.loads(result[1])
 
     async def touch(self, account_id: str, key_id: str = "") -> AccountView:
@@ -288,8 +307,11 @@ class Ledger:
 
     async def reap(self, account_id: str) -> tuple[int, int, int]:
         """Release lapsed reservations: (released, next expiry ms or 0, outbox length)."""
-        released, next_exp, outbox = await self._run("reap", account_id)
+        released, next_exp, outbox, _ = await self._run("reap", account_id)
         return int(released), int(next_exp), int(outbox)
+
+    async def outbox_length(self, account_id: str) -> int:
+        return int(await self.redis.llen(keyspace.account(account_id, "outbox")))
 
 
 def _pairs(flat: list[str]) -> dict[str, str]:
@@ -348,5 +370,7 @@ async def read_entries(
     """Entries oldest first: (stream id, entry JSON). `after` is an exclusive cursor."""
     low = f"({after}" if after else (str(start_ms) if start_ms is not None else "-")
     high = str(end_ms) if end_ms is not None else "+"
-    rows = await redis.xrange(keyspace.account(account_id, "ledger"), low, high, count=limit)
+    rows = cast(
+        list[tuple[str, dict[str, str]]], await redis.xrange(keyspace.account(account_id, "ledger"), low, high, limit)
+    )
     return [(entry_id, fields["e"]) for entry_id, fields in rows]

@@ -25,7 +25,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 import tiktoken
-from tiktoken_ext import openai_public as _openai_public  # type: ignore[import-untyped]
+from tiktoken_ext import openai_public as _openai_public
 
 __all__ = [
     "DEFAULT_ENCODING",

@@ -9,6 +9,7 @@ reap script is atomic and idempotent, and moving a pointer is a compare-and-set.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Awaitable, Callable
 
 import structlog
@@ -26,24 +27,32 @@ class Worker:
         self.ledger = ledger
         self.deliver = deliver
         self.interval_s = interval_s
+        self.stopping = asyncio.Event()
 
     async def run(self) -> None:
-        while True:
+        """Tick until `stop()`. Stopping is an event, not a cancellation: a client library
+        that turns a cancellation into its own error would otherwise keep us looping."""
+        while not self.stopping.is_set():
             try:
                 await self.tick()
             except (errors.StoreUnavailable, RedisError) as exc:
                 log.warning("worker_store_unavailable", error=type(exc).__name__)
             except Exception:
                 log.exception("worker_tick_failed")
-            await asyncio.sleep(self.interval_s)  # a poll period, not a synchronisation
+            with contextlib.suppress(TimeoutError):  # the poll period, cut short by stop()
+                await asyncio.wait_for(self.stopping.wait(), self.interval_s)
+
+    def stop(self) -> None:
+        self.stopping.set()
 
     async def tick(self) -> int:
         """Visit every due account once; returns how many were visited."""
         visited = 0
         for shard in range(keyspace.WATCH_SHARDS):
-            for account_id, seen in await self.ledger.due_accounts(shard):
-                await self.visit(account_id, seen)
-                visited += 1
+            due = await self.ledger.due_accounts(shard)
+            # accounts in parallel: one slow webhook receiver must not hold up the rest
+            await asyncio.gather(*(self.visit(account_id, seen) for account_id, seen in due))
+            visited += len(due)
         return visited
 
     async def visit(self, account_id: str, seen: float) -> None:
@@ -54,4 +63,7 @@ class Worker:
         if outbox and self.deliver is not None:
             retry_at = await self.deliver(account_id)
         candidates = [t for t in (next_expiry, retry_at) if t]
-        await self.ledger.reschedule(account_id, seen, min(candidates) if candidates else 0)
+        next_visit = min(candidates) if candidates else 0
+        removed = await self.ledger.reschedule(account_id, seen, next_visit) and next_visit == 0
+        if removed and await self.ledger.outbox_length(account_id):
+            await self.ledger.watch(account_id, 0)  # an event landed after our look: come back

@@ -3,6 +3,7 @@ aiohttp server, the proxy on loopback ports, and the official openai SDK as clie
 
 from __future__ import annotations
 
+import asyncio
 import copy
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -126,9 +127,9 @@ class Running:
         return key
 
     async def fund(self, account_id: str, usd: str, kind: str = "paid", **spec: Any) -> dict[str, Any]:
-        from proxy.money import to_micro
-
         import secrets
+
+        from proxy.money import to_micro
 
         body = {"id": "grant_" + secrets.token_hex(6), "kind": kind, "amount": str(to_micro(usd)), "priority": 0,
                 "effective_at": 0, "expires_at": 0, "description": None, "idem": None, **spec}  # fmt: skip
@@ -153,7 +154,7 @@ async def start_proxy(redis: Redis, make_config: Callable[..., Config]) -> Async
 
     yield start
     for proxy in started:
-        await proxy.stop()
+        await asyncio.wait_for(proxy.stop(), 30)  # a hung shutdown fails the test, not CI
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ from proxy import logs
 from proxy.config import load_config
 from proxy.demo_upstream import DemoUpstream
 
-from .conftest import ADMIN_TOKEN, UPSTREAM_KEY, BASE_CONFIG, deep_merge
+from .conftest import ADMIN_TOKEN, BASE_CONFIG, UPSTREAM_KEY, deep_merge
 
 
 def reloads(outcome: str) -> float:

@@ -35,6 +35,16 @@ async def wait_healthy(url: str, process: subprocess.Popen[bytes], timeout_s: fl
             await asyncio.sleep(0.1)  # polling a child process's readiness
 
 
+def spawn_proxy(config_file: Path, log: Path) -> subprocess.Popen[bytes]:
+    with log.open("wb") as out:  # the child keeps its own copy of the descriptor
+        return subprocess.Popen(
+            [sys.executable, "-m", "proxy", "--config", str(config_file), "serve"],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+
+
 async def test_sigkilled_proxy_reservation_is_released(
     start_proxy: Any, upstream: DemoUpstream, redis_server: Any, tmp_path: Path
 ) -> None:
@@ -50,8 +60,7 @@ async def test_sigkilled_proxy_reservation_is_released(
     config_file.write_text(yaml.safe_dump(data))
     survivor = await start_proxy(deep_merge(data, {"server": {"port": 0, "admin_port": 0}}))  # shares Redis
     key = await survivor.account("acme", "10")
-    child = subprocess.Popen([sys.executable, "-m", "proxy", "--config", str(config_file), "serve"],
-                             stdout=open(tmp_path / "child.log", "wb"), stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})  # fmt: skip
+    child = spawn_proxy(config_file, tmp_path / "child.log")  # fmt: skip
     try:
         await wait_healthy(f"http://127.0.0.1:{port}", child)
         upstream.fault.output_tokens, upstream.fault.chunk_delay_s = 500, 0.05

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 
 import aiohttp
@@ -147,7 +148,7 @@ async def test_slow_stream_is_not_buffered(proxy: Running, upstream: DemoUpstrea
     upstream.fault.output_tokens, upstream.fault.chunk_delay_s = 4, 0.25
     stream = await proxy.client(key).chat.completions.create(model="gpt-4o", messages=MESSAGES, stream=True)
     arrivals = [time.monotonic() async for _ in stream]
-    gaps = [b - a for a, b in zip(arrivals, arrivals[1:], strict=False)]
+    gaps = [b - a for a, b in itertools.pairwise(arrivals)]
     # each event reaches the client as the upstream sends it, ~0.25 s apart
     assert len(gaps) >= 4 and min(gaps[:4]) > 0.15
 

@@ -4,8 +4,8 @@
 -- Returns {'ok', flat account hash} or {'exists'} / {'no_account'}.
 local op, fields = ARGV[3], cjson.decode(ARGV[4])
 local exists = redis.call('EXISTS', K.acct) == 1
-if op == 'create' and exists then return {'exists'} end
-if op == 'update' and not exists then return {'no_account'} end
+if op == 'create' and exists then return reply({'exists'}) end
+if op == 'update' and not exists then return reply({'no_account'}) end
 local now = now_ms()
 if op == 'create' then
   redis.call('HSET', K.acct, 'created_ms', fmt(now), 'status', 'active', 'balance', '0',
@@ -17,4 +17,4 @@ for field, value in pairs(fields) do
 end
 refresh(now)
 derive_tier(now)
-return {'ok', redis.call('HGETALL', K.acct)}
+return reply({'ok', redis.call('HGETALL', K.acct)})

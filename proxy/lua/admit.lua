@@ -15,9 +15,9 @@ local req_id, key_id, model = ARGV[3], ARGV[4], ARGV[5]
 local prompt_cost, output_cost, out_pico = tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8])
 local prompt_tokens, max_out, n = tonumber(ARGV[9]), tonumber(ARGV[10]), tonumber(ARGV[11])
 
-if redis.call('EXISTS', K.acct) == 0 then return {'no_account'} end
-if redis.call('HGET', K.keys, key_id) ~= 'active' then return {'revoked'} end
-if redis.call('HGET', K.acct, 'status') == 'suspended' then return {'suspended'} end
+if redis.call('EXISTS', K.acct) == 0 then return reply({'no_account'}) end
+if redis.call('HGET', K.keys, key_id) ~= 'active' then return reply({'revoked'}) end
+if redis.call('HGET', K.acct, 'status') == 'suspended' then return reply({'suspended'}) end
 
 local now = now_ms()
 local now_s = math.floor(now / 1000)
@@ -71,7 +71,7 @@ end
 local function reject(code, limit, used_now, requested, kind_buckets)
   local out = {code, tier, limit, used_now, requested, retry_ms(kind_buckets, used_now, limit, requested)}
   for _, v in ipairs(figures(0, 0)) do out[#out + 1] = v end
-  return out
+  return reply(out)
 end
 
 if used.r + 1 > rpm then return reject('rate_requests', rpm, used.r, 1, buckets.r) end
@@ -112,7 +112,7 @@ if reserve > avail then
   else
     local out = {'insufficient', avail, reserve, tier}
     for _, v in ipairs(figures(0, 0)) do out[#out + 1] = v end
-    return out
+    return reply(out)
   end
 end
 
@@ -132,4 +132,4 @@ local out = {'ok', reserve, acct_num('balance'), avail - reserve, tier}
 for _, v in ipairs(figures(tokens, 1)) do out[#out + 1] = v end
 out[#out + 1] = clamp
 out[#out + 1] = downgrade
-return out
+return reply(out)

@@ -9,18 +9,18 @@ local spec = cjson.decode(ARGV[3])
 spec.priority = spec.priority or 0
 spec.effective_at = spec.effective_at or 0
 spec.expires_at = spec.expires_at or 0
-if redis.call('EXISTS', K.acct) == 0 then return {'no_account'} end
+if redis.call('EXISTS', K.acct) == 0 then return reply({'no_account'}) end
 if spec.idem then
   local existing = redis.call('HGET', K.idem, spec.idem)
-  if existing then return {'exists', redis.call('HGET', K.grants, existing)} end
+  if existing then return reply({'exists', redis.call('HGET', K.grants, existing)}) end
 end
-if redis.call('HEXISTS', K.grants, spec.id) == 1 then return {'invalid', 'grant id exists'} end
+if redis.call('HEXISTS', K.grants, spec.id) == 1 then return reply({'invalid', 'grant id exists'}) end
 local now = now_ms()
 refresh(now)
 local effective = math.max(spec.effective_at, now)
 if spec.effective_at == 0 then effective = now end
 if spec.expires_at > 0 and spec.expires_at <= effective then
-  return {'invalid', 'expires_at must be later than effective_at and now'}
+  return reply({'invalid', 'expires_at must be later than effective_at and now'})
 end
 local g = grant_record(spec.id, spec.kind, tonumber(spec.amount), spec.priority, effective,
                        spec.expires_at, now, spec.description, spec.idem)
@@ -30,4 +30,4 @@ redis.call('SADD', K.live, g.id)
 if effective <= now then activate(g, now, 'grant') else put_grant(g) end
 recompute_next_change(now)
 balance_events(now)
-return {'created', redis.call('HGET', K.grants, g.id)}
+return reply({'created', redis.call('HGET', K.grants, g.id)})

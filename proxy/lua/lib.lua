@@ -54,12 +54,22 @@ local function ledger_add(entry, now)
   return id, balance
 end
 
+local ACCOUNT_ID = string.match(K.acct, '{(.-)}')  -- the hash tag is the account id
+local EMITTED = 0  -- events raised by this call: the caller then asks for a delivery visit
+
 local function emit(kind, data, now)
   if CTX.wh ~= 1 then return end
   local seq = redis.call('HINCRBY', K.acct, 'event_seq', 1)
-  data.account_id = redis.call('HGET', K.acct, 'id')
-  local id = 'evt_' .. data.account_id .. '_' .. fmt(seq)
+  data.account_id = ACCOUNT_ID
+  local id = 'evt_' .. ACCOUNT_ID .. '_' .. fmt(seq)
   redis.call('RPUSH', K.outbox, cjson.encode({id = id, type = kind, ts = now, data = data, tries = 0}))
+  EMITTED = EMITTED + 1
+end
+
+-- Every reply ends with the number of events raised, so the caller can wake the worker.
+local function reply(t)
+  t[#t + 1] = EMITTED
+  return t
 end
 
 -- Calendar periods in UTC, computed from Redis time (no os.date in Redis Lua).
@@ -261,7 +271,7 @@ local function balance_events(now)
     if balance < t and not fired then
       redis.call('HSET', K.acct, flag, '1')
       emit('credit_balance.low', {threshold_usd = fmt(t), balance_usd = fmt(balance)}, now)
-    elseif balance >= t and fired then
+    elseif balance > t and fired then  -- re-armed once the balance rises above it
       redis.call('HDEL', K.acct, flag)
     end
   end
@@ -276,10 +286,13 @@ local function balance_events(now)
   if topup and topup ~= '' then
     local cfg = cjson.decode(topup)
     local last = acct_num('topup_last_ms')
-    if balance < tonumber(cfg.threshold) and not redis.call('HGET', K.acct, 'topup_pending')
-       and (last == 0 or now - last >= (CTX.cd or 0)) then
+    -- an outstanding request blocks new ones until its grant arrives, or for an hour at
+    -- least (a declined charge or a dead letter must not stop top-ups for good)
+    local outstanding = redis.call('HGET', K.acct, 'topup_pending')
+      and now - last < math.max(CTX.cd or 0, 3600000)
+    if balance < tonumber(cfg.threshold) and not outstanding and (last == 0 or now - last >= (CTX.cd or 0)) then
       local n = redis.call('HINCRBY', K.acct, 'topup_seq', 1)
-      local key = 'topup_' .. redis.call('HGET', K.acct, 'id') .. '_' .. fmt(n)
+      local key = 'topup_' .. ACCOUNT_ID .. '_' .. fmt(n)
       redis.call('HSET', K.acct, 'topup_pending', key, 'topup_last_ms', fmt(now))
       emit('auto_topup.requested', {amount_usd = cfg.amount, idempotency_key = key,
                                     balance_usd = fmt(balance)}, now)

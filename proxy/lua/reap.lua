@@ -24,4 +24,4 @@ if released > 0 then
   recheck_held(now)
   refresh(now)
 end
-return {released, next_exp, redis.call('LLEN', K.outbox)}
+return reply({released, next_exp, redis.call('LLEN', K.outbox)})

@@ -17,7 +17,7 @@ if raw then
 else
   -- released by the reaper (proxy was presumed dead): still charge, exactly once
   raw = redis.call('HGET', K.reaped, req_id)
-  if not raw then return {'duplicate'} end
+  if not raw then return reply({'duplicate'}) end
   redis.call('HDEL', K.reaped, req_id)
   released = true
 end
@@ -96,4 +96,4 @@ if plan and plan.i and plan.i > 0 then
   if steps ~= invoiced then redis.call('HSET', K.acct, 'invoiced_steps', steps) end
 end
 balance_events(now)
-return {'ok', cost, balance, id}
+return reply({'ok', cost, balance, id})

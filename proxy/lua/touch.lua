@@ -2,8 +2,8 @@
 -- lapsed ones expired, plan allocation granted) and the tier derived.
 -- KEYS: see lib.lua.  ARGV: ctx, clock offset, 3 key id to check ('' = admin read).
 -- Returns {'ok', flat account hash, {grant JSON...}, rpm, tpm, overage room} or {'no_account'} / {'revoked'}.
-if redis.call('EXISTS', K.acct) == 0 then return {'no_account'} end
-if ARGV[3] ~= '' and redis.call('HGET', K.keys, ARGV[3]) ~= 'active' then return {'revoked'} end
+if redis.call('EXISTS', K.acct) == 0 then return reply({'no_account'}) end
+if ARGV[3] ~= '' and redis.call('HGET', K.keys, ARGV[3]) ~= 'active' then return reply({'revoked'}) end
 local now = now_ms()
 refresh(now)
 local _, rpm, tpm = derive_tier(now)
@@ -12,4 +12,4 @@ for _, gid in ipairs(redis.call('SMEMBERS', K.live)) do
   grants[#grants + 1] = redis.call('HGET', K.grants, gid)
 end
 balance_events(now)
-return {'ok', redis.call('HGETALL', K.acct), grants, rpm, tpm, overage_room()}
+return reply({'ok', redis.call('HGETALL', K.acct), grants, rpm, tpm, overage_room()})

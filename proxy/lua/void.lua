@@ -2,12 +2,12 @@
 -- KEYS: see lib.lua.  ARGV (after ctx, clock offset): 3 grant id, 4 reason.
 -- Returns {'voided'|'noop', grant JSON} or {'not_found'}.
 local gid, reason = ARGV[3], ARGV[4]
-if not redis.call('HGET', K.grants, gid) then return {'not_found'} end
+if not redis.call('HGET', K.grants, gid) then return reply({'not_found'}) end
 local now = now_ms()
 refresh(now)
 local g = get_grant(gid)
 if g.status == 'voided' or g.status == 'expired' or g.status == 'depleted' then
-  return {'noop', cjson.encode(g)}
+  return reply({'noop', cjson.encode(g)})
 end
 local remaining = tonumber(g.remaining)
 local was = g.status
@@ -26,4 +26,4 @@ if g.kind == 'paid' and was ~= 'pending' then
 end
 recompute_next_change(now)
 balance_events(now)
-return {'voided', cjson.encode(g)}
+return reply({'voided', cjson.encode(g)})

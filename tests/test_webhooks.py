@@ -1,0 +1,485 @@
+"""Webhooks end to end: Lua events -> Redis outbox -> worker -> a real aiohttp receiver
+that checks every signature with `verify`. The background worker is paused; tests
+drive a Worker of their own with `tick()`, and retries are made due at once by an
+injected zero backoff (or by moving `ledger.clock_offset_ms`)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import os
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+import pytest
+from aiohttp import web
+from prometheus_client import REGISTRY
+from redis.asyncio import Redis
+
+from proxy import keyspace
+from proxy.app import connect
+from proxy.demo_upstream import DemoUpstream
+from proxy.embedded import EmbeddedRedis
+from proxy.ledger import Ledger
+from proxy.money import to_micro
+from proxy.webhooks import Webhooks, add_cli, body_of, full_jitter, list_dead, replay_dead, sign, verify
+from proxy.worker import Worker
+
+from .conftest import Running
+
+StartProxy = Callable[..., Awaitable[Running]]
+
+
+@dataclass
+class Attempt:
+    headers: dict[str, str]
+    body: dict[str, Any]
+    status: int
+
+
+@dataclass
+class Receiver:
+    """The operator's endpoint: verifies signatures, records attempts, fails on demand."""
+
+    secret: str = field(default_factory=lambda: "whsec_" + base64.b64encode(os.urandom(24)).decode())
+    attempts: list[Attempt] = field(default_factory=list)
+    fail_next: int = 0  # answer 500 to this many more (valid) deliveries
+    on_event: Callable[[dict[str, Any]], Awaitable[int | None]] | None = None  # may override the status
+    bad_signatures: int = 0
+    port: int = 0
+    _runner: web.AppRunner | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/hooks"
+
+    async def start(self) -> None:
+        app = web.Application()
+        app.router.add_post("/hooks", self._handle)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
+        self.port = self._runner.addresses[0][1]
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    async def _handle(self, request: web.Request) -> web.Response:
+        raw = await request.read()
+        if not verify(self.secret, request.headers, raw):
+            self.bad_signatures += 1
+            return web.Response(status=401)
+        body = orjson.loads(raw)
+        status = 204
+        if self.on_event is not None:
+            status = await self.on_event(body) or status
+        if self.fail_next > 0:
+            self.fail_next -= 1
+            status = 500
+        self.attempts.append(Attempt(dict(request.headers), body, status))
+        return web.Response(status=status)
+
+    def delivered(self, event_type: str | None = None) -> list[dict[str, Any]]:
+        return [a.body for a in self.attempts if a.status == 204 and event_type in (None, a.body["type"])]
+
+
+@pytest.fixture
+async def receiver() -> AsyncIterator[Receiver]:
+    server = Receiver()
+    await server.start()
+    yield server
+    await server.stop()
+
+
+def hook_config(receiver: Receiver, **overrides: Any) -> dict[str, Any]:
+    hooks = {"url": receiver.url, "secret": receiver.secret, "low_balance_thresholds_usd": ["5", "1"],
+             "max_attempts": 3, "auto_topup_cooldown_s": 0, **overrides}  # fmt: skip
+    return {"webhooks": hooks}
+
+
+async def pause_background_worker(running: Running) -> None:
+    assert running.proxy.worker is not None
+    running.proxy.worker.stop()
+    tasks = [t for t in running.proxy.tasks if t.get_name() == "worker"]
+    done, _ = await asyncio.wait(tasks, timeout=5)
+    assert done == set(tasks), "the background worker did not stop"
+
+
+async def start_hooked(start_proxy: StartProxy, receiver: Receiver, **overrides: Any) -> Running:
+    running = await start_proxy(hook_config(receiver, **overrides))
+    await pause_background_worker(running)
+    return running
+
+
+@pytest.fixture
+async def make_worker() -> AsyncIterator[Callable[..., Worker]]:
+    made: list[Webhooks] = []
+
+    def make(running: Running, backoff: Callable[[int], int] = lambda tries: 0) -> Worker:
+        hooks = Webhooks(running.state, backoff=backoff)
+        made.append(hooks)
+        return Worker(running.state.ledger, hooks.deliver)
+
+    yield make
+    for hooks in made:
+        await hooks.close()
+
+
+async def outbox(running: Running, account_id: str = "acme") -> list[dict[str, Any]]:
+    return [orjson.loads(raw) for raw in await running.state.redis.lrange(keyspace.outbox(account_id), 0, -1)]
+
+
+async def drain(worker: Worker, running: Running, account_id: str = "acme", max_ticks: int = 10) -> None:
+    """Tick until the account's outbox is empty (each tick awaits its deliveries)."""
+    for _ in range(max_ticks):
+        await worker.tick()
+        if not await running.state.redis.llen(keyspace.outbox(account_id)):
+            return
+    raise AssertionError(f"outbox not drained in {max_ticks} ticks: {await outbox(running, account_id)}")
+
+
+async def spend(running: Running, upstream: DemoUpstream, key: str, prompt_tokens: int) -> None:
+    """One gpt-4o request costing prompt_tokens * 2.5 + 10 micro-USD (1 output token)."""
+    upstream.fault.prompt_tokens = prompt_tokens
+    await running.client(key).chat.completions.create(
+        model="gpt-4o", messages=[{"role": "user", "content": "hi"}], max_tokens=1
+    )
+
+
+def deliveries(event: str, outcome: str) -> float:
+    labels = {"event": event, "outcome": outcome}
+    return REGISTRY.get_sample_value("metering_proxy_webhook_deliveries_total", labels) or 0.0
+
+
+# -- signing and bodies (no network) ----------------------------------------------------
+
+
+def test_sign_matches_the_standard_webhooks_vector() -> None:
+    # the published test vector of the Standard Webhooks reference libraries
+    secret, msg_id, stamp = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw", "msg_p5jXN8AQM9LWM0D4loKWxJek", 1614265330
+    body = '{"test": 2432232314}'
+    signature = sign(secret, msg_id, stamp, body)
+    assert signature == "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE="
+    headers = {"Webhook-Id": msg_id, "Webhook-Timestamp": str(stamp), "Webhook-Signature": signature}
+    assert verify(secret, headers, body, tolerance_s=10**10)
+    assert not verify(secret, headers, body)  # five years old: outside the default 300 s
+
+
+def test_verify_rejects_what_it_should() -> None:
+    secret = "whsec_" + base64.b64encode(os.urandom(24)).decode()
+    now, body = int(time.time()), b'{"type":"x"}'
+    good = {"webhook-id": "evt_1", "webhook-timestamp": str(now), "webhook-signature": sign(secret, "evt_1", now, body)}
+    assert verify(secret, good, body)
+    assert verify(secret, {**good, "webhook-signature": "v1,bogus " + good["webhook-signature"]}, body)
+    assert not verify(secret, good, body + b" ")
+    assert not verify(secret, {**good, "webhook-id": "evt_2"}, body)
+    assert not verify("whsec_" + base64.b64encode(os.urandom(24)).decode(), good, body)
+    assert not verify(secret, {**good, "webhook-signature": "v2," + good["webhook-signature"][3:]}, body)
+    assert not verify(secret, {**good, "webhook-timestamp": "soon"}, body)
+    assert not verify(secret, {k: v for k, v in good.items() if k != "webhook-id"}, body)
+    stale = now - 301
+    assert not verify(secret, {**good, "webhook-timestamp": str(stale),
+                               "webhook-signature": sign(secret, "evt_1", stale, body)}, body)  # fmt: skip
+
+
+def test_body_prints_usd_fields_as_decimal_strings() -> None:
+    data = {"account_id": "a", "overage_usd": "5000000", "invoice_every_usd": "-1500000", "kind": "paid"}
+    event = {"id": "evt_a_1", "type": "overage.invoice_threshold", "ts": 1700000000000, "tries": 0, "data": data}
+    assert orjson.loads(body_of(event)) == {
+        "type": "overage.invoice_threshold",
+        "timestamp": "2023-11-14T22:13:20.000Z",
+        "data": {"account_id": "a", "overage_usd": "5.000000", "invoice_every_usd": "-1.500000", "kind": "paid"},
+    }
+
+
+def test_full_jitter_stays_within_its_exponential_ceiling() -> None:
+    for tries in range(1, 40):
+        ceiling = min(3_600_000, 1000 * 2 ** (tries - 1))
+        assert all(0 <= full_jitter(tries) <= ceiling for _ in range(50))
+
+
+# -- delivery ---------------------------------------------------------------------------
+
+
+async def test_credits_granted_is_delivered_signed(
+    start_proxy: StartProxy, receiver: Receiver, make_worker: Callable[..., Worker]
+) -> None:
+    running = await start_hooked(start_proxy, receiver)
+    worker = make_worker(running)
+    before = deliveries("credits.granted", "success")
+    await running.account("acme", "10")
+    [event] = await outbox(running)
+    await drain(worker, running)
+    assert receiver.bad_signatures == 0
+    [attempt] = receiver.attempts
+    assert attempt.headers["Content-Type"] == "application/json"
+    assert attempt.headers["webhook-id"] == event["id"]
+    assert abs(int(attempt.headers["webhook-timestamp"]) - time.time()) < 60
+    assert attempt.body["type"] == "credits.granted"
+    assert attempt.body["timestamp"].endswith("Z")
+    data = attempt.body["data"]
+    assert data["account_id"] == "acme" and data["amount_usd"] == "10.000000" and data["kind"] == "paid"
+    assert data["grant_id"].startswith("grant_")
+    assert deliveries("credits.granted", "success") == before + 1
+    # nothing left: the watch pointer is gone and so is the lease
+    assert await running.state.redis.zscore(keyspace.watch_shard("acme"), "acme") is None
+    assert not await running.state.redis.exists(keyspace.delivery_lease("acme"))
+
+
+async def test_low_balance_fires_once_per_threshold_and_rearms(
+    start_proxy: StartProxy, receiver: Receiver, make_worker: Callable[..., Worker], upstream: DemoUpstream
+) -> None:
+    running = await start_hooked(start_proxy, receiver)
+    worker = make_worker(running)
+    key = await running.account("acme", "10")
+    await drain(worker, running)
+
+    await spend(running, upstream, key, 2_200_000)  # 10 -> 4.499990: crosses 5
+    assert [e["type"] for e in await outbox(running)] == ["credit_balance.low"]
+    await drain(worker, running)
+    await spend(running, upstream, key, 200_000)  # -> 3.999980: crosses nothing
+    assert await outbox(running) == []
+    await spend(running, upstream, key, 1_200_000)  # -> 0.999970: crosses 1
+    await drain(worker, running)
+    await running.fund("acme", "10")  # -> 10.999970: above both, re-armed
+    await drain(worker, running)
+    await spend(running, upstream, key, 2_400_000)  # -> 4.999960: crosses 5 again
+    await drain(worker, running)
+
+    got = [(b["type"], b["data"].get("threshold_usd"), b["data"].get("balance_usd")) for b in receiver.delivered()]
+    assert got == [
+        ("credits.granted", None, None),
+        ("credit_balance.low", "5.000000", "4.499990"),
+        ("credit_balance.low", "1.000000", "0.999970"),
+        ("credits.granted", None, None),
+        ("credit_balance.low", "5.000000", "4.999960"),
+    ]
+    assert all(b["data"]["account_id"] == "acme" for b in receiver.delivered())
+    assert len({a.headers["webhook-id"] for a in receiver.attempts}) == 5
+
+
+async def test_no_event_for_a_change_that_crosses_nothing(
+    start_proxy: StartProxy, receiver: Receiver, make_worker: Callable[..., Worker], upstream: DemoUpstream
+) -> None:
+    running = await start_hooked(start_proxy, receiver)
+    worker = make_worker(running)
+    key = await running.account("acme", "10")
+    await drain(worker, running)
+    await spend(running, upstream, key, 400_000)  # 10 -> 8.999990
+    await running.balance("acme")  # a balance read also runs the event checks
+    assert await outbox(running) == []
+    await worker.tick()
+    assert [b["type"] for b in receiver.delivered()] == ["credits.granted"]
+
+
+async def test_auto_topup_is_granted_exactly_once_despite_redelivery(
+    start_proxy: StartProxy, receiver: Receiver, make_worker: Callable[..., Worker], upstream: DemoUpstream
+) -> None:
+    running = await start_hooked(start_proxy, receiver)
+    worker = make_worker(running)
+    ledger = running.state.ledger
+    key = await running.account("acme", "10")
+    await drain(worker, running)
+    await ledger.save_account("acme", {"auto_topup": '{"threshold": "5000000", "amount": "10000000"}'}, create=False)
+    requests_seen = 0
+
+    async def billing(body: dict[str, Any]) -> int | None:
+        """The operator's billing: charge, grant with the event's key, answer 500 the first time."""
+        nonlocal requests_seen
+        if body["type"] != "auto_topup.requested":
+            return None
+        idem = body["data"]["idempotency_key"]
+        amount = str(to_micro(body["data"]["amount_usd"]))
+        spec = {"id": f"grant_{idem}", "kind": "paid", "amount": amount, "idem": idem, "description": "top-up"}
+        await ledger.grant("acme", spec)
+        requests_seen += 1
+        return 500 if requests_seen == 1 else None
+
+    receiver.on_event = billing
+    await spend(running, upstream, key, 2_200_000)  # 10 -> 4.499990: below the 5 USD threshold
+    assert [e["type"] for e in await outbox(running)] == ["credit_balance.low", "auto_topup.requested"]
+    await drain(worker, running)
+
+    requested = [a for a in receiver.attempts if a.body["type"] == "auto_topup.requested"]
+    assert [a.status for a in requested] == [500, 204]
+    assert requested[0].headers["webhook-id"] == requested[1].headers["webhook-id"]  # the same event, twice
+    assert requested[0].body == requested[1].body
+    assert requested[0].body["data"]["amount_usd"] == "10.000000"
+    assert requested[0].body["data"]["idempotency_key"] == "topup_acme_1"
+    granted = receiver.delivered("credits.granted")
+    assert len(granted) == 2 and granted[1]["data"]["amount_usd"] == "10.000000"  # the account's, the top-up's
+    view = await running.balance("acme")
+    assert view.balance == 14_499_990  # recovered exactly once
+    assert "topup_pending" not in view.fields
+    assert await outbox(running) == []
+
+
+async def test_delivery_survives_a_proxy_restart(
+    start_proxy: StartProxy, receiver: Receiver, make_worker: Callable[..., Worker]
+) -> None:
+    await receiver.stop()  # the operator's endpoint is down
+    first = await start_hooked(start_proxy, receiver)
+    await first.account("acme", "10")
+    await make_worker(first).tick()
+    [pending] = await outbox(first)
+    assert pending["tries"] == 1 and pending["error"] == "ClientConnectorError"
+    await first.proxy.stop()
+
+    await receiver.start()  # back, on the same port
+    second = await start_proxy(hook_config(receiver))  # its own background worker delivers
+    deadline = time.monotonic() + 10
+    while (await outbox(second) or not receiver.attempts) and time.monotonic() < deadline:  # noqa: ASYNC110
+        await asyncio.sleep(0.05)  # bounded polling of Redis state; the worker ticks every second
+    assert await outbox(second) == []
+    [attempt] = receiver.attempts
+    assert attempt.status == 204 and attempt.headers["webhook-id"] == pending["id"]
+    assert attempt.body["type"] == "credits.granted"
+
+
+async def test_dead_letter_after_max_attempts_then_replay(
+    start_proxy: StartProxy,
+    receiver: Receiver,
+    make_worker: Callable[..., Worker],
+    redis_server: EmbeddedRedis,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    running = await start_hooked(start_proxy, receiver)
+    worker = make_worker(running)
+    outcomes = ("success", "failure", "dead")
+    counts = [deliveries("credits.granted", o) for o in outcomes]
+    receiver.fail_next = 3
+    await running.account("acme", "10")
+    await drain(worker, running, max_ticks=3)  # attempts 1 and 2 retry at once, the 3rd buries it
+    assert [a.status for a in receiver.attempts] == [500, 500, 500]
+    assert await running.state.redis.lrange(keyspace.dead_letters("acme"), 0, -1)
+    assert await running.state.redis.smembers(keyspace.DEAD_LETTERS) == {"acme"}
+    assert await running.state.redis.zscore(keyspace.watch_shard("acme"), "acme") is None
+    assert [deliveries("credits.granted", o) - c for o, c in zip(outcomes, counts, strict=True)] == [0, 2, 1]
+
+    [dead] = await list_dead(running.state.redis)
+    assert dead["account_id"] == "acme" and dead["type"] == "credits.granted"
+    assert dead["tries"] == 3 and dead["error"] == "HTTP 500"
+    assert dead["data"]["amount_usd"] == "10.000000" and dead["dead_at"].endswith("Z")
+
+    # the same through the command line, as `metering-proxy webhooks dead list|replay`
+    async def open_store(args: argparse.Namespace) -> tuple[Redis, Ledger]:
+        client = connect(redis_server.url)
+        return client, Ledger(client, running.state.config)
+
+    parser = argparse.ArgumentParser(prog="metering-proxy")
+    add_cli(parser.add_subparsers(dest="command", required=True), open_store)
+    args = parser.parse_args(["webhooks", "dead", "list"])
+    capsys.readouterr()  # drop the log lines so far
+    assert await asyncio.to_thread(args.func, args) == 0
+    [line] = capsys.readouterr().out.splitlines()
+    assert orjson.loads(line) == dead
+
+    args = parser.parse_args(["webhooks", "dead", "replay", "acme"])
+    assert await asyncio.to_thread(args.func, args) == 0
+    assert capsys.readouterr().out == "replayed 1 event\n"
+    [queued] = await outbox(running)
+    assert queued["id"] == receiver.attempts[0].headers["webhook-id"]
+    assert queued["tries"] == 0 and "next_at" not in queued and "error" not in queued
+    assert await running.state.redis.smembers(keyspace.DEAD_LETTERS) == set()
+    assert await list_dead(running.state.redis) == []
+    assert await running.state.redis.zscore(keyspace.watch_shard("acme"), "acme") == 0
+
+    await drain(worker, running, max_ticks=1)
+    assert [a.status for a in receiver.attempts] == [500, 500, 500, 204]
+    assert await replay_dead(running.state.ledger) == 0
+
+
+async def test_a_held_lease_keeps_other_instances_out(
+    start_proxy: StartProxy, receiver: Receiver, make_worker: Callable[..., Worker]
+) -> None:
+    running = await start_hooked(start_proxy, receiver)
+    await running.account("acme", "10")
+    redis = running.state.redis
+    await redis.set(keyspace.delivery_lease("acme"), "someone-else", px=30_000)
+    one, other = Webhooks(running.state), Webhooks(running.state)
+    try:
+        retry_at = await one.deliver("acme")
+        assert retry_at > time.time() * 1000  # look again later
+        assert receiver.attempts == [] and len(await outbox(running)) == 1
+        assert await redis.get(keyspace.delivery_lease("acme")) == "someone-else"  # not ours to release
+        await redis.delete(keyspace.delivery_lease("acme"))
+        results = await asyncio.gather(one.deliver("acme"), other.deliver("acme"))
+    finally:
+        await one.close()
+        await other.close()
+    assert len(receiver.attempts) == 1  # delivered by exactly one of them
+    assert 0 in results and await outbox(running) == []
+
+
+async def test_backoff_defers_the_retry_and_keeps_order(
+    start_proxy: StartProxy, receiver: Receiver, upstream: DemoUpstream
+) -> None:
+    running = await start_hooked(start_proxy, receiver)
+    hooks = Webhooks(running.state)  # the real backoff: full jitter from 1 s
+    try:
+        await running.account("acme", "10")
+        await running.fund("acme", "1")
+        receiver.fail_next = 1
+        started = int(time.time() * 1000)
+        retry_at = await hooks.deliver("acme")
+        head, second = await outbox(running)
+        assert head["next_at"] == retry_at and started <= retry_at <= int(time.time() * 1000) + 1_000
+        assert head["tries"] == 1 and second["tries"] == 0  # the second waits behind the first
+        running.state.ledger.clock_offset_ms = -60_000  # not due yet: nothing is posted
+        assert await hooks.deliver("acme") == retry_at and len(receiver.attempts) == 1
+        running.state.ledger.clock_offset_ms = 2_000  # due
+        assert await hooks.deliver("acme") == 0
+    finally:
+        running.state.ledger.clock_offset_ms = 0
+        await hooks.close()
+    amounts = [a.body["data"]["amount_usd"] for a in receiver.attempts]
+    assert amounts == ["10.000000", "10.000000", "1.000000"]
+
+
+async def test_disabled_webhooks_touch_nothing(start_proxy: StartProxy) -> None:
+    running = await start_proxy()
+    await running.account("acme", "10")
+    redis = running.state.redis
+    assert await redis.llen(keyspace.outbox("acme")) == 0  # scripts raise no events
+    await redis.rpush(keyspace.outbox("acme"), '{"id": "evt_x", "type": "t", "ts": 1, "data": {}, "tries": 0}')
+    hooks = Webhooks(running.state)
+    assert await hooks.deliver("acme") == 0
+    await hooks.close()
+    assert await redis.llen(keyspace.outbox("acme")) == 1
+    assert not await redis.exists(keyspace.delivery_lease("acme"))
+
+
+async def test_a_malformed_event_is_buried_not_retried_forever(
+    start_proxy: StartProxy, receiver: Receiver, make_worker: Callable[..., Worker]
+) -> None:
+    running = await start_hooked(start_proxy, receiver)
+    await running.account("acme", "10")
+    redis = running.state.redis
+    await redis.lpush(keyspace.outbox("acme"), "not json")
+    await drain(make_worker(running), running, max_ticks=1)
+    assert [a.body["type"] for a in receiver.attempts] == ["credits.granted"]
+    [dead] = await list_dead(redis)
+    assert dead["raw"] == "not json" and dead["error"] == "malformed event"
+    assert await replay_dead(running.state.ledger) == 0  # nothing to resend; it stays listed
+    assert len(await list_dead(redis)) == 1
+
+
+# -- settlement's events are delivered at once, not at the reservation's TTL -----------
+
+
+async def test_settle_events_ask_for_a_visit(
+    start_proxy: StartProxy, receiver: Receiver, make_worker: Callable[..., Worker], upstream: DemoUpstream
+) -> None:
+    running = await start_hooked(start_proxy, receiver)
+    worker = make_worker(running)
+    key = await running.account("acme", "10")
+    await drain(worker, running)
+    await spend(running, upstream, key, 2_200_000, )  # crosses 5 USD
+    assert [e["type"] for e in await outbox(running)] == ["credit_balance.low"]
+    await drain(worker, running, max_ticks=2)  # the watch pointer sits at the reservation TTL (15 min)
