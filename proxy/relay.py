@@ -12,6 +12,7 @@ as its own task).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import secrets
 import time
 from collections.abc import Awaitable, Callable
@@ -28,7 +29,7 @@ from .intake import ClientRequest
 from .ledger import Admission, Settlement
 from .money import Usage, usd
 from .pricing import Route
-from .sse import SSEParser, data_event
+from .sse import Event, SSEParser, data_event
 from .state import STATE, State
 from .upstream import passthrough_headers
 from .usage import StreamTap, usage_from_body
@@ -37,6 +38,16 @@ log = structlog.get_logger("proxy.access")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 SETTLE_ATTEMPTS = 8  # ~25 s of retries if Redis blips; after that the reaper releases it
 CLIENT_GONE = (ConnectionResetError, aiohttp.ClientConnectionResetError)
+STREAM_INTERRUPTED = orjson.dumps(
+    {
+        "error": {
+            "message": "The upstream stream ended unexpectedly.",
+            "type": "upstream_error",
+            "param": None,
+            "code": "stream_interrupted",
+        }
+    }
+)
 UPSTREAM_BROKEN = (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, asyncio.TimeoutError)
 
 
@@ -268,6 +279,7 @@ async def relay_stream(
     await response.prepare(request)
     parser = SSEParser()
     tap = StreamTap(meter.client.endpoint, meter.client.wants_usage)
+    held = b""  # the final event: sent once the request is settled (read-your-writes)
     first = True
     broken = gone = False
     try:
@@ -275,9 +287,12 @@ async def relay_stream(
             if first:
                 metrics.TTFT_SECONDS.labels(meter.client.model).observe(time.perf_counter() - started)
                 first = False
-            out = b"".join(event.raw for event in parser.feed(chunk) if tap.forward(event))
+            out, final = forwardable(parser.feed(chunk), tap)
+            held += final
             if out and not await write(response, out):
                 gone = True
+                break
+            if tap.finished:
                 break
     except UPSTREAM_BROKEN:
         broken = True
@@ -285,31 +300,32 @@ async def relay_stream(
         if gone or broken:
             upstream.close()  # stop the upstream generating what nobody will pay for
         metrics.UPSTREAM_SECONDS.labels(meter.client.model).observe(time.perf_counter() - started)
-    if not gone:
-        last, rest = parser.finish()
-        out = b"".join(event.raw for event in last if tap.forward(event)) + rest
-        gone = bool(out) and not await write(response, out)
-    if not tap.finished and not gone:
+    if not (gone or broken or tap.finished):  # upstream EOF: a last event may lack its blank line
+        events, rest = parser.finish()
+        out, final = forwardable(events, tap)
+        held += final
+        gone = bool(out + rest) and not await write(response, out + rest)
+    if not (tap.finished or gone):
         broken = True
-        notice = orjson.dumps(
-            {
-                "error": {
-                    "message": "The upstream stream ended unexpectedly.",
-                    "type": "upstream_error",
-                    "param": None,
-                    "code": "stream_interrupted",
-                }
-            }
-        )
-        gone = not await write(response, data_event(notice))
+        gone = not await write(response, data_event(STREAM_INTERRUPTED))
     meter.outcome = "client disconnected" if gone else ("upstream stream broken" if broken else "ok")
     meter.charge(tap.usage, output_estimate=tap.output.count(meter.route.encoding) if tap.usage is None else 0)
     if not gone:
-        try:
-            await response.write_eof()
-        except CLIENT_GONE:
-            pass
+        await meter.settle()  # before the client sees the end: its next balance read includes this
+        if not held or await write(response, held):
+            with contextlib.suppress(*CLIENT_GONE):
+                await response.write_eof()
     return response
+
+
+def forwardable(events: list[Event], tap: StreamTap) -> tuple[bytes, bytes]:
+    """Bytes to send now, and the stream's final event(s), held back until settlement."""
+    now: list[bytes] = []
+    final: list[bytes] = []
+    for event in events:
+        if tap.forward(event):
+            (final if tap.finished else now).append(event.raw)
+    return b"".join(now), b"".join(final)
 
 
 async def write(response: web.StreamResponse, data: bytes) -> bool:
