@@ -88,10 +88,13 @@ async def measure(
     latencies.sort()
     return {
         "redis_per_req": {k: (n - before.get(k, 0)) / args.requests for k, n in after.items() if n != before.get(k, 0)},
-        "target": name, "stream": stream, "rps": args.requests / wall,
-        "p50_ms": 1000 * statistics.median(latencies), "p99_ms": 1000 * latencies[int(0.99 * len(latencies)) - 1],
+        "target": name,
+        "stream": stream,
+        "rps": args.requests / wall,
+        "p50_ms": 1000 * statistics.median(latencies),
+        "p99_ms": 1000 * latencies[int(0.99 * len(latencies)) - 1],
         "cpu_us_per_req": 1e6 * cpu / args.requests,
-    }  # fmt: skip
+    }
 
 
 async def redis_calls(redis: Any) -> dict[str, int]:
@@ -114,8 +117,9 @@ async def main(args: argparse.Namespace) -> None:
         up_port, pass_port, proxy_port = free_port(), free_port(), free_port()
         upstream_url = f"http://127.0.0.1:{up_port}"
         upstream = spawn("-m", "proxy", "demo-upstream", "--port", str(up_port))
-        passthrough = spawn(str(ROOT / "bench" / "passthrough.py"), "--port", str(pass_port),
-                            "--upstream", upstream_url + "/v1")  # fmt: skip
+        passthrough = spawn(
+            str(ROOT / "bench" / "passthrough.py"), "--port", str(pass_port), "--upstream", upstream_url + "/v1"
+        )
         example = yaml.safe_load((ROOT / "config.example.yaml").read_text())
         example.update(redis={"url": redis_server.url}, data_dir=str(tmp / "data"))
         example["server"].update(port=proxy_port, admin_port=free_port(), host="127.0.0.1")
@@ -124,7 +128,11 @@ async def main(args: argparse.Namespace) -> None:
         config_file = tmp / "config.yaml"
         config_file.write_text(yaml.safe_dump(example))
         proxy = spawn("-m", "proxy", "--config", str(config_file), "serve", "--log-level", args.log_level)
-        for url in (f"{upstream_url}/v1/models", f"http://127.0.0.1:{pass_port}/", f"http://127.0.0.1:{proxy_port}/healthz"):
+        for url in (
+            f"{upstream_url}/v1/models",
+            f"http://127.0.0.1:{pass_port}/",
+            f"http://127.0.0.1:{proxy_port}/healthz",
+        ):
             await wait_up(url)
 
         redis = connect(redis_server.url)
@@ -136,21 +144,30 @@ async def main(args: argparse.Namespace) -> None:
         rows = []
         for stream in (False, True):
             rows.append(await measure("upstream (direct)", upstream_url, upstream.pid, key, args, stream))
-            rows.append(await measure("bare aiohttp pass-through", f"http://127.0.0.1:{pass_port}", passthrough.pid,
-                                      key, args, stream))  # fmt: skip
-            rows.append(await measure("metering-proxy", f"http://127.0.0.1:{proxy_port}", proxy.pid, key, args,
-                                      stream, redis))  # fmt: skip
+            rows.append(
+                await measure(
+                    "bare aiohttp pass-through", f"http://127.0.0.1:{pass_port}", passthrough.pid, key, args, stream
+                )
+            )
+            rows.append(
+                await measure("metering-proxy", f"http://127.0.0.1:{proxy_port}", proxy.pid, key, args, stream, redis)
+            )
         print(f"\n{args.requests} requests, concurrency {args.concurrency}, gpt-4o-mini, max_tokens 16\n")
         print(f"{'target':28} {'stream':6} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'CPU us/req':>11}")
         for row in rows:
-            print(f"{row['target']:28} {row['stream']!s:6} {row['rps']:8.0f} {row['p50_ms']:8.2f} {row['p99_ms']:8.2f}"
-                  f" {row['cpu_us_per_req']:11.0f}")  # fmt: skip
+            print(
+                f"{row['target']:28} {row['stream']!s:6} {row['rps']:8.0f} {row['p50_ms']:8.2f} {row['p99_ms']:8.2f}"
+                f" {row['cpu_us_per_req']:11.0f}"
+            )
         for stream in (False, True):
             base = next(r for r in rows if r["target"].startswith("bare") and r["stream"] == stream)
             mine = next(r for r in rows if r["target"] == "metering-proxy" and r["stream"] == stream)
-            print(f"\nstream={stream}: metering-proxy CPU per request = {mine['cpu_us_per_req'] / base['cpu_us_per_req']:.2f}x"
-                  f" the bare pass-through; Redis commands per request: "
-                  + ", ".join(f"{k} {v:.2f}" for k, v in sorted(mine["redis_per_req"].items())))  # fmt: skip
+            ratio = mine["cpu_us_per_req"] / base["cpu_us_per_req"]
+            print(
+                f"\nstream={stream}: metering-proxy CPU per request = {ratio:.2f}x"
+                f" the bare pass-through; Redis commands per request: "
+                + ", ".join(f"{k} {v:.2f}" for k, v in sorted(mine["redis_per_req"].items()))
+            )
         await redis.aclose()
     finally:
         for proc in procs:

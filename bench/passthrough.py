@@ -28,10 +28,11 @@ def make_app(upstream: str) -> web.Application:
     async def forward(request: web.Request) -> web.StreamResponse:
         assert session is not None
         body = await request.read()
-        async with session.post(upstream + request.path.removeprefix("/v1"), data=body,
-                                headers={"content-type": "application/json"}) as resp:  # fmt: skip
-            out = web.StreamResponse(status=resp.status,
-                                     headers={k: v for k, v in resp.headers.items() if k.lower() not in HOP})  # fmt: skip
+        async with session.post(
+            upstream + request.path.removeprefix("/v1"), data=body, headers={"content-type": "application/json"}
+        ) as resp:
+            headers = {k: v for k, v in resp.headers.items() if k.lower() not in HOP}
+            out = web.StreamResponse(status=resp.status, headers=headers)
             await out.prepare(request)
             async for chunk in resp.content.iter_any():
                 await out.write(chunk)

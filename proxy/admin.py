@@ -1,32 +1,168 @@
-"""The admin listener: the admin API behind `admin_token`, metrics and health."""
+"""The admin listener: the admin API behind `admin_token`, metrics and health.
+
+Every route is one row of `ROUTES`; the router and the OpenAPI document are both built
+from that table and from the request models the service validates with, so the
+document cannot drift from the handlers. Handlers are thin: `service` does the work.
+"""
 
 from __future__ import annotations
 
 import hmac
+import re
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
 
+import structlog
 from aiohttp import web
+from pydantic import BaseModel
+from pydantic.json_schema import models_json_schema
+from redis import exceptions as redis_errors
 
 from . import errors, metrics, relay
 from .api import json_response
+from .schemas import (
+    AccountCreate,
+    AccountPatch,
+    ExportQuery,
+    GrantCreate,
+    GrantVoid,
+    KeyCreate,
+    LedgerQuery,
+    UsageQuery,
+    loads,
+)
+from .service import Service
 from .state import STATE
 
+log = structlog.get_logger("proxy.admin")
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 PUBLIC = frozenset(("/healthz", "/readyz", "/metrics"))
+STORE_DOWN = (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError)
+
+
+class StreamCut(Exception):
+    """A streamed response failed after its headers were sent: drop the connection."""
 
 
 @web.middleware
-async def require_admin_token(request: web.Request, handler: relay.Handler) -> web.StreamResponse:
-    if request.path in PUBLIC:
+async def require_admin_token(request: web.Request, handler: Handler) -> web.StreamResponse:
+    req_id = relay.request_id()
+    if request.path not in PUBLIC and not _authorized(request):
+        err = errors.InvalidApiKey("A valid admin token is required (Authorization: Bearer <admin_token>).")
+        return relay.error_response(err, req_id)
+    try:
         return await handler(request)
+    except StreamCut:
+        log.exception("admin_stream_cut", path=request.path, request_id=req_id)
+        raise
+    except errors.ProxyError as err:
+        return relay.error_response(err, req_id)
+    except web.HTTPException as exc:  # unknown route, wrong method, body too large
+        return relay.error_response(_http_error(exc), req_id)
+    except STORE_DOWN:
+        return relay.error_response(errors.StoreUnavailable("The metering store is unavailable."), req_id)
+    except Exception:
+        # never a traceback in a response body: it is in the log, under the request id
+        log.exception("admin_request_failed", path=request.path, method=request.method, request_id=req_id)
+        internal = errors.ProxyError("The server had an error while processing your request.", code="internal_error")
+        return relay.error_response(internal, req_id)
+
+
+def _authorized(request: web.Request) -> bool:
     token = request.app[STATE].config.server.admin_token
     given = request.headers.get("Authorization", "")
     expected = f"Bearer {token.get_secret_value()}" if token else ""
-    if not token or not hmac.compare_digest(given.encode(), expected.encode()):
-        err = errors.InvalidApiKey("A valid admin token is required (Authorization: Bearer <admin_token>).")
-        return relay.error_response(err, relay.request_id())
+    return bool(token) and hmac.compare_digest(given.encode(), expected.encode())
+
+
+def _http_error(exc: web.HTTPException) -> errors.ProxyError:
+    err = errors.ProxyError(f"{exc.status} {exc.reason}", type="invalid_request_error")
+    err.status = exc.status
+    return err
+
+
+async def _body(request: web.Request) -> dict[str, Any]:
+    return loads(await request.read())
+
+
+def _svc(request: web.Request) -> Service:
+    return Service.of(request.app[STATE])
+
+
+def _id(request: web.Request, name: str = "account_id") -> str:
+    return request.match_info[name]
+
+
+# -- handlers ----------------------------------------------------------------------
+
+
+async def list_accounts(request: web.Request) -> web.Response:
+    return json_response(await _svc(request).list_accounts())
+
+
+async def create_account(request: web.Request) -> web.Response:
+    return json_response(await _svc(request).create_account(await _body(request)), status=201)
+
+
+async def get_account(request: web.Request) -> web.Response:
+    return json_response(await _svc(request).get_account(_id(request)))
+
+
+async def update_account(request: web.Request) -> web.Response:
+    return json_response(await _svc(request).update_account(_id(request), await _body(request)))
+
+
+async def create_key(request: web.Request) -> web.Response:
+    return json_response(await _svc(request).create_key(_id(request), await _body(request)), status=201)
+
+
+async def list_keys(request: web.Request) -> web.Response:
+    return json_response(await _svc(request).list_keys(_id(request)))
+
+
+async def revoke_key(request: web.Request) -> web.Response:
+    return json_response(await _svc(request).revoke_key(_id(request, "key_id")))
+
+
+async def grant(request: web.Request) -> web.Response:
+    created, body = await _svc(request).grant(_id(request), await _body(request))
+    return json_response(body, status=201 if created else 200)
+
+
+async def void(request: web.Request) -> web.Response:
+    body = await _body(request)
+    return json_response(await _svc(request).void(_id(request), _id(request, "grant_id"), body))
+
+
+async def balance(request: web.Request) -> web.Response:
+    return json_response(await _svc(request).balance(_id(request)))
+
+
+async def ledger(request: web.Request) -> web.Response:
+    return json_response(await _svc(request).ledger_page(_id(request), request.query))
+
+
+async def export(request: web.Request) -> web.StreamResponse:
+    content_type, chunks = await _svc(request).export_ledger(_id(request), request.query)
+    response = web.StreamResponse(headers={"content-type": content_type})
+    await response.prepare(request)
     try:
-        return await handler(request)
-    except errors.ProxyError as err:
-        return relay.error_response(err, relay.request_id())
+        async for chunk in chunks:
+            await response.write(chunk.encode())
+    except Exception as exc:
+        # the status is sent: cut the stream (no final chunk) so a client sees it incomplete
+        raise StreamCut from exc
+    await response.write_eof()
+    return response
+
+
+async def usage(request: web.Request) -> web.Response:
+    return json_response(await _svc(request).usage(_id(request), request.query))
+
+
+async def openapi_json(request: web.Request) -> web.Response:
+    return json_response(openapi())
 
 
 async def healthz(_: web.Request) -> web.Response:
@@ -46,9 +182,133 @@ async def prometheus(_: web.Request) -> web.Response:
     return web.Response(body=body, headers={"content-type": content_type})
 
 
+# -- the route table ---------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    method: str
+    path: str
+    handler: Handler
+    summary: str
+    status: int = 200
+    body: type[BaseModel] | None = None
+    query: type[BaseModel] | None = None
+    content_type: str = "application/json"
+
+    @property
+    def public(self) -> bool:
+        return self.path in PUBLIC
+
+
+A = "/admin/v1/accounts/{account_id}"
+ROUTES = (
+    Route("GET", "/admin/v1/accounts", list_accounts, "List account ids"),
+    Route("POST", "/admin/v1/accounts", create_account, "Create an account", 201, AccountCreate),
+    Route("GET", A, get_account, "Get an account: settings, tier, balance and grants"),
+    Route("PATCH", A, update_account, "Change an account's settings", body=AccountPatch),
+    Route("POST", f"{A}/keys", create_key, "Create an API key (the key is shown once)", 201, KeyCreate),
+    Route("GET", f"{A}/keys", list_keys, "List an account's API keys"),
+    Route("DELETE", "/admin/v1/keys/{key_id}", revoke_key, "Revoke an API key"),
+    Route("POST", f"{A}/credits", grant, "Grant credits (201; 200 for a seen idempotency_key)", 201, GrantCreate),
+    Route("POST", f"{A}/credits/{{grant_id}}/void", void, "Void a grant's remainder", body=GrantVoid),
+    Route("GET", f"{A}/balance", balance, "Balance, availability and live grants"),
+    Route("GET", f"{A}/ledger", ledger, "A page of ledger entries, oldest first", query=LedgerQuery),
+    Route(
+        "GET",
+        f"{A}/ledger/export",
+        export,
+        "The whole ledger as CSV or JSON lines",
+        query=ExportQuery,
+        content_type="text/csv, application/x-ndjson",
+    ),
+    Route("GET", f"{A}/usage", usage, "Usage grouped by model and/or day", query=UsageQuery),
+    Route("GET", "/admin/v1/openapi.json", openapi_json, "This document"),
+    Route("GET", "/healthz", healthz, "Liveness"),
+    Route("GET", "/readyz", readyz, "Readiness (Redis reachable)"),
+    Route("GET", "/metrics", prometheus, "Prometheus metrics", content_type="text/plain"),
+)
+
+
 def admin_app() -> web.Application:
     app = web.Application(middlewares=[require_admin_token])
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/readyz", readyz)
-    app.router.add_get("/metrics", prometheus)
+    for route in ROUTES:
+        app.router.add_route(route.method, route.path, route.handler)
     return app
+
+
+# -- OpenAPI -------------------------------------------------------------------------
+
+ERROR_SCHEMA = {
+    "type": "object",
+    "required": ["error"],
+    "properties": {
+        "error": {
+            "type": "object",
+            "properties": {
+                "message": {"type": "string"},
+                "type": {"type": "string"},
+                "param": {"type": ["string", "null"]},
+                "code": {"type": ["string", "null"]},
+            },
+        }
+    },
+}
+
+
+def openapi(routes: tuple[Route, ...] = ROUTES) -> dict[str, Any]:
+    """OpenAPI 3.1 from the route table and the pydantic request models."""
+    models = {r.body for r in routes if r.body} | {r.query for r in routes if r.query}
+    refs, top = models_json_schema(
+        [(m, "validation") for m in sorted(models, key=lambda m: m.__name__)],
+        ref_template="#/components/schemas/{model}",
+    )
+    schemas = {**top.get("$defs", {}), "Error": ERROR_SCHEMA}
+    paths: dict[str, dict[str, Any]] = {}
+    for route in routes:
+        op = _operation(route, refs)
+        paths.setdefault(route.path, {})[route.method.lower()] = op
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "metering-proxy admin API", "version": "1"},
+        "paths": paths,
+        "components": {
+            "schemas": schemas,
+            "securitySchemes": {"adminToken": {"type": "http", "scheme": "bearer"}},
+        },
+        "security": [{"adminToken": []}],
+    }
+
+
+def _operation(route: Route, refs: dict[Any, Any]) -> dict[str, Any]:
+    params = [
+        {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
+        for name in re.findall(r"\{(\w+)\}", route.path)
+    ]
+    if route.query:
+        schema = route.query.model_json_schema()
+        params += [
+            {"name": name, "in": "query", "required": name in schema.get("required", ()), "schema": prop}
+            for name, prop in schema["properties"].items()
+        ]
+    op: dict[str, Any] = {
+        "operationId": route.handler.__name__,
+        "summary": route.summary,
+        "parameters": params,
+        "responses": {
+            str(route.status): {
+                "description": route.summary,
+                "content": {kind: {"schema": {}} for kind in route.content_type.split(", ")},
+            },
+            "default": {
+                "description": "An error in OpenAI's shape",
+                "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
+            },
+        },
+    }
+    if route.body:
+        ref = refs[(route.body, "validation")]
+        op["requestBody"] = {"required": True, "content": {"application/json": {"schema": ref}}}
+    if route.public:
+        op["security"] = []
+    return op

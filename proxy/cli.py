@@ -1,10 +1,20 @@
 """The `metering-proxy` command line.
 
-    metering-proxy serve [--demo]          run the proxy
-    metering-proxy config check PATH       validate a config file (exit 1 on errors)
-    metering-proxy demo-upstream           a fake OpenAI upstream on 127.0.0.1:9999
+    metering-proxy serve [--demo]                    run the proxy
+    metering-proxy config check PATH                 validate a config file (exit 1 on errors)
+    metering-proxy demo-upstream                     a fake OpenAI upstream on 127.0.0.1:9999
+    metering-proxy accounts create|get|update|list   accounts (as the admin API)
+    metering-proxy keys create|revoke|list           API keys
+    metering-proxy credits grant|void                credit grants
+    metering-proxy balance ACCOUNT                   balance and live grants
+    metering-proxy ledger list|export ACCOUNT        ledger pages, CSV / JSON lines export
+    metering-proxy usage ACCOUNT                     usage grouped by model and/or day
+    metering-proxy reconcile                         check the ledger invariants (exit 1 on drift)
 
 Every command takes `--config PATH` (default `$METERING_CONFIG`, then ./config.yaml).
+The admin commands print JSON (money as decimal strings) and talk to Redis directly
+through the same service layer as the admin API: `redis.url` from the config or, with
+an embedded Redis, the port the running proxy recorded in `data_dir/redis/port`.
 """
 
 from __future__ import annotations
@@ -13,11 +23,26 @@ import argparse
 import asyncio
 import os
 import sys
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+import orjson
+from redis import exceptions as redis_errors
 
 from . import config as config_module
-from . import logs
+from . import errors, logs
+from .embedded import port_file
+from .schemas import loads
+
+if TYPE_CHECKING:  # the service stack is imported only by the commands that use it
+    from .service import Service
+
+Action = Callable[["Service", Any], Awaitable[int]]
+
+
+class Unreachable(Exception):
+    """No Redis to talk to: no redis.url and no running proxy's embedded Redis."""
 
 
 def config_path(args: argparse.Namespace) -> Path:
@@ -65,20 +90,280 @@ def cmd_demo_upstream(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- admin commands: one Redis connection, one service call, JSON out -----------------
+
+
+def redis_target(config: config_module.Config) -> tuple[str, bool]:
+    """(url, cluster): the configured Redis, or the running proxy's embedded one."""
+    if config.redis is not None:
+        return config.redis.url.get_secret_value(), config.redis.cluster
+    path = port_file(config.data_dir / "redis")
+    try:
+        port = int(path.read_text().strip())
+    except (OSError, ValueError):
+        raise Unreachable(
+            f"no redis.url in the config and no running proxy's embedded Redis ({path} is missing): "
+            "start the proxy first or set redis.url"
+        ) from None
+    return f"redis://127.0.0.1:{port}/0", False
+
+
+def cmd_admin(args: argparse.Namespace) -> int:
+    config = load(args)
+    try:
+        url, cluster = redis_target(config)
+    except Unreachable as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return asyncio.run(_admin(args, config, url, cluster))
+
+
+async def _admin(args: Any, config: config_module.Config, url: str, cluster: bool) -> int:
+    from .accounts import Accounts
+    from .app import connect
+    from .ledger import Ledger
+    from .service import Service
+
+    redis = connect(url, cluster)
+    try:
+        ledger = Ledger(redis, config)
+        return int(await args.action(Service(redis, config, ledger, Accounts(redis, ledger)), args))
+    except (errors.StoreUnavailable, redis_errors.ConnectionError, redis_errors.TimeoutError):
+        where = "redis.url" if config.redis else "the embedded Redis"
+        print(f"error: cannot reach Redis ({where}): start the proxy first or set redis.url", file=sys.stderr)
+        return 1
+    except errors.ProxyError as err:
+        print(err.to_body().decode(), file=sys.stderr)
+        return 1
+    finally:
+        await redis.aclose()
+
+
+def emit(data: Any) -> int:
+    print(orjson.dumps(data, option=orjson.OPT_INDENT_2).decode())
+    return 0
+
+
+def account_body(args: Any) -> dict[str, Any]:
+    """The PATCH body the flags describe (the same fields as the admin API)."""
+    body = loads(args.json) if args.json else {}
+    body.update(dict.fromkeys(args.clear or (), None))
+    flags = {"plan": args.plan, "overage_limit_usd": args.overage_limit, "status": args.status}
+    body.update({name: value for name, value in flags.items() if value is not None})
+    limits = {name: value for name, value in (("rpm", args.rpm), ("tpm", args.tpm)) if value is not None}
+    if limits:
+        body["rate_limits"] = limits
+    topup = (("threshold_usd", args.auto_topup_threshold), ("amount_usd", args.auto_topup_amount))
+    if any(value is not None for _, value in topup):
+        body["auto_topup"] = {name: value for name, value in topup if value is not None}
+    if args.metadata is not None:
+        body["metadata"] = loads(args.metadata)
+    if args.low_balance_thresholds is not None:
+        body["low_balance_thresholds_usd"] = [t.strip() for t in args.low_balance_thresholds.split(",") if t.strip()]
+    return body
+
+
+async def accounts_create(svc: Service, args: Any) -> int:
+    return emit(await svc.create_account({"id": args.account, **account_body(args)}))
+
+
+async def accounts_get(svc: Service, args: Any) -> int:
+    return emit(await svc.get_account(args.account))
+
+
+async def accounts_update(svc: Service, args: Any) -> int:
+    return emit(await svc.update_account(args.account, account_body(args)))
+
+
+async def accounts_list(svc: Service, args: Any) -> int:
+    return emit(await svc.list_accounts())
+
+
+async def keys_create(svc: Service, args: Any) -> int:
+    body: dict[str, Any] = {"name": args.name}
+    if args.allowed_models is not None:
+        body["allowed_models"] = [m.strip() for m in args.allowed_models.split(",") if m.strip()]
+    return emit(await svc.create_key(args.account, body))
+
+
+async def keys_revoke(svc: Service, args: Any) -> int:
+    return emit(await svc.revoke_key(args.key_id))
+
+
+async def keys_list(svc: Service, args: Any) -> int:
+    return emit(await svc.list_keys(args.account))
+
+
+async def credits_grant(svc: Service, args: Any) -> int:
+    names = ("kind", "priority", "effective_at", "expires_at", "description", "idempotency_key")
+    body = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+    if args.cost_basis is not None:
+        body["per_unit_cost_basis"] = args.cost_basis
+    created, grant = await svc.grant(args.account, {"amount_usd": args.amount, **body})
+    if not created:
+        print("note: idempotency key already used; this is the existing grant", file=sys.stderr)
+    return emit(grant)
+
+
+async def credits_void(svc: Service, args: Any) -> int:
+    return emit(await svc.void(args.account, args.grant_id, {"reason": args.reason}))
+
+
+async def show_balance(svc: Service, args: Any) -> int:
+    return emit(await svc.balance(args.account))
+
+
+async def ledger_list(svc: Service, args: Any) -> int:
+    query = {"limit": args.limit, **({"cursor": args.cursor} if args.cursor else {})}
+    return emit(await svc.ledger_page(args.account, query))
+
+
+async def ledger_export(svc: Service, args: Any) -> int:
+    _, chunks = await svc.export_ledger(args.account, {"format": args.format})
+    try:
+        # newline="": CSV rows carry their own \r\n (RFC 4180). Blocking is fine: the CLI's
+        # loop runs nothing else
+        out = open(args.output, "w", newline="", encoding="utf-8") if args.output else sys.stdout  # noqa: ASYNC230
+    except OSError as exc:
+        print(f"error: cannot write {args.output}: {exc.strerror}", file=sys.stderr)
+        return 1
+    try:
+        async for chunk in chunks:
+            out.write(chunk)
+    finally:
+        if out is not sys.stdout:
+            out.close()
+    return 0
+
+
+async def show_usage(svc: Service, args: Any) -> int:
+    query = {"from": args.from_, "to": args.to, "group_by": args.group_by}
+    return emit(await svc.usage(args.account, {k: v for k, v in query.items() if v is not None}))
+
+
+async def run_reconcile(svc: Service, args: Any) -> int:
+    from .reconcile import reconcile
+
+    ids = await svc.accounts.all_ids()
+    drifts = await reconcile(svc.redis, svc.config, ids)
+    if not drifts:
+        print(f"ok: {len(ids)} accounts")
+        return 0
+    for drift in drifts:
+        print(f"drift: {drift}")
+    bad = sorted({d.account_id for d in drifts})
+    print(f"error: {len(bad)} of {len(ids)} accounts drift: {', '.join(bad)}", file=sys.stderr)
+    return 1
+
+
+# -- the parser ----------------------------------------------------------------------
+
+
+def _common() -> argparse.ArgumentParser:
+    # on every subcommand too, so `serve --config PATH` works; SUPPRESS keeps a value
+    # given before the subcommand
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", default=argparse.SUPPRESS, help="config file")
+    return common
+
+
+def _leaf(sub: Any, name: str, action: Action, help: str) -> argparse.ArgumentParser:
+    parser: argparse.ArgumentParser = sub.add_parser(name, help=help, parents=[_common()])
+    parser.set_defaults(func=cmd_admin, action=action)
+    return parser
+
+
+def _group(sub: Any, name: str, help: str) -> Any:
+    return sub.add_parser(name, help=help, parents=[_common()]).add_subparsers(dest=f"{name}_command", required=True)
+
+
+def _account_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--plan", help="a plan from the config")
+    parser.add_argument("--overage-limit", help='USD below zero the balance may go, or "unlimited"')
+    parser.add_argument("--status", choices=("active", "suspended"))
+    parser.add_argument("--rpm", type=int, help="requests per minute override")
+    parser.add_argument("--tpm", type=int, help="tokens per minute override")
+    parser.add_argument("--auto-topup-threshold", help="USD; with --auto-topup-amount")
+    parser.add_argument("--auto-topup-amount", help="USD")
+    parser.add_argument("--metadata", help="a JSON object")
+    parser.add_argument("--low-balance-thresholds", help='USD amounts, comma-separated ("5,1")')
+    fields = ("plan", "overage_limit_usd", "auto_topup", "rate_limits", "metadata", "low_balance_thresholds_usd")
+    parser.add_argument("--clear", action="append", choices=fields, help="set a field to null (repeatable)")
+    parser.add_argument("--json", help="a JSON body as the admin API takes it; flags override it")
+
+
+def _add_account_commands(sub: Any) -> None:
+    accounts = _group(sub, "accounts", "create, show and change accounts")
+    create = _leaf(accounts, "create", accounts_create, "create an account")
+    create.add_argument("account")
+    _account_flags(create)
+    _leaf(accounts, "get", accounts_get, "show an account").add_argument("account")
+    update = _leaf(accounts, "update", accounts_update, "change an account's settings")
+    update.add_argument("account")
+    _account_flags(update)
+    _leaf(accounts, "list", accounts_list, "list account ids")
+
+    keys = _group(sub, "keys", "API keys")
+    create = _leaf(keys, "create", keys_create, "create an API key (printed once)")
+    create.add_argument("account")
+    create.add_argument("--name", default="")
+    create.add_argument("--allowed-models", help="comma-separated; default: every model")
+    _leaf(keys, "revoke", keys_revoke, "revoke an API key").add_argument("key_id")
+    _leaf(keys, "list", keys_list, "list an account's keys").add_argument("account")
+
+
+def _add_money_commands(sub: Any) -> None:
+    credits = _group(sub, "credits", "credit grants")
+    grant = _leaf(credits, "grant", credits_grant, "grant credits")
+    grant.add_argument("account")
+    grant.add_argument("amount", help="USD, e.g. 12.50")
+    grant.add_argument("--kind", choices=("paid", "promotional"), required=True)
+    grant.add_argument("--priority", type=int)
+    grant.add_argument("--effective-at", help="RFC 3339")
+    grant.add_argument("--expires-at", help="RFC 3339")
+    grant.add_argument("--description")
+    grant.add_argument("--idempotency-key")
+    grant.add_argument("--cost-basis", help="per-unit cost basis, e.g. 0.9")
+    void = _leaf(credits, "void", credits_void, "void a grant's remainder")
+    void.add_argument("account")
+    void.add_argument("grant_id")
+    void.add_argument("--reason", default="")
+
+    _leaf(sub, "balance", show_balance, "an account's balance").add_argument("account")
+
+    ledger = _group(sub, "ledger", "ledger entries")
+    page = _leaf(ledger, "list", ledger_list, "a page of entries, oldest first")
+    page.add_argument("account")
+    page.add_argument("--limit", type=int, default=100)
+    page.add_argument("--cursor")
+    export = _leaf(ledger, "export", ledger_export, "every entry, as CSV or JSON lines")
+    export.add_argument("account")
+    export.add_argument("--format", choices=("csv", "jsonl"), default="jsonl")
+    export.add_argument("--output", "-o", help="a file (default: stdout)")
+
+    usage = _leaf(sub, "usage", show_usage, "usage grouped by model and/or day")
+    usage.add_argument("account")
+    usage.add_argument("--from", dest="from_", help="RFC 3339 (default: 30 days before --to)")
+    usage.add_argument("--to", help="RFC 3339 (default: now)")
+    usage.add_argument("--group-by", choices=("model", "day", "model,day"), default="model")
+
+    _leaf(sub, "reconcile", run_reconcile, "check every account's ledger invariants")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="metering-proxy", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", help="config file (default $METERING_CONFIG, then ./config.yaml)")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    serve = sub.add_parser("serve", help="run the proxy")
+    serve = sub.add_parser("serve", help="run the proxy", parents=[_common()])
     serve.add_argument(
         "--demo", action="store_true", help="serve from a built-in fake OpenAI upstream and print a funded demo key"
     )
     serve.add_argument("--log-level", default="info")
     serve.set_defaults(func=cmd_serve)
 
-    config = sub.add_parser("config", help="configuration tools").add_subparsers(dest="config_command", required=True)
-    check = config.add_parser("check", help="validate a config file")
+    config = _group(sub, "config", "configuration tools")
+    check = config.add_parser("check", help="validate a config file", parents=[_common()])
     check.add_argument("path", nargs="?")
     check.set_defaults(func=cmd_config_check)
 
@@ -86,6 +371,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--host", default="127.0.0.1")
     demo.add_argument("--port", type=int, default=9999)
     demo.set_defaults(func=cmd_demo_upstream)
+
+    _add_account_commands(sub)
+    _add_money_commands(sub)
     return parser
 
 

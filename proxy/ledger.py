@@ -296,13 +296,15 @@ class Ledger:
 
     async def save_account(self, account_id: str, fields: dict[str, str | None], *, create: bool) -> dict[str, str]:
         fields = {name: "" if value is None else value for name, value in fields.items()}  # "" deletes
+        if create:  # indexed first: an account can never exist unlisted (reconcile skips ghosts)
+            await self.redis.sadd(keyspace.ACCOUNTS, account_id)
         result = await self._run("account", account_id, "create" if create else "update", orjson.dumps(fields))
         if result[0] == "exists":
             raise errors.InvalidRequest(f"Account {account_id!r} already exists.", code="account_exists")
         if result[0] == "no_account":
             raise errors.NotFound(f"No account {account_id!r}.")
-        if create:
-            await self.redis.sadd(keyspace.ACCOUNTS, account_id)
+        if result[0] == "invalid":
+            raise errors.InvalidRequest(f"{result[1]!r} is not an account setting.", param=str(result[1]))
         return _pairs(result[1])
 
     async def reap(self, account_id: str) -> tuple[int, int, int]:

@@ -105,7 +105,7 @@ async def test_upstream_error_passes_through_and_costs_nothing(proxy: Running, u
 
 
 async def test_errors_have_openai_shape(proxy: Running, upstream: DemoUpstream) -> None:
-    key = await proxy.account("acme", "10", allowed=None)
+    key = await proxy.account("acme", "10")
     # 401: unknown key
     with pytest.raises(openai.AuthenticationError) as auth:
         await proxy.client("sk-nope-nope-nope").chat.completions.create(

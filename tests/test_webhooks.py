@@ -480,6 +480,11 @@ async def test_settle_events_ask_for_a_visit(
     worker = make_worker(running)
     key = await running.account("acme", "10")
     await drain(worker, running)
-    await spend(running, upstream, key, 2_200_000, )  # crosses 5 USD
+    await spend(
+        running,
+        upstream,
+        key,
+        2_200_000,
+    )  # crosses 5 USD
     assert [e["type"] for e in await outbox(running)] == ["credit_balance.low"]
     await drain(worker, running, max_ticks=2)  # the watch pointer sits at the reservation TTL (15 min)

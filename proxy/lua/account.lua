@@ -3,6 +3,13 @@
 -- 4 JSON of fields to set (string values; '' deletes the field).
 -- Returns {'ok', flat account hash} or {'exists'} / {'no_account'}.
 local op, fields = ARGV[3], cjson.decode(ARGV[4])
+-- settings only: money fields (balance, reserved, debt, lifetime_*, ...) move only
+-- through the ledger scripts
+local SETTINGS = {plan = true, status = true, overage_limit = true, auto_topup = true, rl_rpm = true,
+                  rl_tpm = true, metadata = true, thresholds = true, id = true}
+for field, _ in pairs(fields) do
+  if not SETTINGS[field] then return reply({'invalid', field}) end
+end
 local exists = redis.call('EXISTS', K.acct) == 1
 if op == 'create' and exists then return reply({'exists'}) end
 if op == 'update' and not exists then return reply({'no_account'}) end

@@ -1,0 +1,188 @@
+"""Auditing the ledger from outside: `reconcile` proves its invariants, `export` writes it.
+
+Plain Redis reads only (HGETALL, HVALS, SMEMBERS, XRANGE): nothing here decides or
+moves money. For every account, from one consistent snapshot of its keys:
+
+    balance  == sum(ledger entry amounts)
+    reserved == sum(open reservation amounts)
+    balance  == sum(remaining of active and expiring grants) - debt
+    held     == sum(remaining of expiring grants)
+    each grant: amount == remaining + drawn + expired + voided
+    the live set == the grants that are pending, active or expiring
+
+The ledger is append-only, so the snapshot records its last entry id and the sum is
+taken up to it in pages: a proxy serving traffic meanwhile cannot cause false drift.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from redis.asyncio import Redis
+
+from . import keyspace, views
+from .config import Config
+from .money import usd
+
+PAGE = 1000
+LIVE_STATUSES = frozenset(("pending", "active", "expiring"))
+CSV_COLUMNS = (
+    "id",
+    "created_at",
+    "type",
+    "amount_usd",
+    "balance_usd",
+    "grant_id",
+    "request_id",
+    "model",
+    "input_tokens",
+    "cached_input_tokens",
+    "output_tokens",
+    "reasoning_tokens",
+    "estimated",
+    "downgraded_from",
+    "description",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Drift:
+    account_id: str
+    check: str
+    expected: str
+    found: str
+
+    def __str__(self) -> str:
+        return f"{self.account_id}: {self.check}: expected {self.expected}, found {self.found}"
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    fields: dict[str, str]
+    reservations: list[str]
+    grants: list[dict[str, Any]]
+    live: set[str]
+    last_entry: str | None
+
+
+async def reconcile(redis: Redis, config: Config, accounts: Iterable[str] | None = None) -> list[Drift]:
+    """Every drift of every account (or of `accounts`); empty when the books balance."""
+    ids = sorted(map(str, await redis.smembers(keyspace.ACCOUNTS))) if accounts is None else list(accounts)
+    transaction = config.redis is None or not config.redis.cluster
+    drifts: list[Drift] = []
+    for account_id in ids:
+        drifts += await check_account(redis, account_id, transaction=transaction)
+    return drifts
+
+
+async def check_account(redis: Redis, account_id: str, *, transaction: bool = True) -> list[Drift]:
+    snap = await _snapshot(redis, account_id, transaction)
+    if not snap.fields:
+        return [Drift(account_id, "account", "an account hash", "none")]
+    total = 0
+    if snap.last_entry is not None:
+        async for _, raw in iter_entries(redis, account_id, end=snap.last_entry):
+            total += int(orjson.loads(raw)["amount"])
+    balance, reserved, debt, held = (_num(snap.fields, f) for f in ("balance", "reserved", "debt", "held"))
+    in_grants = sum(int(g["remaining"]) for g in snap.grants if g["status"] in ("active", "expiring"))
+    expiring = sum(int(g["remaining"]) for g in snap.grants if g["status"] == "expiring")
+    drifts = [
+        _money(account_id, "balance == sum(ledger amounts)", total, balance),
+        _money(account_id, "reserved == sum(open reservations)", _reserved(snap.reservations), reserved),
+        _money(account_id, "balance == sum(live grant remaining) - debt", in_grants - debt, balance),
+        _money(account_id, "held == sum(expiring grant remaining)", expiring, held),
+        *(_grant_drift(account_id, g) for g in snap.grants),
+        _live_drift(account_id, snap),
+    ]
+    return [d for d in drifts if d is not None]
+
+
+async def _snapshot(redis: Redis, account_id: str, transaction: bool) -> Snapshot:
+    # one MULTI on one slot: the account's keys as of a single moment
+    pipe = redis.pipeline(transaction=transaction)
+    pipe.hgetall(keyspace.account(account_id, "acct"))
+    pipe.hvals(keyspace.account(account_id, "resv"))
+    pipe.hvals(keyspace.account(account_id, "grants"))
+    pipe.smembers(keyspace.account(account_id, "live"))
+    pipe.xrevrange(keyspace.account(account_id, "ledger"), "+", "-", count=1)
+    fields, resv, grants, live, last = await pipe.execute()
+    return Snapshot(fields, resv, [orjson.loads(g) for g in grants], set(live), last[0][0] if last else None)
+
+
+def _num(fields: dict[str, str], name: str) -> int:
+    return int(fields.get(name) or 0)
+
+
+def _reserved(reservations: list[str]) -> int:
+    return sum(int(orjson.loads(raw)["amount"]) for raw in reservations)
+
+
+def _money(account_id: str, check: str, expected: int, found: int) -> Drift | None:
+    return None if expected == found else Drift(account_id, check, usd(expected), usd(found))
+
+
+def _grant_drift(account_id: str, g: dict[str, Any]) -> Drift | None:
+    # `drawn` includes overage debt paid off when the grant was activated
+    parts = sum(int(g.get(name) or 0) for name in ("remaining", "drawn", "expired", "voided"))
+    check = f"grant {g['id']}: amount == remaining + drawn + expired + voided"
+    return _money(account_id, check, int(g["amount"]), parts)
+
+
+def _live_drift(account_id: str, snap: Snapshot) -> Drift | None:
+    expected = {g["id"] for g in snap.grants if g["status"] in LIVE_STATUSES}
+    if expected == snap.live:
+        return None
+    return Drift(account_id, "live set == pending/active/expiring grants", _ids(expected), _ids(snap.live))
+
+
+def _ids(ids: set[str]) -> str:
+    return "{" + ", ".join(sorted(ids)) + "}"
+
+
+# -- reading and exporting the ledger -------------------------------------------------
+
+
+async def iter_entries(
+    redis: Redis, account_id: str, start: int | str = "-", end: int | str = "+"
+) -> AsyncIterator[tuple[str, str]]:
+    """(stream id, entry JSON), oldest first, read in pages; bounds are inclusive."""
+    key = keyspace.account(account_id, "ledger")
+    low = str(start)
+    while True:
+        rows: Any = await redis.xrange(key, low, str(end), count=PAGE)
+        for entry_id, fields in rows:
+            yield entry_id, fields["e"]
+        if len(rows) < PAGE:
+            return
+        low = f"({rows[-1][0]}"
+
+
+async def export(redis: Redis, account_id: str, fmt: str) -> AsyncIterator[str]:
+    """The account's whole ledger as CSV (CSV_COLUMNS) or JSON lines (views.entry)."""
+    if fmt == "csv":
+        yield ",".join(CSV_COLUMNS) + "\r\n"
+    chunk: list[str] = []
+    async for entry_id, raw in iter_entries(redis, account_id):
+        entry = views.entry(account_id, entry_id, raw)
+        chunk.append(csv_row(entry) if fmt == "csv" else orjson.dumps(entry).decode() + "\n")
+        if len(chunk) >= PAGE:
+            yield "".join(chunk)
+            chunk = []
+    if chunk:
+        yield "".join(chunk)
+
+
+def csv_row(entry: dict[str, Any]) -> str:
+    usage = entry.get("usage") or {}
+    row = {name: entry.get(name) for name in CSV_COLUMNS}
+    row.update({name: usage.get(name) for name in CSV_COLUMNS if name.endswith("_tokens")})
+    if entry.get("estimated") is not None:
+        row["estimated"] = "true" if entry["estimated"] else "false"
+    out = io.StringIO()
+    csv.writer(out).writerow(["" if value is None else value for value in row.values()])
+    return out.getvalue()

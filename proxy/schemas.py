@@ -1,0 +1,231 @@
+"""Admin request models: one definition validates HTTP bodies, query strings and CLI
+flags alike, and generates the admin OpenAPI document, so none of them can drift.
+
+Amounts arrive as decimal strings (or JSON numbers, which `loads` keeps as `Decimal`)
+and leave validation as exact integers of micro-USD; times arrive as RFC 3339 and
+leave as integer milliseconds. Every model forbids unknown fields.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from decimal import Decimal, InvalidOperation
+from typing import Annotated, Any, Literal, TypeVar
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    WithJsonSchema,
+    model_validator,
+)
+
+from . import errors, keyspace, views
+from .money import LossyAmount, to_micro
+
+M = TypeVar("M", bound=BaseModel)
+
+USD_SCHEMA = {
+    "type": ["string", "number"],
+    "description": "USD as a decimal string, at most 6 decimal places",
+    "examples": ["12.500000"],
+}
+TIME_SCHEMA = {"type": "string", "format": "date-time", "examples": ["2030-01-01T00:00:00Z"]}
+
+
+def _micro(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, (str, int, float, Decimal)):
+        raise ValueError('must be a decimal amount in USD, such as "12.50"')
+    if isinstance(value, float):  # only Python callers; JSON numbers arrive as Decimal
+        value = repr(value)
+    try:
+        return to_micro(value.strip() if isinstance(value, str) else value)
+    except LossyAmount as exc:
+        raise ValueError(str(exc)) from None
+
+
+def _not_negative(micro: int) -> int:
+    if micro < 0:
+        raise ValueError("must not be negative")
+    return micro
+
+
+def _positive(micro: int) -> int:
+    if micro <= 0:
+        raise ValueError("must be greater than zero")
+    return micro
+
+
+def _time(value: Any) -> int:
+    if not isinstance(value, str):
+        raise ValueError("must be an RFC 3339 time string, such as 2030-01-01T00:00:00Z")
+    try:
+        ms = views.parse_time(value)
+    except ValueError:
+        raise ValueError("must be an RFC 3339 time string, such as 2030-01-01T00:00:00Z") from None
+    if ms is None:
+        raise ValueError("must not be empty")
+    if ms <= 0:  # 0 means "now" / "never" to the scripts
+        raise ValueError("must be after 1970-01-01T00:00:00Z")
+    return ms
+
+
+def _decimal_text(value: Any) -> str:
+    if isinstance(value, bool) or not isinstance(value, (str, int, Decimal)):
+        raise ValueError("must be a decimal string")
+    try:
+        number = Decimal(value)
+    except InvalidOperation:
+        raise ValueError("must be a decimal string") from None
+    if not number.is_finite() or number < 0:
+        raise ValueError("must be a non-negative decimal")
+    return format(number, "f")  # "1E+2" -> "100"
+
+
+def _plain_json(value: Any) -> Any:
+    """Metadata is not money: JSON numbers parsed as Decimal go back to plain numbers."""
+    if isinstance(value, Decimal):
+        return float(value)
+    if isinstance(value, dict):
+        return {k: _plain_json(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain_json(v) for v in value]
+    return value
+
+
+def _small_json(value: dict[str, Any]) -> dict[str, Any]:
+    if len(json.dumps(value)) > 16_384:
+        raise ValueError("must serialize to at most 16 KiB of JSON")
+    return value
+
+
+Usd = Annotated[int, BeforeValidator(_micro), WithJsonSchema(USD_SCHEMA)]
+NonNegativeUsd = Annotated[Usd, AfterValidator(_not_negative)]
+PositiveUsd = Annotated[Usd, AfterValidator(_positive)]
+Time = Annotated[int, BeforeValidator(_time), WithJsonSchema(TIME_SCHEMA)]
+DecimalText = Annotated[str, BeforeValidator(_decimal_text), WithJsonSchema({"type": "string", "examples": ["0.9"]})]
+Metadata = Annotated[dict[str, Any], BeforeValidator(_plain_json), AfterValidator(_small_json)]
+PositiveInt = Annotated[int, Field(ge=1, le=2**31)]
+AccountId = Annotated[str, Field(pattern=keyspace.ACCOUNT_ID.pattern)]
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class RateLimits(_Request):
+    """A per-account override of the tier's limits; a null field clears that override."""
+
+    rpm: PositiveInt | None = None
+    tpm: PositiveInt | None = None
+
+
+class AutoTopup(_Request):
+    threshold_usd: NonNegativeUsd
+    amount_usd: PositiveUsd
+
+
+class AccountPatch(_Request):
+    """Only the fields given change; null clears a field (falls back to plan or config)."""
+
+    plan: str | None = None
+    overage_limit_usd: Literal["unlimited"] | NonNegativeUsd | None = None
+    auto_topup: AutoTopup | None = None
+    rate_limits: RateLimits | None = None
+    status: Literal["active", "suspended"] | None = None
+    metadata: Metadata | None = None
+    low_balance_thresholds_usd: Annotated[list[NonNegativeUsd], Field(max_length=20)] | None = None
+
+    @model_validator(mode="after")
+    def _status_not_null(self) -> AccountPatch:
+        if "status" in self.model_fields_set and self.status is None:
+            raise ValueError("status cannot be null: use active or suspended")
+        return self
+
+
+class AccountCreate(AccountPatch):
+    """An absent `plan` means `default_plan` from the config; an explicit null, no plan."""
+
+    id: AccountId
+
+
+class KeyCreate(_Request):
+    name: Annotated[str, Field(max_length=200)] = ""
+    allowed_models: Annotated[list[str], Field(max_length=1000)] | None = None  # null: every model
+
+
+class GrantCreate(_Request):
+    amount_usd: PositiveUsd
+    kind: Literal["paid", "promotional"]
+    priority: Annotated[int, Field(ge=-1_000_000, le=1_000_000)] = 0  # lower is drawn first
+    effective_at: Time | None = None  # null: now
+    expires_at: Time | None = None  # null: never
+    description: Annotated[str, Field(max_length=1000)] | None = None
+    idempotency_key: Annotated[str, Field(min_length=1, max_length=255)] | None = None
+    per_unit_cost_basis: DecimalText | None = None  # what one USD of credit cost the buyer
+
+
+class GrantVoid(_Request):
+    reason: Annotated[str, Field(max_length=1000)] = ""
+
+
+class LedgerQuery(_Request):
+    limit: Annotated[int, Field(ge=1, le=1000)] = 100
+    cursor: Annotated[str, Field(pattern=r"^\d+-\d+$")] | None = None  # the previous page's next_cursor
+
+
+class UsageQuery(_Request):
+    """The range is [from, to); defaults: the 30 days up to now."""
+
+    from_: Time | None = Field(default=None, alias="from")
+    to: Time | None = None
+    group_by: Literal["model", "day", "model,day", "day,model"] = "model"
+
+
+class ExportQuery(_Request):
+    format: Literal["csv", "jsonl"] = "jsonl"
+
+
+def parse(model: type[M], data: Mapping[str, Any] | None) -> M:
+    """Validate into `model`; every problem becomes one 400 naming its field."""
+    try:
+        return model.model_validate(dict(data or {}))
+    except ValidationError as exc:
+        problems = exc.errors(include_url=False, include_input=False)
+        first = ".".join(str(p) for p in problems[0]["loc"]) or None
+        message = "; ".join(_problem(p) for p in problems)
+        raise errors.InvalidRequest(f"Invalid request: {message}", param=first) from None
+
+
+def _problem(problem: Any) -> str:
+    loc = ".".join(str(p) for p in problem["loc"])
+    text = problem["msg"]
+    if problem["type"] == "value_error":  # our validators' messages, without pydantic's prefix
+        text = str(problem.get("ctx", {}).get("error", text))
+    elif problem["type"] == "extra_forbidden":
+        text = "unknown field"
+    return f"{loc}: {text}" if loc else text
+
+
+def _no_constants(name: str) -> Any:
+    raise ValueError(f"{name} is not a number")
+
+
+def loads(body: bytes | str) -> dict[str, Any]:
+    """A JSON object with numbers kept exact (Decimal); anything else is a 400."""
+    if not body.strip():  # POST with no body: the same as {}
+        return {}
+    try:
+        data = json.loads(body, parse_float=Decimal, parse_constant=_no_constants)
+    except ValueError:
+        raise errors.InvalidRequest(
+            "We could not parse the JSON body of your request. (HINT: This likely means you aren't using your "
+            "HTTP library correctly. The OpenAI API expects a JSON payload, but what was sent was not valid JSON.)"
+        ) from None
+    if not isinstance(data, dict):
+        raise errors.InvalidRequest("The request body must be a JSON object.")
+    return data

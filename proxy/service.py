@@ -1,0 +1,265 @@
+"""The admin operations, shared by the admin HTTP API and the CLI.
+
+Each operation validates its input with a `schemas` model (raw dicts in, so both
+callers go through the same validation), then runs one ledger script for anything
+touching money, or plain writes for keys. Results are the JSON shapes of `views`:
+amounts as decimal strings, times as RFC 3339 UTC.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+import orjson
+from redis.asyncio import Redis
+
+from . import errors, keyspace, reconcile, views
+from .accounts import Accounts
+from .config import Config
+from .ledger import AccountView, Ledger, read_entries
+from .money import usd
+from .schemas import (
+    AccountCreate,
+    AccountPatch,
+    ExportQuery,
+    GrantCreate,
+    GrantVoid,
+    KeyCreate,
+    LedgerQuery,
+    UsageQuery,
+    parse,
+)
+
+if TYPE_CHECKING:
+    from .state import State
+
+Body = Mapping[str, Any]
+DAY_MS = 86_400_000
+USAGE_DEFAULT_SPAN_MS = 30 * DAY_MS
+TOKEN_FIELDS = ("input_tokens", "cached_input_tokens", "output_tokens", "reasoning_tokens")
+EXPORT_TYPES = {"csv": "text/csv; charset=utf-8", "jsonl": "application/x-ndjson"}
+
+
+def checked_id(account_id: str) -> str:
+    """Account ids become Redis hash tags: anything else could escape the account's slot."""
+    if not keyspace.valid_account_id(account_id):
+        raise errors.InvalidRequest(
+            f"Invalid account id {account_id!r}: use 1-128 of A-Z a-z 0-9 _ . : @ -, starting alphanumeric.",
+            param="id",
+        )
+    return account_id
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+@dataclass
+class Service:
+    redis: Redis
+    config: Config
+    ledger: Ledger
+    accounts: Accounts
+
+    @classmethod
+    def of(cls, state: State) -> Service:
+        """The services of a running proxy, with its current (possibly reloaded) config."""
+        return cls(state.redis, state.config, state.ledger, state.accounts)
+
+    # -- accounts ------------------------------------------------------------------
+
+    async def list_accounts(self) -> dict[str, Any]:
+        return {"object": "list", "data": await self.accounts.all_ids()}
+
+    async def create_account(self, body: Body) -> dict[str, Any]:
+        req = parse(AccountCreate, body)
+        fields = account_fields(req, self.config)
+        if "plan" not in req.model_fields_set and self.config.default_plan:
+            fields["plan"] = self.config.default_plan
+        fields = {name: value for name, value in fields.items() if value is not None}
+        await self.ledger.save_account(checked_id(req.id), fields, create=True)
+        return await self.get_account(req.id)
+
+    async def get_account(self, account_id: str) -> dict[str, Any]:
+        return views.account(account_id, await self._touch(account_id))
+
+    async def update_account(self, account_id: str, body: Body) -> dict[str, Any]:
+        req = parse(AccountPatch, body)
+        await self.ledger.save_account(checked_id(account_id), account_fields(req, self.config), create=False)
+        return await self.get_account(account_id)
+
+    async def balance(self, account_id: str) -> dict[str, Any]:
+        return views.balance(account_id, await self._touch(account_id))
+
+    async def _touch(self, account_id: str) -> AccountView:
+        """Reads that show money bring lazy bookkeeping (expiry, allocation) up to date."""
+        return await self.ledger.touch(checked_id(account_id))
+
+    async def _require(self, account_id: str) -> str:
+        """Reads of history only check that the account exists: they change nothing."""
+        if not await self.redis.exists(keyspace.account(checked_id(account_id), "acct")):
+            raise errors.NotFound(f"No account {account_id!r}.")
+        return account_id
+
+    # -- keys ----------------------------------------------------------------------
+
+    async def create_key(self, account_id: str, body: Body) -> dict[str, Any]:
+        req = parse(KeyCreate, body)
+        unknown = sorted(set(req.allowed_models or ()) - set(self.config.models))
+        if unknown:
+            raise errors.InvalidRequest(f"Unknown model(s): {', '.join(unknown)}.", param="allowed_models")
+        record, secret = await self.accounts.create_key(checked_id(account_id), req.name, req.allowed_models)
+        return {
+            "id": record.key_id,
+            "object": "api_key",
+            "account_id": account_id,
+            "name": record.name,
+            "allowed_models": req.allowed_models,
+            "key": secret,  # shown once: only its hash is stored
+        }
+
+    async def revoke_key(self, key_id: str) -> dict[str, Any]:
+        return await self.accounts.revoke_key(key_id)
+
+    async def list_keys(self, account_id: str) -> dict[str, Any]:
+        return {"object": "list", "data": await self.accounts.list_keys(await self._require(account_id))}
+
+    # -- credits -------------------------------------------------------------------
+
+    async def grant(self, account_id: str, body: Body) -> tuple[bool, dict[str, Any]]:
+        """(created, grant). A seen idempotency key returns the first grant, unchanged."""
+        req = parse(GrantCreate, body)
+        spec = {
+            "id": "grant_" + secrets.token_hex(12),
+            "kind": req.kind,
+            "amount": str(req.amount_usd),
+            "priority": req.priority,
+            "effective_at": req.effective_at or 0,
+            "expires_at": req.expires_at or 0,
+            "description": req.description,
+            "idem": req.idempotency_key,
+            "cost_basis": req.per_unit_cost_basis,
+        }
+        created, grant = await self.ledger.grant(checked_id(account_id), spec)
+        if not created and (grant["amount"], grant["kind"]) != (spec["amount"], spec["kind"]):
+            # a reused key with another amount is a caller's bug: say so rather than pretend
+            raise errors.InvalidRequest(
+                f"Idempotency key {req.idempotency_key!r} was already used for grant {grant['id']} "
+                f"({grant['kind']}, ${usd(int(grant['amount']))}).",
+                param="idempotency_key",
+                code="idempotency_key_reused",
+            )
+        return created, views.grant(grant)
+
+    async def void(self, account_id: str, grant_id: str, body: Body) -> dict[str, Any]:
+        """Void a grant's remainder; voiding it again changes nothing."""
+        req = parse(GrantVoid, body)
+        _, grant = await self.ledger.void(checked_id(account_id), grant_id, req.reason)
+        return views.grant(grant)
+
+    # -- history -------------------------------------------------------------------
+
+    async def ledger_page(self, account_id: str, query: Body) -> dict[str, Any]:
+        """Oldest first; within a page, newest last. `next_cursor` is null on the last page."""
+        q = parse(LedgerQuery, query)
+        rows = await read_entries(self.redis, await self._require(account_id), after=q.cursor, limit=q.limit)
+        return {
+            "object": "list",
+            "entries": [views.entry(account_id, entry_id, raw) for entry_id, raw in rows],
+            "next_cursor": rows[-1][0] if len(rows) == q.limit else None,
+        }
+
+    async def export_ledger(self, account_id: str, query: Body) -> tuple[str, AsyncIterator[str]]:
+        """(content type, chunks): the whole ledger as CSV or JSON lines."""
+        q = parse(ExportQuery, query)
+        await self._require(account_id)
+        return EXPORT_TYPES[q.format], reconcile.export(self.redis, account_id, q.format)
+
+    async def usage(self, account_id: str, query: Body) -> dict[str, Any]:
+        """Usage entries in [from, to), grouped by model and/or UTC day."""
+        q = parse(UsageQuery, query)
+        await self._require(account_id)
+        end = q.to if q.to is not None else now_ms()
+        start = q.from_ if q.from_ is not None else end - USAGE_DEFAULT_SPAN_MS
+        if start >= end:
+            raise errors.InvalidRequest("`from` must be earlier than `to`.", param="from")
+        groups: dict[tuple[str | None, str | None], dict[str, Any]] = {}
+        by_model, by_day = "model" in q.group_by, "day" in q.group_by
+        # stream ids are ms timestamps: XRANGE bounds are inclusive, so `to` - 1
+        async for entry_id, raw in reconcile.iter_entries(self.redis, account_id, start, end - 1):
+            entry = orjson.loads(raw)
+            if entry.get("type") != "usage":
+                continue
+            key = (entry.get("model") if by_model else None, _day(entry_id) if by_day else None)
+            _add_usage(groups.setdefault(key, _empty_group(*key, by_day)), entry)
+        return {
+            "account_id": account_id,
+            "from": views.rfc3339(start),
+            "to": views.rfc3339(end),
+            "groups": [_render_group(groups[key]) for key in sorted(groups, key=lambda k: (k[0] or "", k[1] or ""))],
+        }
+
+
+def account_fields(req: AccountPatch, config: Config) -> dict[str, str | None]:
+    """Account hash fields for the fields given; None deletes the field (falls back)."""
+    given = req.model_fields_set
+    fields: dict[str, str | None] = {}
+    if "plan" in given:
+        if req.plan is not None and req.plan not in config.plans:
+            known = ", ".join(config.plans) or "none"
+            raise errors.InvalidRequest(f"Unknown plan {req.plan!r} (configured: {known}).", param="plan")
+        fields["plan"] = req.plan
+    if "overage_limit_usd" in given:
+        limit = req.overage_limit_usd
+        fields["overage_limit"] = None if limit is None else str(limit)  # 'unlimited' or micro-USD
+    if "auto_topup" in given:
+        topup = req.auto_topup
+        fields["auto_topup"] = (
+            None
+            if topup is None
+            else orjson.dumps({"threshold": str(topup.threshold_usd), "amount": str(topup.amount_usd)}).decode()
+        )
+    if "rate_limits" in given:
+        limits = req.rate_limits
+        for name in ("rpm", "tpm"):
+            if limits is None or name in limits.model_fields_set:
+                value = None if limits is None else getattr(limits, name)
+                fields[f"rl_{name}"] = None if value is None else str(value)
+    if "status" in given:
+        fields["status"] = req.status
+    if "metadata" in given:
+        fields["metadata"] = None if req.metadata is None else orjson.dumps(req.metadata).decode()
+    if "low_balance_thresholds_usd" in given:
+        marks = req.low_balance_thresholds_usd
+        fields["thresholds"] = None if marks is None else orjson.dumps(sorted(set(marks), reverse=True)).decode()
+    return fields
+
+
+def _day(entry_id: str) -> str:
+    return datetime.fromtimestamp(int(entry_id.split("-", 1)[0]) / 1000, UTC).date().isoformat()
+
+
+def _empty_group(model: str | None, day: str | None, by_day: bool) -> dict[str, Any]:
+    group: dict[str, Any] = {"model": model}
+    if by_day:
+        group["day"] = day
+    return {**group, "requests": 0, **dict.fromkeys(TOKEN_FIELDS, 0), "cost": 0}
+
+
+def _add_usage(group: dict[str, Any], entry: dict[str, Any]) -> None:
+    usage = entry.get("usage") or {}
+    group["requests"] += 1
+    for name in TOKEN_FIELDS:
+        group[name] += int(usage.get(name) or 0)
+    group["cost"] -= int(entry["amount"])  # usage amounts are negative: a charge
+
+
+def _render_group(group: dict[str, Any]) -> dict[str, Any]:
+    out = {k: v for k, v in group.items() if k != "cost"}
+    out["cost_usd"] = usd(group["cost"])
+    return out

@@ -1,0 +1,153 @@
+"""The admin CLI, in-process against the test Redis (main() runs its own event loop,
+so it is called from a worker thread)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from redis.asyncio import Redis
+
+from proxy.cli import build_parser, main
+from proxy.embedded import EmbeddedRedis
+
+from .conftest import BASE_CONFIG, deep_merge
+
+
+@pytest.fixture
+def config_file(tmp_path: Path, redis_server: EmbeddedRedis, redis: Redis) -> Path:
+    """A config pointing redis.url at the test Redis (flushed by the `redis` fixture)."""
+    path = tmp_path / "config.yaml"
+    extra = {"redis": {"url": redis_server.url}, "data_dir": str(tmp_path / "data"),
+             "plans": {"pro": {"overage": {"limit_usd": None}}}}  # fmt: skip
+    path.write_text(yaml.safe_dump(deep_merge(BASE_CONFIG, extra)))
+    return path
+
+
+class Cli:
+    def __init__(self, config: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        self.config = config
+        self.capsys = capsys
+
+    async def run(self, *argv: str) -> tuple[int, str, str]:
+        self.capsys.readouterr()
+        code = await asyncio.to_thread(main, ["--config", str(self.config), *argv])
+        out, err = self.capsys.readouterr()
+        return code, out, err
+
+    async def json(self, *argv: str) -> Any:
+        code, out, err = await self.run(*argv)
+        assert code == 0, err
+        return json.loads(out)
+
+
+@pytest.fixture
+def cli(config_file: Path, capsys: pytest.CaptureFixture[str]) -> Cli:
+    return Cli(config_file, capsys)
+
+
+async def test_accounts_keys_credits_round_trip(cli: Cli) -> None:
+    created = await cli.json("accounts", "create", "acme", "--metadata", '{"crm": "c_9"}', "--overage-limit", "1.5")
+    assert created["id"] == "acme" and created["metadata"] == {"crm": "c_9"}
+    assert created["overage_limit_usd"] == "1.500000"
+    assert (await cli.json("accounts", "list"))["data"] == ["acme"]
+    updated = await cli.json("accounts", "update", "acme", "--plan", "pro", "--rpm", "7", "--status", "suspended")
+    assert updated["plan"] == "pro" and updated["rate_limits"]["rpm"] == 7 and updated["status"] == "suspended"
+    cleared = await cli.json("accounts", "update", "acme", "--clear", "plan", "--clear", "rate_limits")
+    assert cleared["plan"] is None and cleared["rate_limits"]["override"] is False
+    topped = await cli.json("accounts", "update", "acme", "--auto-topup-threshold", "1", "--auto-topup-amount", "10")
+    assert topped["auto_topup"] == {"threshold_usd": "1.000000", "amount_usd": "10.000000"}
+
+    key = await cli.json("keys", "create", "acme", "--name", "ci", "--allowed-models", "gpt-4o,gpt-4o-mini")
+    assert key["key"].startswith("sk-mp-") and key["allowed_models"] == ["gpt-4o", "gpt-4o-mini"]
+    listed = await cli.json("keys", "list", "acme")
+    assert [k["id"] for k in listed["data"]] == [key["id"]] and "key" not in listed["data"][0]
+    assert (await cli.json("keys", "revoke", key["id"]))["revoked"] is True
+
+    grant = await cli.json("credits", "grant", "acme", "12.5", "--kind", "paid", "--idempotency-key", "inv-1")
+    assert grant["amount_usd"] == "12.500000" and grant["status"] == "active"
+    code, out, err = await cli.run("credits", "grant", "acme", "12.5", "--kind", "paid", "--idempotency-key", "inv-1")
+    assert code == 0 and json.loads(out) == grant and "existing grant" in err
+    promo = await cli.json("credits", "grant", "acme", "2", "--kind", "promotional", "--expires-at", "2999-01-01")
+    assert promo["expires_at"] == "2999-01-01T00:00:00.000Z"
+    balance = await cli.json("balance", "acme")
+    assert balance["balance_usd"] == "14.500000" and len(balance["grants"]) == 2
+    voided = await cli.json("credits", "void", "acme", promo["id"], "--reason", "refund")
+    assert voided["status"] == "voided"
+    assert (await cli.json("balance", "acme"))["balance_usd"] == "12.500000"
+
+    page = await cli.json("ledger", "list", "acme", "--limit", "2")
+    assert [e["type"] for e in page["entries"]] == ["grant", "grant"] and page["next_cursor"]
+    rest = await cli.json("ledger", "list", "acme", "--limit", "2", "--cursor", page["next_cursor"])
+    assert [e["type"] for e in rest["entries"]] == ["void"] and rest["next_cursor"] is None
+    usage = await cli.json("usage", "acme", "--group-by", "model,day")
+    assert usage["account_id"] == "acme" and usage["groups"] == []
+
+
+async def test_errors_exit_1_with_openai_shaped_json(cli: Cli) -> None:
+    code, out, err = await cli.run("balance", "ghost")
+    assert code == 1 and out == "" and json.loads(err)["error"]["code"] == "not_found"
+    await cli.json("accounts", "create", "acme")
+    code, _, err = await cli.run("credits", "grant", "acme", "0.0000001", "--kind", "paid")
+    assert code == 1 and json.loads(err)["error"]["param"] == "amount_usd"
+    code, _, err = await cli.run("accounts", "update", "acme", "--plan", "gold")
+    assert code == 1 and "Unknown plan" in err
+    code, _, err = await cli.run("accounts", "update", "acme", "--metadata", "{not json")
+    assert code == 1 and "could not parse" in err
+    code, _, err = await cli.run("accounts", "create", "acme")
+    assert code == 1 and "account_exists" in err
+
+
+async def test_ledger_export_csv_and_jsonl(cli: Cli, tmp_path: Path) -> None:
+    await cli.json("accounts", "create", "acme")
+    grant = await cli.json("credits", "grant", "acme", "3", "--kind", "paid", "--description", "pack, large")
+    code, out, _ = await cli.run("ledger", "export", "acme", "--format", "jsonl")
+    (entry,) = [json.loads(line) for line in out.splitlines()]
+    assert code == 0 and entry["type"] == "grant" and entry["amount_usd"] == "3.000000"
+    assert entry["grant_id"] == grant["id"] and entry["account_id"] == "acme"
+    target = tmp_path / "ledger.csv"
+    code, out, _ = await cli.run("ledger", "export", "acme", "--format", "csv", "--output", str(target))
+    assert code == 0 and out == ""
+    header, row = target.read_bytes().decode().split("\r\n")[:2]
+    assert header == (
+        "id,created_at,type,amount_usd,balance_usd,grant_id,request_id,model,input_tokens,cached_input_tokens,"
+        "output_tokens,reasoning_tokens,estimated,downgraded_from,description"
+    )
+    assert row == f'{entry["id"]},{entry["created_at"]},grant,3.000000,3.000000,{grant["id"]},,,,,,,,,"pack, large"'
+
+
+async def test_embedded_redis_port_file(tmp_path: Path, redis_server: EmbeddedRedis, redis: Redis,
+                                        capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+    path = tmp_path / "embedded.yaml"
+    path.write_text(yaml.safe_dump(deep_merge(BASE_CONFIG, {"data_dir": str(tmp_path / "data")})))
+    cli = Cli(path, capsys)
+    code, out, err = await cli.run("accounts", "list")
+    assert code == 1 and out == "" and "start the proxy first or set redis.url" in err
+    (tmp_path / "data" / "redis").mkdir(parents=True)
+    (tmp_path / "data" / "redis" / "port").write_text(f"{redis_server.port}\n")  # as a running proxy leaves it
+    assert (await cli.json("accounts", "list"))["data"] == []
+
+
+async def test_embedded_server_records_and_removes_its_port(tmp_path: Path) -> None:
+    server = EmbeddedRedis(tmp_path / "redis")
+    await server.start()
+    try:
+        assert (tmp_path / "redis" / "port").read_text().strip() == str(server.port)
+    finally:
+        server.stop()
+    assert not (tmp_path / "redis" / "port").exists()
+
+
+def test_config_flag_works_after_the_subcommand(tmp_path: Path) -> None:
+    assert build_parser().parse_args(["serve", "--config", "a.yaml"]).config == "a.yaml"
+    assert build_parser().parse_args(["--config", "b.yaml", "serve"]).config == "b.yaml"
+    assert build_parser().parse_args(["reconcile", "--config", "c.yaml"]).config == "c.yaml"
+
+
+def test_config_check_still_works(config_file: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["config", "check", str(config_file)]) == 0
+    assert capsys.readouterr().out.startswith("ok: 4 models")
