@@ -39,6 +39,7 @@ async def test_rpm_limit_429_with_headers_and_rejections_do_not_count(start_prox
         raw = await chat(running, key)
         assert raw.headers["x-ratelimit-limit-requests"] == "3"
         assert raw.headers["x-ratelimit-remaining-requests"] == str(remaining)
+        assert raw.headers["x-ratelimit-reset-requests"] not in ("0s", "")  # this request frees up in ~60 s
     for _ in range(2):
         with pytest.raises(openai.RateLimitError) as caught:
             await chat(running, key)

@@ -55,17 +55,20 @@ local function retry_ms(buckets, used, limit, requested)
   return 60000
 end
 
-local function reset_ms(buckets)
-  if #buckets == 0 then return 0 end
-  return (buckets[1][1] + 60) * 1000 - now
+-- When capacity next grows: the oldest counted second leaves the window (this
+-- request's own second when it is the only one counted).
+local function reset_ms(buckets, admitted)
+  if #buckets > 0 then return (buckets[1][1] + 60) * 1000 - now end
+  if admitted > 0 then return (now_s + 60) * 1000 - now end
+  return 0
 end
 
 local tokens = prompt_tokens + max_out
 local used, buckets = window(K.rl)
 
 local function figures(admitted_tokens, admitted_requests)
-  return {rpm, math.max(0, rpm - used.r - admitted_requests), reset_ms(buckets.r),
-          tpm, math.max(0, tpm - used.t - admitted_tokens), reset_ms(buckets.t)}
+  return {rpm, math.max(0, rpm - used.r - admitted_requests), reset_ms(buckets.r, admitted_requests),
+          tpm, math.max(0, tpm - used.t - admitted_tokens), reset_ms(buckets.t, admitted_tokens)}
 end
 
 local function reject(code, limit, used_now, requested, kind_buckets)
