@@ -10,6 +10,7 @@
     metering-proxy ledger list|export ACCOUNT        ledger pages, CSV / JSON lines export
     metering-proxy usage ACCOUNT                     usage grouped by model and/or day
     metering-proxy reconcile                         check the ledger invariants (exit 1 on drift)
+    metering-proxy webhooks dead list|replay         dead-lettered webhook events
 
 Every command takes `--config PATH` (default `$METERING_CONFIG`, then ./config.yaml).
 The admin commands print JSON (money as decimal strings) and talk to Redis directly
@@ -256,6 +257,22 @@ async def run_reconcile(svc: Service, args: Any) -> int:
     return 1
 
 
+async def dead_list(svc: Service, args: Any) -> int:
+    from .webhooks import list_dead
+
+    for event in await list_dead(svc.redis, args.account):
+        print(orjson.dumps(event).decode())
+    return 0
+
+
+async def dead_replay(svc: Service, args: Any) -> int:
+    from .webhooks import replay_dead
+
+    moved = await replay_dead(svc.ledger, args.account)
+    print(f"replayed {moved} event{'' if moved == 1 else 's'}")
+    return 0
+
+
 # -- the parser ----------------------------------------------------------------------
 
 
@@ -348,6 +365,10 @@ def _add_money_commands(sub: Any) -> None:
     usage.add_argument("--group-by", choices=("model", "day", "model,day"), default="model")
 
     _leaf(sub, "reconcile", run_reconcile, "check every account's ledger invariants")
+
+    dead = _group(_group(sub, "webhooks", "webhook delivery tools"), "dead", "events that failed every attempt")
+    _leaf(dead, "list", dead_list, "print dead events as JSON lines").add_argument("account", nargs="?")
+    _leaf(dead, "replay", dead_replay, "queue dead events for delivery again").add_argument("account", nargs="?")
 
 
 def build_parser() -> argparse.ArgumentParser:

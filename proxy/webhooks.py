@@ -17,22 +17,19 @@ micro-USD into a decimal USD string; the signature is
 `v1,base64(HMAC-SHA256(secret, f"{id}.{timestamp}.{body}"))`.
 
 Public: `Webhooks(state).deliver / close`, `sign`, `verify`, `body_of`, `full_jitter`,
-`list_dead`, `replay_dead`, `add_cli` (`webhooks dead list|replay [ACCOUNT]`).
+`list_dead`, `replay_dead` (the CLI's `webhooks dead list|replay [ACCOUNT]`).
 """
 
 from __future__ import annotations
 
-import argparse
-import asyncio
 import base64
 import hashlib
 import hmac
 import random
 import re
 import secrets
-import sys
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import aiohttp
@@ -329,50 +326,3 @@ async def _replay_account(redis: Redis, account_id: str) -> int:
 
 
 # -- command line ----------------------------------------------------------------------
-
-Connect = Callable[[argparse.Namespace], Awaitable[tuple[Redis, Ledger]]]
-
-
-def add_cli(sub: argparse._SubParsersAction, connect: Connect) -> None:  # type: ignore[type-arg]
-    """Register `webhooks dead list [ACCOUNT]` and `webhooks dead replay [ACCOUNT]`.
-
-    `connect(args)` opens a Redis client and a Ledger for the parsed arguments (their
-    `--config`); the command closes the client. Each command sets `args.func(args) -> int`
-    (an exit status), runs its own event loop, and prints JSON lines / a count.
-    """
-    hooks = sub.add_parser("webhooks", help="webhook delivery tools")
-    dead = hooks.add_subparsers(dest="webhooks_command", required=True).add_parser(
-        "dead", help="events that failed every delivery attempt"
-    )
-    commands = dead.add_subparsers(dest="dead_command", required=True)
-    listing = commands.add_parser("list", help="print dead events as JSON lines")
-    listing.add_argument("account", nargs="?", help="only this account")
-    listing.set_defaults(func=lambda args: asyncio.run(_cli(args, connect, _cli_list)))
-    replay = commands.add_parser("replay", help="queue dead events for delivery again")
-    replay.add_argument("account", nargs="?", help="only this account (default: all)")
-    replay.set_defaults(func=lambda args: asyncio.run(_cli(args, connect, _cli_replay)))
-
-
-async def _cli(
-    args: argparse.Namespace, connect: Connect, command: Callable[[argparse.Namespace, Ledger], Awaitable[int]]
-) -> int:
-    redis, ledger = await connect(args)
-    try:
-        return await command(args, ledger)
-    except (RedisError, OSError) as exc:
-        sys.stderr.write(f"error: Redis failed ({type(exc).__name__}): {exc}\n")
-        return 1
-    finally:
-        await redis.aclose()
-
-
-async def _cli_list(args: argparse.Namespace, ledger: Ledger) -> int:
-    for event in await list_dead(ledger.redis, args.account):
-        sys.stdout.write(orjson.dumps(event).decode() + "\n")
-    return 0
-
-
-async def _cli_replay(args: argparse.Namespace, ledger: Ledger) -> int:
-    moved = await replay_dead(ledger, args.account)
-    sys.stdout.write(f"replayed {moved} event{'s' if moved != 1 else ''}\n")
-    return 0

@@ -152,3 +152,16 @@ async def test_sdk_honours_retry_after(start_proxy: Any, monkeypatch: pytest.Mon
     completion = await client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES, max_tokens=10)
     assert completion.choices
     assert len(slept) == 1 and 1 <= slept[0] <= 60  # waited exactly what retry-after-ms said
+
+
+async def test_per_model_limits(start_proxy: Any) -> None:
+    tiers = {"rate_tiers": {"tiers": [{"name": "t", "min_usd": "0", "rpm": 100, "tpm": 1_000_000,
+                                       "models": {"gpt-4o": {"rpm": 1, "tpm": 1_000_000}}}]}}  # fmt: skip
+    running = await start_proxy(tiers)
+    key = await running.account("acme", "10")
+    client = running.client(key)
+    await client.chat.completions.create(model="gpt-4o", messages=MESSAGES, max_tokens=10)
+    with pytest.raises(openai.RateLimitError) as caught:
+        await client.chat.completions.create(model="gpt-4o", messages=MESSAGES, max_tokens=10)
+    assert "Limit 1, Used 1" in caught.value.message
+    await client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES, max_tokens=10)  # other models free

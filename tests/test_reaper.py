@@ -12,9 +12,14 @@ from typing import Any
 
 import aiohttp
 import yaml
+from redis.asyncio import Redis
 
+from proxy.accounts import Accounts
+from proxy.cli import main as cli_main
+from proxy.config import parse_config
 from proxy.demo_upstream import DemoUpstream
 from proxy.embedded import free_port
+from proxy.ledger import Ledger
 
 from .conftest import BASE_CONFIG, deep_merge
 from .helpers import entries, last_entry_id, next_entry
@@ -45,8 +50,8 @@ def spawn_proxy(config_file: Path, log: Path) -> subprocess.Popen[bytes]:
         )
 
 
-async def test_sigkilled_proxy_reservation_is_released(
-    start_proxy: Any, upstream: DemoUpstream, redis_server: Any, tmp_path: Path
+async def test_sigkilled_proxy_reservation_is_released_after_restart(
+    start_proxy: Any, upstream: DemoUpstream, redis_server: Any, redis: Redis, tmp_path: Path
 ) -> None:
     port = free_port()
     data = deep_merge(BASE_CONFIG, {
@@ -58,9 +63,11 @@ async def test_sigkilled_proxy_reservation_is_released(
     })  # fmt: skip
     config_file = tmp_path / "config.yaml"
     config_file.write_text(yaml.safe_dump(data))
-    survivor = await start_proxy(deep_merge(data, {"server": {"port": 0, "admin_port": 0}}))  # shares Redis
-    key = await survivor.account("acme", "10")
-    child = spawn_proxy(config_file, tmp_path / "child.log")  # fmt: skip
+    ledger = Ledger(redis, parse_config(yaml.safe_dump(data)))
+    await ledger.save_account("acme", {}, create=True)
+    await ledger.grant("acme", {"id": "grant_1", "kind": "paid", "amount": "10000000"})
+    _, key = await Accounts(redis, ledger).create_key("acme")
+    child = spawn_proxy(config_file, tmp_path / "child.log")
     try:
         await wait_healthy(f"http://127.0.0.1:{port}", child)
         upstream.fault.output_tokens, upstream.fault.chunk_delay_s = 500, 0.05
@@ -70,16 +77,19 @@ async def test_sigkilled_proxy_reservation_is_released(
                                       json={"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}],
                                             "stream": True})  # fmt: skip
             await resp.content.readline()  # mid-stream
-            before = await last_entry_id(survivor.state.redis, "acme")
-            assert (await survivor.balance("acme")).reserved > 0
+            before = await last_entry_id(redis, "acme")
+            assert (await ledger.touch("acme")).reserved > 0
             child.send_signal(signal.SIGKILL)
             child.wait(timeout=10)
             resp.close()
     finally:
         if child.poll() is None:
             child.kill()
-    entry = await next_entry(survivor.state.redis, "acme", before, timeout_s=15)
+    # the proxy comes back (on other ports): its worker releases what the dead one held
+    await start_proxy(deep_merge(data, {"server": {"port": 0, "admin_port": 0}}))
+    entry = await next_entry(redis, "acme", before, timeout_s=15)
     assert entry["type"] == "release" and entry["amount"] == "0", entry
-    view = await survivor.balance("acme")
+    view = await ledger.touch("acme")
     assert view.reserved == 0 and view.balance == 10_000_000
-    assert sum(int(e["amount"]) for e in await entries(survivor.state.redis, "acme")) == view.balance
+    assert sum(int(e["amount"]) for e in await entries(redis, "acme")) == view.balance
+    assert await asyncio.to_thread(cli_main, ["--config", str(config_file), "reconcile"]) == 0

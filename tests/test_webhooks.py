@@ -5,31 +5,30 @@ injected zero backoff (or by moving `ledger.clock_offset_ms`)."""
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import base64
 import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import orjson
 import pytest
+import yaml
 from aiohttp import web
 from prometheus_client import REGISTRY
-from redis.asyncio import Redis
 
 from proxy import keyspace
-from proxy.app import connect
+from proxy.cli import main as cli_main
 from proxy.demo_upstream import DemoUpstream
 from proxy.embedded import EmbeddedRedis
-from proxy.ledger import Ledger
 from proxy.money import to_micro
-from proxy.webhooks import Webhooks, add_cli, body_of, full_jitter, list_dead, replay_dead, sign, verify
+from proxy.webhooks import Webhooks, body_of, full_jitter, list_dead, replay_dead, sign, verify
 from proxy.worker import Worker
 
-from .conftest import Running
+from .conftest import BASE_CONFIG, Running, deep_merge
 
 StartProxy = Callable[..., Awaitable[Running]]
 
@@ -348,6 +347,7 @@ async def test_dead_letter_after_max_attempts_then_replay(
     make_worker: Callable[..., Worker],
     redis_server: EmbeddedRedis,
     capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
 ) -> None:
     running = await start_hooked(start_proxy, receiver)
     worker = make_worker(running)
@@ -367,21 +367,16 @@ async def test_dead_letter_after_max_attempts_then_replay(
     assert dead["tries"] == 3 and dead["error"] == "HTTP 500"
     assert dead["data"]["amount_usd"] == "10.000000" and dead["dead_at"].endswith("Z")
 
-    # the same through the command line, as `metering-proxy webhooks dead list|replay`
-    async def open_store(args: argparse.Namespace) -> tuple[Redis, Ledger]:
-        client = connect(redis_server.url)
-        return client, Ledger(client, running.state.config)
-
-    parser = argparse.ArgumentParser(prog="metering-proxy")
-    add_cli(parser.add_subparsers(dest="command", required=True), open_store)
-    args = parser.parse_args(["webhooks", "dead", "list"])
+    # the same through the command line: `metering-proxy webhooks dead list|replay`
+    config_file = tmp_path / "config.yaml"
+    config_file.write_text(yaml.safe_dump(deep_merge(BASE_CONFIG, {"redis": {"url": redis_server.url}})))
+    cli = ["--config", str(config_file), "webhooks", "dead"]
     capsys.readouterr()  # drop the log lines so far
-    assert await asyncio.to_thread(args.func, args) == 0
+    assert await asyncio.to_thread(cli_main, [*cli, "list"]) == 0
     [line] = capsys.readouterr().out.splitlines()
     assert orjson.loads(line) == dead
 
-    args = parser.parse_args(["webhooks", "dead", "replay", "acme"])
-    assert await asyncio.to_thread(args.func, args) == 0
+    assert await asyncio.to_thread(cli_main, [*cli, "replay", "acme"]) == 0
     assert capsys.readouterr().out == "replayed 1 event\n"
     [queued] = await outbox(running)
     assert queued["id"] == receiver.attempts[0].headers["webhook-id"]
