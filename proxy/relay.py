@@ -65,6 +65,7 @@ class Meter:
     prompt_tokens: int
     settled: asyncio.Future[Settlement | None] | None = None
     usage: Usage | None = None
+    tap: StreamTap | None = None  # a stream's usage tap, for a charge if we are cut short
     estimated: bool = False
     outcome: str = "ok"
     extra: dict[str, Any] = field(default_factory=dict)
@@ -82,6 +83,8 @@ class Meter:
 
     async def settle(self) -> Settlement | None:
         if self.settled is None:
+            if self.usage is None and self.tap is not None:  # cancelled mid-stream (shutdown)
+                self.charge(self.tap.usage, self.tap.output.count(self.route.encoding))
             self.settled = self.state.spawn(self._settle_with_retries())
         return await asyncio.shield(self.settled)
 
@@ -278,7 +281,7 @@ async def relay_stream(
     )
     await response.prepare(request)
     parser = SSEParser()
-    tap = StreamTap(meter.client.endpoint, meter.client.wants_usage)
+    tap = meter.tap = StreamTap(meter.client.endpoint, meter.client.wants_usage)
     held = b""  # the final event: sent once the request is settled (read-your-writes)
     first = True
     broken = gone = False

@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+import os
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
+import aiohttp
 import orjson
 from redis.asyncio import Redis
 
@@ -31,3 +37,28 @@ async def next_entry(redis: Redis, account_id: str, after: str, timeout_s: float
 async def entries(redis: Redis, account_id: str) -> list[dict[str, Any]]:
     rows = await redis.xrange(keyspace.account(account_id, "ledger"))
     return [orjson.loads(fields["e"]) for _, fields in rows]
+
+
+async def wait_healthy(url: str, process: subprocess.Popen[bytes], timeout_s: float = 20) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    async with aiohttp.ClientSession() as session:
+        while True:
+            assert process.poll() is None, "proxy exited during startup"
+            try:
+                async with session.get(f"{url}/healthz") as resp:
+                    if resp.status == 200:
+                        return
+            except aiohttp.ClientError:
+                pass
+            assert asyncio.get_running_loop().time() < deadline, "proxy did not start"
+            await asyncio.sleep(0.1)  # polling a child process's readiness
+
+
+def spawn_proxy(config_file: Path, log: Path) -> subprocess.Popen[bytes]:
+    with log.open("wb") as out:  # the child keeps its own copy of the descriptor
+        return subprocess.Popen(
+            [sys.executable, "-m", "proxy", "--config", str(config_file), "serve"],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )

@@ -103,3 +103,57 @@ async def test_health_ready_and_metrics(proxy: Any, upstream: DemoUpstream) -> N
                  "metering_proxy_spend_usd_total", "metering_proxy_redis_script_duration_seconds"):  # fmt: skip
         assert name in text
     assert 'route="/v1/chat/completions"' in text
+
+
+async def test_sighup_reloads_a_running_proxy(
+    upstream: DemoUpstream, redis: Any, redis_server: Any, tmp_path: Path
+) -> None:
+    import os
+    import signal
+
+    from proxy.accounts import Accounts
+    from proxy.embedded import free_port
+    from proxy.ledger import Ledger
+
+    from .helpers import spawn_proxy, wait_healthy
+
+    port, path = free_port(), tmp_path / "config.yaml"
+
+    def write(price: str) -> None:
+        data = deep_merge(BASE_CONFIG, {"server": {"port": port, "admin_port": free_port()},
+                                        "redis": {"url": redis_server.url},
+                                        "upstreams": {"openai": {"base_url": upstream.base_url}},
+                                        "models": {"gpt-4o": {"price": {"input": price}}}})  # fmt: skip
+        path.write_text(yaml.safe_dump(data))
+
+    write("2.50")
+    ledger = Ledger(redis, load_config(path))
+    await ledger.save_account("acme", {}, create=True)
+    await ledger.grant("acme", {"id": "grant_1", "kind": "paid", "amount": "10000000"})
+    _, key = await Accounts(redis, ledger).create_key("acme")
+    child = spawn_proxy(path, tmp_path / "child.log")
+    try:
+        await wait_healthy(f"http://127.0.0.1:{port}", child)
+        upstream.fault.prompt_tokens, upstream.fault.output_tokens = 1000, 0
+
+        async def cost() -> str:
+            async with aiohttp.ClientSession() as session:
+                async with session.post(f"http://127.0.0.1:{port}/v1/chat/completions",
+                                        headers={"Authorization": f"Bearer {key}"},
+                                        json={"model": "gpt-4o", "messages": [{"role": "user", "content": "x"}],
+                                              "max_tokens": 5}) as resp:  # fmt: skip
+                    return resp.headers["x-metering-cost-usd"]
+
+        assert await cost() == "0.002500"
+        stamp = path.stat()
+        write("3.00")  # same size, and the old mtime: the file watcher cannot see it, only SIGHUP
+        os.utime(path, ns=(stamp.st_atime_ns, stamp.st_mtime_ns))
+        child.send_signal(signal.SIGHUP)
+        for _ in range(100):
+            if await cost() == "0.003000":
+                break
+            await asyncio.sleep(0.05)  # polling the child process's state
+        assert await cost() == "0.003000"
+    finally:
+        child.terminate()
+        child.wait(timeout=10)

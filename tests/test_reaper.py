@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -22,32 +19,7 @@ from proxy.embedded import free_port
 from proxy.ledger import Ledger
 
 from .conftest import BASE_CONFIG, deep_merge
-from .helpers import entries, last_entry_id, next_entry
-
-
-async def wait_healthy(url: str, process: subprocess.Popen[bytes], timeout_s: float = 20) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout_s
-    async with aiohttp.ClientSession() as session:
-        while True:
-            assert process.poll() is None, "proxy exited during startup"
-            try:
-                async with session.get(f"{url}/healthz") as resp:
-                    if resp.status == 200:
-                        return
-            except aiohttp.ClientError:
-                pass
-            assert asyncio.get_running_loop().time() < deadline, "proxy did not start"
-            await asyncio.sleep(0.1)  # polling a child process's readiness
-
-
-def spawn_proxy(config_file: Path, log: Path) -> subprocess.Popen[bytes]:
-    with log.open("wb") as out:  # the child keeps its own copy of the descriptor
-        return subprocess.Popen(
-            [sys.executable, "-m", "proxy", "--config", str(config_file), "serve"],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )
+from .helpers import entries, last_entry_id, next_entry, spawn_proxy, wait_healthy
 
 
 async def test_sigkilled_proxy_reservation_is_released_after_restart(
