@@ -19,8 +19,8 @@ from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 from redis import exceptions as redis_errors
 
-from . import errors, metrics, relay
-from .api import json_response
+from . import errors, metrics
+from .api import json_response, openai_errors
 from .schemas import (
     AccountCreate,
     AccountPatch,
@@ -47,26 +47,15 @@ class StreamCut(Exception):
 
 @web.middleware
 async def require_admin_token(request: web.Request, handler: Handler) -> web.StreamResponse:
-    req_id = relay.request_id()
     if request.path not in PUBLIC and not _authorized(request):
-        err = errors.InvalidApiKey("A valid admin token is required (Authorization: Bearer <admin_token>).")
-        return relay.error_response(err, req_id)
+        raise errors.InvalidApiKey("A valid admin token is required (Authorization: Bearer <admin_token>).")
     try:
         return await handler(request)
     except StreamCut:
-        log.exception("admin_stream_cut", path=request.path, request_id=req_id)
+        log.exception("admin_stream_cut", path=request.path)
         raise
-    except errors.ProxyError as err:
-        return relay.error_response(err, req_id)
-    except web.HTTPException as exc:  # unknown route, wrong method, body too large
-        return relay.error_response(_http_error(exc), req_id)
-    except STORE_DOWN:
-        return relay.error_response(errors.StoreUnavailable("The metering store is unavailable."), req_id)
-    except Exception:
-        # never a traceback in a response body: it is in the log, under the request id
-        log.exception("admin_request_failed", path=request.path, method=request.method, request_id=req_id)
-        internal = errors.ProxyError("The server had an error while processing your request.", code="internal_error")
-        return relay.error_response(internal, req_id)
+    except STORE_DOWN as exc:
+        raise errors.StoreUnavailable("The metering store is unavailable.") from exc
 
 
 def _authorized(request: web.Request) -> bool:
@@ -74,12 +63,6 @@ def _authorized(request: web.Request) -> bool:
     given = request.headers.get("Authorization", "")
     expected = f"Bearer {token.get_secret_value()}" if token else ""
     return bool(token) and hmac.compare_digest(given.encode(), expected.encode())
-
-
-def _http_error(exc: web.HTTPException) -> errors.ProxyError:
-    err = errors.ProxyError(f"{exc.status} {exc.reason}", type="invalid_request_error")
-    err.status = exc.status
-    return err
 
 
 async def _body(request: web.Request) -> dict[str, Any]:
@@ -231,7 +214,7 @@ ROUTES = (
 
 
 def admin_app() -> web.Application:
-    app = web.Application(middlewares=[require_admin_token])
+    app = web.Application(middlewares=[openai_errors, require_admin_token])
     for route in ROUTES:
         app.router.add_route(route.method, route.path, route.handler)
     return app

@@ -6,12 +6,15 @@ import functools
 import time
 
 import orjson
+import structlog
 from aiohttp import web
 
 from . import errors, relay, views
 from .intake import ENDPOINTS
 from .money import usd
 from .state import STATE
+
+log = structlog.get_logger("proxy.api")
 
 
 def json_response(data: object, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
@@ -58,9 +61,32 @@ async def healthz(_: web.Request) -> web.Response:
     return json_response({"status": "ok"})
 
 
+@web.middleware
+async def openai_errors(request: web.Request, handler: relay.Handler) -> web.StreamResponse:
+    """Every error in OpenAI's shape: unknown routes too, and never a traceback."""
+    try:
+        return await handler(request)
+    except errors.ProxyError as err:
+        return relay.error_response(err, relay.request_id())
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        http = errors.ProxyError(
+            f"{exc.status} {exc.reason}: {request.method} {request.path}", type="invalid_request_error"
+        )
+        http.status = exc.status
+        return relay.error_response(http, relay.request_id())
+    except Exception:
+        # the traceback goes to the log, under the request id; the client gets a 500
+        req_id = relay.request_id()
+        log.exception("request_failed", path=request.path, method=request.method, request_id=req_id)
+        internal = errors.ProxyError("The server had an error while processing your request.", code="internal_error")
+        return relay.error_response(internal, req_id)
+
+
 def client_app() -> web.Application:
     # client_max_size is enforced by relay.read_body with a clean 413 instead
-    app = web.Application(client_max_size=2**62)
+    app = web.Application(client_max_size=2**62, middlewares=[openai_errors])
     for endpoint, (path, _, _) in ENDPOINTS.items():
         app.router.add_post(path, functools.partial(relay.metered, endpoint=endpoint))
     app.router.add_get("/v1/models", list_models)

@@ -192,3 +192,14 @@ async def test_ledger_sums_to_balance(proxy: Running, upstream: DemoUpstream) ->
     view = await proxy.balance("acme")
     assert total == view.balance
     assert Decimal(view.balance) < Decimal(3_500_000)
+
+
+async def test_unknown_route_is_an_openai_shaped_404(proxy: Running) -> None:
+    import aiohttp
+
+    async with aiohttp.ClientSession() as session:
+        async with session.get(f"{proxy.url}/v1/nope") as resp:
+            body = await resp.json()
+        assert resp.status == 404 and body["error"]["type"] == "invalid_request_error"
+        async with session.get(f"{proxy.url}/v1/chat/completions") as resp:
+            assert resp.status == 405 and "error" in await resp.json()
