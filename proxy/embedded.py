@@ -8,9 +8,12 @@ Production should point `redis.url` at a managed Redis instead.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import shutil
+import signal
 import socket
 import subprocess
+import sys
 from pathlib import Path
 
 from redis.asyncio import Redis
@@ -31,6 +34,12 @@ def server_binary() -> str:
 def port_file(data_dir: Path) -> Path:
     """Where a running embedded server records its port, for the CLI to find it."""
     return data_dir / "port"
+
+
+def _die_with_parent() -> None:
+    """In the child: ask Linux to SIGTERM it when the proxy dies, even by SIGKILL."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 def free_port() -> int:
@@ -73,7 +82,9 @@ class EmbeddedRedis:
             "redis.log",
         ]
         # spawning returns at once; readiness is awaited below without blocking
-        self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # noqa: ASYNC220
+        self.process = subprocess.Popen(  # noqa: ASYNC220
+            args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=_die_with_parent
+        )
         await self._wait_ready(timeout_s)
         port_file(self.data_dir).write_text(f"{self.port}\n")
         return self.url

@@ -68,7 +68,7 @@ class Meter:
     tap: StreamTap | None = None  # a stream's usage tap, for a charge if we are cut short
     estimated: bool = False
     outcome: str = "ok"
-    extra: dict[str, Any] = field(default_factory=dict)
+    timing: dict[str, float] = field(default_factory=dict)  # upstream_ms, ttft_ms for the access log
 
     @property
     def downgraded(self) -> bool:
@@ -97,7 +97,7 @@ class Meter:
     async def _settle(self) -> Settlement | None:
         usage = self.usage
         cost = 0 if usage is None or self.downgraded else self.route.price.cost(usage)
-        entry: dict[str, Any] = {"model": self.route.model, "key_id": self.key_id, **self.extra}
+        entry: dict[str, Any] = {"model": self.route.model, "key_id": self.key_id}
         if usage is None:
             entry["type"] = "release"
             entry["description"] = f"nothing charged: {self.outcome}"
@@ -236,7 +236,7 @@ async def relay_body(upstream: aiohttp.ClientResponse, meter: Meter, started: fl
         meter.outcome = "upstream broke before its body ended"
         err = errors.UpstreamUnavailable("The upstream failed while answering; nothing was charged.")
         return error_response(err, meter.request_id)
-    metrics.UPSTREAM_SECONDS.labels(meter.client.model).observe(time.perf_counter() - started)
+    meter.timing["upstream_ms"] = observe(metrics.UPSTREAM_SECONDS, meter, started)
     try:
         parsed = orjson.loads(body)
     except orjson.JSONDecodeError:
@@ -288,7 +288,7 @@ async def relay_stream(
     try:
         async for chunk in upstream.content.iter_any():
             if first:
-                metrics.TTFT_SECONDS.labels(meter.client.model).observe(time.perf_counter() - started)
+                meter.timing["ttft_ms"] = observe(metrics.TTFT_SECONDS, meter, started)
                 first = False
             out, final = forwardable(parser.feed(chunk), tap)
             held += final
@@ -302,7 +302,7 @@ async def relay_stream(
     finally:
         if gone or broken:
             upstream.close()  # stop the upstream generating what nobody will pay for
-        metrics.UPSTREAM_SECONDS.labels(meter.client.model).observe(time.perf_counter() - started)
+        meter.timing["upstream_ms"] = observe(metrics.UPSTREAM_SECONDS, meter, started)
     if not (gone or broken or tap.finished):  # upstream EOF: a last event may lack its blank line
         events, rest = parser.finish()
         out, final = forwardable(events, tap)
@@ -329,6 +329,13 @@ def forwardable(events: list[Event], tap: StreamTap) -> tuple[bytes, bytes]:
         if tap.forward(event):
             (final if tap.finished else now).append(event.raw)
     return b"".join(now), b"".join(final)
+
+
+def observe(histogram: Any, meter: Meter, started: float) -> float:
+    """Record a latency per model; returns it in ms for the access log."""
+    elapsed = time.perf_counter() - started
+    histogram.labels(meter.client.model).observe(elapsed)
+    return round(elapsed * 1000, 2)
 
 
 async def write(response: web.StreamResponse, data: bytes) -> bool:
@@ -366,7 +373,7 @@ def access_log(
     if reason:
         fields["reason"] = reason
     if meter is not None:
-        fields.update(account_id=meter.account_id, key_id=meter.key_id, outcome=meter.outcome)
+        fields.update(account_id=meter.account_id, key_id=meter.key_id, outcome=meter.outcome, **meter.timing)
         if meter.usage is not None:
             fields.update(meter.usage.as_dict(), estimated=meter.estimated)
             record_usage(meter)

@@ -125,8 +125,19 @@ class RateLimits(_Request):
 
 
 class AutoTopup(_Request):
+    """Below `threshold_usd`, request `amount_usd`, or enough to reach `target_usd`."""
+
     threshold_usd: NonNegativeUsd
-    amount_usd: PositiveUsd
+    amount_usd: PositiveUsd | None = None
+    target_usd: PositiveUsd | None = None
+
+    @model_validator(mode="after")
+    def _one_amount(self) -> AutoTopup:
+        if (self.amount_usd is None) == (self.target_usd is None):
+            raise ValueError("give exactly one of amount_usd and target_usd")
+        if self.target_usd is not None and self.target_usd <= self.threshold_usd:
+            raise ValueError("target_usd must be above threshold_usd")
+        return self
 
 
 class AccountPatch(_Request):

@@ -26,6 +26,7 @@ from .money import usd
 from .schemas import (
     AccountCreate,
     AccountPatch,
+    AutoTopup,
     ExportQuery,
     GrantCreate,
     GrantVoid,
@@ -205,6 +206,16 @@ class Service:
         }
 
 
+def topup_setting(topup: AutoTopup) -> dict[str, str]:
+    """As lib.lua reads it: micro-USD strings; `target` tops up to a balance, `amount` by a sum."""
+    setting = {"threshold": str(topup.threshold_usd)}
+    if topup.target_usd is not None:
+        setting["target"] = str(topup.target_usd)
+    else:
+        setting["amount"] = str(topup.amount_usd)
+    return setting
+
+
 def account_fields(req: AccountPatch, config: Config) -> dict[str, str | None]:
     """Account hash fields for the fields given; None deletes the field (falls back)."""
     given = req.model_fields_set
@@ -219,11 +230,7 @@ def account_fields(req: AccountPatch, config: Config) -> dict[str, str | None]:
         fields["overage_limit"] = None if limit is None else str(limit)  # 'unlimited' or micro-USD
     if "auto_topup" in given:
         topup = req.auto_topup
-        fields["auto_topup"] = (
-            None
-            if topup is None
-            else orjson.dumps({"threshold": str(topup.threshold_usd), "amount": str(topup.amount_usd)}).decode()
-        )
+        fields["auto_topup"] = None if topup is None else orjson.dumps(topup_setting(topup)).decode()
     if "rate_limits" in given:
         limits = req.rate_limits
         for name in ("rpm", "tpm"):

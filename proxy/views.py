@@ -71,9 +71,7 @@ def account(account_id: str, view: AccountView) -> dict[str, Any]:
         "tier": f.get("tier"),
         "rate_limits": {"rpm": view.rpm, "tpm": view.tpm, "override": bool(f.get("rl_rpm") or f.get("rl_tpm"))},
         "overage_limit_usd": _overage(f.get("overage_limit")),
-        "auto_topup": {"threshold_usd": usd(int(topup["threshold"])), "amount_usd": usd(int(topup["amount"]))}
-        if topup
-        else None,
+        "auto_topup": {name + "_usd": usd(int(value)) for name, value in topup.items()} if topup else None,
         "metadata": orjson.loads(f["metadata"]) if f.get("metadata") else {},
         "lifetime_paid_usd": usd(view.num("lifetime_paid")),
         "lifetime_consumed_usd": usd(view.num("lifetime_consumed")),

@@ -483,3 +483,23 @@ async def test_settle_events_ask_for_a_visit(
     )  # crosses 5 USD
     assert [e["type"] for e in await outbox(running)] == ["credit_balance.low"]
     await drain(worker, running, max_ticks=2)  # the watch pointer sits at the reservation TTL (15 min)
+
+
+async def test_auto_topup_to_a_target_balance(
+    start_proxy: StartProxy, receiver: Receiver, make_worker: Callable[..., Worker], upstream: DemoUpstream
+) -> None:
+    running = await start_hooked(start_proxy, receiver)
+    key = await running.account("acme", "10")
+    status, _ = await running.admin(
+        "PATCH", "/admin/v1/accounts/acme", {"auto_topup": {"threshold_usd": "8", "target_usd": "25"}}
+    )
+    assert status == 200
+    await spend(running, upstream, key, 1_000_000)  # 10 -> 7.499990: below 8
+    [event] = [e for e in await outbox(running) if e["type"] == "auto_topup.requested"]
+    assert event["data"]["amount_usd"] == str(25_000_000 - 7_499_990)  # micro-USD in the outbox
+    status, account = await running.admin("GET", "/admin/v1/accounts/acme")
+    assert account["auto_topup"] == {"threshold_usd": "8.000000", "target_usd": "25.000000"}
+    status, body = await running.admin(
+        "PATCH", "/admin/v1/accounts/acme", {"auto_topup": {"threshold_usd": "8", "amount_usd": "5", "target_usd": "9"}}
+    )
+    assert status == 400 and "exactly one" in body["error"]["message"]

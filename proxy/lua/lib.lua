@@ -294,7 +294,8 @@ local function balance_events(now)
       local n = redis.call('HINCRBY', K.acct, 'topup_seq', 1)
       local key = 'topup_' .. ACCOUNT_ID .. '_' .. fmt(n)
       redis.call('HSET', K.acct, 'topup_pending', key, 'topup_last_ms', fmt(now))
-      emit('auto_topup.requested', {amount_usd = cfg.amount, idempotency_key = key,
+      local amount = cfg.target and fmt(tonumber(cfg.target) - balance) or cfg.amount
+      emit('auto_topup.requested', {amount_usd = amount, idempotency_key = key,
                                     balance_usd = fmt(balance)}, now)
     end
   end
