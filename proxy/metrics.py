@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+from typing import Any
+
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
 
 _LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
@@ -40,6 +43,13 @@ USAGE_ESTIMATED = Counter(
 ACCOUNT_SPEND_USD = Counter(
     "metering_proxy_account_spend_usd", "Spend per account (only with metrics.per_account_labels).", ["account"]
 )
+
+
+@functools.lru_cache(maxsize=4096)
+def child(metric: Any, *labels: str) -> Any:
+    """A labelled series, looked up once: `labels()` takes a lock and builds a tuple on
+    every call, which adds up on the hot path."""
+    return metric.labels(*labels)
 
 
 def render() -> tuple[bytes, str]:

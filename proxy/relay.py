@@ -334,7 +334,7 @@ def forwardable(events: list[Event], tap: StreamTap) -> tuple[bytes, bytes]:
 def observe(histogram: Any, meter: Meter, started: float) -> float:
     """Record a latency per model; returns it in ms for the access log."""
     elapsed = time.perf_counter() - started
-    histogram.labels(meter.client.model).observe(elapsed)
+    metrics.child(histogram, meter.client.model).observe(elapsed)
     return round(elapsed * 1000, 2)
 
 
@@ -361,8 +361,8 @@ def access_log(
     """One line per request, and the request metrics. Never a key or a secret."""
     elapsed = time.perf_counter() - started
     route = request.path
-    metrics.REQUESTS.labels(route, model, str(status)).inc()
-    metrics.REQUEST_SECONDS.labels(route, model).observe(elapsed)
+    metrics.child(metrics.REQUESTS, route, model, str(status)).inc()
+    metrics.child(metrics.REQUEST_SECONDS, route, model).observe(elapsed)
     fields: dict[str, Any] = {
         "request_id": req_id,
         "route": route,
@@ -380,7 +380,9 @@ def access_log(
         if settlement is not None:
             fields["cost_usd"] = usd(settlement.cost)
             # metrics are not money: a float is fine here
-            metrics.SPEND_USD.labels(meter.route.model).inc(settlement.cost / 1_000_000)
+            metrics.child(metrics.SPEND_USD, meter.route.model).inc(settlement.cost / 1_000_000)
+            if meter.state.config.metrics.per_account_labels:  # high cardinality: opt-in
+                metrics.child(metrics.ACCOUNT_SPEND_USD, meter.account_id).inc(settlement.cost / 1_000_000)
     log.info("request", **fields)
 
 
@@ -394,6 +396,6 @@ def record_usage(meter: Meter) -> None:
         ("reasoning", usage.reasoning_tokens),
     ):
         if count:
-            metrics.TOKENS.labels(model, kind).inc(count)
+            metrics.child(metrics.TOKENS, model, kind).inc(count)
     if meter.estimated:
-        metrics.USAGE_ESTIMATED.labels(model).inc()
+        metrics.child(metrics.USAGE_ESTIMATED, model).inc()

@@ -22,11 +22,34 @@ import hiredis
 from redis import exceptions as redis_errors
 
 
+class Packed(bytes):
+    """Arguments packed once and reused (an account's key names, the script context):
+    `pack` splices them in without encoding them again."""
+
+    count: int
+
+    def __new__(cls, *args: Any) -> Packed:
+        packed = super().__new__(cls, b"".join(_bulk(arg) for arg in args))
+        packed.count = len(args)
+        return packed
+
+
+def _bulk(arg: Any) -> bytes:
+    data = arg if isinstance(arg, bytes) else str(arg).encode()
+    return b"$%d\r\n%s\r\n" % (len(data), data)
+
+
 def pack(args: tuple[Any, ...]) -> bytes:
-    out = [b"*%d\r\n" % len(args)]
+    count = 0
+    out = [b""]
     for arg in args:
-        data = arg if isinstance(arg, bytes) else str(arg).encode()
-        out.append(b"$%d\r\n%s\r\n" % (len(data), data))
+        if isinstance(arg, Packed):
+            out.append(arg)
+            count += arg.count
+        else:
+            out.append(_bulk(arg))
+            count += 1
+    out[0] = b"*%d\r\n" % count
     return b"".join(out)
 
 

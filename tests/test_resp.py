@@ -64,3 +64,15 @@ async def test_silent_server_times_out() -> None:
     finally:
         await client.aclose()
         server.close()
+
+
+async def test_packed_arguments_are_spliced_in(redis: Any, redis_server: EmbeddedRedis) -> None:
+    from proxy.resp import Packed
+
+    client = RespClient(redis_server.url)
+    try:
+        keys = Packed("k1", "k2")
+        assert await client.call("MSET", Packed("k1", "v1"), "k2", "v2") == "OK"
+        assert await client.call("MGET", keys, "k3") == ["v1", "v2", None]
+    finally:
+        await client.aclose()
