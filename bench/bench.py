@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 
 from proxy.accounts import Accounts  # noqa: E402
 from proxy.app import connect  # noqa: E402
-from proxy.config import parse_config  # noqa: E402
+from proxy.configfile import parse_config  # noqa: E402
 from proxy.embedded import EmbeddedRedis, free_port  # noqa: E402
 from proxy.ledger import Ledger  # noqa: E402
 

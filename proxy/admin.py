@@ -17,7 +17,7 @@ import structlog
 from aiohttp import web
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
-from redis import exceptions as redis_errors
+from redis.asyncio import RedisCluster
 
 from . import errors, metrics
 from .api import json_response, openai_errors
@@ -38,7 +38,6 @@ from .state import STATE
 log = structlog.get_logger("proxy.admin")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 PUBLIC = frozenset(("/healthz", "/readyz", "/metrics"))
-STORE_DOWN = (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError)
 
 
 class StreamCut(Exception):
@@ -54,7 +53,7 @@ async def require_admin_token(request: web.Request, handler: Handler) -> web.Str
     except StreamCut:
         log.exception("admin_stream_cut", path=request.path)
         raise
-    except STORE_DOWN as exc:
+    except errors.STORE_DOWN as exc:
         raise errors.StoreUnavailable("The metering store is unavailable.") from exc
 
 
@@ -153,8 +152,12 @@ async def healthz(_: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
+    redis = request.app[STATE].redis
     try:
-        await request.app[STATE].redis.ping()
+        await redis.ping()
+        # a Cluster node answers PING even while its cluster is down (a master failed)
+        if isinstance(redis, RedisCluster) and (await redis.cluster_info()).get("cluster_state") != "ok":
+            return json_response({"status": "unavailable", "redis": "cluster_down"}, status=503)
     except Exception:
         return json_response({"status": "unavailable", "redis": "down"}, status=503)
     return json_response({"status": "ready"})

@@ -21,7 +21,8 @@ from redis.retry import Retry
 
 from . import admin, api, logs, metrics
 from .accounts import Accounts
-from .config import Config, ConfigError, load_config
+from .config import Config
+from .configfile import ConfigError, load_config
 from .embedded import EmbeddedRedis
 from .keys import KeyCache
 from .ledger import Ledger

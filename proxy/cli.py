@@ -29,10 +29,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import orjson
-from redis import exceptions as redis_errors
 
-from . import config as config_module
-from . import errors, logs
+from . import configfile, errors, logs
+from .config import Config
 from .embedded import port_file
 from .schemas import loads
 
@@ -50,10 +49,10 @@ def config_path(args: argparse.Namespace) -> Path:
     return Path(args.config or os.environ.get("METERING_CONFIG") or "config.yaml")
 
 
-def load(args: argparse.Namespace) -> config_module.Config:
+def load(args: argparse.Namespace) -> Config:
     try:
-        return config_module.load_config(config_path(args))
-    except config_module.ConfigError as exc:
+        return configfile.load_config(config_path(args))
+    except configfile.ConfigError as exc:
         print(f"{config_path(args)}: invalid config", file=sys.stderr)
         for line in exc.errors:
             print(f"  {line}", file=sys.stderr)
@@ -81,7 +80,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_config_check(args: argparse.Namespace) -> int:
-    return config_module.check_main(args.path or config_path(args))
+    return configfile.check_main(args.path or config_path(args))
 
 
 def cmd_demo_upstream(args: argparse.Namespace) -> int:
@@ -94,7 +93,7 @@ def cmd_demo_upstream(args: argparse.Namespace) -> int:
 # -- admin commands: one Redis connection, one service call, JSON out -----------------
 
 
-def redis_target(config: config_module.Config) -> tuple[str, bool]:
+def redis_target(config: Config) -> tuple[str, bool]:
     """(url, cluster): the configured Redis, or the running proxy's embedded one."""
     if config.redis is not None:
         return config.redis.url.get_secret_value(), config.redis.cluster
@@ -119,7 +118,7 @@ def cmd_admin(args: argparse.Namespace) -> int:
     return asyncio.run(_admin(args, config, url, cluster))
 
 
-async def _admin(args: Any, config: config_module.Config, url: str, cluster: bool) -> int:
+async def _admin(args: Any, config: Config, url: str, cluster: bool) -> int:
     from .accounts import Accounts
     from .app import connect
     from .ledger import Ledger
@@ -129,7 +128,7 @@ async def _admin(args: Any, config: config_module.Config, url: str, cluster: boo
     try:
         ledger = Ledger(redis, config)
         return int(await args.action(Service(redis, config, ledger, Accounts(redis, ledger)), args))
-    except (errors.StoreUnavailable, redis_errors.ConnectionError, redis_errors.TimeoutError):
+    except errors.REDIS_DOWN + (errors.StoreUnavailable,):
         where = "redis.url" if config.redis else "the embedded Redis"
         print(f"error: cannot reach Redis ({where}): start the proxy first or set redis.url", file=sys.stderr)
         return 1

@@ -1,8 +1,9 @@
-"""Configuration: PRODUCT.md's YAML schema as frozen pydantic models, and its loader.
+"""Configuration: PRODUCT.md's YAML schema as frozen pydantic models, rooted at `Config`.
 
-`parse_config`/`load_config` compose the YAML into nodes (to keep line numbers), expand
-`${VAR}` / `${VAR:-default}` in string scalars, validate, and raise one `ConfigError`
-listing every problem as `path: message (line N)`.
+Field types normalise and check values; `reference_errors` checks the rules that span
+sections: every name one section gives another exists (a model's upstream, a plan's
+downgrade, a tier's models, `default_plan`), and tiers are unique and ascending.
+Reading a YAML file into a `Config` is `configfile`'s job.
 
 Empty values: an unset `${VAR}` expands to "". In an optional field "" means "not set"
 (`api_key: "${OPENAI_API_KEY:-}"` -> no key is sent upstream; an empty `admin_token`
@@ -12,16 +13,12 @@ Relative paths (`data_dir`) are relative to the working directory, not the file.
 
 import base64
 import binascii
-import os
-import re
-import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import unquote, urlsplit
 
-import yaml
 from pydantic import (
     AfterValidator,
     BaseModel,
@@ -29,7 +26,6 @@ from pydantic import (
     ConfigDict,
     Field,
     SecretStr,
-    ValidationError,
     ValidationInfo,
     field_validator,
     model_validator,
@@ -40,19 +36,8 @@ Loc = tuple[str | int, ...]
 MICRO = Decimal("0.000001")
 # Lua numbers are doubles: every amount must stay below 2^53 micro-USD.
 MAX_USD = Decimal(2**53) * MICRO
-_DEFER_REFS = "defer_reference_checks"
-
-
-class ConfigError(Exception):
-    """A config that cannot be used; `errors` holds one line per problem."""
-
-    def __init__(self, errors: list[str], source: str = "<string>") -> None:
-        super().__init__("\n".join(errors))
-        self.errors = list(errors)
-        self.source = source
-
-    def __str__(self) -> str:
-        return "\n".join(self.errors)
+# Validation context key: the YAML loader reports reference errors itself, with lines.
+DEFER_REFERENCE_CHECKS = "defer_reference_checks"
 
 
 # --- field types -------------------------------------------------------------------
@@ -284,12 +269,12 @@ class Config(_Frozen):
 
     @model_validator(mode="after")
     def _check_references(self, info: ValidationInfo) -> "Config":
-        # The loader defers these to report them with line numbers.
-        if info.context and info.context.get(_DEFER_REFS):
+        # configfile defers these to report them with line numbers.
+        if info.context and info.context.get(DEFER_REFERENCE_CHECKS):
             return self
-        errors = _reference_errors(self.model_dump())
+        errors = reference_errors(self.model_dump())
         if errors:
-            raise ValueError("; ".join(f"{_fmt_loc(loc)}: {msg}" for loc, msg in errors))
+            raise ValueError("; ".join(f"{format_loc(loc)}: {msg}" for loc, msg in errors))
         return self
 
     def markup_for(self, model: str) -> Decimal:
@@ -337,7 +322,8 @@ def _unknown(kind: str, name: str, known: Mapping[Any, Any]) -> str:
     return f"unknown {kind} {name!r} (configured: {', '.join(map(str, known)) or 'none'})"
 
 
-def _reference_errors(data: Any) -> list[tuple[Loc, str]]:
+def reference_errors(data: Any) -> list[tuple[Loc, str]]:
+    """Dangling names and tier problems (order, duplicates) in raw, unvalidated config data."""
     data = _dict(data)
     upstreams, models, plans = (_dict(data.get(k)) for k in ("upstreams", "models", "plans"))
     errors: list[tuple[Loc, str]] = []
@@ -379,165 +365,7 @@ def _tier_errors(tiers: Any, models: Mapping[Any, Any]) -> list[tuple[Loc, str]]
     return errors
 
 
-# --- YAML: nodes, line numbers, ${VAR} expansion -----------------------------------
-
-_VAR = re.compile(r"\$\$\{|\$\{([A-Za-z_][A-Za-z0-9_]*)(:-([^}]*))?\}|\$\{")
-_STR_TAG = "tag:yaml.org,2002:str"
-
-
-def _expand(value: str, env: Mapping[str, str], on_error: Callable[[str], None]) -> str:
-    def sub(m: re.Match[str]) -> str:
-        if m.group(0) == "$${":  # escaped: a literal "${"
-            return "${"
-        if m.group(1) is None:
-            on_error("malformed variable reference; use ${VAR} or ${VAR:-default}")
-            return m.group(0)
-        value = env.get(m.group(1), "")
-        if m.group(2) and not value:  # like the shell, ":-" also covers set-but-empty
-            return m.group(3)
-        return value
-
-    return _VAR.sub(sub, value)
-
-
-class _Walker:
-    """Expands env vars in string scalars and records the line of every path."""
-
-    def __init__(self, env: Mapping[str, str]) -> None:
-        self.env = env
-        self.lines: dict[Loc, int] = {}
-        self.problems: list[tuple[int, str]] = []
-        self._done: set[int] = set()  # aliased nodes are expanded once
-
-    def walk(self, node: yaml.Node, path: Loc) -> None:
-        if id(node) in self._done:
-            return
-        self._done.add(id(node))
-        if isinstance(node, yaml.ScalarNode) and node.tag == _STR_TAG:
-            line = node.start_mark.line + 1
-
-            def report(msg: str) -> None:
-                self.problems.append((line, _fmt(path, msg)))
-
-            node.value = _expand(node.value, self.env, report)
-        elif isinstance(node, yaml.SequenceNode):
-            for i, item in enumerate(node.value):
-                self.lines[path + (i,)] = item.start_mark.line + 1
-                self.walk(item, path + (i,))
-        elif isinstance(node, yaml.MappingNode):
-            self._walk_mapping(node, path)
-
-    def _walk_mapping(self, node: yaml.MappingNode, path: Loc) -> None:
-        # Keys merged with `<<: *anchor` keep only their parent's line.
-        seen: set[str] = set()
-        for key, value in node.value:
-            name, line = str(key.value), key.start_mark.line + 1
-            if name in seen:
-                self.problems.append((line, _fmt(path + (name,), "duplicate key")))
-            seen.add(name)
-            self.lines[path + (name,)] = line
-            self.walk(value, path + (name,))
-
-
-def _yaml_problem(exc: yaml.YAMLError) -> str:
-    if isinstance(exc, yaml.MarkedYAMLError) and exc.problem_mark is not None:
-        problem = " ".join(p for p in (exc.context, exc.problem) if p)
-        return f"invalid YAML: {problem} (line {exc.problem_mark.line + 1})"
-    return f"invalid YAML: {exc}"
-
-
-def _read_yaml(text: str, env: Mapping[str, str], source: str) -> tuple[Any, _Walker]:
-    loader = yaml.SafeLoader(text)
-    walker = _Walker(env)
-    try:
-        node = loader.get_single_node()
-        if node is None:
-            return {}, walker
-        walker.lines[()] = node.start_mark.line + 1
-        walker.walk(node, ())
-        return loader.construct_document(node), walker
-    except yaml.YAMLError as exc:
-        raise ConfigError([_yaml_problem(exc)], source) from exc
-    finally:
-        loader.dispose()
-
-
-# --- errors ------------------------------------------------------------------------
-
-
-def _fmt_loc(loc: Loc) -> str:
+def format_loc(loc: Loc) -> str:
+    """`("models", "gpt-4o", "price")` -> "models.gpt-4o.price"; list indexes as `[i]`."""
     text = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc)
     return text.removeprefix(".")
-
-
-def _fmt(loc: Loc, msg: str) -> str:
-    return f"{_fmt_loc(loc)}: {msg}" if loc else msg
-
-
-def _line_for(loc: Loc, lines: Mapping[Loc, int]) -> int:
-    for n in range(len(loc), -1, -1):  # nearest parent that has a node
-        if loc[:n] in lines:
-            return lines[loc[:n]]
-    return 1
-
-
-_MESSAGES = {
-    "extra_forbidden": "unknown key",
-    "model_type": "expected a mapping",
-    "dict_type": "expected a mapping",
-    "tuple_type": "expected a list",
-    "too_short": "must not be empty",
-}
-
-
-def _pydantic_problems(exc: ValidationError) -> list[tuple[Loc, str]]:
-    out: list[tuple[Loc, str]] = []
-    for err in exc.errors(include_url=False, include_input=False):
-        if err["type"] == "value_error":
-            msg = str(err.get("ctx", {}).get("error", err["msg"]))
-        else:
-            msg = _MESSAGES.get(err["type"], err["msg"])
-        out.append((tuple(err["loc"]), msg))
-    return out
-
-
-# --- entry points ------------------------------------------------------------------
-
-
-def parse_config(text: str, env: Mapping[str, str] | None = None, source: str = "<string>") -> Config:
-    """Parse YAML text into a Config; `env` defaults to a snapshot of os.environ."""
-    env = dict(os.environ) if env is None else env
-    data, walker = _read_yaml(text, env, source)
-    found = _reference_errors(data)
-    config: Config | None = None
-    try:
-        config = Config.model_validate(data, context={_DEFER_REFS: True})
-    except ValidationError as exc:
-        found = _pydantic_problems(exc) + found
-    problems = walker.problems + [(_line_for(loc, walker.lines), _fmt(loc, msg)) for loc, msg in found]
-    if problems or config is None:
-        problems.sort(key=lambda p: p[0])  # stable: file order, then discovery order
-        raise ConfigError([f"{msg} (line {line})" for line, msg in problems], source)
-    return config
-
-
-def load_config(path: str | Path, env: Mapping[str, str] | None = None) -> Config:
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError([f"{path}: cannot read config: {exc}"], str(path)) from exc
-    return parse_config(text, env, source=str(path))
-
-
-def check_main(path: str | Path) -> int:
-    """`metering-proxy config check PATH`: 0 if valid, else 1 with every error."""
-    try:
-        config = load_config(path)
-    except ConfigError as exc:
-        for line in exc.errors:
-            print(line, file=sys.stderr)
-        return 1
-    counts = (len(config.models), len(config.upstreams), len(config.plans))
-    print("ok: {} models, {} upstreams, {} plans".format(*counts))
-    return 0

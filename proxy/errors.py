@@ -21,6 +21,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import orjson
+from redis import exceptions as redis_errors
 
 
 class ProxyError(Exception):
@@ -101,6 +102,20 @@ class StoreUnavailable(ProxyError):
     status = 503
     type = "server_error"
     code = "metering_unavailable"
+
+
+# Redis failures that mean "the store cannot answer now", mapped to StoreUnavailable
+# (fail closed, 503). On Redis Cluster also a failed master (CLUSTERDOWN), a slot in
+# migration (TRYAGAIN) and no node answering the topology query (redis-py's
+# RedisClusterException, which SlotNotCoveredError extends).
+REDIS_DOWN: tuple[type[Exception], ...] = (
+    redis_errors.ConnectionError,
+    redis_errors.TimeoutError,
+    redis_errors.ClusterError,
+    redis_errors.TryAgainError,
+    redis_errors.RedisClusterException,
+)
+STORE_DOWN: tuple[type[Exception], ...] = (*REDIS_DOWN, OSError)  # and the socket itself
 
 
 class UpstreamTimeout(ProxyError):

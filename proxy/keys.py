@@ -15,7 +15,6 @@ import time
 from dataclasses import dataclass
 
 import orjson
-from redis import exceptions as redis_errors
 from redis.asyncio import Redis
 
 from . import errors, keyspace
@@ -81,7 +80,7 @@ class KeyCache:
     async def _load(self, key_hash: str, now: float) -> tuple[KeyRecord | None, float]:
         try:
             raw = await self.redis.get(keyspace.api_key(key_hash))
-        except (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError) as exc:
+        except errors.STORE_DOWN as exc:
             raise errors.StoreUnavailable("The metering store is unavailable.") from exc
         record = KeyRecord.from_json(raw) if raw else None
         entry = (record, now + (POSITIVE_TTL_S if record else NEGATIVE_TTL_S))

@@ -20,7 +20,7 @@ from typing import Any, cast
 
 import orjson
 from redis import exceptions as redis_errors
-from redis.asyncio import Redis
+from redis.asyncio import Redis, RedisCluster
 
 from . import errors, keyspace
 from .config import Config
@@ -162,7 +162,7 @@ class Ledger:
             if result[-1]:  # the script raised webhook events: have them delivered now
                 await self.watch(account_id, 0)
             return result
-        except (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError) as exc:
+        except errors.STORE_DOWN as exc:
             raise errors.StoreUnavailable("The metering store is unavailable; nothing was charged.") from exc
         finally:
             REDIS_SCRIPT_SECONDS.labels(name).observe(time.perf_counter() - started)
@@ -172,6 +172,11 @@ class Ledger:
     ) -> Any:
         if self.fast is not None:
             return await self._evalsha_fast(name, keys, argv, account_id, watch_due)
+        if watch_due is not None and isinstance(self.redis, RedisCluster):
+            # Cluster pipelines refuse EVALSHA (and would send to both nodes at once):
+            # the watch pointer still goes first, in a round trip of its own.
+            await self.watch(account_id, watch_due)
+            watch_due = None
         if watch_due is None:
             return await self.redis.evalsha(SHAS[name], len(keys), *keys, *argv)
         # One round trip: the watch pointer is written before the script, so a

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import tiktoken
 
-from . import tokens
+from . import prompts, tokens
 from .config import Config, UpstreamConfig
 from .errors import InvalidRequest
 from .intake import ClientRequest
@@ -37,7 +37,7 @@ class Route:
         return asked * request.choices
 
     def prompt_tokens(self, request: ClientRequest) -> int:
-        return tokens.estimate_prompt_tokens(request.endpoint, request.body, self.encoding)
+        return prompts.estimate_prompt_tokens(request.endpoint, request.body, self.encoding)
 
 
 class Catalog:

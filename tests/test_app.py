@@ -11,7 +11,7 @@ import aiohttp
 import yaml
 
 from proxy import logs
-from proxy.config import load_config
+from proxy.configfile import load_config
 from proxy.demo_upstream import DemoUpstream
 
 from .conftest import ADMIN_TOKEN, BASE_CONFIG, UPSTREAM_KEY, deep_merge

@@ -1,4 +1,5 @@
-"""Tests for proxy.config: schema, env expansion, line-numbered errors, check_main."""
+"""Tests for proxy.config (schema) and proxy.configfile (env expansion, line-numbered errors,
+check_main); most drive the schema through parse_config to check the errors users see."""
 
 from decimal import Decimal
 from pathlib import Path
@@ -6,7 +7,8 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from proxy.config import Config, ConfigError, check_main, load_config, parse_config
+from proxy.config import Config
+from proxy.configfile import ConfigError, check_main, load_config, parse_config
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "config.example.yaml"
 

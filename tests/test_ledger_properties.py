@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from proxy import errors, reconcile
 from proxy.app import connect
-from proxy.config import parse_config
+from proxy.configfile import parse_config
 from proxy.embedded import EmbeddedRedis
 from proxy.ledger import Ledger
 

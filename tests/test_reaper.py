@@ -13,7 +13,7 @@ from redis.asyncio import Redis
 
 from proxy.accounts import Accounts
 from proxy.cli import main as cli_main
-from proxy.config import parse_config
+from proxy.configfile import parse_config
 from proxy.demo_upstream import DemoUpstream
 from proxy.embedded import free_port
 from proxy.ledger import Ledger

@@ -10,7 +10,7 @@ import aiohttp
 import openai
 import pytest
 
-from proxy import tokens
+from proxy import prompts, tokens
 from proxy.demo_upstream import DemoUpstream
 
 from .conftest import Running
@@ -91,7 +91,7 @@ async def test_upstream_cut_mid_stream_charges_an_estimate(proxy: Running, upstr
     streamed = len(enc.encode("tok0" + "".join(f" tok{i}" for i in range(1, 5))))  # role chunk + 5 deltas
     assert entry["estimated"] is True
     assert entry["usage"]["output_tokens"] == streamed
-    assert entry["usage"]["input_tokens"] == tokens.estimate_prompt_tokens("chat", {"messages": MESSAGES}, enc)
+    assert entry["usage"]["input_tokens"] == prompts.estimate_prompt_tokens("chat", {"messages": MESSAGES}, enc)
     assert (await proxy.balance("acme")).reserved == 0
 
 
@@ -172,5 +172,5 @@ async def test_clamp_lowers_max_tokens_to_what_balance_affords(start_proxy, upst
     prompt = upstream.requests[-1].body
     assert prompt["max_tokens"] == clamped
     enc = tokens.get_encoding("o200k_base")
-    prompt_cost = tokens.estimate_prompt_tokens("chat", {"messages": MESSAGES}, enc) * 2.5
+    prompt_cost = prompts.estimate_prompt_tokens("chat", {"messages": MESSAGES}, enc) * 2.5
     assert 0 < clamped and prompt_cost + clamped * 10 <= 1000 < prompt_cost + (clamped + 1) * 10

@@ -1,0 +1,189 @@
+"""Reading a YAML config file into a `Config` (whose schema lives in `config`).
+
+`parse_config`/`load_config` compose the YAML into nodes (to keep line numbers), expand
+`${VAR}` / `${VAR:-default}` in string scalars (an unset variable expands to ""),
+validate, and raise one `ConfigError` listing every problem as `path: message (line N)`.
+"""
+
+import os
+import re
+import sys
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from .config import DEFER_REFERENCE_CHECKS, Config, Loc, format_loc, reference_errors
+
+
+class ConfigError(Exception):
+    """A config that cannot be used; `errors` holds one line per problem."""
+
+    def __init__(self, errors: list[str], source: str = "<string>") -> None:
+        super().__init__("\n".join(errors))
+        self.errors = list(errors)
+        self.source = source
+
+    def __str__(self) -> str:
+        return "\n".join(self.errors)
+
+
+# --- YAML: nodes, line numbers, ${VAR} expansion -----------------------------------
+
+_VAR = re.compile(r"\$\$\{|\$\{([A-Za-z_][A-Za-z0-9_]*)(:-([^}]*))?\}|\$\{")
+_STR_TAG = "tag:yaml.org,2002:str"
+
+
+def _expand(value: str, env: Mapping[str, str], on_error: Callable[[str], None]) -> str:
+    def sub(m: re.Match[str]) -> str:
+        if m.group(0) == "$${":  # escaped: a literal "${"
+            return "${"
+        if m.group(1) is None:
+            on_error("malformed variable reference; use ${VAR} or ${VAR:-default}")
+            return m.group(0)
+        value = env.get(m.group(1), "")
+        if m.group(2) and not value:  # like the shell, ":-" also covers set-but-empty
+            return m.group(3)
+        return value
+
+    return _VAR.sub(sub, value)
+
+
+class _Walker:
+    """Expands env vars in string scalars and records the line of every path."""
+
+    def __init__(self, env: Mapping[str, str]) -> None:
+        self.env = env
+        self.lines: dict[Loc, int] = {}
+        self.problems: list[tuple[int, str]] = []
+        self._done: set[int] = set()  # aliased nodes are expanded once
+
+    def walk(self, node: yaml.Node, path: Loc) -> None:
+        if id(node) in self._done:
+            return
+        self._done.add(id(node))
+        if isinstance(node, yaml.ScalarNode) and node.tag == _STR_TAG:
+            line = node.start_mark.line + 1
+
+            def report(msg: str) -> None:
+                self.problems.append((line, _fmt(path, msg)))
+
+            node.value = _expand(node.value, self.env, report)
+        elif isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                self.lines[path + (i,)] = item.start_mark.line + 1
+                self.walk(item, path + (i,))
+        elif isinstance(node, yaml.MappingNode):
+            self._walk_mapping(node, path)
+
+    def _walk_mapping(self, node: yaml.MappingNode, path: Loc) -> None:
+        # Keys merged with `<<: *anchor` keep only their parent's line.
+        seen: set[str] = set()
+        for key, value in node.value:
+            name, line = str(key.value), key.start_mark.line + 1
+            if name in seen:
+                self.problems.append((line, _fmt(path + (name,), "duplicate key")))
+            seen.add(name)
+            self.lines[path + (name,)] = line
+            self.walk(value, path + (name,))
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    if isinstance(exc, yaml.MarkedYAMLError) and exc.problem_mark is not None:
+        problem = " ".join(p for p in (exc.context, exc.problem) if p)
+        return f"invalid YAML: {problem} (line {exc.problem_mark.line + 1})"
+    return f"invalid YAML: {exc}"
+
+
+def _read_yaml(text: str, env: Mapping[str, str], source: str) -> tuple[Any, _Walker]:
+    loader = yaml.SafeLoader(text)
+    walker = _Walker(env)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return {}, walker
+        walker.lines[()] = node.start_mark.line + 1
+        walker.walk(node, ())
+        return loader.construct_document(node), walker
+    except yaml.YAMLError as exc:
+        raise ConfigError([_yaml_problem(exc)], source) from exc
+    finally:
+        loader.dispose()
+
+
+# --- errors ------------------------------------------------------------------------
+
+
+def _fmt(loc: Loc, msg: str) -> str:
+    return f"{format_loc(loc)}: {msg}" if loc else msg
+
+
+def _line_for(loc: Loc, lines: Mapping[Loc, int]) -> int:
+    for n in range(len(loc), -1, -1):  # nearest parent that has a node
+        if loc[:n] in lines:
+            return lines[loc[:n]]
+    return 1
+
+
+_MESSAGES = {
+    "extra_forbidden": "unknown key",
+    "model_type": "expected a mapping",
+    "dict_type": "expected a mapping",
+    "tuple_type": "expected a list",
+    "too_short": "must not be empty",
+}
+
+
+def _pydantic_problems(exc: ValidationError) -> list[tuple[Loc, str]]:
+    out: list[tuple[Loc, str]] = []
+    for err in exc.errors(include_url=False, include_input=False):
+        if err["type"] == "value_error":
+            msg = str(err.get("ctx", {}).get("error", err["msg"]))
+        else:
+            msg = _MESSAGES.get(err["type"], err["msg"])
+        out.append((tuple(err["loc"]), msg))
+    return out
+
+
+# --- entry points ------------------------------------------------------------------
+
+
+def parse_config(text: str, env: Mapping[str, str] | None = None, source: str = "<string>") -> Config:
+    """Parse YAML text into a Config; `env` defaults to a snapshot of os.environ."""
+    env = dict(os.environ) if env is None else env
+    data, walker = _read_yaml(text, env, source)
+    found = reference_errors(data)
+    config: Config | None = None
+    try:
+        config = Config.model_validate(data, context={DEFER_REFERENCE_CHECKS: True})
+    except ValidationError as exc:
+        found = _pydantic_problems(exc) + found
+    problems = walker.problems + [(_line_for(loc, walker.lines), _fmt(loc, msg)) for loc, msg in found]
+    if problems or config is None:
+        problems.sort(key=lambda p: p[0])  # stable: file order, then discovery order
+        raise ConfigError([f"{msg} (line {line})" for line, msg in problems], source)
+    return config
+
+
+def load_config(path: str | Path, env: Mapping[str, str] | None = None) -> Config:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError([f"{path}: cannot read config: {exc}"], str(path)) from exc
+    return parse_config(text, env, source=str(path))
+
+
+def check_main(path: str | Path) -> int:
+    """`metering-proxy config check PATH`: 0 if valid, else 1 with every error."""
+    try:
+        config = load_config(path)
+    except ConfigError as exc:
+        for line in exc.errors:
+            print(line, file=sys.stderr)
+        return 1
+    counts = (len(config.models), len(config.upstreams), len(config.plans))
+    print("ok: {} models, {} upstreams, {} plans".format(*counts))
+    return 0
