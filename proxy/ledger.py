@@ -22,12 +22,12 @@ import orjson
 from redis import exceptions as redis_errors
 from redis.asyncio import Redis, RedisCluster
 
-from . import errors, keyspace
+from . import errors, keyspace, metrics
 from .config import Config
 from .metrics import REDIS_SCRIPT_SECONDS
 from .money import to_micro, usd
 from .ratelimits import RateFigures, go_duration, retry_headers
-from .resp import RespClient
+from .resp import Packed, RespClient
 
 SCRIPT_NAMES = ("admit", "settle", "grant", "void", "reap", "touch", "account")
 
@@ -86,6 +86,20 @@ def script_context(config: Config, model: str | None = None) -> bytes:
     )
 
 
+PACKED_CACHE = 100_000  # (account, model) pairs whose script arguments stay packed
+
+
+@dataclass(frozen=True, slots=True)
+class _Call:
+    """One script call: which script, whose keys, and ARGV after the context."""
+
+    name: str
+    account_id: str
+    model: str
+    args: tuple[Any, ...]
+    watch_due: int | None  # also register the account with the reaper (admission)
+
+
 @dataclass(frozen=True, slots=True)
 class Admission:
     reserved: int
@@ -138,10 +152,12 @@ class Ledger:
     clock_offset_ms: int = 0  # tests move time forward; always 0 in production
     fast: RespClient | None = None  # the hot path's lean client (resp.py), when the URL allows
     _contexts: dict[str, bytes] = field(default_factory=dict)
+    _packed: dict[tuple[str, str], Packed] = field(default_factory=dict)
 
     def use_config(self, config: Config) -> None:
         self.config = config
         self._contexts = {}
+        self._packed = {}  # they hold the old context
 
     def _context(self, model: str = "") -> bytes:
         ctx = self._contexts.get(model)
@@ -150,57 +166,63 @@ class Ledger:
         return ctx
 
     async def _run(self, name: str, account_id: str, *args: Any, model: str = "", watch_due: int | None = None) -> Any:
-        keys = keyspace.script_keys(account_id, model)
-        argv = (self._context(model), self.clock_offset_ms, *args)
+        call = _Call(name, account_id, model, (self.clock_offset_ms, *args), watch_due)
         started = time.perf_counter()
         try:
             try:
-                result = await self._evalsha(name, keys, argv, account_id, watch_due)
+                result = await self._evalsha(call)
             except redis_errors.NoScriptError:  # Redis restarted or flushed its script cache
                 await self.redis.script_load(SOURCES[name])
-                result = await self._evalsha(name, keys, argv, account_id, watch_due)
+                result = await self._evalsha(call)
             if result[-1]:  # the script raised webhook events: have them delivered now
                 await self.watch(account_id, 0)
             return result
         except errors.STORE_DOWN as exc:
             raise errors.StoreUnavailable("The metering store is unavailable; nothing was charged.") from exc
         finally:
-            REDIS_SCRIPT_SECONDS.labels(name).observe(time.perf_counter() - started)
+            metrics.child(REDIS_SCRIPT_SECONDS, name).observe(time.perf_counter() - started)
 
-    async def _evalsha(
-        self, name: str, keys: list[str], argv: tuple[Any, ...], account_id: str, watch_due: int | None
-    ) -> Any:
+    async def _evalsha(self, call: _Call) -> Any:
         if self.fast is not None:
-            return await self._evalsha_fast(name, keys, argv, account_id, watch_due)
-        if watch_due is not None and isinstance(self.redis, RedisCluster):
+            return await self._evalsha_fast(call)
+        keys = keyspace.script_keys(call.account_id, call.model)
+        script = (SHAS[call.name], len(keys), *keys, self._context(call.model), *call.args)
+        if call.watch_due is not None and isinstance(self.redis, RedisCluster):
             # Cluster pipelines refuse EVALSHA (and would send to both nodes at once):
             # the watch pointer still goes first, in a round trip of its own.
-            await self.watch(account_id, watch_due)
-            watch_due = None
-        if watch_due is None:
-            return await self.redis.evalsha(SHAS[name], len(keys), *keys, *argv)
-        # One round trip: the watch pointer is written before the script, so a
-        # reservation can never exist unseen by the reaper, even if we die right after.
-        pipe = self.redis.pipeline(transaction=False)
-        pipe.zadd(keyspace.watch_shard(account_id), {account_id: watch_due}, lt=True)
-        pipe.evalsha(SHAS[name], len(keys), *keys, *argv)
-        _, result = await pipe.execute(raise_on_error=False)
-        if isinstance(result, Exception):
-            raise result
-        return result
+            await self.watch(call.account_id, call.watch_due)
+        elif call.watch_due is not None:
+            # One round trip: the watch pointer is written before the script, so a
+            # reservation can never exist unseen by the reaper, even if we die right after.
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.zadd(keyspace.watch_shard(call.account_id), {call.account_id: call.watch_due}, lt=True)
+            pipe.evalsha(*script)
+            _, result = await pipe.execute(raise_on_error=False)
+            if isinstance(result, Exception):
+                raise result
+            return result
+        return await self.redis.evalsha(*script)
 
-    async def _evalsha_fast(
-        self, name: str, keys: list[str], argv: tuple[Any, ...], account_id: str, watch_due: int | None
-    ) -> Any:
+    async def _evalsha_fast(self, call: _Call) -> Any:
         assert self.fast is not None
-        script = ("EVALSHA", SHAS[name], len(keys), *keys, *argv)
-        if watch_due is None:
+        script = ("EVALSHA", SHAS[call.name], self._packed_keys(call.account_id, call.model), *call.args)
+        if call.watch_due is None:
             return await self.fast.call(*script)
-        watch = ("ZADD", keyspace.watch_shard(account_id), "LT", watch_due, account_id)
+        watch = ("ZADD", keyspace.watch_shard(call.account_id), "LT", call.watch_due, call.account_id)
         _, result = await self.fast.pipeline(watch, script)
         if isinstance(result, Exception):
             raise result
         return result
+
+    def _packed_keys(self, account_id: str, model: str) -> Packed:
+        """numkeys, KEYS and the context of an (account, model), packed once (resp.Packed)."""
+        packed = self._packed.get((account_id, model))
+        if packed is None:
+            if len(self._packed) >= PACKED_CACHE:
+                self._packed.clear()
+            keys = keyspace.script_keys(account_id, model)
+            packed = self._packed[(account_id, model)] = Packed(len(keys), *keys, self._context(model))
+        return packed
 
     async def watch(self, account_id: str, due_ms: int) -> None:
         """Ask the background worker to visit the account at `due_ms` (or earlier)."""
