@@ -24,7 +24,6 @@ from redis.asyncio import Redis, RedisCluster
 
 from . import errors, keyspace, metrics
 from .config import Config
-from .metrics import REDIS_SCRIPT_SECONDS
 from .money import to_micro, usd
 from .ratelimits import RateFigures, go_duration, retry_headers
 from .resp import Packed, RespClient
@@ -180,7 +179,7 @@ class Ledger:
         except errors.STORE_DOWN as exc:
             raise errors.StoreUnavailable("The metering store is unavailable; nothing was charged.") from exc
         finally:
-            metrics.child(REDIS_SCRIPT_SECONDS, name).observe(time.perf_counter() - started)
+            metrics.child(metrics.REDIS_SCRIPT_SECONDS, name).observe(time.perf_counter() - started)
 
     async def _evalsha(self, call: _Call) -> Any:
         if self.fast is not None:
