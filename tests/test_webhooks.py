@@ -503,3 +503,36 @@ async def test_auto_topup_to_a_target_balance(
         "PATCH", "/admin/v1/accounts/acme", {"auto_topup": {"threshold_usd": "8", "amount_usd": "5", "target_usd": "9"}}
     )
     assert status == 400 and "exactly one" in body["error"]["message"]
+
+
+async def test_tier_expiry_depletion_and_overage_events(start_proxy: StartProxy, receiver: Receiver) -> None:
+    from .test_ledger import spend as spend_micro
+
+    extra = {
+        "rate_tiers": {"tiers": [{"name": "free", "min_usd": "0", "rpm": 100, "tpm": 10**7},
+                                 {"name": "tier-1", "min_usd": "5", "rpm": 500, "tpm": 10**7}]},
+        "plans": {"metered": {"overage": {"limit_usd": None, "invoice_every_usd": "1"}}},
+    }  # fmt: skip
+    running = await start_proxy(deep_merge(hook_config(receiver, low_balance_thresholds_usd=[]), extra))
+    await pause_background_worker(running)
+    ledger = running.state.ledger
+    await ledger.save_account("acme", {}, create=True)
+    await running.state.redis.hset("mp:{acme}:keys", "key_test", "active")
+    await running.fund("acme", "1")
+    await running.fund("acme", "5")  # lifetime paid $6: tier-1 at the next touch
+    await ledger.touch("acme")
+    expires = int(time.time() * 1000) + 1000
+    await running.fund("acme", "2", kind="promotional", expires_at=expires)
+    ledger.clock_offset_ms = 2000
+    await ledger.touch("acme")  # the promotional grant lapsed
+    await spend_micro(ledger, "acme", 6_000_000)  # everything left: depleted
+    await ledger.save_account("acme", {"plan": "metered"}, create=False)
+    await spend_micro(ledger, "acme", 2_500_000, reserve=0)  # $2.5 of overage: two invoice steps
+    events = [(e["type"], e["data"]) for e in await outbox(running) if e["type"] != "credits.granted"]
+    assert events == [
+        ("tier.changed", {"from": "free", "to": "tier-1", "account_id": "acme"}),
+        ("credits.expired", {"grant_id": events[1][1]["grant_id"], "amount_usd": "2000000", "account_id": "acme"}),
+        ("credit_balance.depleted", {"balance_usd": "0", "account_id": "acme"}),
+        ("overage.invoice_threshold", {"overage_usd": "2500000", "invoice_every_usd": "1000000",
+                                       "account_id": "acme"}),
+    ]  # fmt: skip
