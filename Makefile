@@ -39,8 +39,9 @@ lint: $(VENV)/.installed-dev
 typecheck: $(VENV)/.installed-dev
 	$(BIN)/mypy proxy
 
+# LITELLM=/path/to/litellm also measures LiteLLM's proxy (install litellm[proxy] in its own venv)
 bench: $(VENV)/.installed-dev
-	$(BIN)/python bench/bench.py
+	$(BIN)/python bench/bench.py $(if $(LITELLM),--litellm $(LITELLM),)
 
 clean:
 	rm -rf $(VENV) .metering-proxy .pytest_cache .ruff_cache .mypy_cache

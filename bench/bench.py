@@ -43,9 +43,9 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime + stime
 
 
-async def wait_up(url: str) -> None:
+async def wait_up(url: str, tries: int = 200) -> None:
     async with aiohttp.ClientSession() as session:
-        for _ in range(200):
+        for _ in range(tries):
             try:
                 async with session.get(url) as resp:
                     if resp.status < 500:
@@ -97,6 +97,39 @@ async def measure(
     }
 
 
+LITELLM_KEY = "sk-litellm-bench"
+
+
+def start_litellm(binary: str, tmp: Path, upstream_url: str) -> tuple[subprocess.Popen[bytes], int]:
+    """LiteLLM's proxy (no database, as NOTES.md describes) on the same fake upstream."""
+    config = {
+        "model_list": [
+            {
+                "model_name": "gpt-4o-mini",
+                "litellm_params": {
+                    "model": "openai/gpt-4o-mini",
+                    "api_base": upstream_url + "/v1",
+                    "api_key": "sk-bench",
+                },
+            }
+        ],
+        "general_settings": {"master_key": LITELLM_KEY},
+        "router_settings": {"num_retries": 0, "disable_cooldowns": True},
+    }
+    path = tmp / "litellm.yaml"
+    path.write_text(yaml.safe_dump(config))
+    port = free_port()
+    env = {**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True", "LITELLM_LOG": "ERROR"}
+    proc = subprocess.Popen(
+        [binary, "--config", str(path), "--host", "127.0.0.1", "--port", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=env,
+        cwd=tmp,
+    )
+    return proc, port
+
+
 async def redis_calls(redis: Any) -> dict[str, int]:
     stats = await redis.info("commandstats")
     return {name.removeprefix("cmdstat_"): int(v["calls"]) for name, v in stats.items()}
@@ -128,12 +161,16 @@ async def main(args: argparse.Namespace) -> None:
         config_file = tmp / "config.yaml"
         config_file.write_text(yaml.safe_dump(example))
         proxy = spawn("-m", "proxy", "--config", str(config_file), "serve", "--log-level", args.log_level)
+        litellm = start_litellm(args.litellm, tmp, upstream_url) if args.litellm else None
         for url in (
             f"{upstream_url}/v1/models",
             f"http://127.0.0.1:{pass_port}/",
             f"http://127.0.0.1:{proxy_port}/healthz",
         ):
             await wait_up(url)
+        if litellm is not None:
+            procs.append(litellm[0])
+            await wait_up(f"http://127.0.0.1:{litellm[1]}/health/liveliness", tries=600)  # ~6 s to start
 
         redis = connect(redis_server.url)
         ledger = Ledger(redis, parse_config(config_file.read_text()))
@@ -152,6 +189,9 @@ async def main(args: argparse.Namespace) -> None:
             rows.append(
                 await measure("metering-proxy", f"http://127.0.0.1:{proxy_port}", proxy.pid, key, args, stream, redis)
             )
+            if litellm is not None:
+                url = f"http://127.0.0.1:{litellm[1]}"
+                rows.append(await measure("litellm proxy", url, litellm[0].pid, LITELLM_KEY, args, stream))
         print(f"\n{args.requests} requests, concurrency {args.concurrency}, gpt-4o-mini, max_tokens 16\n")
         print(f"{'target':28} {'stream':6} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'CPU us/req':>11}")
         for row in rows:
@@ -163,6 +203,9 @@ async def main(args: argparse.Namespace) -> None:
             base = next(r for r in rows if r["target"].startswith("bare") and r["stream"] == stream)
             mine = next(r for r in rows if r["target"] == "metering-proxy" and r["stream"] == stream)
             ratio = mine["cpu_us_per_req"] / base["cpu_us_per_req"]
+            for other in (r for r in rows if r["target"] == "litellm proxy" and r["stream"] == stream):
+                other_ratio = other["cpu_us_per_req"] / base["cpu_us_per_req"]
+                print(f"\nstream={stream}: LiteLLM proxy CPU per request = {other_ratio:.1f}x the bare pass-through")
             print(
                 f"\nstream={stream}: metering-proxy CPU per request = {ratio:.2f}x"
                 f" the bare pass-through; Redis commands per request: "
@@ -182,5 +225,5 @@ if __name__ == "__main__":
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--log-level", default="info", help="the proxy's (info: one access line per request)")
-    parser.add_argument("--profile", action="store_true", help="py-spy the proxy (needs py-spy)")
+    parser.add_argument("--litellm", metavar="BIN", help="also measure LiteLLM's proxy (path to its `litellm` command)")
     asyncio.run(main(parser.parse_args()))
