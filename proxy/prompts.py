@@ -15,9 +15,19 @@ import tiktoken
 
 from .tokens import EXACT_CHAR_BOUND, count_text
 
-__all__ = ["IMAGE_TOKENS", "estimate_prompt_tokens"]
+__all__ = ["IMAGE_TOKENS_HIGH", "IMAGE_TOKENS_LOW", "estimate_prompt_tokens"]
 
-IMAGE_TOKENS = 85  # flat low-detail estimate per image part
+# Image sizes are not knowable from a URL, so estimates take OpenAI's worst case for the
+# detail asked: low is a flat 85; high/auto is 85 + 170 per 512-px tile, at most 8 tiles
+# after scaling. A reservation must not be priced below the real cost.
+IMAGE_TOKENS_LOW = 85
+IMAGE_TOKENS_HIGH = 85 + 170 * 8
+
+
+def _image_tokens(part: dict[str, Any]) -> int:
+    spec = part.get("image_url")
+    detail = spec.get("detail") if isinstance(spec, dict) else part.get("detail")
+    return IMAGE_TOKENS_LOW if detail == "low" else IMAGE_TOKENS_HIGH
 _TOOL_OVERHEAD = 8  # per tool/function definition, beyond its JSON
 _MESSAGE_OVERHEAD = 3  # cookbook: <|start|>{role/name}\n{content}<|end|>
 _NAME_OVERHEAD = 1  # cookbook: tokens_per_name
@@ -95,7 +105,7 @@ def _chat_content(tally: _Tally, content: Any) -> None:
             continue
         kind = part.get("type")
         if kind == "image_url":
-            tally.fixed += IMAGE_TOKENS
+            tally.fixed += _image_tokens(part)
         elif kind == "refusal":
             tally.text(part.get("refusal"))
         elif kind in (None, "text") or "text" in part:
@@ -182,7 +192,7 @@ def _walk_strings(tally: _Tally, value: Any) -> None:
             stack.extend((item, depth + 1) for item in reversed(node))
         elif isinstance(node, dict):
             if node.get("type") in _IMAGE_TYPES:
-                tally.fixed += IMAGE_TOKENS
+                tally.fixed += _image_tokens(node)
             children: Iterable[tuple[Any, int]] = ((v, depth + 1) for k, v in node.items() if k not in _OPAQUE_KEYS)
             stack.extend(reversed(list(children)))
 

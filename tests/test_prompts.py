@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import tiktoken
 
-from proxy.prompts import IMAGE_TOKENS, estimate_prompt_tokens
+from proxy.prompts import IMAGE_TOKENS_HIGH, IMAGE_TOKENS_LOW, estimate_prompt_tokens
 from proxy.tokens import get_encoding
 
 from .sample_text import realistic_text
@@ -115,7 +115,9 @@ def test_chat_content_parts_and_tools(o200k: tiktoken.Encoding) -> None:
             }
         ]
     }
-    assert estimate_prompt_tokens("chat", parts, enc) == base + IMAGE_TOKENS
+    assert estimate_prompt_tokens("chat", parts, enc) == base + IMAGE_TOKENS_HIGH  # no detail: worst case
+    parts["messages"][0]["content"][1]["image_url"]["detail"] = "low"  # type: ignore[index]
+    assert estimate_prompt_tokens("chat", parts, enc) == base + IMAGE_TOKENS_LOW
 
     call = {"name": "get_weather", "arguments": '{"city":"Paris"}'}
     tool_msgs = [
@@ -225,7 +227,7 @@ def test_responses_shapes(o200k: tiktoken.Encoding) -> None:
         {"type": "item_reference", "id": "msg_1"},
     ]
     count = estimate_prompt_tokens("responses", {"input": items}, enc)
-    expected = 3 + _exact(enc, "user") + 2 + IMAGE_TOKENS
+    expected = 3 + _exact(enc, "user") + 2 + IMAGE_TOKENS_LOW
     expected += _exact(enc, "lookup") + _exact(enc, '{"q":"x"}') + _exact(enc, "found it")
     expected += _exact(enc, "ok") + 3
     assert count == expected
