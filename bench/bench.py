@@ -87,7 +87,11 @@ async def measure(
     after = await redis_calls(redis) if redis is not None else {}
     latencies.sort()
     return {
-        "redis_per_req": {k: (n - before.get(k, 0)) / args.requests for k, n in after.items() if n != before.get(k, 0)},
+        "redis_per_req": {
+            k: ((n - before.get(k, (0, 0))[0]) / args.requests, (us - before.get(k, (0, 0))[1]) / args.requests)
+            for k, (n, us) in after.items()
+            if n != before.get(k, (0, 0))[0]
+        },
         "target": name,
         "stream": stream,
         "rps": args.requests / wall,
@@ -130,9 +134,10 @@ def start_litellm(binary: str, tmp: Path, upstream_url: str) -> tuple[subprocess
     return proc, port
 
 
-async def redis_calls(redis: Any) -> dict[str, int]:
+async def redis_calls(redis: Any) -> dict[str, tuple[int, int]]:
+    """Command name -> (calls, microseconds), from Redis's own statistics."""
     stats = await redis.info("commandstats")
-    return {name.removeprefix("cmdstat_"): int(v["calls"]) for name, v in stats.items()}
+    return {name.removeprefix("cmdstat_"): (int(v["calls"]), int(v["usec"])) for name, v in stats.items()}
 
 
 async def main(args: argparse.Namespace) -> None:
@@ -206,10 +211,12 @@ async def main(args: argparse.Namespace) -> None:
             for other in (r for r in rows if r["target"] == "litellm proxy" and r["stream"] == stream):
                 other_ratio = other["cpu_us_per_req"] / base["cpu_us_per_req"]
                 print(f"\nstream={stream}: LiteLLM proxy CPU per request = {other_ratio:.1f}x the bare pass-through")
+            redis_stats = mine["redis_per_req"]
+            evalsha, zadd = redis_stats.get("evalsha", (0, 0)), redis_stats.get("zadd", (0, 0))
             print(
-                f"\nstream={stream}: metering-proxy CPU per request = {ratio:.2f}x"
-                f" the bare pass-through; Redis commands per request: "
-                + ", ".join(f"{k} {v:.2f}" for k, v in sorted(mine["redis_per_req"].items()))
+                f"\nstream={stream}: metering-proxy CPU per request = {ratio:.2f}x the bare pass-through;"
+                f" per request Redis ran {evalsha[0]:.2f} scripts ({evalsha[1]:.0f} us) and {zadd[0]:.2f}"
+                f" pipelined zadd ({zadd[1]:.1f} us)"
             )
         await redis.aclose()
     finally:
