@@ -73,9 +73,9 @@ def script_context(config: Config, model: str | None = None) -> bytes:
     hooks = config.webhooks
     return orjson.dumps(
         {
-            "tiers": tiers,
+            "tiers": orjson.dumps(tiers).decode(),  # decoded by the scripts only when needed
             "basis": config.rate_tiers.basis,
-            "plans": plans or {"": {}},  # cjson: {} would decode as an empty array anyway
+            "plans": orjson.dumps(plans or {"": {}}).decode(),  # cjson: {} would decode as an array
             "th": [to_micro(t) for t in hooks.low_balance_thresholds_usd] if hooks else [],
             "wh": 1 if hooks else 0,
             "cd": hooks.auto_topup_cooldown_s * 1000 if hooks else 0,

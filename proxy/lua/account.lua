@@ -10,7 +10,7 @@ local SETTINGS = {plan = true, status = true, overage_limit = true, auto_topup =
 for field, _ in pairs(fields) do
   if not SETTINGS[field] then return reply({'invalid', field}) end
 end
-local exists = redis.call('EXISTS', K.acct) == 1
+local exists = next(acct()) ~= nil
 if op == 'create' and exists then return reply({'exists'}) end
 if op == 'update' and not exists then return reply({'no_account'}) end
 local now = now_ms()
@@ -22,6 +22,7 @@ end
 for field, value in pairs(fields) do
   if value == '' then redis.call('HDEL', K.acct, field) else redis.call('HSET', K.acct, field, value) end
 end
+A = nil  -- written directly above: read afresh
 refresh(now)
 derive_tier(now)
 return reply({'ok', redis.call('HGETALL', K.acct)})

@@ -15,9 +15,9 @@ local req_id, key_id, model = ARGV[3], ARGV[4], ARGV[5]
 local prompt_cost, output_cost, out_pico = tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8])
 local prompt_tokens, max_out, n = tonumber(ARGV[9]), tonumber(ARGV[10]), tonumber(ARGV[11])
 
-if redis.call('EXISTS', K.acct) == 0 then return reply({'no_account'}) end
+if next(acct()) == nil then return reply({'no_account'}) end
 if redis.call('HGET', K.keys, key_id) ~= 'active' then return reply({'revoked'}) end
-if redis.call('HGET', K.acct, 'status') == 'suspended' then return reply({'suspended'}) end
+if acct_get('status') == 'suspended' then return reply({'suspended'}) end
 
 local now = now_ms()
 local now_s = math.floor(now / 1000)
@@ -130,7 +130,7 @@ end
 redis.call('HSET', K.resv, req_id, cjson.encode({
   amount = fmt(reserve), admitted = now, sec = now_s, tokens = tokens, pm = per_model,
   key = key_id, model = model, exp = now + CTX.ttl, dg = downgrade}))
-redis.call('HINCRBY', K.acct, 'reserved', fmt(reserve))
+acct_incr('reserved', fmt(reserve))
 local out = {'ok', reserve, acct_num('balance'), avail - reserve, tier}
 for _, v in ipairs(figures(tokens, 1)) do out[#out + 1] = v end
 out[#out + 1] = clamp

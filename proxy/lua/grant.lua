@@ -9,7 +9,7 @@ local spec = cjson.decode(ARGV[3])
 spec.priority = spec.priority or 0
 spec.effective_at = spec.effective_at or 0
 spec.expires_at = spec.expires_at or 0
-if redis.call('EXISTS', K.acct) == 0 then return reply({'no_account'}) end
+if next(acct()) == nil then return reply({'no_account'}) end
 if spec.idem then
   local existing = redis.call('HGET', K.idem, spec.idem)
   if existing then return reply({'exists', redis.call('HGET', K.grants, existing)}) end

@@ -22,6 +22,17 @@ local K = {acct = KEYS[1], grants = KEYS[2], live = KEYS[3], resv = KEYS[4],
            ledger = KEYS[5], outbox = KEYS[6], keys = KEYS[7], reaped = KEYS[8],
            idem = KEYS[9], rl = KEYS[10], rlm = KEYS[11]}
 local CTX = cjson.decode(ARGV[1])
+-- tiers and plans arrive as JSON strings inside the context: most calls need neither,
+-- and decoding them into tables is most of the cost of a context
+local TIERS, PLANS = nil, nil
+local function tiers()
+  TIERS = TIERS or cjson.decode(CTX.tiers)
+  return TIERS
+end
+local function plans()
+  PLANS = PLANS or cjson.decode(CTX.plans)
+  return PLANS
+end
 local UNLIMITED = 4503599627370496  -- 2^52 micro-USD: "no limit", still exact
 local DAY_MS = 86400000
 
@@ -38,7 +49,32 @@ local function now_ms()
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + tonumber(ARGV[2])
 end
 
-local function acct_num(field) return num(redis.call('HGET', K.acct, field)) end
+-- The account hash, read once per script (one HGETALL instead of a HGET per field) and
+-- kept in step with every write, which all go through the helpers below.
+local A = nil
+local function acct()
+  if A == nil then
+    A = {}
+    local flat = redis.call('HGETALL', K.acct)
+    for i = 1, #flat, 2 do A[flat[i]] = flat[i + 1] end
+  end
+  return A
+end
+local function acct_get(field) return acct()[field] end  -- nil when absent
+local function acct_num(field) return num(acct()[field]) end
+local function acct_set(field, value)
+  redis.call('HSET', K.acct, field, value)
+  acct()[field] = tostring(value)
+end
+local function acct_del(field)
+  redis.call('HDEL', K.acct, field)
+  acct()[field] = nil
+end
+local function acct_incr(field, delta)
+  local value = redis.call('HINCRBY', K.acct, field, delta)
+  acct()[field] = fmt(value)
+  return value
+end
 
 local function get_grant(gid) return cjson.decode(redis.call('HGET', K.grants, gid)) end
 local function put_grant(g) redis.call('HSET', K.grants, g.id, cjson.encode(g)) end
@@ -46,7 +82,7 @@ local function put_grant(g) redis.call('HSET', K.grants, g.id, cjson.encode(g)) 
 -- Append one ledger entry and move the stored balance by its amount, together:
 -- balance == sum(ledger amounts) holds after every script.
 local function ledger_add(entry, now)
-  local balance = redis.call('HINCRBY', K.acct, 'balance', fmt(entry.amount))
+  local balance = acct_incr('balance', fmt(entry.amount))
   entry.amount = fmt(entry.amount)
   entry.balance = fmt(balance)
   entry.ts = now
@@ -59,7 +95,7 @@ local EMITTED = 0  -- events raised by this call: the caller then asks for a del
 
 local function emit(kind, data, now)
   if CTX.wh ~= 1 then return end
-  local seq = redis.call('HINCRBY', K.acct, 'event_seq', 1)
+  local seq = acct_incr('event_seq', 1)
   data.account_id = ACCOUNT_ID
   local id = 'evt_' .. ACCOUNT_ID .. '_' .. fmt(seq)
   redis.call('RPUSH', K.outbox, cjson.encode({id = id, type = kind, ts = now, data = data, tries = 0}))
@@ -115,14 +151,14 @@ local function period(every, now)
 end
 
 local function plan_of_account()
-  local name = redis.call('HGET', K.acct, 'plan')
+  local name = acct_get('plan')
   if not name or name == '' then return nil end
-  return CTX.plans[name]
+  return plans()[name]
 end
 
 -- How far below zero the balance may go: the account's override, else its plan's.
 local function overage_room()
-  local override = redis.call('HGET', K.acct, 'overage_limit')
+  local override = acct_get('overage_limit')
   if override == 'unlimited' then return UNLIMITED end
   if override and override ~= '' then return tonumber(override) end
   local plan = plan_of_account()
@@ -141,7 +177,7 @@ local function recompute_next_change(now)
     if g.status == 'expiring' then t = now + 1000 end  -- re-check, rate-limited
     if t > 0 and (next_change == 0 or t < next_change) then next_change = t end
   end
-  redis.call('HSET', K.acct, 'next_change_ms', fmt(next_change))
+  acct_set('next_change_ms', fmt(next_change))
 end
 
 -- A new grant pays off overage debt first: balance = sum(live remaining) - debt.
@@ -151,21 +187,21 @@ local function activate(g, now, entry_type)
   local debt = acct_num('debt')
   local pay = math.min(debt, amount)
   if pay > 0 then
-    redis.call('HINCRBY', K.acct, 'debt', fmt(-pay))
+    acct_incr('debt', fmt(-pay))
     g.remaining = fmt(amount - pay)
     g.drawn = fmt(tonumber(g.drawn or '0') + pay)
   end
   if g.kind == 'paid' then
-    redis.call('HINCRBY', K.acct, 'lifetime_paid', fmt(amount))
+    acct_incr('lifetime_paid', fmt(amount))
     if acct_num('first_payment_ms') == 0 then
-      redis.call('HSET', K.acct, 'first_payment_ms', fmt(math.max(g.effective_at, 0)))
+      acct_set('first_payment_ms', fmt(math.max(g.effective_at, 0)))
     end
   end
   if tonumber(g.remaining) == 0 then g.status = 'depleted'; redis.call('SREM', K.live, g.id) end
   put_grant(g)
   ledger_add({type = entry_type, amount = amount, grant_id = g.id, description = g.description}, now)
-  if g.idem and g.idem == redis.call('HGET', K.acct, 'topup_pending') then
-    redis.call('HDEL', K.acct, 'topup_pending')
+  if g.idem and g.idem == acct_get('topup_pending') then
+    acct_del('topup_pending')
   end
   emit('credits.granted', {grant_id = g.id, kind = g.kind, amount_usd = g.amount}, now)
 end
@@ -189,12 +225,12 @@ local function expire(g, now)
     if g.status ~= 'expiring' then
       g.status = 'expiring'
       put_grant(g)
-      redis.call('HINCRBY', K.acct, 'held', g.remaining)
+      acct_incr('held', g.remaining)
     end
     return
   end
   local remaining = tonumber(g.remaining)
-  if g.status == 'expiring' then redis.call('HINCRBY', K.acct, 'held', fmt(-remaining)) end
+  if g.status == 'expiring' then acct_incr('held', fmt(-remaining)) end
   g.status = 'expired'
   g.expired = g.remaining
   g.remaining = '0'
@@ -218,10 +254,10 @@ local function allocate(now)
   local plan = plan_of_account()
   if not plan or not plan.a or plan.a <= 0 then return end
   local pid, start_ms, end_ms = period(plan.e, now)
-  local name = redis.call('HGET', K.acct, 'plan')
+  local name = acct_get('plan')
   local gid = 'alloc_' .. name .. '_' .. pid
-  if redis.call('HGET', K.acct, 'alloc_last') == gid then return end  -- the usual case: one HGET
-  redis.call('HSET', K.acct, 'alloc_last', gid)
+  if acct_get('alloc_last') == gid then return end  -- the usual case
+  acct_set('alloc_last', gid)
   if redis.call('HEXISTS', K.grants, gid) == 1 then return end  -- plan switched back and forth
   local g = grant_record(gid, 'promotional', plan.a, 0, start_ms, end_ms, now,
                          'plan ' .. name .. ' allocation ' .. pid, nil)
@@ -247,7 +283,7 @@ end
 
 -- A reservation just closed: an `expiring` grant it held back may now expire.
 local function recheck_held(now)
-  if acct_num('held') > 0 then redis.call('HSET', K.acct, 'next_change_ms', fmt(now)) end
+  if acct_num('held') > 0 then acct_set('next_change_ms', fmt(now)) end
 end
 
 local function available()
@@ -255,7 +291,7 @@ local function available()
 end
 
 local function thresholds()
-  local own = redis.call('HGET', K.acct, 'thresholds')
+  local own = acct_get('thresholds')
   if own and own ~= '' then return cjson.decode(own) end
   return CTX.th or {}
 end
@@ -267,33 +303,34 @@ local function balance_events(now)
   local avail = balance - acct_num('reserved') - acct_num('held')
   for _, t in ipairs(thresholds()) do
     local flag = 'low_fired:' .. fmt(t)
-    local fired = redis.call('HEXISTS', K.acct, flag) == 1
+    local fired = (acct_get(flag) ~= nil)
     if balance < t and not fired then
-      redis.call('HSET', K.acct, flag, '1')
+      acct_set(flag, '1')
       emit('credit_balance.low', {threshold_usd = fmt(t), balance_usd = fmt(balance)}, now)
     elseif balance > t and fired then  -- re-armed once the balance rises above it
-      redis.call('HDEL', K.acct, flag)
+      acct_del(flag)
     end
   end
-  local depleted = redis.call('HEXISTS', K.acct, 'depleted_fired') == 1
+  local depleted = (acct_get('depleted_fired') ~= nil)
   if avail <= 0 and not depleted then
-    redis.call('HSET', K.acct, 'depleted_fired', '1')
+    acct_set('depleted_fired', '1')
     emit('credit_balance.depleted', {balance_usd = fmt(balance)}, now)
   elseif avail > 0 and depleted then
-    redis.call('HDEL', K.acct, 'depleted_fired')
+    acct_del('depleted_fired')
   end
-  local topup = redis.call('HGET', K.acct, 'auto_topup')
+  local topup = acct_get('auto_topup')
   if topup and topup ~= '' then
     local cfg = cjson.decode(topup)
     local last = acct_num('topup_last_ms')
     -- an outstanding request blocks new ones until its grant arrives, or for an hour at
     -- least (a declined charge or a dead letter must not stop top-ups for good)
-    local outstanding = redis.call('HGET', K.acct, 'topup_pending')
+    local outstanding = acct_get('topup_pending')
       and now - last < math.max(CTX.cd or 0, 3600000)
     if balance < tonumber(cfg.threshold) and not outstanding and (last == 0 or now - last >= (CTX.cd or 0)) then
-      local n = redis.call('HINCRBY', K.acct, 'topup_seq', 1)
+      local n = acct_incr('topup_seq', 1)
       local key = 'topup_' .. ACCOUNT_ID .. '_' .. fmt(n)
-      redis.call('HSET', K.acct, 'topup_pending', key, 'topup_last_ms', fmt(now))
+      acct_set('topup_pending', key)
+      acct_set('topup_last_ms', fmt(now))
       local amount = cfg.target and fmt(tonumber(cfg.target) - balance) or cfg.amount
       emit('auto_topup.requested', {amount_usd = amount, idempotency_key = key,
                                     balance_usd = fmt(balance)}, now)
@@ -301,19 +338,19 @@ local function balance_events(now)
   end
 end
 
--- The account's tier from its lifetime figures (CTX.tiers ascending by min_usd), kept
+-- The account's tier from its lifetime figures (tiers() ascending by min_usd), kept
 -- in the account so a change is noticed once. Returns the tier and its limits, with
 -- the account's admin override (rl_rpm / rl_tpm) taking precedence.
 local function derive_tier(now)
   local basis = acct_num(CTX.basis == 'consumed' and 'lifetime_consumed' or 'lifetime_paid')
   local first = acct_num('first_payment_ms')
-  local chosen = CTX.tiers[1]
-  for _, t in ipairs(CTX.tiers) do
+  local chosen = tiers()[1]
+  for _, t in ipairs(tiers()) do
     if basis >= t.m and (t.d == 0 or (first > 0 and now - first >= t.d * DAY_MS)) then chosen = t end
   end
-  local prev = redis.call('HGET', K.acct, 'tier')
+  local prev = acct_get('tier')
   if prev ~= chosen.n then
-    redis.call('HSET', K.acct, 'tier', chosen.n)
+    acct_set('tier', chosen.n)
     if prev then emit('tier.changed', {from = prev, to = chosen.n}, now) end
   end
   local rpm, tpm = chosen.r, chosen.t

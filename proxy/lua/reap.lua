@@ -10,7 +10,7 @@ for i = 1, #flat, 2 do
   local req_id, r = flat[i], cjson.decode(flat[i + 1])
   if r.exp <= now then
     redis.call('HDEL', K.resv, req_id)
-    redis.call('HINCRBY', K.acct, 'reserved', fmt(-tonumber(r.amount)))
+    acct_incr('reserved', fmt(-tonumber(r.amount)))
     redis.call('HSET', K.reaped, req_id, flat[i + 1])
     ledger_add({type = 'release', amount = 0, request_id = req_id, model = r.model,
                 description = 'reservation not settled in time; released'}, now)

@@ -23,7 +23,7 @@ else
 end
 local r = cjson.decode(raw)
 local now = now_ms()
-if not released then redis.call('HINCRBY', K.acct, 'reserved', fmt(-tonumber(r.amount))) end
+if not released then acct_incr('reserved', fmt(-tonumber(r.amount))) end
 
 local function drawable(g)
   return (g.status == 'active' or g.status == 'expiring') and tonumber(g.remaining) > 0
@@ -54,7 +54,7 @@ if left > 0 then
     left = left - take
     g.remaining = fmt(tonumber(g.remaining) - take)
     g.drawn = fmt(tonumber(g.drawn) + take)
-    if g.status == 'expiring' then redis.call('HINCRBY', K.acct, 'held', fmt(-take)) end
+    if g.status == 'expiring' then acct_incr('held', fmt(-take)) end
     if tonumber(g.remaining) == 0 then
       if g.status == 'expiring' then g.status = 'expired'; g.expired = '0' else g.status = 'depleted' end
       redis.call('SREM', K.live, g.id)
@@ -62,8 +62,8 @@ if left > 0 then
     put_grant(g)
     draws[#draws + 1] = {grant_id = g.id, amount = fmt(take)}
   end
-  if left > 0 then redis.call('HINCRBY', K.acct, 'debt', fmt(left)) end
-  redis.call('HINCRBY', K.acct, 'lifetime_consumed', fmt(cost))
+  if left > 0 then acct_incr('debt', fmt(left)) end
+  acct_incr('lifetime_consumed', fmt(cost))
 end
 
 entry.type = entry.type or 'usage'  -- 'release' when nothing is charged
@@ -93,7 +93,7 @@ if plan and plan.i and plan.i > 0 then
     emit('overage.invoice_threshold', {overage_usd = fmt(acct_num('debt')),
                                        invoice_every_usd = fmt(plan.i)}, now)
   end
-  if steps ~= invoiced then redis.call('HSET', K.acct, 'invoiced_steps', steps) end
+  if steps ~= invoiced then acct_set('invoiced_steps', steps) end
 end
 balance_events(now)
 return reply({'ok', cost, balance, id})

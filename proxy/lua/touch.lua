@@ -2,7 +2,7 @@
 -- lapsed ones expired, plan allocation granted) and the tier derived.
 -- KEYS: see lib.lua.  ARGV: ctx, clock offset, 3 key id to check ('' = admin read).
 -- Returns {'ok', flat account hash, {grant JSON...}, rpm, tpm, overage room} or {'no_account'} / {'revoked'}.
-if redis.call('EXISTS', K.acct) == 0 then return reply({'no_account'}) end
+if next(acct()) == nil then return reply({'no_account'}) end
 if ARGV[3] ~= '' and redis.call('HGET', K.keys, ARGV[3]) ~= 'active' then return reply({'revoked'}) end
 local now = now_ms()
 refresh(now)

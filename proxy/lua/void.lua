@@ -11,7 +11,7 @@ if g.status == 'voided' or g.status == 'expired' or g.status == 'depleted' then
 end
 local remaining = tonumber(g.remaining)
 local was = g.status
-if was == 'expiring' then redis.call('HINCRBY', K.acct, 'held', fmt(-remaining)) end
+if was == 'expiring' then acct_incr('held', fmt(-remaining)) end
 g.status = 'voided'
 g.voided = g.remaining
 g.remaining = '0'
@@ -22,7 +22,7 @@ redis.call('SREM', K.live, gid)
 local amount = (was == 'pending') and 0 or -remaining
 ledger_add({type = 'void', amount = amount, grant_id = gid, description = reason}, now)
 if g.kind == 'paid' and was ~= 'pending' then
-  redis.call('HINCRBY', K.acct, 'lifetime_paid', fmt(-remaining))
+  acct_incr('lifetime_paid', fmt(-remaining))
 end
 recompute_next_change(now)
 balance_events(now)
