@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
+import time
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ from redis.asyncio import Redis, RedisCluster
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from . import admin, api, logs, metrics
+from . import admin, api, errors, logs, metrics
 from .accounts import Accounts
 from .config import Config
 from .configfile import ConfigError, load_config
@@ -92,6 +93,7 @@ class Proxy:
         self.webhooks = Webhooks(state)
         self.worker = Worker(ledger, self.webhooks.deliver)
         self.tasks.append(asyncio.create_task(self.worker.run(), name="worker"))
+        self.tasks.append(asyncio.create_task(self._keep_reservations_alive()))
         if self.config_path is not None:
             self._config_stamp = _stamp(self.config_path)
             self.tasks.append(asyncio.create_task(self._watch_config()))
@@ -112,7 +114,7 @@ class Proxy:
         if self.worker is not None:
             self.worker.stop()  # lets a delivery in flight finish and release its lease
         for task in self.tasks[1:]:
-            task.cancel()  # the config watcher
+            task.cancel()  # the keep-alive loop and the config watcher
         if self.tasks:
             _, pending = await asyncio.wait(self.tasks, timeout=5)
             for task in pending:
@@ -149,6 +151,23 @@ class Proxy:
         metrics.CONFIG_RELOADS.labels("success").inc()
         log.info("config_reloaded", path=str(self.config_path))
         return True
+
+    async def _keep_reservations_alive(self) -> None:
+        """A request may run longer than `reservation_ttl_s` (a slow reader, a long
+        reasoning stream): while it runs, its reservation's expiry is pushed back, so the
+        reaper releases only the reservations of proxies that died."""
+        assert self.state is not None
+        while True:
+            period = max(1.0, self.config.billing.reservation_ttl_s / 3)
+            await asyncio.sleep(period)  # the refresh period, not a synchronisation
+            due = time.monotonic() - period
+            by_account: dict[str, list[str]] = {}
+            for request_id, (account_id, admitted) in list(self.state.inflight.items()):
+                if admitted <= due:
+                    by_account.setdefault(account_id, []).append(request_id)
+            for account_id, request_ids in by_account.items():
+                with contextlib.suppress(errors.StoreUnavailable):  # next period will try again
+                    await self.state.ledger.extend(account_id, request_ids)
 
     async def _watch_config(self) -> None:
         assert self.config_path is not None

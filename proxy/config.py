@@ -177,14 +177,17 @@ class ModelConfig(_Frozen):
     upstream: Text
     upstream_model: OptText = None  # None: the configured name is sent upstream
     encoding: OptText = None  # tiktoken encoding for estimates
-    max_output_tokens: OptPosInt = None
+    max_output_tokens: OptPosInt = None  # reserved when a request names no max (worst case)
+    # the context window: reserved as the prompt when part of it is stored upstream
+    # (Responses `previous_response_id` / `conversation`), since it cannot be counted here
+    max_input_tokens: OptPosInt = None
     price: Price
     markup_percent: OptAmount = None  # None: billing.markup_percent
 
 
 class BillingConfig(_Frozen):
     markup_percent: Amount = Decimal(0)
-    default_max_output_tokens: PosInt = 4096
+    default_max_output_tokens: PosInt = 4096  # for models without max_output_tokens
     on_insufficient: Literal["reject", "clamp"] = "reject"
     reservation_ttl_s: PosInt = 900
 

@@ -44,7 +44,10 @@ class ClientRequest:
             body["stream_options"] = {**(options if isinstance(options, dict) else {}), "include_usage": True}
         if clamp_tokens:
             body[self.max_tokens_field or _default_max_field(self.endpoint)] = clamp_tokens
-        return orjson.dumps(body)
+        try:
+            return orjson.dumps(body)
+        except orjson.JSONEncodeError as exc:  # e.g. nesting deeper than the encoder allows
+            raise InvalidRequest(f"The request body cannot be forwarded: {exc}.") from None
 
 
 def parse(endpoint: str, raw: bytes) -> ClientRequest:

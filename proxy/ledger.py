@@ -28,7 +28,7 @@ from .money import to_micro, usd
 from .ratelimits import RateFigures, go_duration, retry_headers
 from .resp import Packed, RespClient
 
-SCRIPT_NAMES = ("admit", "settle", "grant", "void", "reap", "touch", "account")
+SCRIPT_NAMES = ("admit", "settle", "grant", "void", "reap", "touch", "account", "extend")
 
 
 def _load_sources() -> dict[str, str]:
@@ -337,6 +337,11 @@ class Ledger:
         """Release lapsed reservations: (released, next expiry ms or 0, outbox length)."""
         released, next_exp, outbox, _ = await self._run("reap", account_id)
         return int(released), int(next_exp), int(outbox)
+
+    async def extend(self, account_id: str, request_ids: list[str]) -> int:
+        """Keep running requests' reservations from being reaped; returns how many were open."""
+        (extended, _) = await self._run("extend", account_id, *request_ids)
+        return int(extended)
 
     async def outbox_length(self, account_id: str) -> int:
         return int(await self.redis.llen(keyspace.account(account_id, "outbox")))

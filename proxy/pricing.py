@@ -15,6 +15,8 @@ from .errors import InvalidRequest
 from .intake import ClientRequest
 from .money import Price
 
+PROMPT_MARGIN_TOKENS = 8
+
 
 @dataclass(frozen=True, slots=True)
 class Route:
@@ -24,8 +26,9 @@ class Route:
     upstream_model: str
     price: Price
     encoding: tiktoken.Encoding
-    max_output_tokens: int  # reserved when the request names no max
+    max_output_tokens: int  # reserved when the request names no max: the model's cap
     output_cap: int | None  # the model's own limit, if configured
+    context_window: int | None  # reserved as the prompt when the upstream holds part of it
 
     def reserved_output_tokens(self, request: ClientRequest) -> int:
         """Worst-case output for the reservation: the asked max (capped), times n."""
@@ -37,7 +40,17 @@ class Route:
         return asked * request.choices
 
     def prompt_tokens(self, request: ClientRequest) -> int:
+        """The prompt as counted here: what an estimated charge uses."""
         return prompts.estimate_prompt_tokens(request.endpoint, request.body, self.encoding)
+
+    def reserved_prompt_tokens(self, request: ClientRequest, counted: int) -> int:
+        """Worst case for the reservation. Upstreams count a few tokens we cannot see
+        (chat templates, tool plumbing): 5% + 8 covers them. A prompt partly stored
+        upstream is reserved at the context window when one is configured."""
+        stored_upstream = request.body.get("previous_response_id") or request.body.get("conversation")
+        if stored_upstream and self.context_window:
+            return max(counted, self.context_window)
+        return counted + -(-counted // 20) + PROMPT_MARGIN_TOKENS
 
 
 class Catalog:
@@ -45,7 +58,7 @@ class Catalog:
         self.routes: dict[str, Route] = {}
         for name, model in config.models.items():
             default_max = config.billing.default_max_output_tokens
-            cap = model.max_output_tokens
+            cap = model.max_output_tokens  # without a max, the upstream may write this much
             self.routes[name] = Route(
                 model=name,
                 upstream_name=model.upstream,
@@ -55,8 +68,9 @@ class Catalog:
                     model.price.input, model.price.cached_input, model.price.output, config.markup_for(name)
                 ),
                 encoding=tokens.encoding_for_model(model.upstream_model or name, model.encoding),
-                max_output_tokens=min(default_max, cap) if cap else default_max,
+                max_output_tokens=cap or default_max,
                 output_cap=cap,
+                context_window=model.max_input_tokens,
             )
 
     def route(self, model: str) -> Route:

@@ -28,6 +28,8 @@ def _image_tokens(part: dict[str, Any]) -> int:
     spec = part.get("image_url")
     detail = spec.get("detail") if isinstance(spec, dict) else part.get("detail")
     return IMAGE_TOKENS_LOW if detail == "low" else IMAGE_TOKENS_HIGH
+
+
 _TOOL_OVERHEAD = 8  # per tool/function definition, beyond its JSON
 _MESSAGE_OVERHEAD = 3  # cookbook: <|start|>{role/name}\n{content}<|end|>
 _NAME_OVERHEAD = 1  # cookbook: tokens_per_name

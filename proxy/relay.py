@@ -63,6 +63,7 @@ class Meter:
     client: ClientRequest
     admission: Admission
     prompt_tokens: int
+    body: bytes  # what goes upstream
     settled: asyncio.Future[Settlement | None] | None = None
     usage: Usage | None = None
     tap: StreamTap | None = None  # a stream's usage tap, for a charge if we are cut short
@@ -92,6 +93,7 @@ class Meter:
         try:
             return await self._settle()
         finally:
+            self.state.inflight.pop(self.request_id, None)
             metrics.RESERVATIONS_OPEN.dec()
 
     async def _settle(self) -> Settlement | None:
@@ -171,24 +173,29 @@ async def admit(state: State, request: web.Request, endpoint: str, req_id: str) 
         raise errors.PermissionDenied(
             f"This API key may not use the model `{client.model}`.", param="model", code="model_not_allowed"
         )
+    body = client.upstream_body(route.upstream_model)  # before admitting: an unsendable body is a 400
     prompt_tokens = route.prompt_tokens(client)
+    reserved_prompt = route.reserved_prompt_tokens(client, prompt_tokens)
     max_output = route.reserved_output_tokens(client)
     admission = await state.ledger.admit(
         key.account_id,
         key.key_id,
         client.model,
         req_id,
-        prompt_cost=route.price.prompt_reserve(prompt_tokens),
+        prompt_cost=route.price.prompt_reserve(reserved_prompt),
         output_cost=route.price.output_reserve(max_output),
         output_pico=route.price.output_pico if client.endpoint != "embeddings" else 0,
-        prompt_tokens=prompt_tokens,
+        prompt_tokens=reserved_prompt,
         max_output_tokens=max_output,
         choices=client.choices,
     )
     metrics.RESERVATIONS_OPEN.inc()
+    state.inflight[req_id] = (key.account_id, time.monotonic())  # kept alive while it runs (app.py)
     if admission.downgrade_to:
         route = state.catalog.route(admission.downgrade_to)
-    return Meter(state, key.account_id, key.key_id, req_id, route, client, admission, prompt_tokens)
+    if admission.downgrade_to or admission.clamp_tokens:
+        body = client.upstream_body(route.upstream_model, admission.clamp_tokens)
+    return Meter(state, key.account_id, key.key_id, req_id, route, client, admission, prompt_tokens, body)
 
 
 def our_headers(meter: Meter) -> dict[str, str]:
@@ -202,11 +209,10 @@ def our_headers(meter: Meter) -> dict[str, str]:
 
 async def forward(state: State, request: web.Request, meter: Meter) -> web.StreamResponse:
     route, client = meter.route, meter.client
-    body = client.upstream_body(route.upstream_model, meter.admission.clamp_tokens)
     path = intake.ENDPOINTS[client.endpoint][0].removeprefix("/v1")
     upstream_started = time.perf_counter()
     try:
-        upstream = await state.upstream.post(route.upstream, path, body, meter.request_id)
+        upstream = await state.upstream.post(route.upstream, path, meter.body, meter.request_id)
     except errors.ProxyError as err:
         meter.outcome = f"upstream failed ({err.code})"
         return error_response(err, meter.request_id)

@@ -28,6 +28,8 @@ class State:
     catalog: Catalog
     upstream: Upstream
     background: set[asyncio.Task[Any]] = field(default_factory=set)
+    # request id -> (account id, admitted at, monotonic s): reservations this instance holds
+    inflight: dict[str, tuple[str, float]] = field(default_factory=dict)
 
     def use_config(self, config: Config, catalog: Catalog) -> None:
         """Swap in a reloaded config; requests in flight keep the objects they hold."""

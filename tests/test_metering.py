@@ -203,3 +203,23 @@ async def test_unknown_route_is_an_openai_shaped_404(proxy: Running) -> None:
         assert resp.status == 404 and body["error"]["type"] == "invalid_request_error"
         async with session.get(f"{proxy.url}/v1/chat/completions") as resp:
             assert resp.status == 405 and "error" in await resp.json()
+
+
+async def test_no_max_tokens_reserves_the_models_cap(proxy: Running, upstream: DemoUpstream) -> None:
+    key = await proxy.account("acme", "0.1")  # covers 4096 gpt-4o output tokens, not the 16384 cap
+    client = proxy.client(key)
+    with pytest.raises(openai.APIStatusError) as caught:
+        await client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "x"}])
+    assert caught.value.status_code == 402 and upstream.requests == []
+    await client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "x"}], max_tokens=4096)
+
+
+async def test_prompt_stored_upstream_reserves_the_context_window(start_proxy, upstream: DemoUpstream) -> None:  # type: ignore[no-untyped-def]
+    running = await start_proxy({"models": {"o3-mini": {"max_input_tokens": 200_000}}})
+    key = await running.account("acme", "0.1")  # a 200k-token prompt costs $0.22
+    client = running.client(key)
+    with pytest.raises(openai.APIStatusError) as caught:
+        await client.responses.create(model="o3-mini", input="and now?", previous_response_id="resp_1",
+                                      max_output_tokens=16)  # fmt: skip
+    assert caught.value.status_code == 402 and upstream.requests == []
+    await client.responses.create(model="o3-mini", input="hello", max_output_tokens=16)  # countable: fits

@@ -65,3 +65,19 @@ async def test_sigkilled_proxy_reservation_is_released_after_restart(
     assert view.reserved == 0 and view.balance == 10_000_000
     assert sum(int(e["amount"]) for e in await entries(redis, "acme")) == view.balance
     assert await asyncio.to_thread(cli_main, ["--config", str(config_file), "reconcile"]) == 0
+
+
+async def test_a_live_request_outlasting_the_ttl_keeps_its_reservation(
+    start_proxy: Any, upstream: DemoUpstream
+) -> None:
+    running = await start_proxy({"billing": {"reservation_ttl_s": 2}})  # the background worker reaps every second
+    key = await running.account("acme", "10")
+    upstream.fault.output_tokens, upstream.fault.chunk_delay_s = 24, 0.25  # a 6 s stream: 3 TTLs
+    stream = await running.client(key).chat.completions.create(
+        model="gpt-4o", messages=[{"role": "user", "content": "hi"}], stream=True
+    )
+    chunks = [chunk async for chunk in stream]
+    assert len(chunks) > 24
+    kinds = [e["type"] for e in await entries(running.state.redis, "acme")]
+    assert kinds == ["grant", "usage"]  # never released as if its proxy had died
+    assert (await running.balance("acme")).reserved == 0
