@@ -61,7 +61,8 @@ def _authorized(request: web.Request) -> bool:
     token = request.app[STATE].config.server.admin_token
     given = request.headers.get("Authorization", "")
     expected = f"Bearer {token.get_secret_value()}" if token else ""
-    return bool(token) and hmac.compare_digest(given.encode(), expected.encode())
+    # non-ASCII bytes in a header are never a valid token (and would not encode cleanly)
+    return bool(token) and given.isascii() and hmac.compare_digest(given.encode(), expected.encode())
 
 
 async def _body(request: web.Request) -> dict[str, Any]:

@@ -8,6 +8,7 @@ import time
 import orjson
 import structlog
 from aiohttp import web
+from aiohttp.web_protocol import RequestPayloadError
 
 from . import errors, relay, views
 from .intake import ENDPOINTS
@@ -68,6 +69,12 @@ async def openai_errors(request: web.Request, handler: relay.Handler) -> web.Str
         return await handler(request)
     except errors.ProxyError as err:
         return relay.error_response(err, relay.request_id())
+    except RequestPayloadError as exc:  # an undecodable body (admin handlers read it themselves)
+        bad = errors.InvalidRequest(f"The request body could not be decoded: {exc}.")
+        return relay.error_response(bad, relay.request_id())
+    except relay.CLIENT_GONE:  # hung up mid-request: not our error, no traceback
+        log.info("client_gone", path=request.path, method=request.method)
+        return relay.error_response(errors.ClientGone("The client closed the connection."), relay.request_id())
     except web.HTTPException as exc:
         if exc.status < 400:
             raise

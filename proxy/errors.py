@@ -8,6 +8,7 @@
     ├── NotFound                404
     ├── BodyTooLarge            413
     ├── RateLimited             429 rate_limit_exceeded (type requests | tokens)
+    ├── ClientGone              499 (the client hung up mid-request; nobody reads it)
     ├── UpstreamUnavailable     502 (the upstream failed before answering)
     ├── StoreUnavailable        503 (Redis unreachable: fail closed)
     └── UpstreamTimeout         504
@@ -90,6 +91,14 @@ class BodyTooLarge(ProxyError):
 class RateLimited(ProxyError):
     status = 429
     code = "rate_limit_exceeded"
+
+
+class ClientGone(ProxyError):
+    """The client hung up before its request was read: nobody to answer (logged as 499)."""
+
+    status = 499
+    type = "invalid_request_error"
+    code = "client_closed_request"
 
 
 class UpstreamUnavailable(ProxyError):

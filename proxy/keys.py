@@ -59,7 +59,10 @@ def bearer(header: str | None) -> str:
             "You didn't provide an API key. You need to provide your API key in an Authorization header "
             "using Bearer auth (i.e. Authorization: Bearer YOUR_KEY)."
         )
-    return header[7:].strip()
+    key = header[7:].strip()
+    if not key.isascii():  # keys are ASCII; raw header bytes would not even hash cleanly
+        raise errors.InvalidApiKey("Incorrect API key provided.")
+    return key
 
 
 class KeyCache:

@@ -380,6 +380,13 @@ def _admission(result: list[Any], model: str) -> Admission:
     limit, used, requested, retry_ms = (int(v) for v in result[2:6])
     unit = "requests per min (RPM)" if kind == "requests" else "tokens per min (TPM)"
     rate = RateFigures.from_script(result[6:12])
+    if requested > limit:  # can never fit: tell the SDK not to retry, as OpenAI does
+        raise errors.RateLimited(
+            f"Request too large for {model} on {unit} (tier {result[1]}): Limit {limit}, Requested {requested}. "
+            "The input or output tokens must be reduced in order to run successfully.",
+            type=kind,
+            headers={**rate.headers(), "x-should-retry": "false"},
+        )
     raise errors.RateLimited(
         f"Rate limit reached for {model} on {unit} (tier {result[1]}): Limit {limit}, Used {used}, "
         f"Requested {requested}. Please try again in {go_duration(retry_ms)}.",

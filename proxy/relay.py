@@ -23,6 +23,7 @@ import aiohttp
 import orjson
 import structlog
 from aiohttp import web
+from aiohttp.web_protocol import RequestPayloadError
 
 from . import errors, intake, metrics
 from .intake import ClientRequest
@@ -31,7 +32,7 @@ from .money import Usage, usd
 from .pricing import Route
 from .sse import Event, SSEParser, data_event
 from .state import STATE, State
-from .upstream import passthrough_headers
+from .upstream import passthrough_headers, redact_keys
 from .usage import StreamTap, usage_from_body
 
 log = structlog.get_logger("proxy.access")
@@ -128,10 +129,15 @@ async def read_body(request: web.Request, limit: int) -> bytes:
     if request.content_length is not None and request.content_length > limit:
         raise errors.BodyTooLarge(f"Request body too large: the limit is {limit} bytes.")
     body = bytearray()
-    async for chunk in request.content.iter_chunked(65536):
-        body += chunk
-        if len(body) > limit:
-            raise errors.BodyTooLarge(f"Request body too large: the limit is {limit} bytes.")
+    try:
+        async for chunk in request.content.iter_chunked(65536):
+            body += chunk
+            if len(body) > limit:
+                raise errors.BodyTooLarge(f"Request body too large: the limit is {limit} bytes.")
+    except RequestPayloadError as exc:  # e.g. a body that claims gzip and is not
+        raise errors.InvalidRequest(f"The request body could not be decoded: {exc}.") from None
+    except CLIENT_GONE:
+        raise errors.ClientGone("The client closed the connection while sending its request.") from None
     return bytes(body)
 
 
@@ -160,6 +166,9 @@ async def metered(request: web.Request, endpoint: str) -> web.StreamResponse:
         response = await forward(state, request, meter)
         status = response.status
         return response
+    except Exception:
+        status, meter.outcome = 500, "proxy error"  # the middleware answers 500; the log says so
+        raise
     finally:
         settlement = await meter.settle()
         access_log(request, req_id, model, status, started, meter, settlement=settlement)
@@ -228,7 +237,7 @@ async def pass_error(upstream: aiohttp.ClientResponse, meter: Meter) -> web.Resp
     """Upstream errors pass through as they came, and cost nothing."""
     meter.outcome = f"upstream status {upstream.status}"
     try:
-        body = await upstream.read()
+        body = redact_keys(await upstream.read())
     except UPSTREAM_BROKEN:
         body = errors.UpstreamUnavailable("The upstream failed while answering.").to_body()
     headers = {**passthrough_headers(upstream.headers), **our_headers(meter)}
@@ -285,7 +294,13 @@ async def relay_stream(
             "x-accel-buffering": "no",
         },
     )
-    await response.prepare(request)
+    try:
+        await response.prepare(request)
+    except CLIENT_GONE:  # gone before our headers: the upstream has already started work
+        upstream.close()
+        meter.outcome = "client disconnected before the response started"
+        meter.charge(None)  # the prompt, estimated
+        return response
     parser = SSEParser()
     tap = meter.tap = StreamTap(meter.client.endpoint, meter.client.wants_usage)
     held = b""  # the final event: sent once the request is settled (read-your-writes)

@@ -186,7 +186,8 @@ class GrantVoid(_Request):
 
 class LedgerQuery(_Request):
     limit: Annotated[int, Field(ge=1, le=1000)] = 100
-    cursor: Annotated[str, Field(pattern=r"^\d+-\d+$")] | None = None  # the previous page's next_cursor
+    # the previous page's next_cursor: a stream id, two numbers that must fit 64 bits
+    cursor: Annotated[str, Field(pattern=r"^\d{1,19}-\d{1,19}$")] | None = None
 
 
 class UsageQuery(_Request):
@@ -232,7 +233,7 @@ def loads(body: bytes | str) -> dict[str, Any]:
         return {}
     try:
         data = json.loads(body, parse_float=Decimal, parse_constant=_no_constants)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nesting deeper than any real request
         raise errors.InvalidRequest(
             "We could not parse the JSON body of your request. (HINT: This likely means you aren't using your "
             "HTTP library correctly. The OpenAI API expects a JSON payload, but what was sent was not valid JSON.)"

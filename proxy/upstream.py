@@ -6,6 +6,7 @@ does not care whether it talks to OpenAI or the test upstream.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 
 import aiohttp
@@ -36,6 +37,15 @@ OURS = frozenset(
     {"x-request-id", "openai-organization", "openai-project", "set-cookie"}
     | {f"x-ratelimit-{what}-{unit}" for what in ("limit", "remaining", "reset") for unit in ("requests", "tokens")}
 )
+
+
+_KEY_LIKE = re.compile(rb"sk-[A-Za-z0-9_\-*]{4,}")
+
+
+def redact_keys(body: bytes) -> bytes:
+    """Upstream errors pass through, but not the operator's key: OpenAI's 401 quotes a
+    masked form of it (`sk-proj-****abcd`), which still says too much."""
+    return _KEY_LIKE.sub(b"sk-[REDACTED]", body) if b"sk-" in body else body
 
 
 def passthrough_headers(headers: Mapping[str, str]) -> dict[str, str]:

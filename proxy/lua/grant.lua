@@ -22,6 +22,10 @@ if spec.effective_at == 0 then effective = now end
 if spec.expires_at > 0 and spec.expires_at <= effective then
   return reply({'invalid', 'expires_at must be later than effective_at and now'})
 end
+-- every amount stays exact in Lua's doubles: no balance may pass 2^53 micro-USD
+if acct_num('balance') + tonumber(spec.amount) > 9007199254740991 then
+  return reply({'invalid', 'this grant would take the balance past the largest exact amount'})
+end
 local g = grant_record(spec.id, spec.kind, tonumber(spec.amount), spec.priority, effective,
                        spec.expires_at, now, spec.description, spec.idem)
 g.cost_basis = spec.cost_basis
