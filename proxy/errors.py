@@ -6,6 +6,7 @@
     ├── InsufficientQuota       402 insufficient_quota
     ├── PermissionDenied        403 model_not_allowed | account_suspended
     ├── NotFound                404
+    ├── RequestTimeout          408 (the body trickled in too slowly)
     ├── BodyTooLarge            413
     ├── RateLimited             429 rate_limit_exceeded (type requests | tokens)
     ├── ClientGone              499 (the client hung up mid-request; nobody reads it)
@@ -80,6 +81,12 @@ class NotFound(ProxyError):
     status = 404
     type = "invalid_request_error"
     code = "not_found"
+
+
+class RequestTimeout(ProxyError):
+    status = 408
+    type = "invalid_request_error"
+    code = "request_timeout"
 
 
 class BodyTooLarge(ProxyError):

@@ -37,6 +37,7 @@ from .usage import StreamTap, usage_from_body
 
 log = structlog.get_logger("proxy.access")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+BODY_TIMEOUT_S = 60
 SETTLE_ATTEMPTS = 8  # ~25 s of retries if Redis blips; after that the reaper releases it
 CLIENT_GONE = (ConnectionResetError, aiohttp.ClientConnectionResetError)
 STREAM_INTERRUPTED = orjson.dumps(
@@ -130,10 +131,13 @@ async def read_body(request: web.Request, limit: int) -> bytes:
         raise errors.BodyTooLarge(f"Request body too large: the limit is {limit} bytes.")
     body = bytearray()
     try:
-        async for chunk in request.content.iter_chunked(65536):
-            body += chunk
-            if len(body) > limit:
-                raise errors.BodyTooLarge(f"Request body too large: the limit is {limit} bytes.")
+        async with asyncio.timeout(BODY_TIMEOUT_S):  # a trickled body must not hold a connection forever
+            async for chunk in request.content.iter_chunked(65536):
+                body += chunk
+                if len(body) > limit:
+                    raise errors.BodyTooLarge(f"Request body too large: the limit is {limit} bytes.")
+    except TimeoutError:
+        raise errors.RequestTimeout(f"The request body did not arrive within {BODY_TIMEOUT_S} s.") from None
     except RequestPayloadError as exc:  # e.g. a body that claims gzip and is not
         raise errors.InvalidRequest(f"The request body could not be decoded: {exc}.") from None
     except CLIENT_GONE:

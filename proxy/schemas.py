@@ -9,6 +9,7 @@ leave as integer milliseconds. Every model forbids unknown fields.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
 from decimal import Decimal, InvalidOperation
 from typing import Annotated, Any, Literal, TypeVar
@@ -37,11 +38,17 @@ USD_SCHEMA = {
 TIME_SCHEMA = {"type": "string", "format": "date-time", "examples": ["2030-01-01T00:00:00Z"]}
 
 
+_PLAIN_DECIMAL = re.compile(r"^-?[0-9]+(\.[0-9]+)?$")
+
+
 def _micro(value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, (str, int, float, Decimal)):
         raise ValueError('must be a decimal amount in USD, such as "12.50"')
     if isinstance(value, float):  # only Python callers; JSON numbers arrive as Decimal
         value = repr(value)
+    if isinstance(value, str) and not _PLAIN_DECIMAL.match(value.strip()):
+        # Decimal() also takes "1_000", "1e3" and non-ASCII digits: a typo must not be money
+        raise ValueError('must be a plain decimal amount in USD, such as "12.50"')
     try:
         return to_micro(value.strip() if isinstance(value, str) else value)
     except LossyAmount as exc:

@@ -124,3 +124,28 @@ async def test_client_gone_before_the_response_starts_is_charged_the_prompt(
     writer.transport.abort()  # ...when the client vanishes
     entry = await next_entry(proxy.state.redis, "acme", before)
     assert entry["type"] == "usage" and entry["estimated"] is True and int(entry["amount"]) < 0
+
+
+async def test_amounts_must_be_plain_decimals(proxy: Running) -> None:
+    await proxy.account("acme", None)
+    for amount in ("1_000", "1e3", "９", "0x10", " "):
+        status, _ = await proxy.admin(
+            "POST", "/admin/v1/accounts/acme/credits", {"amount_usd": amount, "kind": "paid"}
+        )
+        assert status == 400, amount
+    assert (await proxy.balance("acme")).balance == 0
+
+
+async def test_a_trickled_body_times_out(proxy: Running, monkeypatch: pytest.MonkeyPatch) -> None:
+    from proxy import relay
+
+    monkeypatch.setattr(relay, "BODY_TIMEOUT_S", 0.3)
+    key = await proxy.account("acme", "10")
+    port = int(proxy.url.rsplit(":", 1)[1])
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer %s\r\n"
+                 b"Content-Length: 100\r\n\r\n{" % key.encode())  # fmt: skip
+    await writer.drain()  # ...and the other 99 bytes never come
+    status_line = await asyncio.wait_for(reader.readline(), 5)
+    writer.close()
+    assert status_line.split()[1] == b"408"
