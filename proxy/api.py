@@ -59,7 +59,7 @@ async def credits(request: web.Request) -> web.Response:
 
 
 async def healthz(_: web.Request) -> web.Response:
-    return json_response({"status": "ok"})
+    return json_response({"status": "ok"}, headers={"x-request-id": relay.request_id()})
 
 
 @web.middleware
