@@ -129,9 +129,7 @@ async def test_client_gone_before_the_response_starts_is_charged_the_prompt(
 async def test_amounts_must_be_plain_decimals(proxy: Running) -> None:
     await proxy.account("acme", None)
     for amount in ("1_000", "1e3", "９", "0x10", " "):
-        status, _ = await proxy.admin(
-            "POST", "/admin/v1/accounts/acme/credits", {"amount_usd": amount, "kind": "paid"}
-        )
+        status, _ = await proxy.admin("POST", "/admin/v1/accounts/acme/credits", {"amount_usd": amount, "kind": "paid"})
         assert status == 400, amount
     assert (await proxy.balance("acme")).balance == 0
 
