@@ -62,3 +62,16 @@ def spawn_proxy(config_file: Path, log: Path) -> subprocess.Popen[bytes]:
             stderr=subprocess.STDOUT,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )
+
+
+async def funded_key(redis: Redis, config: Any, account_id: str = "acme", micro: int = 10_000_000) -> str:
+    """An account with a paid grant and an API key, made straight through the ledger
+    (for tests whose proxy runs in a child process)."""
+    from proxy.accounts import Accounts
+    from proxy.ledger import Ledger
+
+    ledger = Ledger(redis, config)
+    await ledger.save_account(account_id, {}, create=True)
+    await ledger.grant(account_id, {"id": "grant_1", "kind": "paid", "amount": str(micro)})
+    _, key = await Accounts(redis, ledger).create_key(account_id)
+    return key

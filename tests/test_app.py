@@ -122,11 +122,9 @@ async def test_sighup_reloads_a_running_proxy(
     import os
     import signal
 
-    from proxy.accounts import Accounts
     from proxy.embedded import free_port
-    from proxy.ledger import Ledger
 
-    from .helpers import spawn_proxy, wait_healthy
+    from .helpers import funded_key, spawn_proxy, wait_healthy
 
     port, path = free_port(), tmp_path / "config.yaml"
 
@@ -138,10 +136,7 @@ async def test_sighup_reloads_a_running_proxy(
         path.write_text(yaml.safe_dump(data))
 
     write("2.50")
-    ledger = Ledger(redis, load_config(path))
-    await ledger.save_account("acme", {}, create=True)
-    await ledger.grant("acme", {"id": "grant_1", "kind": "paid", "amount": "10000000"})
-    _, key = await Accounts(redis, ledger).create_key("acme")
+    key = await funded_key(redis, load_config(path))
     child = spawn_proxy(path, tmp_path / "child.log")
     try:
         await wait_healthy(f"http://127.0.0.1:{port}", child)

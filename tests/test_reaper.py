@@ -11,7 +11,6 @@ import aiohttp
 import yaml
 from redis.asyncio import Redis
 
-from proxy.accounts import Accounts
 from proxy.cli import main as cli_main
 from proxy.configfile import parse_config
 from proxy.demo_upstream import DemoUpstream
@@ -19,7 +18,7 @@ from proxy.embedded import free_port
 from proxy.ledger import Ledger
 
 from .conftest import BASE_CONFIG, deep_merge
-from .helpers import entries, last_entry_id, next_entry, spawn_proxy, wait_healthy
+from .helpers import entries, funded_key, last_entry_id, next_entry, spawn_proxy, wait_healthy
 
 
 async def test_sigkilled_proxy_reservation_is_released_after_restart(
@@ -36,9 +35,7 @@ async def test_sigkilled_proxy_reservation_is_released_after_restart(
     config_file = tmp_path / "config.yaml"
     config_file.write_text(yaml.safe_dump(data))
     ledger = Ledger(redis, parse_config(yaml.safe_dump(data)))
-    await ledger.save_account("acme", {}, create=True)
-    await ledger.grant("acme", {"id": "grant_1", "kind": "paid", "amount": "10000000"})
-    _, key = await Accounts(redis, ledger).create_key("acme")
+    key = await funded_key(redis, ledger.config)
     child = spawn_proxy(config_file, tmp_path / "child.log")
     try:
         await wait_healthy(f"http://127.0.0.1:{port}", child)
