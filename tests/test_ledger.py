@@ -200,3 +200,29 @@ def test_money_strings_are_exact() -> None:
         to_micro("0.0000001")
     with pytest.raises(TypeError):
         to_micro(0.1)  # type: ignore[arg-type]
+
+
+async def test_plan_switching_never_stacks_allocations(start_proxy: Any) -> None:
+    running = await start_proxy(PLANS)
+    ledger = await new_account(running, plan="free")
+    balances = [(await ledger.touch("acme")).balance]
+    for plan in ("pro", "plus", "free"):
+        await ledger.save_account("acme", {"plan": plan}, create=False)
+        balances.append((await ledger.touch("acme")).balance)
+    # each switch voids the old plan's allocation; back on free, this period's was used
+    assert balances == [5_000_000, 100_000_000, 20_000_000, 0]
+    voids = [e["description"] for e in await entries(running.state.redis, "acme") if e["type"] == "void"]
+    assert voids == ["plan changed"] * 3
+
+
+async def test_backdated_grant_keeps_its_payment_history(start_proxy: Any) -> None:
+    tiers = {"rate_tiers": {"tiers": [{"name": "free", "min_usd": "0", "rpm": 3, "tpm": 10**6},
+                                      {"name": "tier-2", "min_usd": "50", "rpm": 50, "tpm": 10**6,
+                                       "min_days_since_first_payment": 7}]}}  # fmt: skip
+    running = await start_proxy(tiers)
+    ledger = await new_account(running)
+    migrated = int(datetime.now(UTC).timestamp() * 1000) - 30 * DAY_MS
+    grant = await running.fund("acme", "60", effective_at=migrated)
+    assert grant["effective_at"] == migrated and grant["status"] == "active"
+    view = await ledger.touch("acme")
+    assert view.fields["tier"] == "tier-2" and view.balance == 60_000_000

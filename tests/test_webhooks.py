@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import openai
 import orjson
 import pytest
 import yaml
@@ -533,6 +534,34 @@ async def test_tier_expiry_depletion_and_overage_events(start_proxy: StartProxy,
         ("tier.changed", {"from": "free", "to": "tier-1", "account_id": "acme"}),
         ("credits.expired", {"grant_id": events[1][1]["grant_id"], "amount_usd": "2000000", "account_id": "acme"}),
         ("credit_balance.depleted", {"balance_usd": "0", "account_id": "acme"}),
-        ("overage.invoice_threshold", {"overage_usd": "2500000", "invoice_every_usd": "1000000",
-                                       "account_id": "acme"}),
+        *(("overage.invoice_threshold", {"amount_usd": "1000000", "invoiced_through_usd": through,
+                                         "overage_usd": "2500000", "invoice_every_usd": "1000000",
+                                         "account_id": "acme"})
+          for through in ("1000000", "2000000")),  # one event per step crossed, even in one request
     ]  # fmt: skip
+
+
+async def test_a_new_account_has_crossed_nothing(start_proxy: StartProxy, receiver: Receiver) -> None:
+    running = await start_hooked(start_proxy, receiver)
+    await running.account("acme", None)
+    await running.balance("acme")
+    assert await outbox(running) == []  # no low balance or depleted spam at signup
+
+
+async def test_credit_expiring_at_admission_raises_events(
+    start_proxy: StartProxy, receiver: Receiver, upstream: DemoUpstream
+) -> None:
+    running = await start_hooked(start_proxy, receiver)
+    key = await running.account("acme", None)
+    await running.fund("acme", "10", kind="promotional", expires_at=int(time.time() * 1000) + 1000)
+    await running.state.ledger.save_account(
+        "acme", {"auto_topup": '{"threshold": "5000000", "amount": "10000000"}'}, create=False
+    )
+    await running.state.redis.delete(keyspace.outbox("acme"))
+    running.state.ledger.clock_offset_ms = 2000  # the credit lapses; the next request finds out
+    with pytest.raises(openai.APIStatusError) as caught:
+        await running.client(key).chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "x"}])
+    assert caught.value.status_code == 402
+    kinds = [e["type"] for e in await outbox(running)]
+    assert kinds == ["credits.expired", "credit_balance.low", "credit_balance.low", "credit_balance.depleted",
+                     "auto_topup.requested"]  # fmt: skip

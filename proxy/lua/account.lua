@@ -14,6 +14,17 @@ local exists = next(acct()) ~= nil
 if op == 'create' and exists then return reply({'exists'}) end
 if op == 'update' and not exists then return reply({'no_account'}) end
 local now = now_ms()
+-- A plan change ends the old plan's allocation: its remainder is voided, so switching
+-- plans back and forth can never stack allocations within a period.
+local plan_changed = fields.plan ~= nil and fields.plan ~= (acct_get('plan') or '')
+if op == 'update' and plan_changed then
+  refresh(now)
+  for _, gid in ipairs(redis.call('SMEMBERS', K.live)) do
+    local g = get_grant(gid)
+    if string.sub(gid, 1, 6) == 'alloc_' then void_grant(g, now, 'plan changed') end
+  end
+  recompute_next_change(now)
+end
 if op == 'create' then
   redis.call('HSET', K.acct, 'created_ms', fmt(now), 'status', 'active', 'balance', '0',
              'reserved', '0', 'debt', '0', 'held', '0', 'lifetime_paid', '0',
@@ -25,4 +36,5 @@ end
 A = nil  -- written directly above: read afresh
 refresh(now)
 derive_tier(now)
+balance_events(now, op == 'create')
 return reply({'ok', redis.call('HGETALL', K.acct)})

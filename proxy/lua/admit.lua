@@ -21,7 +21,7 @@ if acct_get('status') == 'suspended' then return reply({'suspended'}) end
 
 local now = now_ms()
 local now_s = math.floor(now / 1000)
-refresh(now)
+if refresh(now) then balance_events(now) end  -- e.g. credit expired: the billing system hears of it
 local tier, rpm, tpm, model_rpm, model_tpm = derive_tier(now)
 
 -- Sum one rolling-minute window; buckets older than 60 s are dropped as we go.

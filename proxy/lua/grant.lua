@@ -17,9 +17,10 @@ end
 if redis.call('HEXISTS', K.grants, spec.id) == 1 then return reply({'invalid', 'grant id exists'}) end
 local now = now_ms()
 refresh(now)
-local effective = math.max(spec.effective_at, now)
-if spec.effective_at == 0 then effective = now end
-if spec.expires_at > 0 and spec.expires_at <= effective then
+-- a back-dated effective_at is kept (migrated payments keep their history and tier
+-- clock) and is active at once; a future one waits as pending
+local effective = spec.effective_at > 0 and spec.effective_at or now
+if spec.expires_at > 0 and (spec.expires_at <= effective or spec.expires_at <= now) then
   return reply({'invalid', 'expires_at must be later than effective_at and now'})
 end
 -- every amount stays exact in Lua's doubles: no balance may pass 2^53 micro-USD

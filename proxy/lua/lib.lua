@@ -252,33 +252,55 @@ end
 -- expires at the period's end.
 local function allocate(now)
   local plan = plan_of_account()
-  if not plan or not plan.a or plan.a <= 0 then return end
+  if not plan or not plan.a or plan.a <= 0 then return false end
   local pid, start_ms, end_ms = period(plan.e, now)
   local name = acct_get('plan')
   local gid = 'alloc_' .. name .. '_' .. pid
-  if acct_get('alloc_last') == gid then return end  -- the usual case
+  if acct_get('alloc_last') == gid then return false end  -- the usual case
   acct_set('alloc_last', gid)
-  if redis.call('HEXISTS', K.grants, gid) == 1 then return end  -- plan switched back and forth
+  if redis.call('HEXISTS', K.grants, gid) == 1 then return false end  -- plan switched back and forth
   local g = grant_record(gid, 'promotional', plan.a, 0, start_ms, end_ms, now,
                          'plan ' .. name .. ' allocation ' .. pid, nil)
   redis.call('SADD', K.live, g.id)
   activate(g, now, 'allocation')
   recompute_next_change(now)
+  return true
+end
+
+-- Void a live grant's remainder (a refund, or a plan's allocation when the plan changes).
+local function void_grant(g, now, reason)
+  local remaining = tonumber(g.remaining)
+  local was = g.status
+  if was == 'expiring' then acct_incr('held', fmt(-remaining)) end
+  g.status = 'voided'
+  g.voided = g.remaining
+  g.remaining = '0'
+  g.void_reason = reason
+  put_grant(g)
+  redis.call('SREM', K.live, g.id)
+  -- a pending grant never entered the balance: its void moves nothing
+  local amount = (was == 'pending') and 0 or -remaining
+  ledger_add({type = 'void', amount = amount, grant_id = g.id, description = reason}, now)
+  if g.kind == 'paid' and was ~= 'pending' then acct_incr('lifetime_paid', fmt(-remaining)) end
 end
 
 -- Lazy bookkeeping run at every touch: activate due grants, expire lapsed ones,
 -- grant a due plan allocation. Cheap when nothing is due (one HGET).
+-- Returns true when it moved the balance (callers then check balance events).
 local function refresh(now)
   local next_change = acct_num('next_change_ms')
+  local changed = false
   if next_change > 0 and next_change <= now then
+    local before = acct_num('balance')
     for _, gid in ipairs(redis.call('SMEMBERS', K.live)) do
       local g = get_grant(gid)
       if g.status == 'pending' and g.effective_at <= now then activate(g, now, 'grant') end
       if g.status ~= 'pending' and g.expires_at > 0 and g.expires_at <= now then expire(g, now) end
     end
     recompute_next_change(now)
+    changed = acct_num('balance') ~= before
   end
-  allocate(now)
+  return allocate(now) or changed
 end
 
 -- A reservation just closed: an `expiring` grant it held back may now expire.
@@ -297,16 +319,21 @@ local function thresholds()
 end
 
 -- Balance events, state-based so each fires once per crossing and re-arms itself.
-local function balance_events(now)
+-- `silent` records the state without raising events: an account that starts at zero has
+-- not crossed anything.
+local function balance_events(now, silent)
   if CTX.wh ~= 1 then return end
+  local function raise(kind, data)
+    if not silent then emit(kind, data, now) end
+  end
   local balance = acct_num('balance')
-  local avail = balance - acct_num('reserved') - acct_num('held')
+  local avail = balance - acct_num('reserved') - acct_num('held') + overage_room()
   for _, t in ipairs(thresholds()) do
     local flag = 'low_fired:' .. fmt(t)
     local fired = (acct_get(flag) ~= nil)
     if balance < t and not fired then
       acct_set(flag, '1')
-      emit('credit_balance.low', {threshold_usd = fmt(t), balance_usd = fmt(balance)}, now)
+      raise('credit_balance.low', {threshold_usd = fmt(t), balance_usd = fmt(balance)})
     elseif balance > t and fired then  -- re-armed once the balance rises above it
       acct_del(flag)
     end
@@ -314,12 +341,12 @@ local function balance_events(now)
   local depleted = (acct_get('depleted_fired') ~= nil)
   if avail <= 0 and not depleted then
     acct_set('depleted_fired', '1')
-    emit('credit_balance.depleted', {balance_usd = fmt(balance)}, now)
+    raise('credit_balance.depleted', {balance_usd = fmt(balance)})
   elseif avail > 0 and depleted then
     acct_del('depleted_fired')
   end
   local topup = acct_get('auto_topup')
-  if topup and topup ~= '' then
+  if topup and topup ~= '' and not silent then
     local cfg = cjson.decode(topup)
     local last = acct_num('topup_last_ms')
     -- an outstanding request blocks new ones until its grant arrives, or for an hour at

@@ -62,7 +62,10 @@ if left > 0 then
     put_grant(g)
     draws[#draws + 1] = {grant_id = g.id, amount = fmt(take)}
   end
-  if left > 0 then acct_incr('debt', fmt(left)) end
+  if left > 0 then
+    acct_incr('debt', fmt(left))
+    acct_incr('overage_total', fmt(left))  -- overage ever incurred: what invoices count
+  end
   acct_incr('lifetime_consumed', fmt(cost))
 end
 
@@ -85,15 +88,16 @@ end
 
 recheck_held(now)
 refresh(now)
+-- One event per `invoice_every` of overage incurred (a single large request can cross
+-- several); repaid debt never makes the same dollars invoiceable twice.
 local plan = plan_of_account()
 if plan and plan.i and plan.i > 0 then
-  local steps = math.floor(acct_num('debt') / plan.i)
-  local invoiced = acct_num('invoiced_steps')
-  if steps > invoiced then
-    emit('overage.invoice_threshold', {overage_usd = fmt(acct_num('debt')),
-                                       invoice_every_usd = fmt(plan.i)}, now)
+  local steps = math.floor(acct_num('overage_total') / plan.i)
+  for step = acct_num('invoiced_steps') + 1, steps do
+    emit('overage.invoice_threshold', {amount_usd = fmt(plan.i), invoiced_through_usd = fmt(step * plan.i),
+                                       overage_usd = fmt(acct_num('debt')), invoice_every_usd = fmt(plan.i)}, now)
   end
-  if steps ~= invoiced then acct_set('invoiced_steps', steps) end
+  if steps > acct_num('invoiced_steps') then acct_set('invoiced_steps', steps) end
 end
 balance_events(now)
 return reply({'ok', cost, balance, id})
