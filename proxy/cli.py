@@ -153,7 +153,11 @@ def account_body(args: Any) -> dict[str, Any]:
     limits = {name: value for name, value in (("rpm", args.rpm), ("tpm", args.tpm)) if value is not None}
     if limits:
         body["rate_limits"] = limits
-    topup = (("threshold_usd", args.auto_topup_threshold), ("amount_usd", args.auto_topup_amount))
+    topup = (
+        ("threshold_usd", args.auto_topup_threshold),
+        ("amount_usd", args.auto_topup_amount),
+        ("target_usd", args.auto_topup_target),
+    )
     if any(value is not None for _, value in topup):
         body["auto_topup"] = {name: value for name, value in topup if value is not None}
     if args.metadata is not None:
@@ -299,8 +303,9 @@ def _account_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--status", choices=("active", "suspended"))
     parser.add_argument("--rpm", type=int, help="requests per minute override")
     parser.add_argument("--tpm", type=int, help="tokens per minute override")
-    parser.add_argument("--auto-topup-threshold", help="USD; with --auto-topup-amount")
-    parser.add_argument("--auto-topup-amount", help="USD")
+    parser.add_argument("--auto-topup-threshold", help="USD; with --auto-topup-amount or --auto-topup-target")
+    parser.add_argument("--auto-topup-amount", help="USD to request each time")
+    parser.add_argument("--auto-topup-target", help="USD balance to top up to")
     parser.add_argument("--metadata", help="a JSON object")
     parser.add_argument("--low-balance-thresholds", help='USD amounts, comma-separated ("5,1")')
     fields = ("plan", "overage_limit_usd", "auto_topup", "rate_limits", "metadata", "low_balance_thresholds_usd")

@@ -185,5 +185,10 @@ def check_main(path: str | Path) -> int:
             print(line, file=sys.stderr)
         return 1
     counts = (len(config.models), len(config.upstreams), len(config.plans))
-    print("ok: {} models, {} upstreams, {} plans".format(*counts))
+    print(
+        "ok: "
+        + ", ".join(
+            f"{n} {noun}{'' if n == 1 else 's'}" for n, noun in zip(counts, ("model", "upstream", "plan"), strict=True)
+        )
+    )
     return 0

@@ -275,7 +275,7 @@ def test_duplicate_key_reported() -> None:
 
 def test_check_main_ok_for_example(capsys: pytest.CaptureFixture[str]) -> None:
     assert check_main(EXAMPLE) == 0
-    assert capsys.readouterr().out == "ok: 4 models, 1 upstreams, 3 plans\n"
+    assert capsys.readouterr().out == "ok: 4 models, 1 upstream, 3 plans\n"
 
 
 def test_check_main_bad_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
