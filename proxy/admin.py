@@ -24,6 +24,7 @@ from .api import json_response, openai_errors
 from .schemas import (
     AccountCreate,
     AccountPatch,
+    AdjustmentCreate,
     ExportQuery,
     GrantCreate,
     GrantVoid,
@@ -113,6 +114,11 @@ async def grant(request: web.Request) -> web.Response:
     return json_response(body, status=201 if created else 200)
 
 
+async def adjust(request: web.Request) -> web.Response:
+    created, entry = await _svc(request).adjust(_id(request), await _body(request))
+    return json_response(entry, status=201 if created else 200)
+
+
 async def void(request: web.Request) -> web.Response:
     body = await _body(request)
     return json_response(await _svc(request).void(_id(request), _id(request, "grant_id"), body))
@@ -199,6 +205,14 @@ ROUTES = (
     Route("DELETE", "/admin/v1/keys/{key_id}", revoke_key, "Revoke an API key"),
     Route("POST", f"{A}/credits", grant, "Grant credits (201; 200 for a seen idempotency_key)", 201, GrantCreate),
     Route("POST", f"{A}/credits/{{grant_id}}/void", void, "Void a grant's remainder", body=GrantVoid),
+    Route(
+        "POST",
+        f"{A}/adjustments",
+        adjust,
+        "Settle overage debt (positive) or charge by hand (negative); 200 for a seen idempotency_key",
+        201,
+        AdjustmentCreate,
+    ),
     Route("GET", f"{A}/balance", balance, "Balance, availability and live grants"),
     Route("GET", f"{A}/ledger", ledger, "A page of ledger entries, oldest first", query=LedgerQuery),
     Route(

@@ -209,6 +209,14 @@ async def credits_grant(svc: Service, args: Any) -> int:
     return emit(grant)
 
 
+async def credits_adjust(svc: Service, args: Any) -> int:
+    body = {"amount_usd": args.amount, "description": args.description}
+    if args.idempotency_key:
+        body["idempotency_key"] = args.idempotency_key
+    _, entry = await svc.adjust(args.account, body)
+    return emit(entry)
+
+
 async def credits_void(svc: Service, args: Any) -> int:
     return emit(await svc.void(args.account, args.grant_id, {"reason": args.reason}))
 
@@ -345,6 +353,11 @@ def _add_money_commands(sub: Any) -> None:
     grant.add_argument("--description")
     grant.add_argument("--idempotency-key")
     grant.add_argument("--cost-basis", help="per-unit cost basis, e.g. 0.9")
+    adjust = _leaf(credits, "adjust", credits_adjust, "settle overage debt (+) or charge by hand (-)")
+    adjust.add_argument("account")
+    adjust.add_argument("amount", help="signed USD, e.g. 50 or -2.5")
+    adjust.add_argument("--description", required=True)
+    adjust.add_argument("--idempotency-key")
     void = _leaf(credits, "void", credits_void, "void a grant's remainder")
     void.add_argument("account")
     void.add_argument("grant_id")

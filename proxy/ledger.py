@@ -28,7 +28,7 @@ from .money import to_micro, usd
 from .ratelimits import RateFigures, go_duration, retry_headers
 from .resp import Packed, RespClient
 
-SCRIPT_NAMES = ("admit", "settle", "grant", "void", "reap", "touch", "account", "extend")
+SCRIPT_NAMES = ("admit", "settle", "grant", "void", "reap", "touch", "account", "extend", "adjust")
 
 
 def _load_sources() -> dict[str, str]:
@@ -300,6 +300,15 @@ class Ledger:
             raise errors.InvalidRequest(str(result[1]))
         return result[0] == "created", orjson.loads(result[1])
 
+    async def adjust(self, account_id: str, spec: dict[str, Any]) -> tuple[bool, str]:
+        """Returns (created, ledger entry id). A seen idempotency key returns the first entry."""
+        result = await self._run("adjust", account_id, orjson.dumps({k: v for k, v in spec.items() if v is not None}))
+        if result[0] == "no_account":
+            raise errors.NotFound(f"No account {account_id!r}.")
+        if result[0] == "invalid":
+            raise errors.InvalidRequest(str(result[1]), param="amount_usd")
+        return result[0] == "ok", str(result[1])
+
     async def void(self, account_id: str, grant_id: str, reason: str) -> tuple[bool, dict[str, Any]]:
         result = await self._run("void", account_id, grant_id, reason)
         if result[0] == "not_found":
@@ -406,11 +415,19 @@ async def read_entries(
     limit: int = 100,
     start_ms: int | None = None,
     end_ms: int | None = None,
+    exact: str | None = None,
 ) -> list[tuple[str, str]]:
-    """Entries oldest first: (stream id, entry JSON). `after` is an exclusive cursor."""
-    low = f"({after}" if after else (str(start_ms) if start_ms is not None else "-")
-    high = str(end_ms) if end_ms is not None else "+"
+    """Entries oldest first: (stream id, entry JSON). `after` is an exclusive cursor;
+    `exact` reads the one entry with that id."""
+    low = exact or (f"({after}" if after else (str(start_ms) if start_ms is not None else "-"))
+    high = exact or (str(end_ms) if end_ms is not None else "+")
     rows = cast(
         list[tuple[str, dict[str, str]]], await redis.xrange(keyspace.account(account_id, "ledger"), low, high, limit)
     )
     return [(entry_id, fields["e"]) for entry_id, fields in rows]
+
+
+async def read_entry(redis: Redis, account_id: str, entry_id: str) -> str:
+    """One entry's JSON by its stream id."""
+    rows = await read_entries(redis, account_id, limit=1, exact=entry_id)
+    return rows[0][1]

@@ -187,6 +187,20 @@ class GrantCreate(_Request):
     per_unit_cost_basis: DecimalText | None = None  # what one USD of credit cost the buyer
 
 
+class AdjustmentCreate(_Request):
+    """Positive: settles overage debt (at most the debt). Negative: a manual charge."""
+
+    amount_usd: Usd
+    description: Annotated[str, Field(min_length=1, max_length=1000)]
+    idempotency_key: Annotated[str, Field(min_length=1, max_length=255)] | None = None
+
+    @model_validator(mode="after")
+    def _not_zero(self) -> AdjustmentCreate:
+        if self.amount_usd == 0:
+            raise ValueError("amount_usd must not be zero")
+        return self
+
+
 class GrantVoid(_Request):
     reason: Annotated[str, Field(max_length=1000)] = ""
 

@@ -21,11 +21,12 @@ from redis.asyncio import Redis
 from . import errors, keyspace, reconcile, views
 from .accounts import Accounts
 from .config import Config
-from .ledger import AccountView, Ledger, read_entries
+from .ledger import AccountView, Ledger, read_entries, read_entry
 from .money import usd
 from .schemas import (
     AccountCreate,
     AccountPatch,
+    AdjustmentCreate,
     AutoTopup,
     ExportQuery,
     GrantCreate,
@@ -156,6 +157,14 @@ class Service:
                 code="idempotency_key_reused",
             )
         return created, views.grant(grant)
+
+    async def adjust(self, account_id: str, body: Body) -> tuple[bool, dict[str, Any]]:
+        """(created, ledger entry): settle invoiced overage debt, or charge by hand."""
+        req = parse(AdjustmentCreate, body)
+        spec = {"amount": str(req.amount_usd), "description": req.description, "idem": req.idempotency_key}
+        account_id = checked_id(account_id)
+        created, entry_id = await self.ledger.adjust(account_id, spec)
+        return created, views.entry(account_id, entry_id, await read_entry(self.redis, account_id, entry_id))
 
     async def void(self, account_id: str, grant_id: str, body: Body) -> dict[str, Any]:
         """Void a grant's remainder; voiding it again changes nothing."""

@@ -226,3 +226,29 @@ async def test_backdated_grant_keeps_its_payment_history(start_proxy: Any) -> No
     assert grant["effective_at"] == migrated and grant["status"] == "active"
     view = await ledger.touch("acme")
     assert view.fields["tier"] == "tier-2" and view.balance == 60_000_000
+
+
+async def test_adjustments_settle_invoiced_overage_and_charge_by_hand(start_proxy: Any) -> None:
+    from proxy import reconcile
+
+    running = await start_proxy(PLANS)
+    ledger = await new_account(running, plan="pro")
+    for _ in range(4):
+        await spend(ledger, "acme", 50_000_000)  # $200 of use: $100 of overage debt
+    paid = {"amount_usd": "100", "description": "overage invoice INV-1 paid", "idempotency_key": "inv-1"}
+    status, entry = await running.admin("POST", "/admin/v1/accounts/acme/adjustments", paid)
+    assert status == 201 and entry["type"] == "adjustment" and entry["amount_usd"] == "100.000000"
+    assert entry["balance_usd"] == "0.000000"
+    again, same = await running.admin("POST", "/admin/v1/accounts/acme/adjustments", paid)
+    assert again == 200 and same["id"] == entry["id"]  # the same key never settles twice
+    view = await ledger.touch("acme")
+    assert view.balance == 0 and view.num("debt") == 0
+    status, body = await running.admin("POST", "/admin/v1/accounts/acme/adjustments",
+                                       {"amount_usd": "1", "description": "too much"})  # fmt: skip
+    assert status == 400 and "debt" in body["error"]["message"]
+    await running.fund("acme", "10")
+    status, charge = await running.admin("POST", "/admin/v1/accounts/acme/adjustments",
+                                         {"amount_usd": "-2.5", "description": "support hours"})  # fmt: skip
+    assert status == 201 and charge["amount_usd"] == "-2.500000" and charge["draws"][0]["amount_usd"] == "2.500000"
+    assert (await ledger.touch("acme")).balance == 7_500_000
+    assert not await reconcile.check_account(running.state.redis, "acme")

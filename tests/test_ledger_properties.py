@@ -39,7 +39,8 @@ settle = st.tuples(st.just("settle"), st.integers(0, 20), st.integers(0, 3_000_0
 advance = st.tuples(st.just("advance"), st.sampled_from([500, 3_000, 31_000, 86_400_000]))
 burst = st.tuples(st.just("burst"), st.lists(st.integers(0, 1_500_000), min_size=2, max_size=6))
 reap = st.tuples(st.just("reap"))
-operations = st.lists(st.one_of(grant, void, admit, settle, advance, burst, reap), min_size=1, max_size=25)
+adjust = st.tuples(st.just("adjust"), st.integers(-1_000_000, 1_000_000).filter(bool))
+operations = st.lists(st.one_of(grant, void, admit, settle, advance, burst, reap, adjust), min_size=1, max_size=25)
 
 
 class Scenario:
@@ -85,6 +86,10 @@ class Scenario:
             self.ledger.clock_offset_ms += op[1]
         elif kind == "burst":  # concurrent admissions and settlements
             await asyncio.gather(*(self.admit(r) for r in op[1]), *(self.settle(i, r) for i, r in enumerate(op[1])))
+        elif kind == "adjust":  # a positive adjustment may only settle debt: bound it by the debt
+            amount = op[1] if op[1] < 0 else min(op[1], (await self.ledger.touch("acme")).num("debt"))
+            if amount:
+                await self.ledger.adjust("acme", {"amount": str(amount), "description": "test"})
         elif kind == "reap":  # reaped reservations stay in `open`: they may still settle late, once
             await self.ledger.reap("acme")
 

@@ -303,6 +303,47 @@ local function refresh(now)
   return allocate(now) or changed
 end
 
+-- Draw `amount` from the grants that were live at `at` (ms): lower priority first, then
+-- earliest expiry (never-expiring last), then oldest. What no grant covers becomes
+-- overage debt. Returns the draws ({grant_id, amount}) and the part left as debt.
+local function draw_order(a, b)
+  if a.priority ~= b.priority then return a.priority < b.priority end
+  local ea = a.expires_at == 0 and math.huge or a.expires_at
+  local eb = b.expires_at == 0 and math.huge or b.expires_at
+  if ea ~= eb then return ea < eb end
+  if a.created_at ~= b.created_at then return a.created_at < b.created_at end
+  return a.id < b.id
+end
+
+local function draw(amount, at)
+  local candidates = {}
+  for _, gid in ipairs(redis.call('SMEMBERS', K.live)) do
+    local g = get_grant(gid)
+    if (g.status == 'active' or g.status == 'expiring') and tonumber(g.remaining) > 0
+       and g.effective_at <= at and (g.expires_at == 0 or g.expires_at > at) then
+      candidates[#candidates + 1] = g
+    end
+  end
+  table.sort(candidates, draw_order)
+  local draws, left = {}, amount
+  for _, g in ipairs(candidates) do
+    if left == 0 then break end
+    local take = math.min(left, tonumber(g.remaining))
+    left = left - take
+    g.remaining = fmt(tonumber(g.remaining) - take)
+    g.drawn = fmt(tonumber(g.drawn) + take)
+    if g.status == 'expiring' then acct_incr('held', fmt(-take)) end
+    if tonumber(g.remaining) == 0 then
+      if g.status == 'expiring' then g.status = 'expired'; g.expired = '0' else g.status = 'depleted' end
+      redis.call('SREM', K.live, g.id)
+    end
+    put_grant(g)
+    draws[#draws + 1] = {grant_id = g.id, amount = fmt(take)}
+  end
+  if left > 0 then acct_incr('debt', fmt(left)) end
+  return draws, left
+end
+
 -- A reservation just closed: an `expiring` grant it held back may now expire.
 local function recheck_held(now)
   if acct_num('held') > 0 then acct_set('next_change_ms', fmt(now)) end

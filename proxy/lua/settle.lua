@@ -25,47 +25,10 @@ local r = cjson.decode(raw)
 local now = now_ms()
 if not released then acct_incr('reserved', fmt(-tonumber(r.amount))) end
 
-local function drawable(g)
-  return (g.status == 'active' or g.status == 'expiring') and tonumber(g.remaining) > 0
-    and g.effective_at <= r.admitted and (g.expires_at == 0 or g.expires_at > r.admitted)
-end
-
-local function draw_order(a, b)
-  if a.priority ~= b.priority then return a.priority < b.priority end
-  local ea = a.expires_at == 0 and math.huge or a.expires_at
-  local eb = b.expires_at == 0 and math.huge or b.expires_at
-  if ea ~= eb then return ea < eb end
-  if a.created_at ~= b.created_at then return a.created_at < b.created_at end
-  return a.id < b.id
-end
-
-local draws = {}
-local left = cost
-if left > 0 then
-  local candidates = {}
-  for _, gid in ipairs(redis.call('SMEMBERS', K.live)) do
-    local g = get_grant(gid)
-    if drawable(g) then candidates[#candidates + 1] = g end
-  end
-  table.sort(candidates, draw_order)
-  for _, g in ipairs(candidates) do
-    if left == 0 then break end
-    local take = math.min(left, tonumber(g.remaining))
-    left = left - take
-    g.remaining = fmt(tonumber(g.remaining) - take)
-    g.drawn = fmt(tonumber(g.drawn) + take)
-    if g.status == 'expiring' then acct_incr('held', fmt(-take)) end
-    if tonumber(g.remaining) == 0 then
-      if g.status == 'expiring' then g.status = 'expired'; g.expired = '0' else g.status = 'depleted' end
-      redis.call('SREM', K.live, g.id)
-    end
-    put_grant(g)
-    draws[#draws + 1] = {grant_id = g.id, amount = fmt(take)}
-  end
-  if left > 0 then
-    acct_incr('debt', fmt(left))
-    acct_incr('overage_total', fmt(left))  -- overage ever incurred: what invoices count
-  end
+local draws, left = {}, 0
+if cost > 0 then
+  draws, left = draw(cost, r.admitted)
+  if left > 0 then acct_incr('overage_total', fmt(left)) end  -- overage ever incurred: what invoices count
   acct_incr('lifetime_consumed', fmt(cost))
 end
 
