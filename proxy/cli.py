@@ -379,7 +379,7 @@ def _add_money_commands(sub: Any) -> None:
     usage.add_argument("account")
     usage.add_argument("--from", dest="from_", help="RFC 3339 (default: 30 days before --to)")
     usage.add_argument("--to", help="RFC 3339 (default: now)")
-    usage.add_argument("--group-by", choices=("model", "day", "model,day"), default="model")
+    usage.add_argument("--group-by", default="model", help="comma-separated: model, day, key")
 
     _leaf(sub, "reconcile", run_reconcile, "check every account's ledger invariants")
 

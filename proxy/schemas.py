@@ -216,7 +216,8 @@ class UsageQuery(_Request):
 
     from_: Time | None = Field(default=None, alias="from")
     to: Time | None = None
-    group_by: Literal["model", "day", "model,day", "day,model"] = "model"
+    # dimensions, comma-separated: model, day, key (the API key id)
+    group_by: Annotated[str, Field(pattern=r"^(model|day|key)(,(model|day|key)){0,2}$")] = "model"
 
 
 class ExportQuery(_Request):

@@ -198,20 +198,21 @@ class Service:
         start = q.from_ if q.from_ is not None else end - USAGE_DEFAULT_SPAN_MS
         if start >= end:
             raise errors.InvalidRequest("`from` must be earlier than `to`.", param="from")
-        groups: dict[tuple[str | None, str | None], dict[str, Any]] = {}
-        by_model, by_day = "model" in q.group_by, "day" in q.group_by
+        dimensions = q.group_by.split(",")  # model, day and/or key (the API key id)
+        groups: dict[tuple[str, ...], dict[str, Any]] = {}
         # stream ids are ms timestamps: XRANGE bounds are inclusive, so `to` - 1
         async for entry_id, raw in reconcile.iter_entries(self.redis, account_id, start, end - 1):
             entry = orjson.loads(raw)
             if entry.get("type") != "usage":
                 continue
-            key = (entry.get("model") if by_model else None, _day(entry_id) if by_day else None)
-            _add_usage(groups.setdefault(key, _empty_group(*key, by_day)), entry)
+            values = {"model": entry.get("model") or "", "day": _day(entry_id), "key": entry.get("key_id") or ""}
+            key = tuple(values[d] for d in dimensions)
+            _add_usage(groups.setdefault(key, _empty_group(dict(zip(dimensions, key, strict=True)))), entry)
         return {
             "account_id": account_id,
             "from": views.rfc3339(start),
             "to": views.rfc3339(end),
-            "groups": [_render_group(groups[key]) for key in sorted(groups, key=lambda k: (k[0] or "", k[1] or ""))],
+            "groups": [_render_group(groups[key]) for key in sorted(groups)],
         }
 
 
@@ -260,11 +261,10 @@ def _day(entry_id: str) -> str:
     return datetime.fromtimestamp(int(entry_id.split("-", 1)[0]) / 1000, UTC).date().isoformat()
 
 
-def _empty_group(model: str | None, day: str | None, by_day: bool) -> dict[str, Any]:
-    group: dict[str, Any] = {"model": model}
-    if by_day:
-        group["day"] = day
-    return {**group, "requests": 0, **dict.fromkeys(TOKEN_FIELDS, 0), "cost": 0}
+def _empty_group(labels: dict[str, str]) -> dict[str, Any]:
+    named = {("key_id" if name == "key" else name): value for name, value in labels.items()}
+    # the contract's group shape always names the model (null when not grouped by it)
+    return {"model": None, **named, "requests": 0, **dict.fromkeys(TOKEN_FIELDS, 0), "cost": 0}
 
 
 def _add_usage(group: dict[str, Any], entry: dict[str, Any]) -> None:

@@ -257,7 +257,7 @@ async def test_usage_grouped_by_model(proxy: Running, upstream: DemoUpstream) ->
     assert past["groups"] == [] and past["from"] == "2020-01-01T00:00:00.000Z"
     status, body = await proxy.admin("GET", "/admin/v1/accounts/acme/usage?from=2020-02-01&to=2020-01-01")
     assert status == 400 and body["error"]["param"] == "from"
-    assert (await proxy.admin("GET", "/admin/v1/accounts/acme/usage?group_by=key"))[0] == 400
+    assert (await proxy.admin("GET", "/admin/v1/accounts/acme/usage?group_by=tenant"))[0] == 400
 
 
 async def test_openapi_lists_every_route(proxy: Running) -> None:
@@ -336,3 +336,13 @@ async def test_ledger_export_over_http(proxy: Running) -> None:
     assert ",grant,3.000000,3.000000,grant_" in lines[1] and lines[1].endswith('"a ""quoted"", comma"')
     status, text = await raw_request(proxy, "GET", "/admin/v1/accounts/ghost/ledger/export", headers=auth)
     assert status == 404
+
+
+async def test_usage_grouped_by_api_key(proxy: Running, upstream: DemoUpstream) -> None:
+    first = await proxy.account("acme", "10")
+    record, second = await proxy.state.accounts.create_key("acme", name="batch")
+    for key in (first, first, second):
+        await proxy.client(key).chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "x"}])
+    _, usage = await proxy.admin("GET", "/admin/v1/accounts/acme/usage?group_by=key")
+    by_key = {g["key_id"]: g["requests"] for g in usage["groups"]}
+    assert by_key[record.key_id] == 1 and sorted(by_key.values()) == [1, 2]
