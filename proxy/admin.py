@@ -128,6 +128,10 @@ async def balance(request: web.Request) -> web.Response:
     return json_response(await _svc(request).balance(_id(request)))
 
 
+async def grants(request: web.Request) -> web.Response:
+    return json_response(await _svc(request).grants(_id(request)))
+
+
 async def ledger(request: web.Request) -> web.Response:
     return json_response(await _svc(request).ledger_page(_id(request), request.query))
 
@@ -214,6 +218,7 @@ ROUTES = (
         AdjustmentCreate,
     ),
     Route("GET", f"{A}/balance", balance, "Balance, availability and live grants"),
+    Route("GET", f"{A}/grants", grants, "Every grant, live or not (expired, voided, depleted), oldest first"),
     Route("GET", f"{A}/ledger", ledger, "A page of ledger entries, oldest first", query=LedgerQuery),
     Route(
         "GET",

@@ -98,6 +98,14 @@ class Service:
     async def balance(self, account_id: str) -> dict[str, Any]:
         return views.balance(account_id, await self._touch(account_id))
 
+    async def grants(self, account_id: str) -> dict[str, Any]:
+        """Every grant the account ever had (expired, voided and depleted too), oldest first."""
+        account_id = checked_id(account_id)
+        await self._touch(account_id)  # lapsed grants show as expired, not active
+        raw = await self.redis.hvals(keyspace.account(account_id, "grants"))
+        grants = sorted((orjson.loads(g) for g in raw), key=lambda g: (g["created_at"], g["id"]))
+        return {"account_id": account_id, "grants": [views.grant(g) for g in grants]}
+
     async def _touch(self, account_id: str) -> AccountView:
         """Reads that show money bring lazy bookkeeping (expiry, allocation) up to date."""
         return await self.ledger.touch(checked_id(account_id))

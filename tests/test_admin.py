@@ -346,3 +346,12 @@ async def test_usage_grouped_by_api_key(proxy: Running, upstream: DemoUpstream) 
     _, usage = await proxy.admin("GET", "/admin/v1/accounts/acme/usage?group_by=key")
     by_key = {g["key_id"]: g["requests"] for g in usage["groups"]}
     assert by_key[record.key_id] == 1 and sorted(by_key.values()) == [1, 2]
+
+
+async def test_grants_lists_live_and_ended_grants(proxy: Running) -> None:
+    await proxy.account("acme", "10")
+    pack = await proxy.fund("acme", "5")
+    await proxy.state.ledger.void("acme", pack["id"], "refund")
+    status, body = await proxy.admin("GET", "/admin/v1/accounts/acme/grants")
+    assert status == 200
+    assert [(g["amount_usd"], g["status"]) for g in body["grants"]] == [("10.000000", "active"), ("5.000000", "voided")]
