@@ -162,15 +162,7 @@ class Price(_Frozen):
 
     input: Amount
     cached_input: OptAmount = None  # None: priced at `input`
-    output: OptAmount = None  # None: free (embeddings)
-
-    @property
-    def cached_input_price(self) -> Decimal:
-        return self.input if self.cached_input is None else self.cached_input
-
-    @property
-    def output_price(self) -> Decimal:
-        return Decimal(0) if self.output is None else self.output
+    output: OptAmount = None  # None: free (embeddings); money.Price applies both defaults
 
 
 class ModelConfig(_Frozen):
