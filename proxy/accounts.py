@@ -52,10 +52,14 @@ class Accounts:
         return {"id": key_id, "account_id": meta["account_id"], "revoked": True}
 
     async def list_keys(self, account_id: str) -> list[dict[str, Any]]:
-        statuses = await self.redis.hgetall(keyspace.account(account_id, "keys"))
+        statuses = sorted((await self.redis.hgetall(keyspace.account(account_id, "keys"))).items())
+        # one round trip for every key's record; MGET would cross slots on a cluster
+        pipe = self.redis.pipeline(transaction=False)
+        for key_id, _ in statuses:
+            pipe.get(keyspace.key_id(str(key_id)))
+        records = await pipe.execute() if statuses else []
         out = []
-        for key_id, status in sorted(statuses.items()):
-            raw = await self.redis.get(keyspace.key_id(str(key_id)))
+        for (key_id, status), raw in zip(statuses, records, strict=True):
             meta = orjson.loads(raw) if raw else {}
             out.append(
                 {

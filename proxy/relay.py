@@ -32,8 +32,9 @@ from .money import Usage, usd
 from .pricing import Route
 from .sse import Event, SSEParser, data_event
 from .state import STATE, State
+from .tokens import OutputCounter
 from .upstream import passthrough_headers, redact_keys
-from .usage import StreamTap, usage_from_body
+from .usage import StreamTap, output_of_body, usage_from_body
 
 log = structlog.get_logger("proxy.access")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -77,17 +78,19 @@ class Meter:
     def downgraded(self) -> bool:
         return bool(self.admission.downgrade_to)
 
-    def charge(self, usage: Usage | None, output_estimate: int = 0) -> None:
-        """Record what to charge; no usage from the upstream means we count it ourselves."""
+    def charge(self, usage: Usage | None, output: OutputCounter | None = None) -> None:
+        """Record what to charge; no usage from the upstream means we count it ourselves
+        (the prompt as estimated, the output text seen; tokenized only in that case)."""
         if usage is None:
-            usage = Usage(input_tokens=self.prompt_tokens, output_tokens=output_estimate)
+            counted = output.count(self.route.encoding) if output is not None else 0
+            usage = Usage(input_tokens=self.prompt_tokens, output_tokens=counted)
             self.estimated = True
         self.usage = usage
 
     async def settle(self) -> Settlement | None:
         if self.settled is None:
             if self.usage is None and self.tap is not None:  # cancelled mid-stream (shutdown)
-                self.charge(self.tap.usage, self.tap.output.count(self.route.encoding))
+                self.charge(self.tap.usage, self.tap.output)
             self.settled = self.state.spawn(self._settle_with_retries())
         return await asyncio.shield(self.settled)
 
@@ -260,30 +263,14 @@ async def relay_body(upstream: aiohttp.ClientResponse, meter: Meter, started: fl
         parsed = orjson.loads(body)
     except orjson.JSONDecodeError:
         parsed = None
-    meter.charge(usage_from_body(parsed), output_estimate=estimate_output(meter, parsed))
+    usage = usage_from_body(parsed)
+    meter.charge(usage, None if usage is not None else output_of_body(parsed))
     settlement = await meter.settle()
     headers = {**passthrough_headers(upstream.headers), **our_headers(meter)}
-    if settlement is not None:
+    if settlement is not None and not settlement.duplicate:  # a retried settle knows no figures
         headers["x-metering-cost-usd"] = usd(settlement.cost)
         headers["x-metering-balance-usd"] = usd(settlement.balance)
     return web.Response(status=upstream.status, body=body, headers=headers)
-
-
-def estimate_output(meter: Meter, parsed: Any) -> int:
-    """Output tokens of a non-streamed body, counted only when the upstream gave no usage."""
-    if usage_from_body(parsed) is not None or not isinstance(parsed, dict):
-        return 0
-    tap = StreamTap(meter.client.endpoint, False)
-    for choice in parsed.get("choices") or ():
-        if isinstance(choice, dict):
-            message = choice.get("message")
-            tap.output.add(message.get("content") or "" if isinstance(message, dict) else "")
-            tap.output.add(choice.get("text") or "")
-    for item in parsed.get("output") or ():
-        for part in (item.get("content") or ()) if isinstance(item, dict) else ():
-            if isinstance(part, dict) and isinstance(part.get("text"), str):
-                tap.output.add(part["text"])
-    return tap.output.count(meter.route.encoding)
 
 
 async def relay_stream(
@@ -337,7 +324,7 @@ async def relay_stream(
         broken = True
         gone = not await write(response, data_event(STREAM_INTERRUPTED))
     meter.outcome = "client disconnected" if gone else ("upstream stream broken" if broken else "ok")
-    meter.charge(tap.usage, output_estimate=tap.output.count(meter.route.encoding) if tap.usage is None else 0)
+    meter.charge(tap.usage, tap.output)
     if not gone:
         await meter.settle()  # before the client sees the end: its next balance read includes this
         if not held or await write(response, held):

@@ -42,10 +42,9 @@ _PLAIN_DECIMAL = re.compile(r"^-?[0-9]+(\.[0-9]+)?$")
 
 
 def _micro(value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, (str, int, float, Decimal)):
+    # JSON numbers arrive as Decimal (schemas.loads); a float never becomes money
+    if isinstance(value, bool) or not isinstance(value, (str, int, Decimal)):
         raise ValueError('must be a decimal amount in USD, such as "12.50"')
-    if isinstance(value, float):  # only Python callers; JSON numbers arrive as Decimal
-        value = repr(value)
     if isinstance(value, str) and not _PLAIN_DECIMAL.match(value.strip()):
         # Decimal() also takes "1_000", "1e3" and non-ASCII digits: a typo must not be money
         raise ValueError('must be a plain decimal amount in USD, such as "12.50"')

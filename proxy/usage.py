@@ -44,6 +44,24 @@ def usage_from_body(body: Any) -> Usage | None:
     return usage_from(body.get("usage")) if isinstance(body, dict) else None
 
 
+def output_of_body(body: Any) -> OutputCounter:
+    """The output text of a non-streamed body (chat, completions, Responses), for an
+    estimate when the upstream reported no usage."""
+    output = OutputCounter()
+    if not isinstance(body, dict):
+        return output
+    for choice in body.get("choices") or ():
+        if isinstance(choice, dict):
+            message = choice.get("message")
+            output.add(message.get("content") or "" if isinstance(message, dict) else "")
+            output.add(choice.get("text") or "")
+    for item in body.get("output") or ():
+        for part in (item.get("content") or ()) if isinstance(item, dict) else ():
+            if isinstance(part, dict) and isinstance(part.get("text"), str):
+                output.add(part["text"])
+    return output
+
+
 FINAL_RESPONSE_EVENTS = ("response.completed", "response.incomplete", "response.failed")
 
 

@@ -29,6 +29,12 @@ def write_config(path: Path, redis_url: str, upstream_url: str, price: str) -> N
     path.write_text(yaml.safe_dump(data))
 
 
+async def start_from_file(start_proxy: Any, path: Path, redis_url: str, upstream_url: str) -> Any:
+    """A proxy started from a config file it watches (gpt-4o input at $2.50 / 1M)."""
+    write_config(path, redis_url, upstream_url, "2.50")
+    return await start_proxy(config=load_config(path), config_path=path)
+
+
 async def cost_of_one_request(running: Any, key: str) -> str:
     raw = await running.client(key).chat.completions.with_raw_response.create(
         model="gpt-4o", messages=[{"role": "user", "content": "x"}], max_tokens=5
@@ -40,8 +46,7 @@ async def test_reload_applies_good_config_and_refuses_bad(
     start_proxy: Any, redis_server: Any, upstream: DemoUpstream, tmp_path: Path
 ) -> None:
     path = tmp_path / "config.yaml"
-    write_config(path, redis_server.url, upstream.base_url, "2.50")
-    running = await start_proxy(config=load_config(path), config_path=path)
+    running = await start_from_file(start_proxy, path, redis_server.url, upstream.base_url)
     key = await running.account("acme", "10")
     upstream.fault.prompt_tokens, upstream.fault.output_tokens = 1000, 0
     assert await cost_of_one_request(running, key) == "0.002500"
@@ -61,8 +66,7 @@ async def test_file_change_is_picked_up_by_the_watcher(
     start_proxy: Any, redis_server: Any, upstream: DemoUpstream, tmp_path: Path
 ) -> None:
     path = tmp_path / "config.yaml"
-    write_config(path, redis_server.url, upstream.base_url, "2.50")
-    running = await start_proxy(config=load_config(path), config_path=path)
+    running = await start_from_file(start_proxy, path, redis_server.url, upstream.base_url)
     old = running.state.config
     write_config(path, redis_server.url, upstream.base_url, "3.00")
     for _ in range(100):  # the watcher polls the file every second

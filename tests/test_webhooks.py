@@ -131,6 +131,18 @@ async def make_worker() -> AsyncIterator[Callable[..., Worker]]:
         await hooks.close()
 
 
+async def funded_and_drained(
+    start_proxy: StartProxy, receiver: Receiver, make_worker: Callable[..., Worker]
+) -> tuple[Running, Worker, str]:
+    """A hooked proxy, its worker, and a key of "acme" funded with $10, its
+    `credits.granted` event already delivered."""
+    running = await start_hooked(start_proxy, receiver)
+    worker = make_worker(running)
+    key = await running.account("acme", "10")
+    await drain(worker, running)
+    return running, worker, key
+
+
 async def outbox(running: Running, account_id: str = "acme") -> list[dict[str, Any]]:
     return [orjson.loads(raw) for raw in await running.state.redis.lrange(keyspace.outbox(account_id), 0, -1)]
 
@@ -235,10 +247,7 @@ async def test_credits_granted_is_delivered_signed(
 async def test_low_balance_fires_once_per_threshold_and_rearms(
     start_proxy: StartProxy, receiver: Receiver, make_worker: Callable[..., Worker], upstream: DemoUpstream
 ) -> None:
-    running = await start_hooked(start_proxy, receiver)
-    worker = make_worker(running)
-    key = await running.account("acme", "10")
-    await drain(worker, running)
+    running, worker, key = await funded_and_drained(start_proxy, receiver, make_worker)
 
     await spend(running, upstream, key, 2_200_000)  # 10 -> 4.499990: crosses 5
     assert [e["type"] for e in await outbox(running)] == ["credit_balance.low"]
@@ -267,10 +276,7 @@ async def test_low_balance_fires_once_per_threshold_and_rearms(
 async def test_no_event_for_a_change_that_crosses_nothing(
     start_proxy: StartProxy, receiver: Receiver, make_worker: Callable[..., Worker], upstream: DemoUpstream
 ) -> None:
-    running = await start_hooked(start_proxy, receiver)
-    worker = make_worker(running)
-    key = await running.account("acme", "10")
-    await drain(worker, running)
+    running, worker, key = await funded_and_drained(start_proxy, receiver, make_worker)
     await spend(running, upstream, key, 400_000)  # 10 -> 8.999990
     await running.balance("acme")  # a balance read also runs the event checks
     assert await outbox(running) == []
@@ -472,10 +478,7 @@ async def test_a_malformed_event_is_buried_not_retried_forever(
 async def test_settle_events_ask_for_a_visit(
     start_proxy: StartProxy, receiver: Receiver, make_worker: Callable[..., Worker], upstream: DemoUpstream
 ) -> None:
-    running = await start_hooked(start_proxy, receiver)
-    worker = make_worker(running)
-    key = await running.account("acme", "10")
-    await drain(worker, running)
+    running, worker, key = await funded_and_drained(start_proxy, receiver, make_worker)
     await spend(
         running,
         upstream,

@@ -40,13 +40,15 @@ local function window(key)
     end
   end
   if #stale > 0 then redis.call('HDEL', key, unpack(stale)) end
-  table.sort(buckets.r, function(a, b) return a[1] < b[1] end)
-  table.sort(buckets.t, function(a, b) return a[1] < b[1] end)
   return used, buckets
 end
 
+local function oldest_first(a, b) return a[1] < b[1] end
+
 -- Milliseconds until enough of the window ages out for `requested` more to fit.
+-- (Only rejections need the buckets in order: sorted here, not on every admission.)
 local function retry_ms(buckets, used, limit, requested)
+  table.sort(buckets, oldest_first)
   local freed = 0
   for _, b in ipairs(buckets) do
     freed = freed + b[2]
@@ -58,7 +60,11 @@ end
 -- When capacity next grows: the oldest counted second leaves the window (this
 -- request's own second when it is the only one counted).
 local function reset_ms(buckets, admitted)
-  if #buckets > 0 then return (buckets[1][1] + 60) * 1000 - now end
+  local oldest = nil
+  for _, b in ipairs(buckets) do
+    if oldest == nil or b[1] < oldest then oldest = b[1] end
+  end
+  if oldest then return (oldest + 60) * 1000 - now end
   if admitted > 0 then return (now_s + 60) * 1000 - now end
   return 0
 end

@@ -1,0 +1,41 @@
+"""Reading usage, and the output text an estimate counts when usage is missing."""
+
+from __future__ import annotations
+
+from proxy import tokens
+from proxy.demo_upstream import DemoUpstream
+from proxy.money import Usage
+from proxy.usage import output_of_body, usage_from
+
+from .conftest import Running
+from .helpers import entries
+
+
+def test_both_usage_shapes() -> None:
+    chat = {"prompt_tokens": 10, "completion_tokens": 7, "prompt_tokens_details": {"cached_tokens": 4},
+            "completion_tokens_details": {"reasoning_tokens": 3}}  # fmt: skip
+    responses = {"input_tokens": 10, "output_tokens": 7, "input_tokens_details": {"cached_tokens": 4},
+                 "output_tokens_details": {"reasoning_tokens": 3}}  # fmt: skip
+    assert usage_from(chat) == usage_from(responses) == Usage(10, 4, 7, 3)
+    assert usage_from({"prompt_tokens": -5, "completion_tokens": "x"}) == Usage(0, 0, 0, 0)
+    assert usage_from(None) is None
+
+
+def test_output_of_every_body_shape() -> None:
+    enc = tokens.get_encoding("o200k_base")
+    chat = {"choices": [{"message": {"content": "hello there"}}]}
+    legacy = {"choices": [{"text": "hello there"}]}
+    responses = {"output": [{"content": [{"type": "output_text", "text": "hello there"}]}]}
+    counts = {output_of_body(body).count(enc) for body in (chat, legacy, responses)}
+    assert counts == {len(enc.encode("hello there"))}
+    assert output_of_body("not a body").count(enc) == 0
+
+
+async def test_non_streamed_reply_without_usage_is_estimated(proxy: Running, upstream: DemoUpstream) -> None:
+    key = await proxy.account("acme", "10")
+    upstream.fault.omit_usage, upstream.fault.output_tokens = True, 6
+    await proxy.client(key).chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "x"}])
+    (entry,) = [e for e in await entries(proxy.state.redis, "acme") if e["type"] == "usage"]
+    enc = tokens.get_encoding("o200k_base")
+    assert entry["estimated"] is True
+    assert entry["usage"]["output_tokens"] == len(enc.encode("tok0 tok1 tok2 tok3 tok4 tok5"))
