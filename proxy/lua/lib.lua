@@ -295,7 +295,9 @@ local function refresh(now)
     for _, gid in ipairs(redis.call('SMEMBERS', K.live)) do
       local g = get_grant(gid)
       if g.status == 'pending' and g.effective_at <= now then activate(g, now, 'grant') end
-      if g.status ~= 'pending' and g.expires_at > 0 and g.expires_at <= now then expire(g, now) end
+      -- activation may have depleted it (paying off debt): only a live grant can expire
+      local live = g.status == 'active' or g.status == 'expiring'
+      if live and g.expires_at > 0 and g.expires_at <= now then expire(g, now) end
     end
     recompute_next_change(now)
     changed = acct_num('balance') ~= before
