@@ -25,8 +25,9 @@ from .accounts import Accounts
 from .config import Config
 from .configfile import ConfigError, load_config
 from .embedded import EmbeddedRedis
+from .journal import Journal
 from .keys import KeyCache
-from .ledger import Ledger
+from .ledger import Checkpoint, Ledger
 from .pricing import Catalog
 from .resp import RespClient
 from .state import STATE, State
@@ -36,6 +37,7 @@ from .worker import Worker
 
 log = structlog.get_logger("proxy")
 RELOAD_POLL_S = 1.0
+CHECKPOINT_S = 1.0  # a killed proxy's streams are charged up to a checkpoint this old
 
 
 def connect(url: str, cluster: bool = False) -> Redis:
@@ -85,15 +87,19 @@ class Proxy:
         catalog = await asyncio.to_thread(Catalog, config)  # loads tiktoken encodings (~1 s CPU)
         upstream = Upstream()
         await upstream.start()
-        state = State(config, redis, ledger, Accounts(redis, ledger), KeyCache(redis), catalog, upstream)
+        journal = Journal(config.data_dir / "journal")
+        journal.open()  # takes over the journals of proxies that died
+        state = State(config, redis, ledger, Accounts(redis, ledger), KeyCache(redis), catalog, upstream, journal)
         self.state = state
+        with contextlib.suppress(errors.StoreUnavailable):  # else the worker replays it later
+            await journal.replay(ledger.settle)
         await self._listen("client", api.client_app(), config.server.host, config.server.port, state)
         if config.server.admin_token is not None:
             await self._listen("admin", admin.admin_app(), config.server.admin_host, config.server.admin_port, state)
         self.webhooks = Webhooks(state)
-        self.worker = Worker(ledger, self.webhooks.deliver)
+        self.worker = Worker(ledger, self.webhooks.deliver, journal=journal)
         self.tasks.append(asyncio.create_task(self.worker.run(), name="worker"))
-        self.tasks.append(asyncio.create_task(self._keep_reservations_alive()))
+        self.tasks.append(asyncio.create_task(self._checkpoint_reservations()))
         if self.config_path is not None:
             self._config_stamp = _stamp(self.config_path)
             self.tasks.append(asyncio.create_task(self._watch_config()))
@@ -125,6 +131,10 @@ class Proxy:
             if self.state.background:
                 await asyncio.gather(*self.state.background, return_exceptions=True)
             await self.state.upstream.close()
+            if self.state.journal is not None:
+                with contextlib.suppress(errors.StoreUnavailable):
+                    await self.state.journal.replay(self.state.ledger.settle)
+                self.state.journal.close()  # what is left is replayed by the next start
             if self.webhooks is not None:
                 await self.webhooks.close()
             await self.state.redis.aclose()
@@ -152,22 +162,30 @@ class Proxy:
         log.info("config_reloaded", path=str(self.config_path))
         return True
 
-    async def _keep_reservations_alive(self) -> None:
-        """A request may run longer than `reservation_ttl_s` (a slow reader, a long
-        reasoning stream): while it runs, its reservation's expiry is pushed back, so the
-        reaper releases only the reservations of proxies that died."""
+    async def _checkpoint_reservations(self) -> None:
+        """Every second, record what the requests in flight have used so far (a stream's
+        output as relayed), so that if this process dies the reaper charges it rather
+        than releasing it free; and push back their reservations' expiry, so the reaper
+        leaves a request that outlives `reservation_ttl_s` alone. One script call per
+        account, not per request; unchanged requests only every ttl/3."""
         assert self.state is not None
+        last_full = time.monotonic()
         while True:
-            period = max(1.0, self.config.billing.reservation_ttl_s / 3)
-            await asyncio.sleep(period)  # the refresh period, not a synchronisation
-            due = time.monotonic() - period
-            by_account: dict[str, list[str]] = {}
-            for request_id, (account_id, admitted) in list(self.state.inflight.items()):
-                if admitted <= due:
-                    by_account.setdefault(account_id, []).append(request_id)
-            for account_id, request_ids in by_account.items():
-                with contextlib.suppress(errors.StoreUnavailable):  # next period will try again
-                    await self.state.ledger.extend(account_id, request_ids)
+            await asyncio.sleep(CHECKPOINT_S)  # the checkpoint period, not a synchronisation
+            full = time.monotonic() - last_full >= self.config.billing.reservation_ttl_s / 3
+            if full:
+                last_full = time.monotonic()
+            by_account: dict[str, list[Checkpoint]] = {}
+            for meter in list(self.state.inflight.values()):
+                point = meter.checkpoint(changed_only=not full)
+                if point is not None:
+                    by_account.setdefault(meter.account_id, []).append(point)
+            await asyncio.gather(*(self._extend(a, points) for a, points in by_account.items()))
+
+    async def _extend(self, account_id: str, points: list[Checkpoint]) -> None:
+        assert self.state is not None
+        with contextlib.suppress(errors.StoreUnavailable):  # the next period tries again
+            await self.state.ledger.extend(account_id, points)
 
     async def _watch_config(self) -> None:
         assert self.config_path is not None

@@ -69,3 +69,9 @@ def watch_shard(account_id: str) -> str:
 
 def watch_shard_n(n: int) -> str:
     return f"{PREFIX}:watch:{{w{n}}}"
+
+
+def settled(account_id: str, request_id: str) -> str:
+    """A settled request's marker (its ledger entry id), kept for ledger.SETTLED_TTL_MS:
+    what tells a duplicate settlement from one whose reservation was lost."""
+    return account(account_id, f"done:{request_id}")

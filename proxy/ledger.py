@@ -14,20 +14,25 @@ from __future__ import annotations
 
 import hashlib
 import time
-from dataclasses import dataclass, field
+from collections.abc import Collection, Iterable
+from dataclasses import asdict, dataclass, field
+from decimal import Decimal
 from importlib import resources
 from typing import Any, cast
 
 import orjson
+import structlog
 from redis import exceptions as redis_errors
 from redis.asyncio import Redis, RedisCluster
 
 from . import errors, keyspace, metrics
 from .config import Config
-from .money import to_micro, usd
+from .money import FINE, split_exact, to_micro, usd
 from .ratelimits import RateFigures, go_duration, retry_headers
 from .resp import Packed, RespClient
 
+log = structlog.get_logger("proxy.ledger")
+SETTLED_TTL_MS = 30 * 86_400_000  # a settled request id is remembered (duplicates) this long
 SCRIPT_NAMES = ("admit", "settle", "grant", "void", "reap", "touch", "account", "extend", "adjust")
 
 
@@ -81,6 +86,8 @@ def script_context(config: Config, model: str | None = None) -> bytes:
             "cd": hooks.auto_topup_cooldown_s * 1000 if hooks else 0,
             "ttl": config.billing.reservation_ttl_s * 1000,
             "mode": config.billing.on_insufficient,
+            "fine": FINE,
+            "settled_ttl": SETTLED_TTL_MS,
         }
     )
 
@@ -97,6 +104,7 @@ class _Call:
     model: str
     args: tuple[Any, ...]
     watch_due: int | None  # also register the account with the reaper (admission)
+    extra_keys: tuple[str, ...] = ()  # KEYS after the account's (settle: its marker)
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,11 +119,49 @@ class Admission:
 
 
 @dataclass(frozen=True, slots=True)
+class SettleCall:
+    """One settlement as settle.lua takes it; kept in the journal while Redis is away."""
+
+    account_id: str
+    model: str
+    request_id: str
+    exact_cost: Decimal  # micro-USD, not rounded: Redis rounds it with the account's carry
+    real_tokens: int  # input + output, to correct the TPM window
+    entry: dict[str, Any]  # ledger entry fields from the proxy (model, key_id, usage, ...)
+
+    def to_record(self) -> dict[str, Any]:
+        return {**asdict(self), "exact_cost": str(self.exact_cost)}
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any]) -> SettleCall:
+        return cls(**{**record, "exact_cost": Decimal(record["exact_cost"])})
+
+
+@dataclass(frozen=True, slots=True)
 class Settlement:
-    cost: int
+    cost: int  # what this settlement charged (micro-USD)
     balance: int
     ledger_id: str
     duplicate: bool = False
+    reserved: int | None = None  # the reservation it closed; None: Redis knew none (lost)
+
+    @property
+    def exceeded(self) -> bool:
+        """Charged above its reservation: the upstream wrote past the cap it was sent."""
+        return self.reserved is not None and self.cost > self.reserved
+
+    @property
+    def unreserved(self) -> bool:
+        return not self.duplicate and self.reserved is None
+
+
+@dataclass(frozen=True, slots=True)
+class Checkpoint:
+    """A running request's progress, for reap.lua to charge if its proxy dies."""
+
+    request_id: str
+    exact_cost: Decimal | None = None  # micro-USD so far; None: only keep it alive
+    usage: dict[str, int] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,11 +198,12 @@ class Ledger:
     fast: RespClient | None = None  # the hot path's lean client (resp.py), when the URL allows
     _contexts: dict[str, bytes] = field(default_factory=dict)
     _packed: dict[tuple[str, str], Packed] = field(default_factory=dict)
+    _packed_contexts: dict[str, Packed] = field(default_factory=dict)
 
     def use_config(self, config: Config) -> None:
         self.config = config
         self._contexts = {}
-        self._packed = {}  # they hold the old context
+        self._packed_contexts = {}
 
     def _context(self, model: str = "") -> bytes:
         ctx = self._contexts.get(model)
@@ -164,8 +211,16 @@ class Ledger:
             ctx = self._contexts[model] = script_context(self.config, model or None)
         return ctx
 
-    async def _run(self, name: str, account_id: str, *args: Any, model: str = "", watch_due: int | None = None) -> Any:
-        call = _Call(name, account_id, model, (self.clock_offset_ms, *args), watch_due)
+    async def _run(
+        self,
+        name: str,
+        account_id: str,
+        *args: Any,
+        model: str = "",
+        watch_due: int | None = None,
+        extra_keys: tuple[str, ...] = (),
+    ) -> Any:
+        call = _Call(name, account_id, model, (self.clock_offset_ms, *args), watch_due, extra_keys)
         started = time.perf_counter()
         try:
             try:
@@ -184,7 +239,7 @@ class Ledger:
     async def _evalsha(self, call: _Call) -> Any:
         if self.fast is not None:
             return await self._evalsha_fast(call)
-        keys = keyspace.script_keys(call.account_id, call.model)
+        keys = [*keyspace.script_keys(call.account_id, call.model), *call.extra_keys]
         script = (SHAS[call.name], len(keys), *keys, self._context(call.model), *call.args)
         if call.watch_due is not None and isinstance(self.redis, RedisCluster):
             # Cluster pipelines refuse EVALSHA (and would send to both nodes at once):
@@ -204,7 +259,10 @@ class Ledger:
 
     async def _evalsha_fast(self, call: _Call) -> Any:
         assert self.fast is not None
-        script = ("EVALSHA", SHAS[call.name], self._packed_keys(call.account_id, call.model), *call.args)
+        keys = self._packed_keys(call.account_id, call.model)
+        numkeys = keys.arity + len(call.extra_keys)
+        context = self._packed_context(call.model)
+        script = ("EVALSHA", SHAS[call.name], numkeys, keys, *call.extra_keys, context, *call.args)
         if call.watch_due is None:
             return await self.fast.call(*script)
         watch = ("ZADD", keyspace.watch_shard(call.account_id), "LT", call.watch_due, call.account_id)
@@ -214,13 +272,18 @@ class Ledger:
         return result
 
     def _packed_keys(self, account_id: str, model: str) -> Packed:
-        """numkeys, KEYS and the context of an (account, model), packed once (resp.Packed)."""
+        """The KEYS of an (account, model), packed once (resp.Packed)."""
         packed = self._packed.get((account_id, model))
         if packed is None:
             if len(self._packed) >= PACKED_CACHE:
                 self._packed.clear()
-            keys = keyspace.script_keys(account_id, model)
-            packed = self._packed[(account_id, model)] = Packed(len(keys), *keys, self._context(model))
+            packed = self._packed[(account_id, model)] = Packed(*keyspace.script_keys(account_id, model))
+        return packed
+
+    def _packed_context(self, model: str) -> Packed:
+        packed = self._packed_contexts.get(model)
+        if packed is None:
+            packed = self._packed_contexts[model] = Packed(self._context(model))
         return packed
 
     async def watch(self, account_id: str, due_ms: int) -> None:
@@ -280,13 +343,18 @@ class Ledger:
         )
         return _admission(result, model)
 
-    async def settle(
-        self, account_id: str, model: str, request_id: str, cost: int, real_tokens: int, entry: dict[str, Any]
-    ) -> Settlement:
-        result = await self._run("settle", account_id, request_id, cost, real_tokens, orjson.dumps(entry), model=model)
+    async def settle(self, call: SettleCall) -> Settlement:
+        whole, fine = split_exact(call.exact_cost)
+        marker = keyspace.settled(call.account_id, call.request_id)
+        args = (call.request_id, whole, fine, call.real_tokens, orjson.dumps(call.entry))
+        result = await self._run("settle", call.account_id, *args, model=call.model, extra_keys=(marker,))
         if result[0] == "duplicate":
-            return Settlement(0, 0, "", duplicate=True)
-        return Settlement(int(result[1]), int(result[2]), str(result[3]))
+            return Settlement(0, 0, str(result[1]), duplicate=True)
+        reserved = int(result[4])
+        known = None if reserved < 0 else reserved
+        settlement = Settlement(int(result[1]), int(result[2]), str(result[3]), reserved=known)
+        _report_anomalies(call, settlement)
+        return settlement
 
     # -- credits and accounts ----------------------------------------------------------
 
@@ -342,18 +410,42 @@ class Ledger:
             raise errors.InvalidRequest(f"{result[1]!r} is not an account setting.", param=str(result[1]))
         return _pairs(result[1])
 
-    async def reap(self, account_id: str) -> tuple[int, int, int]:
-        """Release lapsed reservations: (released, next expiry ms or 0, outbox length)."""
-        released, next_exp, outbox, _ = await self._run("reap", account_id)
+    async def reap(
+        self, account_id: str, *, reaping: bool = True, spared: Collection[str] = ()
+    ) -> tuple[int, int, int]:
+        """Close lapsed reservations but `spared`: (closed, next expiry ms or 0, outbox
+        length). With `reaping` off it only reports."""
+        released, next_exp, outbox, _ = await self._run("reap", account_id, "1" if reaping else "0", *spared)
         return int(released), int(next_exp), int(outbox)
 
-    async def extend(self, account_id: str, request_ids: list[str]) -> int:
-        """Keep running requests' reservations from being reaped; returns how many were open."""
-        (extended, _) = await self._run("extend", account_id, *request_ids)
+    async def extend(self, account_id: str, checkpoints: Iterable[Checkpoint]) -> int:
+        """Keep running requests from being reaped and record their progress; returns
+        how many were still open."""
+        args: list[Any] = []
+        for point in checkpoints:
+            if point.exact_cost is None or point.usage is None:
+                args += (point.request_id, 0, 0, "")
+            else:
+                whole, fine = split_exact(point.exact_cost)
+                args += (point.request_id, whole, fine, orjson.dumps(point.usage))
+        (extended, _) = await self._run("extend", account_id, *args)
         return int(extended)
 
     async def outbox_length(self, account_id: str) -> int:
         return int(await self.redis.llen(keyspace.account(account_id, "outbox")))
+
+
+def _report_anomalies(call: SettleCall, settlement: Settlement) -> None:
+    """Charged all the same, but an operator must hear of it."""
+    if settlement.exceeded:
+        metrics.child(metrics.RESERVATION_EXCEEDED, call.model).inc()
+        reserved = usd(settlement.reserved or 0)
+        log.warning("reservation_exceeded", request_id=call.request_id, account_id=call.account_id,
+                    model=call.model, reserved_usd=reserved, charged_usd=usd(settlement.cost))  # fmt: skip
+    if settlement.unreserved:
+        metrics.SETTLEMENTS_UNRESERVED.inc()
+        log.warning("settlement_unreserved", request_id=call.request_id, account_id=call.account_id,
+                    charged_usd=usd(settlement.cost), note="no reservation in Redis (lost in a failover?)")  # fmt: skip
 
 
 def _pairs(flat: list[str]) -> dict[str, str]:

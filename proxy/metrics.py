@@ -40,6 +40,19 @@ CONFIG_RELOADS = Counter("metering_proxy_config_reloads", "Config reloads.", ["o
 USAGE_ESTIMATED = Counter(
     "metering_proxy_usage_estimated", "Requests whose usage was counted by the proxy, not the upstream.", ["model"]
 )
+RESERVATION_EXCEEDED = Counter(
+    "metering_proxy_reservation_exceeded",
+    "Settlements that charged more than their reservation (an upstream past its cap).",
+    ["model"],
+)
+SETTLEMENTS_UNRESERVED = Counter(
+    "metering_proxy_settlements_unreserved",
+    "Settlements whose reservation Redis did not know (lost in a failover); charged all the same.",
+)
+SETTLEMENTS_JOURNALED = Counter(
+    "metering_proxy_settlements_journaled", "Settlements kept in the local journal while Redis was unavailable."
+)
+JOURNAL_PENDING = Gauge("metering_proxy_journal_pending", "Settlements in this instance's journal, not yet in Redis.")
 ACCOUNT_SPEND_USD = Counter(
     "metering_proxy_account_spend_usd", "Spend per account (only with metrics.per_account_labels).", ["account"]
 )

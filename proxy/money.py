@@ -110,3 +110,15 @@ class Price:
 
 def _ceil(value: Decimal) -> int:
     return int(value.to_integral_value(rounding=ROUND_CEILING))
+
+
+# Sub-micro-USD remainders are carried per account in fine units of 1e-15 micro-USD
+# (lua/lib.lua charge): 15 places more than a micro-USD, still exact in a Lua double.
+FINE = 10**15
+
+
+def split_exact(micro: Decimal) -> tuple[int, int]:
+    """An exact cost in micro-USD as (whole micro-USD, fraction in FINE units): the form
+    settlement sends to Redis, which rounds it with the account's carried remainder."""
+    fine = int((micro * FINE).to_integral_value(rounding=ROUND_HALF_UP))
+    return divmod(fine, FINE)

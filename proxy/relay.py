@@ -17,6 +17,7 @@ import secrets
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from decimal import Decimal
 from typing import Any
 
 import aiohttp
@@ -27,7 +28,8 @@ from aiohttp.web_protocol import RequestPayloadError
 
 from . import errors, intake, metrics
 from .intake import ClientRequest
-from .ledger import Admission, Settlement
+from .journal import JournalFull
+from .ledger import Admission, Checkpoint, SettleCall, Settlement
 from .money import Usage, usd
 from .pricing import Route
 from .sse import Event, SSEParser, data_event
@@ -39,7 +41,7 @@ from .usage import StreamTap, output_of_body, usage_from_body
 log = structlog.get_logger("proxy.access")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 BODY_TIMEOUT_S = 60
-SETTLE_ATTEMPTS = 8  # ~25 s of retries if Redis blips; after that the reaper releases it
+SETTLE_ATTEMPTS = 3  # quick retries for a Redis blip; then the journal keeps the settlement
 CLIENT_GONE = (ConnectionResetError, aiohttp.ClientConnectionResetError)
 STREAM_INTERRUPTED = orjson.dumps(
     {
@@ -73,6 +75,8 @@ class Meter:
     estimated: bool = False
     outcome: str = "ok"
     timing: dict[str, float] = field(default_factory=dict)  # upstream_ms, ttft_ms for the access log
+    answered: bool = False  # the upstream accepted the request: its prompt is being billed
+    _checkpointed: tuple[bool, int] = (False, 0)  # (answered, output chars) last checkpointed
 
     @property
     def downgraded(self) -> bool:
@@ -101,9 +105,22 @@ class Meter:
             self.state.inflight.pop(self.request_id, None)
             metrics.RESERVATIONS_OPEN.dec()
 
-    async def _settle(self) -> Settlement | None:
+    def checkpoint(self, *, changed_only: bool) -> Checkpoint | None:
+        """What the request has used so far, for reap.lua to charge should this process
+        die: the prompt once the upstream has answered, plus a stream's output as
+        relayed (estimated). None when nothing changed and `changed_only`."""
+        chars = self.tap.output.chars if self.tap is not None else 0
+        if changed_only and self._checkpointed == (self.answered, chars):
+            return None
+        self._checkpointed = (self.answered, chars)
+        if not self.answered or self.downgraded:
+            return Checkpoint(self.request_id)
+        output = self.tap.output.count_so_far(self.route.encoding) if self.tap is not None else 0
+        usage = Usage(input_tokens=self.prompt_tokens, output_tokens=output)
+        return Checkpoint(self.request_id, self.route.price.exact_cost(usage), usage.as_dict())
+
+    def settle_call(self) -> SettleCall:
         usage = self.usage
-        cost = 0 if usage is None or self.downgraded else self.route.price.cost(usage)
         entry: dict[str, Any] = {"model": self.route.model, "key_id": self.key_id}
         if usage is None:
             entry["type"] = "release"
@@ -113,16 +130,38 @@ class Meter:
             entry["estimated"] = self.estimated
             if self.downgraded:
                 entry["downgraded_from"] = self.client.model
+        exact = Decimal(0) if usage is None or self.downgraded else self.route.price.exact_cost(usage)
         real_tokens = usage.total_tokens if usage else 0
+        return SettleCall(self.account_id, self.client.model, self.request_id, exact, real_tokens, entry)
+
+    async def _settle(self) -> Settlement | None:
+        """Settle in Redis; when it stays away, keep the settlement in the journal, which
+        applies it once Redis is back (a settlement is never dropped)."""
+        call = self.settle_call()
         for attempt in range(SETTLE_ATTEMPTS):
             try:
-                return await self.state.ledger.settle(
-                    self.account_id, self.client.model, self.request_id, cost, real_tokens, entry
-                )
+                return await self.state.ledger.settle(call)
             except errors.StoreUnavailable:
-                await asyncio.sleep(min(0.1 * 2**attempt, 8))
-        log.error("settlement_failed", request_id=self.request_id, account_id=self.account_id)
-        return None
+                await asyncio.sleep(0.1 * 2**attempt)  # backoff, not synchronisation
+        if self.state.journal is not None:
+            try:
+                await self.state.journal.append(call)
+                self.outcome += "; settlement journaled (Redis unavailable)"
+                log.warning("settlement_journaled", request_id=self.request_id, account_id=self.account_id)
+                return None
+            except (OSError, JournalFull) as exc:
+                log.error("journal_unavailable", request_id=self.request_id, error=str(exc))
+        return await self._settle_when_redis_returns(call)
+
+    async def _settle_when_redis_returns(self, call: SettleCall) -> Settlement:
+        """No journal to keep it: retry Redis for as long as it takes."""
+        delay = 1.0
+        while True:
+            try:
+                return await self.state.ledger.settle(call)
+            except errors.StoreUnavailable:
+                await asyncio.sleep(delay)  # backoff, not synchronisation
+                delay = min(delay * 2, 30.0)
 
 
 def request_id() -> str:
@@ -206,12 +245,13 @@ async def admit(state: State, request: web.Request, endpoint: str, req_id: str) 
         choices=client.choices,
     )
     metrics.RESERVATIONS_OPEN.inc()
-    state.inflight[req_id] = (key.account_id, time.monotonic())  # kept alive while it runs (app.py)
     if admission.downgrade_to:
         route = state.catalog.route(admission.downgrade_to)
     if admission.downgrade_to or admission.clamp_tokens:
         body = client.upstream_body(route.upstream_model, admission.clamp_tokens)
-    return Meter(state, key.account_id, key.key_id, req_id, route, client, admission, prompt_tokens, body)
+    meter = Meter(state, key.account_id, key.key_id, req_id, route, client, admission, prompt_tokens, body)
+    state.inflight[req_id] = meter  # checkpointed while it runs (app.py)
+    return meter
 
 
 def our_headers(meter: Meter) -> dict[str, str]:
@@ -235,6 +275,7 @@ async def forward(state: State, request: web.Request, meter: Meter) -> web.Strea
     async with upstream:
         if upstream.status >= 400:
             return await pass_error(upstream, meter)
+        meter.answered = True
         if client.stream and upstream.content_type == "text/event-stream":
             return await relay_stream(request, upstream, meter, upstream_started)
         return await relay_body(upstream, meter, upstream_started)

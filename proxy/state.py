@@ -5,17 +5,26 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from aiohttp import web
 from redis.asyncio import Redis
 
 from .accounts import Accounts
 from .config import Config
+from .journal import Journal
 from .keys import KeyCache
-from .ledger import Ledger
+from .ledger import Checkpoint, Ledger
 from .pricing import Catalog
 from .upstream import Upstream
+
+
+class InFlight(Protocol):
+    """A request this instance holds a reservation for (relay.Meter)."""
+
+    account_id: str
+
+    def checkpoint(self, *, changed_only: bool) -> Checkpoint | None: ...
 
 
 @dataclass
@@ -27,9 +36,10 @@ class State:
     keys: KeyCache
     catalog: Catalog
     upstream: Upstream
+    journal: Journal | None = None  # None: settlements retry Redis until it answers
     background: set[asyncio.Task[Any]] = field(default_factory=set)
-    # request id -> (account id, admitted at, monotonic s): reservations this instance holds
-    inflight: dict[str, tuple[str, float]] = field(default_factory=dict)
+    # request id -> the request: reservations this instance holds (checkpointed by app.py)
+    inflight: dict[str, InFlight] = field(default_factory=dict)
 
     def use_config(self, config: Config, catalog: Catalog) -> None:
         """Swap in a reloaded config; requests in flight keep the objects they hold."""

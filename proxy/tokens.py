@@ -213,14 +213,17 @@ class OutputCounter:
     """Accumulates streamed output text; tokenizes once at the end.
 
     ``add`` is O(1) so it can sit on the per-chunk hot path; ``count`` does a
-    single bounded ``count_text`` over everything collected.
+    single bounded ``count_text`` over everything collected, and ``count_so_far``
+    keeps a running count for checkpoints by tokenizing only what is new.
     """
 
-    __slots__ = ("_chars", "_parts")
+    __slots__ = ("_chars", "_parts", "_tallied", "_tally")
 
     def __init__(self) -> None:
         self._parts: list[str] = []
         self._chars = 0
+        self._tallied = 0  # parts already in _tally
+        self._tally = 0
 
     def add(self, text: str) -> None:
         if isinstance(text, str) and text:
@@ -232,6 +235,12 @@ class OutputCounter:
         return self._chars
 
     def count(self, enc: tiktoken.Encoding) -> int:
-        if len(self._parts) > 1:  # collapse so repeated calls don't re-join
-            self._parts = ["".join(self._parts)]
-        return count_text(enc, self._parts[0]) if self._parts else 0
+        return count_text(enc, "".join(self._parts)) if self._parts else 0
+
+    def count_so_far(self, enc: tiktoken.Encoding) -> int:
+        """A running count: pieces counted apart add up to about the whole (a little more
+        where a piece boundary splits a token), which is what a checkpoint needs."""
+        if self._tallied < len(self._parts):
+            self._tally += count_text(enc, "".join(self._parts[self._tallied :]))
+            self._tallied = len(self._parts)
+        return self._tally

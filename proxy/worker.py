@@ -10,24 +10,35 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Awaitable, Callable
 
 import structlog
 from redis.exceptions import RedisError
 
 from . import errors, keyspace
+from .journal import Journal
 from .ledger import Ledger
 
 log = structlog.get_logger("proxy.worker")
 Deliver = Callable[[str], Awaitable[int]]  # account id -> ms until its next retry (0: none)
+# After Redis comes back, nothing is reaped for this long: every proxy that journaled
+# settlements during the outage replays them first (a journaled settlement is charged
+# in full, not left to the reaper's checkpoint estimate).
+REAP_GRACE_S = 10.0
 
 
 class Worker:
-    def __init__(self, ledger: Ledger, deliver: Deliver | None = None, interval_s: float = 1.0) -> None:
+    def __init__(
+        self, ledger: Ledger, deliver: Deliver | None = None, interval_s: float = 1.0, journal: Journal | None = None
+    ) -> None:
         self.ledger = ledger
         self.deliver = deliver
         self.interval_s = interval_s
+        self.journal = journal
         self.stopping = asyncio.Event()
+        self.store_down = False
+        self.reap_after = 0.0  # monotonic s: no reaping before (REAP_GRACE_S after an outage)
 
     async def run(self) -> None:
         """Tick until `stop()`. Stopping is an event, not a cancellation: a client library
@@ -35,7 +46,11 @@ class Worker:
         while not self.stopping.is_set():
             try:
                 await self.tick()
+                if self.store_down:
+                    self.store_down = False
+                    self.reap_after = time.monotonic() + REAP_GRACE_S
             except (errors.StoreUnavailable, RedisError) as exc:
+                self.store_down = True
                 log.warning("worker_store_unavailable", error=type(exc).__name__)
             except Exception:
                 log.exception("worker_tick_failed")
@@ -46,7 +61,11 @@ class Worker:
         self.stopping.set()
 
     async def tick(self) -> int:
-        """Visit every due account once; returns how many were visited."""
+        """Replay the journal, then visit every due account once; returns how many were visited."""
+        if self.journal is not None and len(self.journal):
+            await self.journal.replay(self.ledger.settle)
+            if len(self.journal):
+                raise errors.StoreUnavailable("journaled settlements still wait for Redis")
         visited = 0
         for shard in range(keyspace.WATCH_SHARDS):
             due = await self.ledger.due_accounts(shard)
@@ -56,7 +75,11 @@ class Worker:
         return visited
 
     async def visit(self, account_id: str, seen: float) -> None:
-        released, next_expiry, outbox = await self.ledger.reap(account_id)
+        spared = self.journal.holds(account_id) if self.journal is not None else ()
+        reaping = time.monotonic() >= self.reap_after
+        released, next_expiry, outbox = await self.ledger.reap(account_id, reaping=reaping, spared=spared)
+        if not reaping and next_expiry:  # come back once the grace is over
+            next_expiry = min(next_expiry, self._now_ms() + int(REAP_GRACE_S * 1000))
         if released:
             log.warning("reservations_released", account_id=account_id, count=released)
         retry_at = 0
@@ -67,3 +90,6 @@ class Worker:
         removed = await self.ledger.reschedule(account_id, seen, next_visit) and next_visit == 0
         if removed and await self.ledger.outbox_length(account_id):
             await self.ledger.watch(account_id, 0)  # an event landed after our look: come back
+
+    def _now_ms(self) -> int:
+        return int(time.time() * 1000) + self.ledger.clock_offset_ms

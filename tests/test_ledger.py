@@ -5,13 +5,14 @@ from __future__ import annotations
 import asyncio
 import secrets
 from datetime import UTC, datetime
+from decimal import Decimal
 from typing import Any
 
 import openai
 import pytest
 
 from proxy.demo_upstream import DemoUpstream
-from proxy.ledger import Ledger
+from proxy.ledger import Ledger, SettleCall
 from proxy.money import to_micro
 
 from .conftest import Running
@@ -35,7 +36,9 @@ async def spend(ledger: Ledger, account: str, micro: int, *, reserve: int | None
     await ledger.admit(account, "key_test", "gpt-4o", request_id, prompt_cost=reserve if reserve is not None else micro,
                        output_cost=0, output_pico=0, prompt_tokens=1, max_output_tokens=0, choices=1)  # fmt: skip
     usage = {"input_tokens": 1, "cached_input_tokens": 0, "output_tokens": 0, "reasoning_tokens": 0}
-    await ledger.settle(account, "gpt-4o", request_id, micro, 1, {"model": "gpt-4o", "usage": usage})
+    await ledger.settle(
+        SettleCall(account, "gpt-4o", request_id, Decimal(micro), 1, {"model": "gpt-4o", "usage": usage})
+    )
     return request_id
 
 
@@ -136,7 +139,7 @@ async def test_late_settlement_draws_from_grant_live_at_admission(proxy: Running
     ledger.clock_offset_ms = 120_000  # the grant expires while the stream runs
     view = await ledger.touch("acme")
     assert view.available <= 0  # an expiring grant is no longer available to new requests
-    await ledger.settle("acme", "gpt-4o", request_id, 300_000, 1, {"model": "gpt-4o"})
+    await ledger.settle(SettleCall("acme", "gpt-4o", request_id, Decimal(300_000), 1, {"model": "gpt-4o"}))
     view = await ledger.touch("acme")
     assert view.balance == 0 and view.grants == []
     kinds = [(e["type"], e["amount"], e.get("grant_id")) for e in await entries(proxy.state.redis, "acme")]

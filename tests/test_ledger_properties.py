@@ -5,6 +5,7 @@ every step (proxy.reconcile checks them)."""
 from __future__ import annotations
 
 import asyncio
+from decimal import Decimal
 from typing import Any
 
 import pytest
@@ -16,7 +17,7 @@ from proxy import errors, reconcile
 from proxy.app import connect
 from proxy.configfile import parse_config
 from proxy.embedded import EmbeddedRedis
-from proxy.ledger import Ledger
+from proxy.ledger import Ledger, SettleCall
 
 from .conftest import BASE_CONFIG, deep_merge
 
@@ -63,7 +64,7 @@ class Scenario:
     async def settle(self, index: int, cost: int) -> None:
         if self.open:
             request_id = self.open.pop(index % len(self.open))
-            await self.ledger.settle("acme", "gpt-4o", request_id, cost, 1, {"model": "gpt-4o"})
+            await self.ledger.settle(SettleCall("acme", "gpt-4o", request_id, Decimal(cost), 1, {"model": "gpt-4o"}))
 
     async def run(self, op: tuple[Any, ...]) -> None:
         kind = op[0]
@@ -111,7 +112,7 @@ async def play(url: str, ops: list[tuple[Any, ...]]) -> None:
             drifts = await reconcile.check_account(redis, "acme")
             assert not drifts, f"after step {step} {op}: {[str(d) for d in drifts]}"
         for request_id in list(scenario.open):  # everything settles in the end
-            await ledger.settle("acme", "gpt-4o", request_id, 1, 1, {"model": "gpt-4o"})
+            await ledger.settle(SettleCall("acme", "gpt-4o", request_id, Decimal(1), 1, {"model": "gpt-4o"}))
         view = await ledger.touch("acme")
         assert view.reserved == 0
         assert not await reconcile.check_account(redis, "acme")

@@ -50,8 +50,9 @@ async def test_rpm_limit_429_with_headers_and_rejections_do_not_count(start_prox
     assert int(err.response.headers["retry-after"]) >= 1
     assert err.response.headers["x-ratelimit-remaining-requests"] == "0"
     view = await running.balance("acme")
-    # the 429s reserved and cost nothing: 3 requests of 10 * 0.15 + 5 * 0.60 = 4.5 -> 5 micro-USD
-    assert view.reserved == 0 and view.balance == 1_000_000 - 3 * 5
+    # the 429s reserved and cost nothing: 3 requests of 10 * 0.15 + 5 * 0.60 = 4.5 micro-USD,
+    # rounded with the carried remainder: 5 + 4 + 5 = 14 (exactly 13.5)
+    assert view.reserved == 0 and view.balance == 1_000_000 - 14
 
 
 async def test_limits_are_global_across_two_instances(start_proxy: Any) -> None:

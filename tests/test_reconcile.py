@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 import time
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ import yaml
 from proxy import keyspace
 from proxy.cli import main
 from proxy.demo_upstream import DemoUpstream
-from proxy.ledger import Ledger
+from proxy.ledger import Ledger, SettleCall
 from proxy.reconcile import reconcile
 
 from .conftest import BASE_CONFIG, Running, deep_merge
@@ -42,7 +43,9 @@ async def admit(ledger: Ledger, account: str, micro: int) -> str:
 
 async def settle(ledger: Ledger, account: str, request_id: str, micro: int) -> None:
     usage = {"input_tokens": 1, "cached_input_tokens": 0, "output_tokens": 0, "reasoning_tokens": 0}
-    await ledger.settle(account, "gpt-4o", request_id, micro, 1, {"model": "gpt-4o", "usage": usage})
+    await ledger.settle(
+        SettleCall(account, "gpt-4o", request_id, Decimal(micro), 1, {"model": "gpt-4o", "usage": usage})
+    )
 
 
 async def busy_books(running: Running, upstream: DemoUpstream) -> None:

@@ -346,6 +346,61 @@ local function draw(amount, at)
   return draws, left
 end
 
+-- Give back part of an earlier charge (a late settlement below what the reaper charged
+-- from a checkpoint): overage debt first, then the grants it was drawn from, newest draw
+-- first, while they are still usable. What a grant that has since expired or been
+-- voided would have lost anyway is not returned. Returns the amount given back.
+local function credit_back(amount, draws, now)
+  local left = amount
+  local pay = math.min(acct_num('debt'), left)
+  if pay > 0 then acct_incr('debt', fmt(-pay)); left = left - pay end
+  for i = #draws, 1, -1 do
+    if left == 0 then break end
+    local g = get_grant(draws[i].grant_id)
+    local usable = (g.status == 'active' or g.status == 'depleted') and (g.expires_at == 0 or g.expires_at > now)
+    local give = math.min(left, tonumber(draws[i].amount))
+    if usable and give > 0 then
+      g.remaining = fmt(tonumber(g.remaining) + give)
+      g.drawn = fmt(tonumber(g.drawn) - give)
+      if g.status == 'depleted' then g.status = 'active'; redis.call('SADD', K.live, g.id) end
+      put_grant(g)
+      left = left - give
+    end
+  end
+  return amount - left
+end
+
+-- Charge a request's exact cost, `whole` micro-USD plus `fine` units (1e-15 micro-USD,
+-- 0 <= fine < CTX.fine): rounded half-up with the account's carried remainder (carry in
+-- [-fine/2, fine/2)), so an account's charges add up to its exact costs within one
+-- micro-USD. Drawn from the grants live at `at`; the rest becomes overage debt. A
+-- negative charge is credited back (credit_back). Appends `entry` with amount, the exact
+-- cost (exact_micro, exact_fine) and the draws; a charge above `limit` (its reservation)
+-- is flagged `reservation_exceeded`. Returns the charge, entry id, balance.
+local function charge(whole, fine, at, entry, now, earlier_draws, limit)
+  local carry = acct_num('carry') + fine
+  local charged = whole
+  if carry >= CTX.fine / 2 then charged = whole + 1; carry = carry - CTX.fine end
+  if limit and charged > limit then entry.reservation_exceeded = true end
+  if carry ~= acct_num('carry') then acct_set('carry', fmt(carry)) end
+  entry.exact_micro, entry.exact_fine = fmt(whole), fmt(fine)
+  entry.amount = 0
+  if charged > 0 then
+    local draws, left = draw(charged, at)
+    if left > 0 then acct_incr('overage_total', fmt(left)); entry.overage = fmt(left) end
+    if #draws > 0 then entry.grant_id = draws[1].grant_id; entry.draws = draws end
+    entry.amount = -charged
+  elseif charged < 0 then
+    local back = credit_back(-charged, earlier_draws or {}, now)
+    if back < -charged then entry.not_returned = fmt(-charged - back) end
+    entry.amount = back
+    recompute_next_change(now)  -- a grant given back may be live again
+  end
+  if charged ~= 0 then acct_incr('lifetime_consumed', fmt(charged)) end
+  local id, balance = ledger_add(entry, now)
+  return charged, id, balance
+end
+
 -- A reservation just closed: an `expiring` grant it held back may now expire.
 local function recheck_held(now)
   if acct_num('held') > 0 then acct_set('next_change_ms', fmt(now)) end

@@ -1,47 +1,63 @@
 -- settle.lua: the ONE settlement script of a metered request; idempotent by request id.
--- Releases the reservation, draws the real cost from the grants that were live at
--- admission (priority, then earliest expiry, never-expiring last, then oldest; the
--- rest becomes overage debt), appends the usage entry, updates lifetime figures,
--- corrects the TPM window to real tokens and raises balance events.
--- KEYS: see lib.lua.  ARGV (after ctx, clock offset):
---   3 request id   4 cost (micro-USD, already rounded)   5 real tokens (input + output)
---   6 entry JSON from the proxy (model, usage, estimated, key_id, ...)
--- Returns {'ok', cost, balance, ledger id} or {'duplicate'} when already settled.
-local req_id, cost, real_tokens = ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5])
-local entry = cjson.decode(ARGV[6])
+-- Releases the reservation, charges the exact cost (lib.lua charge: half-up with the
+-- account's carried remainder, drawn from the grants live at admission, the rest
+-- becoming overage debt), appends the usage entry, marks the request settled, updates
+-- lifetime figures, corrects the TPM window to real tokens and raises balance events.
+-- A reservation the reaper released is still charged: in full, or the difference to
+-- what the reaper charged from the request's last checkpoint. A reservation Redis does
+-- not know (lost in a failover) is charged too, flagged `unreserved`. Only a request
+-- marked settled is a duplicate.
+-- KEYS: see lib.lua, plus 12: the request's settled marker (string: ledger entry id).
+-- ARGV (after ctx, clock offset):
+--   3 request id   4 exact cost, whole micro-USD   5 exact cost, fraction in fine units
+--   (1e-15 micro-USD)   6 real tokens (input + output)   7 entry JSON from the proxy
+--   (model, key_id, usage, estimated, ...)
+-- Returns {'ok', charged, balance, ledger id, reserved (-1: no reservation known)}
+--      or {'duplicate', ledger id}.
+local req_id, whole, fine, real_tokens = ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
+local entry = cjson.decode(ARGV[7])
+local marker = KEYS[12]
 
+local done = redis.call('GET', marker)
+if done then return reply({'duplicate', done}) end
+
+local now = now_ms()
 local raw = redis.call('HGET', K.resv, req_id)
-local released = false
+local r, earlier_draws = nil, nil
 if raw then
   redis.call('HDEL', K.resv, req_id)
+  r = cjson.decode(raw)
+  acct_incr('reserved', fmt(-tonumber(r.amount)))
 else
-  -- released by the reaper (proxy was presumed dead): still charge, exactly once
+  -- released by the reaper (its proxy was presumed dead): charge what it has not yet
   raw = redis.call('HGET', K.reaped, req_id)
-  if not raw then return reply({'duplicate'}) end
-  redis.call('HDEL', K.reaped, req_id)
-  released = true
-end
-local r = cjson.decode(raw)
-local now = now_ms()
-if not released then acct_incr('reserved', fmt(-tonumber(r.amount))) end
-
-local draws, left = {}, 0
-if cost > 0 then
-  draws, left = draw(cost, r.admitted)
-  if left > 0 then acct_incr('overage_total', fmt(left)) end  -- overage ever incurred: what invoices count
-  acct_incr('lifetime_consumed', fmt(cost))
+  if raw then
+    redis.call('HDEL', K.reaped, req_id)
+    r = cjson.decode(raw)
+    if r.charged then
+      whole, fine = whole - tonumber(r.cw), fine - tonumber(r.cf)
+      if fine < 0 then whole, fine = whole - 1, fine + CTX.fine end
+      entry.previously_charged = r.charged
+      earlier_draws = r.draws
+    end
+  end
 end
 
 entry.type = entry.type or 'usage'  -- 'release' when nothing is charged
-entry.amount = -cost
 entry.request_id = req_id
-if #draws > 0 then entry.grant_id = draws[1].grant_id; entry.draws = draws end
-if left > 0 then entry.overage = fmt(left) end
-local id, balance = ledger_add(entry, now)
+if r then
+  entry.reserved = r.amount
+else
+  entry.unreserved = true
+end
+-- a charge above its reservation (an upstream that ignored its cap) is flagged
+local limit = (r and not r.charged) and tonumber(r.amount) or nil
+local charged, id, balance = charge(whole, fine, r and r.admitted or now, entry, now, earlier_draws, limit)
+redis.call('SET', marker, id, 'PX', CTX.settled_ttl)
 
 -- TPM counted the worst case at admission; correct its bucket to the real tokens.
 local now_s = math.floor(now / 1000)
-if r.sec > now_s - 60 then
+if r and r.sec > now_s - 60 then
   local delta = real_tokens - r.tokens
   local field = 't:' .. fmt(r.sec)
   for _, key in ipairs(r.pm and {K.rl, K.rlm} or {K.rl}) do
@@ -63,4 +79,4 @@ if plan and plan.i and plan.i > 0 then
   if steps > acct_num('invoiced_steps') then acct_set('invoiced_steps', steps) end
 end
 balance_events(now)
-return reply({'ok', cost, balance, id})
+return reply({'ok', charged, balance, id, r and tonumber(r.amount) or -1})
