@@ -122,3 +122,9 @@ def split_exact(micro: Decimal) -> tuple[int, int]:
     settlement sends to Redis, which rounds it with the account's carried remainder."""
     fine = int((micro * FINE).to_integral_value(rounding=ROUND_HALF_UP))
     return divmod(fine, FINE)
+
+
+def exact_usd(whole: int, fine: int) -> str:
+    """An exact cost kept as (micro-USD, FINE units) as a plain decimal USD string."""
+    value = (Decimal(whole) * FINE + fine) / (MICRO * FINE)
+    return format(value.normalize(), "f") if value else "0"

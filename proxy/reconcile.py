@@ -9,6 +9,11 @@ moves money. For every account, from one consistent snapshot of its keys:
     held     == sum(remaining of expiring grants)
     each grant: amount == remaining + drawn + expired + voided
     the live set == the grants that are pending, active or expiring
+    sum(exact costs) == sum(rounded charges) + carry, with |carry| <= 0.5 micro-USD
+    a charge above its reservation is flagged `reservation_exceeded`
+
+and for this proxy's data_dir: the settlement journal is empty (every settlement kept
+while Redis was away has reached it).
 
 The ledger is append-only, so the snapshot records its last entry id and the sum is
 taken up to it in pages: a proxy serving traffic meanwhile cannot cause false drift.
@@ -19,15 +24,15 @@ from __future__ import annotations
 import csv
 import io
 from collections.abc import AsyncIterator, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
 from redis.asyncio import Redis
 
-from . import keyspace, views
+from . import journal, keyspace, views
 from .config import Config
-from .money import usd
+from .money import FINE, usd
 
 PAGE = 1000
 LIVE_STATUSES = frozenset(("pending", "active", "expiring"))
@@ -74,6 +79,9 @@ async def reconcile(redis: Redis, config: Config, accounts: Iterable[str] | None
     """Every drift of every account (or of `accounts`); empty when the books balance."""
     ids = sorted(map(str, await redis.smembers(keyspace.ACCOUNTS))) if accounts is None else list(accounts)
     drifts: list[Drift] = []
+    waiting = journal.pending_on_disk(config.data_dir / "journal")
+    if waiting:
+        drifts.append(Drift("*", "the settlement journal is empty (Redis has every settlement)", "0", str(waiting)))
     for account_id in ids:
         drifts += await check_account(redis, account_id)
     return drifts
@@ -83,10 +91,11 @@ async def check_account(redis: Redis, account_id: str) -> list[Drift]:
     snap = await _snapshot(redis, account_id)
     if not snap.fields:
         return [Drift(account_id, "account", "an account hash", "none")]
-    total = 0
+    books = _Books()
     if snap.last_entry is not None:
-        async for _, raw in iter_entries(redis, account_id, end=snap.last_entry):
-            total += int(orjson.loads(raw)["amount"])
+        async for entry_id, raw in iter_entries(redis, account_id, end=snap.last_entry):
+            books.add(entry_id, orjson.loads(raw))
+    total = books.total
     balance, reserved, debt, held = (_num(snap.fields, f) for f in ("balance", "reserved", "debt", "held"))
     in_grants = sum(int(g["remaining"]) for g in snap.grants if g["status"] in ("active", "expiring"))
     expiring = sum(int(g["remaining"]) for g in snap.grants if g["status"] == "expiring")
@@ -97,8 +106,43 @@ async def check_account(redis: Redis, account_id: str) -> list[Drift]:
         _money(account_id, "held == sum(expiring grant remaining)", expiring, held),
         *(_grant_drift(account_id, g) for g in snap.grants),
         _live_drift(account_id, snap),
+        *_carry_drifts(account_id, books, _num(snap.fields, "carry")),
+        *(Drift(account_id, "a charge above its reservation is flagged", "flag", i) for i in books.unflagged),
     ]
     return [d for d in drifts if d is not None]
+
+
+@dataclass
+class _Books:
+    """Sums over an account's ledger entries, read once."""
+
+    total: int = 0  # sum of amounts
+    exact: int = 0  # sum of exact costs, FINE units
+    rounded: int = 0  # sum of rounded charges, micro-USD
+    unflagged: list[str] = field(default_factory=list)  # entries above their reservation, no flag
+
+    def add(self, entry_id: str, e: dict[str, Any]) -> None:
+        amount = int(e["amount"])
+        self.total += amount
+        if e.get("exact_micro") is None:
+            return
+        self.exact += int(e["exact_micro"]) * FINE + int(e.get("exact_fine") or 0)
+        self.rounded += -amount - int(e.get("not_returned") or 0)
+        first_charge = e.get("reserved") is not None and e.get("previously_charged") is None
+        if first_charge and -amount > int(e["reserved"]) and not e.get("reservation_exceeded"):
+            self.unflagged.append(entry_id)
+
+
+def _carry_drifts(account_id: str, books: _Books, carry: int) -> list[Drift]:
+    drifts = []
+    if books.exact != books.rounded * FINE + carry:
+        check = "sum(exact costs) == sum(rounded charges) + carried remainder (in 1e-15 micro-USD)"
+        drifts.append(Drift(account_id, check, str(books.exact), str(books.rounded * FINE + carry)))
+    if not -FINE // 2 <= carry < FINE // 2:
+        drifts.append(
+            Drift(account_id, "carried remainder within half a micro-USD", f"|carry| <= {FINE // 2}", str(carry))
+        )
+    return drifts
 
 
 async def _snapshot(redis: Redis, account_id: str) -> Snapshot:

@@ -11,7 +11,7 @@ from typing import Any
 import orjson
 
 from .ledger import AccountView
-from .money import usd
+from .money import exact_usd, usd
 
 
 def rfc3339(ms: int | str | None) -> str | None:
@@ -87,6 +87,20 @@ def _overage(value: str | None) -> str | None:
     return "unlimited" if value == "unlimited" else usd(int(value))
 
 
+_PASSED_THROUGH = (
+    "grant_id",
+    "request_id",
+    "key_id",
+    "model",
+    "usage",
+    "estimated",
+    "downgraded_from",
+    "description",
+    "reservation_exceeded",  # charged above its reservation (an upstream past its cap)
+    "unreserved",  # Redis knew no reservation (lost in a failover): charged all the same
+)
+
+
 def entry(account_id: str, entry_id: str, raw: str) -> dict[str, Any]:
     e = orjson.loads(raw)
     out: dict[str, Any] = {
@@ -97,9 +111,14 @@ def entry(account_id: str, entry_id: str, raw: str) -> dict[str, Any]:
         "amount_usd": usd(int(e["amount"])),
         "balance_usd": usd(int(e["balance"])),
     }
-    for name in ("grant_id", "request_id", "model", "usage", "estimated", "downgraded_from", "description"):
+    for name in _PASSED_THROUGH:
         if e.get(name) is not None:
             out[name] = e[name]
+    if e.get("exact_micro") is not None:  # the cost before rounding (the account carries the rest)
+        out["cost_exact_usd"] = exact_usd(int(e["exact_micro"]), int(e.get("exact_fine") or 0))
+    for name in ("reserved", "previously_charged", "not_returned"):
+        if e.get(name) is not None:
+            out[name + "_usd"] = usd(int(e[name]))
     if isinstance(e.get("draws"), list):
         out["draws"] = [{"grant_id": d["grant_id"], "amount_usd": usd(int(d["amount"]))} for d in e["draws"]]
     if e.get("overage"):
