@@ -82,6 +82,7 @@ class DemoUpstream:
         self.fault = Fault()
         self.requests: list[RecordedRequest] = []
         self.stream_chunks_sent = 0
+        self.chunks_by_request: dict[str, int] = {}  # the proxy's x-request-id -> data events sent
         self.client_disconnected = False
         self.stream_closed = asyncio.Event()  # set whenever a stream ends, for any reason
         self._ids = itertools.count(1)
@@ -92,6 +93,7 @@ class DemoUpstream:
         self.fault = Fault()
         self.requests.clear()
         self.stream_chunks_sent = 0
+        self.chunks_by_request.clear()
         self.client_disconnected = False
         self.stream_closed.clear()
 
@@ -172,9 +174,11 @@ class DemoUpstream:
         self.stream_closed.clear()
         resp = web.StreamResponse(headers=SSE_HEADERS)
         await resp.prepare(request)
+        request_id = request.headers.get("x-request-id", "")
         try:
             for name, data in events:
                 await self._send(resp, name, data)
+                self.chunks_by_request[request_id] = self.chunks_by_request.get(request_id, 0) + 1
             await resp.write_eof()
         except _Cut:
             # Close (not abort) so already-written bytes are flushed first, but the

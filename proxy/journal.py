@@ -58,16 +58,14 @@ class Journal:
         except BlockingIOError:  # a live proxy's journal
             handle.close()
             return
-        for line in handle.read().splitlines():
-            if line.strip():  # a torn last line (killed mid-write) was never acknowledged
-                try:
-                    call = SettleCall.from_record(orjson.loads(line))
-                except (orjson.JSONDecodeError, TypeError, KeyError, ValueError):
-                    log.error("journal_line_unreadable", path=str(path))
-                    continue
-                self.pending[call.request_id] = call
+        calls = [call for line in handle.read().splitlines() if (call := _parse(line, path)) is not None]
+        if not calls:  # a clean file of a proxy that was killed idle
+            path.unlink(missing_ok=True)
+            handle.close()
+            return
+        self.pending.update((call.request_id, call) for call in calls)
         self._orphans.append((path, handle))
-        log.warning("journal_adopted", path=str(path), settlements=len(self.pending))
+        log.warning("journal_adopted", path=str(path), settlements=len(calls))
 
     def __len__(self) -> int:
         return len(self.pending)
@@ -136,6 +134,18 @@ class Journal:
             self._file = None
             if not self.pending:
                 self.path.unlink(missing_ok=True)
+
+
+def _parse(line: bytes, path: Path) -> SettleCall | None:
+    if not line.strip():
+        return None
+    try:
+        return SettleCall.from_record(orjson.loads(line))
+    except (orjson.JSONDecodeError, TypeError, KeyError, ValueError):
+        # a torn last line (killed mid-write) was never kept: its reservation is left to
+        # the reaper, which charges the request's last checkpoint
+        log.error("journal_line_unreadable", path=str(path), line=line[:200].decode(errors="replace"))
+        return None
 
 
 def _fsync_dir(directory: Path) -> None:

@@ -6,6 +6,7 @@ import asyncio
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,21 @@ async def next_entry(redis: Redis, account_id: str, after: str, timeout_s: float
     return entry
 
 
+async def next_entries(redis: Redis, account_id: str, after: str, count: int, timeout_s: float = 20) -> list[Any]:
+    """Block until `count` ledger entries follow `after`; returns them, oldest first."""
+    key = keyspace.account(account_id, "ledger")
+    found: list[dict[str, Any]] = []
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while len(found) < count:
+        assert asyncio.get_running_loop().time() < deadline, f"{len(found)} of {count} entries within {timeout_s}s"
+        rows = await redis.xread({key: after}, count=count - len(found), block=1500)
+        for _, stream_rows in rows or ():
+            for entry_id, fields in stream_rows:
+                found.append(orjson.loads(fields["e"]))
+                after = entry_id
+    return found
+
+
 async def entries(redis: Redis, account_id: str) -> list[dict[str, Any]]:
     rows = await redis.xrange(keyspace.account(account_id, "ledger"))
     return [orjson.loads(fields["e"]) for _, fields in rows]
@@ -52,6 +68,14 @@ async def wait_healthy(url: str, process: subprocess.Popen[bytes], timeout_s: fl
                 pass
             assert asyncio.get_running_loop().time() < deadline, "proxy did not start"
             await asyncio.sleep(0.1)  # polling a child process's readiness
+
+
+async def wait_for(condition: Callable[[], bool], timeout_s: float = 15, what: str = "the condition") -> None:
+    """Poll real state (in this process) until `condition` holds, within a bound."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, f"{what} did not hold within {timeout_s}s"
+        await asyncio.sleep(0.02)  # polling state, bounded
 
 
 def spawn_proxy(config_file: Path, log: Path) -> subprocess.Popen[bytes]:

@@ -1,0 +1,127 @@
+"""Settlement never loses money: exact sub-micro costs, lost reservations, Redis outages."""
+
+from __future__ import annotations
+
+import asyncio
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import openai
+from prometheus_client import REGISTRY
+
+from proxy import journal, keyspace, reconcile
+from proxy.demo_upstream import DemoUpstream
+from proxy.embedded import EmbeddedRedis
+
+from .conftest import Running
+from .helpers import entries, wait_for
+
+
+def metric(name: str, **labels: str) -> float:
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+async def test_a_thousand_tiny_embeddings_are_charged_their_exact_sum(proxy: Running, upstream: DemoUpstream) -> None:
+    key = await proxy.account("acme", "1")
+    upstream.fault.prompt_tokens = 10  # 10 x $0.02/1M = 0.2 micro-USD: rounded alone, it is free
+    client = proxy.client(key)
+    for _ in range(20):
+        await asyncio.gather(*(client.embeddings.create(model="text-embedding-3-small", input="hi") for _ in range(50)))
+    view = await proxy.balance("acme")
+    assert view.balance == 1_000_000 - 200  # 1,000 x 0.2 micro-USD, exactly
+    usage = [e for e in await entries(proxy.state.redis, "acme") if e["type"] == "usage"]
+    assert len(usage) == 1000 and sum(-int(e["amount"]) for e in usage) == 200
+    assert sum(1 for e in usage if e["amount"] == "-1") == 200  # every fifth request carries the sum over
+    assert not await reconcile.check_account(proxy.state.redis, "acme")
+
+
+async def test_a_reservation_lost_behind_the_proxys_back_is_still_charged(
+    proxy: Running, upstream: DemoUpstream
+) -> None:
+    key = await proxy.account("acme", "10")
+    upstream.fault.delay_before_headers_s = 0.5  # hold the request upstream while its reservation vanishes
+    resv, acct = keyspace.account("acme", "resv"), keyspace.account("acme", "acct")
+    before = metric("metering_proxy_settlements_unreserved_total")
+    call = asyncio.ensure_future(
+        proxy.client(key).chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi"}])
+    )
+    redis = proxy.state.redis
+    await wait_for(lambda: bool(upstream.requests), what="the request reached the upstream")
+    (request_id, _), *_ = (await redis.hgetall(resv)).items()
+    # what a failover that lost the last second of writes leaves: no reservation, none reserved
+    await redis.hdel(resv, request_id)
+    await redis.hset(acct, "reserved", 0)
+    await call
+    (entry,) = [e for e in await entries(redis, "acme") if e["type"] == "usage"]
+    assert entry["request_id"] == request_id and entry["unreserved"] is True
+    assert entry["amount"] == "-75"  # 10 x 2.50 + 5 x 10.00 micro-USD: charged as any other
+    assert metric("metering_proxy_settlements_unreserved_total") == before + 1
+    assert not await reconcile.check_account(redis, "acme")
+
+
+async def test_usage_beyond_the_reservation_is_charged_flagged_and_counted(
+    proxy: Running, upstream: DemoUpstream
+) -> None:
+    key = await proxy.account("acme", "10")
+    upstream.fault.prompt_tokens = 200_000  # the upstream bills a prompt far beyond what was sent
+    before = metric("metering_proxy_reservation_exceeded_total", model="gpt-4o")
+    await proxy.client(key).chat.completions.create(
+        model="gpt-4o", messages=[{"role": "user", "content": "hi"}], max_tokens=10
+    )
+    (entry,) = [e for e in await entries(proxy.state.redis, "acme") if e["type"] == "usage"]
+    assert entry["amount"] == "-500050" and entry["reservation_exceeded"] is True
+    assert int(entry["reserved"]) < 500_050
+    assert metric("metering_proxy_reservation_exceeded_total", model="gpt-4o") == before + 1
+    assert not await reconcile.check_account(proxy.state.redis, "acme")
+
+
+async def test_streams_served_through_a_redis_outage_are_charged_once_it_returns(
+    start_proxy: Any, upstream: DemoUpstream, tmp_path: Path
+) -> None:
+    server = EmbeddedRedis(tmp_path / "redis")
+    await server.start()
+    try:
+        running = await start_proxy({"redis": {"url": server.url}})
+        await running.state.redis.config_set("appendfsync", "always")  # nothing acknowledged is lost by a kill
+        await outage_scenario(running, upstream, server)
+    finally:
+        server.stop()
+
+
+async def outage_scenario(running: Running, upstream: DemoUpstream, server: EmbeddedRedis) -> None:
+    key = await running.account("acme", "10")
+    upstream.fault.output_tokens, upstream.fault.chunk_delay_s = 30, 0.05
+    client = running.client(key)
+
+    async def stream() -> str:
+        chunks = await client.chat.completions.create(
+            model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}], stream=True
+        )
+        return "".join([c.choices[0].delta.content or "" async for c in chunks if c.choices])
+
+    streams = [asyncio.ensure_future(stream()) for _ in range(20)]
+    await wait_for(lambda: len(upstream.chunks_by_request) == 20, what="20 streams started")
+    assert server.process is not None
+    server.process.kill()  # Redis dies mid-stream and stays down longer than every retry
+    server.process.wait()
+    texts = await asyncio.gather(*streams)
+    assert all(text.endswith("tok29") for text in texts)  # every stream was served in full
+    journaled = running.state.journal
+    assert journaled is not None
+    await wait_for(lambda: len(journaled) == 20, what="20 settlements journaled")
+    try:
+        await client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "x"}])
+        raise AssertionError("served while Redis was down")
+    except openai.APIStatusError as err:
+        assert err.status_code == 503  # fail closed: nothing new is forwarded unmetered
+    await server.start()  # back from its AOF, on the same port
+    await wait_for(lambda: len(journaled) == 0, timeout_s=20, what="the journal replayed")
+    redis = running.state.redis
+    usage = [e for e in await entries(redis, "acme") if e["type"] == "usage"]
+    assert sorted(e["request_id"] for e in usage) == sorted(upstream.chunks_by_request)  # each once
+    exact = len(usage) * (10 * Decimal("0.15") + 30 * Decimal("0.60"))  # 19.5 micro-USD each
+    view = await running.balance("acme")
+    assert view.reserved == 0 and 10_000_000 - view.balance == sum(-int(e["amount"]) for e in usage) == exact == 390
+    assert not await reconcile.check_account(redis, "acme")
+    assert journal.pending_on_disk(running.state.config.data_dir / "journal") == 0
