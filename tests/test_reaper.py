@@ -24,9 +24,8 @@ from .conftest import BASE_CONFIG, deep_merge
 from .helpers import entries, funded_key, last_entry_id, next_entries, next_entry, spawn_proxy, wait_for, wait_healthy
 
 
-async def test_proxy_killed_before_the_upstream_answered_is_released_after_restart(
-    start_proxy: Any, upstream: DemoUpstream, redis_server: Any, redis: Redis, tmp_path: Path
-) -> None:
+def child_config(tmp_path: Path, upstream: DemoUpstream, redis_server: Any) -> tuple[int, dict[str, Any], Path]:
+    """A config file for a proxy in a child process (a 2 s TTL: its reservations lapse fast)."""
     port = free_port()
     data = deep_merge(BASE_CONFIG, {
         "server": {"port": port, "admin_port": free_port()},
@@ -37,6 +36,13 @@ async def test_proxy_killed_before_the_upstream_answered_is_released_after_resta
     })  # fmt: skip
     config_file = tmp_path / "config.yaml"
     config_file.write_text(yaml.safe_dump(data))
+    return port, data, config_file
+
+
+async def test_proxy_killed_before_the_upstream_answered_is_released_after_restart(
+    start_proxy: Any, upstream: DemoUpstream, redis_server: Any, redis: Redis, tmp_path: Path
+) -> None:
+    port, data, config_file = child_config(tmp_path, upstream, redis_server)
     ledger = Ledger(redis, parse_config(yaml.safe_dump(data)))
     key = await funded_key(redis, ledger.config)
     child = spawn_proxy(config_file, tmp_path / "child.log")
@@ -90,16 +96,7 @@ STREAMS = 100
 async def test_streams_of_a_killed_proxy_are_charged_up_to_their_last_checkpoint(
     start_proxy: Any, upstream: DemoUpstream, redis_server: Any, redis: Redis, tmp_path: Path
 ) -> None:
-    port = free_port()
-    data = deep_merge(BASE_CONFIG, {
-        "server": {"port": port, "admin_port": free_port()},
-        "redis": {"url": redis_server.url},
-        "upstreams": {"openai": {"base_url": upstream.base_url}},
-        "billing": {"reservation_ttl_s": 2},
-        "data_dir": str(tmp_path / "data"),
-    })  # fmt: skip
-    config_file = tmp_path / "config.yaml"
-    config_file.write_text(yaml.safe_dump(data))
+    port, data, config_file = child_config(tmp_path, upstream, redis_server)
     ledger = Ledger(redis, parse_config(yaml.safe_dump(data)))
     key = await funded_key(redis, ledger.config, micro=50_000_000)  # 100 reservations of $0.16
     before = await last_entry_id(redis, "acme")
