@@ -83,7 +83,7 @@ class Proxy:
             redis = connect(url, config.redis.cluster)
         ledger = Ledger(redis, config, fast=lean_client(url, config))
         catalog = await asyncio.to_thread(Catalog, config)  # loads tiktoken encodings (~1 s CPU)
-        upstream = Upstream()
+        upstream = Upstream(config.secrets())
         await upstream.start()
         state = State(config, redis, ledger, Accounts(redis, ledger), KeyCache(redis), catalog, upstream)
         self.state = state
@@ -148,6 +148,7 @@ class Proxy:
         self.state.use_config(config, catalog)
         self.config = config
         logs.REDACTOR.use(config.secrets())
+        self.state.upstream.scrub.use(config.secrets())
         metrics.CONFIG_RELOADS.labels("success").inc()
         log.info("config_reloaded", path=str(self.config_path))
         return True

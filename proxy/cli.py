@@ -63,6 +63,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .app import serve
 
     logs.setup(args.log_level)
+    logs.install_hooks()
     config = load(args)
     on_started = None
     if args.demo:

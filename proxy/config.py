@@ -117,6 +117,7 @@ Text = Annotated[str, _Required]
 OptText = Annotated[str | None, BeforeValidator(_blank_to_none)]
 HttpUrlText = Annotated[str, _Required, AfterValidator(_http_url)]
 OptSecret = Annotated[SecretStr | None, BeforeValidator(_blank_to_none)]
+WebhookSecret = Annotated[SecretStr, _Required, AfterValidator(_webhook_secret)]
 Port = Annotated[int, Field(ge=0, le=65535)]  # 0 = any free port (tests)
 PosInt = Annotated[int, Field(ge=1)]
 OptPosInt = Annotated[PosInt | None, BeforeValidator(_blank_to_none)]
@@ -228,7 +229,9 @@ class Plan(_Frozen):
 
 class WebhooksConfig(_Frozen):
     url: HttpUrlText
-    secret: Annotated[SecretStr, _Required, AfterValidator(_webhook_secret)]
+    secret: WebhookSecret  # signs every delivery
+    # during a rotation, also sign with these (receivers verify if any signature matches)
+    previous_secrets: Annotated[tuple[WebhookSecret, ...], Field(max_length=4)] = ()
     # Normalised to unique values, highest first.
     low_balance_thresholds_usd: tuple[Amount, ...] = ()
     max_attempts: PosInt = 8
@@ -240,9 +243,10 @@ class WebhooksConfig(_Frozen):
     def _descending(cls, v: tuple[Decimal, ...]) -> tuple[Decimal, ...]:
         return tuple(sorted(set(v), reverse=True))
 
-    def secret_bytes(self) -> bytes:
-        """The HMAC key of the Standard Webhooks secret."""
-        return base64.b64decode(self.secret.get_secret_value().removeprefix("whsec_"))
+    def signing_keys(self) -> tuple[bytes, ...]:
+        """The HMAC keys of the Standard Webhooks secrets, the current one first."""
+        secrets = (self.secret, *self.previous_secrets)
+        return tuple(base64.b64decode(s.get_secret_value().removeprefix("whsec_")) for s in secrets)
 
 
 class MetricsConfig(_Frozen):
@@ -284,7 +288,7 @@ class Config(_Frozen):
         found: list[SecretStr | None] = [self.server.admin_token]
         found += [u.api_key for u in self.upstreams.values()]
         if self.webhooks:
-            found.append(self.webhooks.secret)
+            found += [self.webhooks.secret, *self.webhooks.previous_secrets]
         values = [s.get_secret_value() for s in found if s is not None]
         if self.redis:
             password = urlsplit(self.redis.url.get_secret_value()).password

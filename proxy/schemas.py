@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from decimal import Decimal, InvalidOperation
 from typing import Annotated, Any, Literal, TypeVar
 
+import orjson
 from pydantic import (
     AfterValidator,
     BaseModel,
@@ -225,6 +226,7 @@ class ExportQuery(_Request):
 
 def parse(model: type[M], data: Mapping[str, Any] | None) -> M:
     """Validate into `model`; every problem becomes one 400 naming its field."""
+    encodable(data)
     try:
         return model.model_validate(dict(data or {}))
     except ValidationError as exc:
@@ -232,6 +234,16 @@ def parse(model: type[M], data: Mapping[str, Any] | None) -> M:
         first = ".".join(str(p) for p in problems[0]["loc"]) or None
         message = "; ".join(_problem(p) for p in problems)
         raise errors.InvalidRequest(f"Invalid request: {message}", param=first) from None
+
+
+def encodable(data: Any) -> None:
+    """What is stored or answered is JSON again: Python's parser takes what orjson cannot
+    write (integers past 64 bits, lone surrogates such as "\\ud800"); a 400 here, not a
+    500 at the write."""
+    try:
+        orjson.dumps(data, default=str)  # Decimal (our exact numbers) -> str
+    except orjson.JSONEncodeError as exc:
+        raise errors.InvalidRequest(f"Invalid request: a value cannot be stored as JSON ({exc}).") from None
 
 
 def _problem(problem: Any) -> str:

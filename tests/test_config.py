@@ -231,11 +231,20 @@ def test_prices_as_numbers_become_exact_decimals() -> None:
 def test_webhook_secret_must_be_whsec_base64() -> None:
     base = MINIMAL + "webhooks: {url: 'https://hooks.example.com', secret: '%s'}\n"
     good = parse_config(base % "whsec_c2VjcmV0", env={})
-    assert good.webhooks is not None and good.webhooks.secret_bytes() == b"secret"
+    assert good.webhooks is not None and good.webhooks.signing_keys() == (b"secret",)
     for bad in ("c2VjcmV0", "whsec_not base64!"):
         (error,) = errors_of(base % bad)
         assert error.startswith("webhooks.secret: must ")
         assert bad not in error  # the secret is never echoed
+
+
+def test_previous_webhook_secrets_sign_too_and_are_checked() -> None:
+    base = MINIMAL + "webhooks: {url: 'https://hooks.example.com', secret: whsec_bmV3, previous_secrets: [%s]}\n"
+    rotating = parse_config(base % "whsec_b2xk", env={})
+    assert rotating.webhooks is not None and rotating.webhooks.signing_keys() == (b"new", b"old")
+    assert {"whsec_bmV3", "whsec_b2xk"} <= set(rotating.secrets())  # both redacted from logs
+    (error,) = errors_of(base % "old")
+    assert error.startswith("webhooks.previous_secrets[0]: must start with 'whsec_'")
 
 
 def test_secrets_listed_and_not_in_repr() -> None:
