@@ -90,6 +90,8 @@ class Proxy:
         await self._listen("client", api.client_app(), config.server.host, config.server.port, state)
         if config.server.admin_token is not None:
             await self._listen("admin", admin.admin_app(), config.server.admin_host, config.server.admin_port, state)
+        else:
+            log.warning("admin_listener_disabled", reason=config.server.admin_disabled_reason)
         self.webhooks = Webhooks(state)
         self.worker = Worker(ledger, self.webhooks.deliver)
         self.tasks.append(asyncio.create_task(self.worker.run(), name="worker"))

@@ -13,6 +13,7 @@ Relative paths (`data_dir`) are relative to the working directory, not the file.
 
 import base64
 import binascii
+import ipaddress
 from collections.abc import Mapping
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
@@ -144,6 +145,36 @@ class ServerConfig(_Frozen):
         if self.port == self.admin_port != 0:
             raise ValueError("port and admin_port must differ")
         return self
+
+    @model_validator(mode="after")
+    def _guarded_admin(self) -> "ServerConfig":
+        """Beyond loopback the admin listener needs a real token: refused, not warned."""
+        token = self.admin_token.get_secret_value() if self.admin_token else ""
+        if not is_loopback(self.admin_host) and (len(token) < MIN_ADMIN_TOKEN or token in WELL_KNOWN_TOKENS):
+            raise ValueError(
+                f"admin_host {self.admin_host} is reachable beyond loopback: admin_token must be set "
+                f"(e.g. from METERING_ADMIN_TOKEN), at least {MIN_ADMIN_TOKEN} characters and not a well-known default"
+            )
+        return self
+
+    @property
+    def admin_disabled_reason(self) -> str | None:
+        if self.admin_token is None:
+            return "server.admin_token is empty (is its ${VAR} set?): no admin API, /metrics or /readyz"
+        return None
+
+
+MIN_ADMIN_TOKEN = 16
+WELL_KNOWN_TOKENS = frozenset({"dev-admin-token", "changeme", "admin", "secret", "token"})
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a name that may resolve anywhere
 
 
 class RedisConfig(_Frozen):

@@ -305,3 +305,21 @@ def test_check_main_bad_file(tmp_path: Path, capsys: pytest.CaptureFixture[str])
 def test_check_main_missing_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert check_main(tmp_path / "absent.yaml") == 1
     assert "cannot read config" in capsys.readouterr().err
+
+
+def test_an_empty_admin_token_is_a_visible_choice(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_text(MINIMAL + "server: {admin_token: '${UNSET_ADMIN_TOKEN}'}\n")
+    assert check_main(path) == 0
+    out, err = capsys.readouterr()
+    assert out.startswith("ok: ") and "warning: the admin listener is disabled: server.admin_token is empty" in err
+
+
+def test_admin_beyond_loopback_needs_a_real_token() -> None:
+    base = MINIMAL + "server: {admin_host: '%s', admin_token: '%s'}\n"
+    for host, token in (("0.0.0.0", ""), ("0.0.0.0", "dev-admin-token"), ("10.0.0.5", "short"), ("proxy.lan", "")):
+        (error,) = errors_of(base % (host, token))
+        assert error.startswith(f"server: admin_host {host} is reachable beyond loopback"), error
+        assert not token or token not in error.replace("dev-admin-token", "")  # a token is never echoed
+    for host, token in (("127.0.0.1", "dev-admin-token"), ("::1", ""), ("localhost", "x"), ("0.0.0.0", "y" * 16)):
+        assert parse_config(base % (host, token), env={}).server.admin_host == host
