@@ -19,7 +19,7 @@ from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 from redis.asyncio import RedisCluster
 
-from . import errors, metrics
+from . import errors, keyspace, metrics
 from .api import json_response, openai_errors
 from .schemas import (
     AccountCreate,
@@ -192,6 +192,7 @@ class Route:
     body: type[BaseModel] | None = None
     query: type[BaseModel] | None = None
     content_type: str = "application/json"
+    idempotent: bool = False  # answers 200 with the original for a seen idempotency_key
 
     @property
     def public(self) -> bool:
@@ -207,7 +208,15 @@ ROUTES = (
     Route("POST", f"{A}/keys", create_key, "Create an API key (the key is shown once)", 201, KeyCreate),
     Route("GET", f"{A}/keys", list_keys, "List an account's API keys"),
     Route("DELETE", "/admin/v1/keys/{key_id}", revoke_key, "Revoke an API key"),
-    Route("POST", f"{A}/credits", grant, "Grant credits (201; 200 for a seen idempotency_key)", 201, GrantCreate),
+    Route(
+        "POST",
+        f"{A}/credits",
+        grant,
+        "Grant credits (201; 200 for a seen idempotency_key)",
+        201,
+        GrantCreate,
+        idempotent=True,
+    ),
     Route("POST", f"{A}/credits/{{grant_id}}/void", void, "Void a grant's remainder", body=GrantVoid),
     Route(
         "POST",
@@ -216,6 +225,7 @@ ROUTES = (
         "Settle overage debt (positive) or charge by hand (negative); 200 for a seen idempotency_key",
         201,
         AdjustmentCreate,
+        idempotent=True,
     ),
     Route("GET", f"{A}/balance", balance, "Balance, availability and live grants"),
     Route("GET", f"{A}/grants", grants, "Every grant, live or not (expired, voided, depleted), oldest first"),
@@ -262,6 +272,10 @@ ERROR_SCHEMA = {
 }
 
 
+# account ids become Redis hash tags: the service refuses any other shape with a 400
+PATH_SCHEMAS = {"account_id": {"type": "string", "pattern": keyspace.ACCOUNT_ID.pattern}}
+
+
 def openapi(routes: tuple[Route, ...] = ROUTES) -> dict[str, Any]:
     """OpenAPI 3.1 from the route table and the pydantic request models."""
     models = {r.body for r in routes if r.body} | {r.query for r in routes if r.query}
@@ -288,7 +302,7 @@ def openapi(routes: tuple[Route, ...] = ROUTES) -> dict[str, Any]:
 
 def _operation(route: Route, refs: dict[Any, Any]) -> dict[str, Any]:
     params = [
-        {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
+        {"name": name, "in": "path", "required": True, "schema": PATH_SCHEMAS.get(name, {"type": "string"})}
         for name in re.findall(r"\{(\w+)\}", route.path)
     ]
     if route.query:
@@ -297,15 +311,21 @@ def _operation(route: Route, refs: dict[Any, Any]) -> dict[str, Any]:
             {"name": name, "in": "query", "required": name in schema.get("required", ()), "schema": prop}
             for name, prop in schema["properties"].items()
         ]
+    success = {
+        "description": route.summary,
+        "content": {kind: {"schema": {}} for kind in route.content_type.split(", ")},
+    }
     op: dict[str, Any] = {
         "operationId": route.handler.__name__,
         "summary": route.summary,
         "parameters": params,
         "responses": {
-            str(route.status): {
-                "description": route.summary,
-                "content": {kind: {"schema": {}} for kind in route.content_type.split(", ")},
-            },
+            str(route.status): success,
+            **(
+                {"200": {**success, "description": "The original, for a seen idempotency_key"}}
+                if route.idempotent
+                else {}
+            ),
             "default": {
                 "description": "An error in OpenAI's shape",
                 "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
@@ -314,7 +334,9 @@ def _operation(route: Route, refs: dict[Any, Any]) -> dict[str, Any]:
     }
     if route.body:
         ref = refs[(route.body, "validation")]
-        op["requestBody"] = {"required": True, "content": {"application/json": {"schema": ref}}}
+        # a body whose fields are all optional may be left out (the same as {})
+        required = bool(route.body.model_json_schema().get("required"))
+        op["requestBody"] = {"required": required, "content": {"application/json": {"schema": ref}}}
     if route.public:
         op["security"] = []
     return op

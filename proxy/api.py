@@ -82,6 +82,8 @@ async def openai_errors(request: web.Request, handler: relay.Handler) -> web.Str
             f"{exc.status} {exc.reason}: {request.method} {request.path}", type="invalid_request_error"
         )
         http.status = exc.status
+        if "Allow" in exc.headers:  # a 405 names the methods the route takes (RFC 9110 15.5.6)
+            http.headers["Allow"] = exc.headers["Allow"]
         return relay.error_response(http, relay.request_id())
     except Exception:
         # the traceback goes to the log, under the request id; the client gets a 500

@@ -85,7 +85,7 @@ class Proxy:
             redis = connect(url, config.redis.cluster)
         ledger = Ledger(redis, config, fast=lean_client(url, config))
         catalog = await asyncio.to_thread(Catalog, config)  # loads tiktoken encodings (~1 s CPU)
-        upstream = Upstream()
+        upstream = Upstream(config.secrets())
         await upstream.start()
         journal = Journal(config.data_dir / "journal")
         journal.open()  # takes over the journals of proxies that died
@@ -96,6 +96,8 @@ class Proxy:
         await self._listen("client", api.client_app(), config.server.host, config.server.port, state)
         if config.server.admin_token is not None:
             await self._listen("admin", admin.admin_app(), config.server.admin_host, config.server.admin_port, state)
+        else:
+            log.warning("admin_listener_disabled", reason=config.server.admin_disabled_reason)
         self.webhooks = Webhooks(state)
         self.worker = Worker(ledger, self.webhooks.deliver, journal=journal)
         self.tasks.append(asyncio.create_task(self.worker.run(), name="worker"))
@@ -158,6 +160,7 @@ class Proxy:
         self.state.use_config(config, catalog)
         self.config = config
         logs.REDACTOR.use(config.secrets())
+        self.state.upstream.scrub.use(config.secrets())
         metrics.CONFIG_RELOADS.labels("success").inc()
         log.info("config_reloaded", path=str(self.config_path))
         return True

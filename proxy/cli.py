@@ -2,6 +2,7 @@
 
     metering-proxy serve [--demo]                    run the proxy
     metering-proxy config check PATH                 validate a config file (exit 1 on errors)
+    metering-proxy healthcheck                       exit 0 if the configured port answers /healthz
     metering-proxy demo-upstream                     a fake OpenAI upstream on 127.0.0.1:9999
     metering-proxy accounts create|get|update|list   accounts (as the admin API)
     metering-proxy keys create|revoke|list           API keys
@@ -63,6 +64,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .app import serve
 
     logs.setup(args.log_level)
+    logs.install_hooks()
     config = load(args)
     on_started = None
     if args.demo:
@@ -81,6 +83,22 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_config_check(args: argparse.Namespace) -> int:
     return configfile.check_main(args.path or config_path(args))
+
+
+def cmd_healthcheck(args: argparse.Namespace) -> int:
+    """Exit 0 if the client listener of the config's `server.port` answers /healthz (for
+    container healthchecks: the port comes from the config, not from the image)."""
+    import urllib.request
+
+    server = load(args).server
+    host = "127.0.0.1" if server.host in ("0.0.0.0", "::", "") else server.host
+    url = f"http://{f'[{host}]' if ':' in host else host}:{server.port}/healthz"
+    try:
+        with urllib.request.urlopen(url, timeout=args.timeout) as resp:
+            return 0 if resp.status == 200 else 1
+    except OSError as exc:
+        print(f"unhealthy: {url}: {exc}", file=sys.stderr)
+        return 1
 
 
 def cmd_demo_upstream(args: argparse.Namespace) -> int:
@@ -404,6 +422,10 @@ def build_parser() -> argparse.ArgumentParser:
     check = config.add_parser("check", help="validate a config file", parents=[_common()])
     check.add_argument("path", nargs="?")
     check.set_defaults(func=cmd_config_check)
+
+    health = sub.add_parser("healthcheck", help="exit 0 if this config's proxy answers /healthz", parents=[_common()])
+    health.add_argument("--timeout", type=float, default=2.0)
+    health.set_defaults(func=cmd_healthcheck)
 
     demo = sub.add_parser("demo-upstream", help="run a fake OpenAI upstream (no OpenAI account needed)")
     demo.add_argument("--host", default="127.0.0.1")

@@ -13,6 +13,7 @@ Relative paths (`data_dir`) are relative to the working directory, not the file.
 
 import base64
 import binascii
+import ipaddress
 from collections.abc import Mapping
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
@@ -117,6 +118,7 @@ Text = Annotated[str, _Required]
 OptText = Annotated[str | None, BeforeValidator(_blank_to_none)]
 HttpUrlText = Annotated[str, _Required, AfterValidator(_http_url)]
 OptSecret = Annotated[SecretStr | None, BeforeValidator(_blank_to_none)]
+WebhookSecret = Annotated[SecretStr, _Required, AfterValidator(_webhook_secret)]
 Port = Annotated[int, Field(ge=0, le=65535)]  # 0 = any free port (tests)
 PosInt = Annotated[int, Field(ge=1)]
 OptPosInt = Annotated[PosInt | None, BeforeValidator(_blank_to_none)]
@@ -143,6 +145,36 @@ class ServerConfig(_Frozen):
         if self.port == self.admin_port != 0:
             raise ValueError("port and admin_port must differ")
         return self
+
+    @model_validator(mode="after")
+    def _guarded_admin(self) -> "ServerConfig":
+        """Beyond loopback the admin listener needs a real token: refused, not warned."""
+        token = self.admin_token.get_secret_value() if self.admin_token else ""
+        if not is_loopback(self.admin_host) and (len(token) < MIN_ADMIN_TOKEN or token in WELL_KNOWN_TOKENS):
+            raise ValueError(
+                f"admin_host {self.admin_host} is reachable beyond loopback: admin_token must be set "
+                f"(e.g. from METERING_ADMIN_TOKEN), at least {MIN_ADMIN_TOKEN} characters and not a well-known default"
+            )
+        return self
+
+    @property
+    def admin_disabled_reason(self) -> str | None:
+        if self.admin_token is None:
+            return "server.admin_token is empty (is its ${VAR} set?): no admin API, /metrics or /readyz"
+        return None
+
+
+MIN_ADMIN_TOKEN = 16
+WELL_KNOWN_TOKENS = frozenset({"dev-admin-token", "changeme", "admin", "secret", "token"})
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a name that may resolve anywhere
 
 
 class RedisConfig(_Frozen):
@@ -228,7 +260,9 @@ class Plan(_Frozen):
 
 class WebhooksConfig(_Frozen):
     url: HttpUrlText
-    secret: Annotated[SecretStr, _Required, AfterValidator(_webhook_secret)]
+    secret: WebhookSecret  # signs every delivery
+    # during a rotation, also sign with these (receivers verify if any signature matches)
+    previous_secrets: Annotated[tuple[WebhookSecret, ...], Field(max_length=4)] = ()
     # Normalised to unique values, highest first.
     low_balance_thresholds_usd: tuple[Amount, ...] = ()
     max_attempts: PosInt = 8
@@ -240,9 +274,10 @@ class WebhooksConfig(_Frozen):
     def _descending(cls, v: tuple[Decimal, ...]) -> tuple[Decimal, ...]:
         return tuple(sorted(set(v), reverse=True))
 
-    def secret_bytes(self) -> bytes:
-        """The HMAC key of the Standard Webhooks secret."""
-        return base64.b64decode(self.secret.get_secret_value().removeprefix("whsec_"))
+    def signing_keys(self) -> tuple[bytes, ...]:
+        """The HMAC keys of the Standard Webhooks secrets, the current one first."""
+        secrets = (self.secret, *self.previous_secrets)
+        return tuple(base64.b64decode(s.get_secret_value().removeprefix("whsec_")) for s in secrets)
 
 
 class MetricsConfig(_Frozen):
@@ -284,7 +319,7 @@ class Config(_Frozen):
         found: list[SecretStr | None] = [self.server.admin_token]
         found += [u.api_key for u in self.upstreams.values()]
         if self.webhooks:
-            found.append(self.webhooks.secret)
+            found += [self.webhooks.secret, *self.webhooks.previous_secrets]
         values = [s.get_secret_value() for s in found if s is not None]
         if self.redis:
             password = urlsplit(self.redis.url.get_secret_value()).password

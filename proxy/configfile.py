@@ -184,6 +184,9 @@ def check_main(path: str | Path) -> int:
         for line in exc.errors:
             print(line, file=sys.stderr)
         return 1
+    disabled = config.server.admin_disabled_reason
+    if disabled:  # a visible choice, not a silent one
+        print(f"warning: the admin listener is disabled: {disabled}", file=sys.stderr)
     counts = (len(config.models), len(config.upstreams), len(config.plans))
     print(
         "ok: "

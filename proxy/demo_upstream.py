@@ -49,6 +49,7 @@ class Fault:
     delay_before_headers_s: float = 0.0  # sleep before answering at all
     responses_final_event: str = "response.completed"  # or response.incomplete / response.failed
     stream_error_event: bool = False  # emit an error event halfway through the stream
+    echo_key: bool = False  # a careless upstream: the reply text quotes the key it was sent
 
 
 @dataclass
@@ -146,6 +147,8 @@ class DemoUpstream:
         n = self.fault.output_tokens if limit is None else max(0, min(limit, self.fault.output_tokens))
         finish = "length" if limit is not None and limit < self.fault.output_tokens else "stop"
         tokens = [f"tok{i}" if i == 0 else f" tok{i}" for i in range(n)]
+        if self.fault.echo_key and tokens and self.requests:
+            tokens[0] = f"your key is {self.requests[-1].headers.get('authorization', '')} " + tokens[0]
         return _Reply(str(body.get("model", "demo-model")), tokens, finish, self._usage(n))
 
     def _usage(self, visible: int) -> Json | None:

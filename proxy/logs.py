@@ -1,18 +1,29 @@
-"""Structured JSON logs (structlog), with every configured secret and API key redacted."""
+"""Structured JSON logs (structlog), with every configured secret and API key redacted.
+
+Every line leaves through one redactor: structlog's own, and the standard library's
+loggers (aiohttp's "Error handling request" tracebacks quote the raw request, headers
+and all; asyncio; redis), uncaught and unraisable exceptions and warnings, all
+rendered as JSON lines by the same processors on the same stream.
+"""
 
 from __future__ import annotations
 
 import logging
 import re
 import sys
+import threading
 from collections.abc import Iterable, MutableMapping
+from types import TracebackType
 from typing import Any
 
 import orjson
 import structlog
 
 _API_KEY = re.compile(r"sk-[A-Za-z0-9_\-]{8,}")
+# a bearer credential of any shape, as a header or quoted in a repr of the raw request
+_BEARER = re.compile(r"(?i)(bearer\s+)[^\s'\"\\,;]+")
 REDACTED = "[REDACTED]"
+MIN_SECRET = 4  # shorter values would redact ordinary words
 
 
 class Redactor:
@@ -22,13 +33,22 @@ class Redactor:
         self.secrets: tuple[str, ...] = ()
 
     def use(self, secrets: Iterable[str]) -> None:
-        self.secrets = tuple(s for s in secrets if len(s) >= 4)
+        found: list[str] = []
+        for secret in secrets:
+            # also as it shows in a repr of raw bytes (non-ASCII or control characters escaped)
+            found += [secret, repr(secret.encode("utf-8", "backslashreplace"))[2:-1]]
+        # longest first: a secret that contains another is replaced whole
+        self.secrets = tuple(sorted({s for s in found if len(s) >= MIN_SECRET}, key=len, reverse=True))
 
     def scrub(self, text: str) -> str:
         for secret in self.secrets:
             if secret in text:
                 text = text.replace(secret, REDACTED)
-        return _API_KEY.sub(REDACTED, text) if "sk-" in text else text
+        if "sk-" in text:
+            text = _API_KEY.sub(REDACTED, text)
+        if "earer" in text:
+            text = _BEARER.sub(lambda m: m.group(1) + REDACTED, text)
+        return text
 
     def __call__(self, _: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
         for name, value in event.items():
@@ -42,17 +62,63 @@ class Redactor:
 REDACTOR = Redactor()
 
 
+def _json() -> structlog.processors.JSONRenderer:
+    return structlog.processors.JSONRenderer(serializer=lambda obj, **_: orjson.dumps(obj).decode())
+
+
+def _drop_meta(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    event.pop("_record", None)
+    event.pop("_from_structlog", None)
+    return event
+
+
 def setup(level: str = "info", stream: Any = None) -> None:
+    stream = stream or sys.stdout
+    numeric = logging.getLevelName(level.upper())
+    shared: list[Any] = [
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        structlog.processors.format_exc_info,
+    ]
     structlog.configure(
-        processors=[
-            structlog.contextvars.merge_contextvars,
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            structlog.processors.format_exc_info,
-            REDACTOR,
-            structlog.processors.JSONRenderer(serializer=lambda obj, **_: orjson.dumps(obj).decode()),
-        ],
-        wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
-        logger_factory=structlog.PrintLoggerFactory(stream or sys.stdout),
+        processors=[structlog.contextvars.merge_contextvars, *shared, REDACTOR, _json()],
+        wrapper_class=structlog.make_filtering_bound_logger(numeric),
+        logger_factory=structlog.PrintLoggerFactory(stream),
         cache_logger_on_first_use=False,
     )
+    _route_stdlib(numeric, stream, shared)
+
+
+def _route_stdlib(level: int, stream: Any, shared: list[Any]) -> None:
+    """The standard library's loggers, and what Python prints on its own, through the redactor."""
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            foreign_pre_chain=[structlog.stdlib.add_logger_name, *shared],
+            processors=[_drop_meta, REDACTOR, _json()],
+        )
+    )
+    root = logging.getLogger()
+    for old in root.handlers[:]:
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(level)
+    logging.captureWarnings(True)
+
+
+def install_hooks() -> None:
+    """For a process of its own (the CLI): what Python would print to stderr by itself
+    (uncaught exceptions in the main thread and in threads, unraisable ones) is logged."""
+    sys.excepthook = _uncaught
+    threading.excepthook = lambda args: _uncaught(args.exc_type, args.exc_value, args.exc_traceback)
+    sys.unraisablehook = _unraisable
+
+
+def _uncaught(kind: type[BaseException], exc: BaseException | None, tb: TracebackType | None) -> None:
+    structlog.get_logger("proxy").critical("uncaught_exception", exc_info=(kind, exc, tb))
+
+
+def _unraisable(unraisable: Any) -> None:
+    exc = unraisable.exc_value
+    info = (unraisable.exc_type, exc, unraisable.exc_traceback) if exc is not None else None
+    structlog.get_logger("proxy").error("unraisable_exception", message=unraisable.err_msg, exc_info=info)

@@ -35,7 +35,7 @@ from .pricing import Route
 from .sse import Event, SSEParser, data_event
 from .state import STATE, State
 from .tokens import OutputCounter
-from .upstream import passthrough_headers, redact_keys
+from .upstream import Scrubber, passthrough_headers
 from .usage import StreamTap, output_of_body, usage_from_body
 
 log = structlog.get_logger("proxy.access")
@@ -285,7 +285,7 @@ async def pass_error(upstream: aiohttp.ClientResponse, meter: Meter) -> web.Resp
     """Upstream errors pass through as they came, and cost nothing."""
     meter.outcome = f"upstream status {upstream.status}"
     try:
-        body = redact_keys(await upstream.read())
+        body = meter.state.upstream.scrub.error(await upstream.read())
     except UPSTREAM_BROKEN:
         body = errors.UpstreamUnavailable("The upstream failed while answering.").to_body()
     headers = {**passthrough_headers(upstream.headers), **our_headers(meter)}
@@ -311,7 +311,7 @@ async def relay_body(upstream: aiohttp.ClientResponse, meter: Meter, started: fl
     if settlement is not None and not settlement.duplicate:  # a retried settle knows no figures
         headers["x-metering-cost-usd"] = usd(settlement.cost)
         headers["x-metering-balance-usd"] = usd(settlement.balance)
-    return web.Response(status=upstream.status, body=body, headers=headers)
+    return web.Response(status=upstream.status, body=meter.state.upstream.scrub(body), headers=headers)
 
 
 async def relay_stream(
@@ -333,7 +333,7 @@ async def relay_stream(
         meter.outcome = "client disconnected before the response started"
         meter.charge(None)  # the prompt, estimated
         return response
-    parser = SSEParser()
+    parser, scrub = SSEParser(), meter.state.upstream.scrub
     tap = meter.tap = StreamTap(meter.client.endpoint, meter.client.wants_usage)
     held = b""  # the final event: sent once the request is settled (read-your-writes)
     first = True
@@ -343,7 +343,7 @@ async def relay_stream(
             if first:
                 meter.timing["ttft_ms"] = observe(metrics.TTFT_SECONDS, meter, started)
                 first = False
-            out, final = forwardable(parser.feed(chunk), tap)
+            out, final = forwardable(parser.feed(chunk), tap, scrub)
             held += final
             if out and not await write(response, out):
                 gone = True
@@ -358,9 +358,9 @@ async def relay_stream(
         meter.timing["upstream_ms"] = observe(metrics.UPSTREAM_SECONDS, meter, started)
     if not (gone or broken or tap.finished):  # upstream EOF: a last event may lack its blank line
         events, rest = parser.finish()
-        out, final = forwardable(events, tap)
+        out, final = forwardable(events, tap, scrub)
         held += final
-        gone = bool(out + rest) and not await write(response, out + rest)
+        gone = bool(out + rest) and not await write(response, out + scrub(rest))
     if not (tap.finished or gone):
         broken = True
         gone = not await write(response, data_event(STREAM_INTERRUPTED))
@@ -374,14 +374,15 @@ async def relay_stream(
     return response
 
 
-def forwardable(events: list[Event], tap: StreamTap) -> tuple[bytes, bytes]:
-    """Bytes to send now, and the stream's final event(s), held back until settlement."""
+def forwardable(events: list[Event], tap: StreamTap, scrub: Scrubber) -> tuple[bytes, bytes]:
+    """Bytes to send now, and the stream's final event(s), held back until settlement;
+    whole events, so `scrub` sees every secret whole however the network split it."""
     now: list[bytes] = []
     final: list[bytes] = []
     for event in events:
         if tap.forward(event):
             (final if tap.finished else now).append(event.raw)
-    return b"".join(now), b"".join(final)
+    return scrub(b"".join(now)), scrub(b"".join(final))
 
 
 def observe(histogram: Any, meter: Meter, started: float) -> float:

@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from decimal import Decimal, InvalidOperation
 from typing import Annotated, Any, Literal, TypeVar
 
+import orjson
 from pydantic import (
     AfterValidator,
     BaseModel,
@@ -30,11 +31,24 @@ from .money import LossyAmount, to_micro
 
 M = TypeVar("M", bound=BaseModel)
 
-USD_SCHEMA = {
-    "type": ["string", "number"],
-    "description": "USD as a decimal string, at most 6 decimal places",
-    "examples": ["12.500000"],
-}
+MAX_USD = "9007199254.740991"  # 2^53 - 1 micro-USD: what a Lua double holds exactly
+_DIGITS = r"[0-9]+(\.[0-9]{1,6}0*)?"  # at most 6 significant decimals
+
+
+def usd_schema(sign: str = "", minimum: dict[str, int] | None = None, nonzero: bool = False) -> dict[str, Any]:
+    """What `_micro` accepts, as JSON Schema: a plain decimal string or a JSON number."""
+    lookahead = "(?=[^1-9]*[1-9])" if nonzero else ""
+    return {
+        "type": ["string", "number"],
+        "pattern": rf"^\s*{lookahead}{sign}{_DIGITS}\s*$",
+        **(minimum or {}),
+        "maximum": float(MAX_USD),
+        "description": "USD as a decimal string (or JSON number), at most 6 decimal places",
+        "examples": ["12.500000"],
+    }
+
+
+USD_SCHEMA = usd_schema("-?")
 TIME_SCHEMA = {"type": "string", "format": "date-time", "examples": ["2030-01-01T00:00:00Z"]}
 
 
@@ -83,8 +97,10 @@ def _time(value: Any) -> int:
 def _decimal_text(value: Any) -> str:
     if isinstance(value, bool) or not isinstance(value, (str, int, Decimal)):
         raise ValueError("must be a decimal string")
+    if isinstance(value, str) and not _PLAIN_DECIMAL.match(value.strip()):
+        raise ValueError('must be a plain decimal string, such as "0.9"')
     try:
-        number = Decimal(value)
+        number = Decimal(value.strip() if isinstance(value, str) else value)
     except InvalidOperation:
         raise ValueError("must be a decimal string") from None
     if not number.is_finite() or number < 0:
@@ -110,12 +126,20 @@ def _small_json(value: dict[str, Any]) -> dict[str, Any]:
 
 
 Usd = Annotated[int, BeforeValidator(_micro), WithJsonSchema(USD_SCHEMA)]
-NonNegativeUsd = Annotated[Usd, AfterValidator(_not_negative)]
-PositiveUsd = Annotated[Usd, AfterValidator(_positive)]
+NonNegativeUsd = Annotated[Usd, AfterValidator(_not_negative), WithJsonSchema(usd_schema(minimum={"minimum": 0}))]
+PositiveUsd = Annotated[
+    Usd, AfterValidator(_positive), WithJsonSchema(usd_schema(minimum={"exclusiveMinimum": 0}, nonzero=True))
+]
 Time = Annotated[int, BeforeValidator(_time), WithJsonSchema(TIME_SCHEMA)]
-DecimalText = Annotated[str, BeforeValidator(_decimal_text), WithJsonSchema({"type": "string", "examples": ["0.9"]})]
+DecimalText = Annotated[
+    str,
+    BeforeValidator(_decimal_text),
+    WithJsonSchema(
+        {"type": ["string", "number"], "pattern": r"^\s*[0-9]+(\.[0-9]+)?\s*$", "minimum": 0, "examples": ["0.9"]}
+    ),
+]
 Metadata = Annotated[dict[str, Any], BeforeValidator(_plain_json), AfterValidator(_small_json)]
-PositiveInt = Annotated[int, Field(ge=1, le=2**31)]
+PositiveInt = Annotated[int, Field(ge=1, le=2**31, strict=True)]  # strict: true is not 1
 AccountId = Annotated[str, Field(pattern=keyspace.ACCOUNT_ID.pattern)]
 
 
@@ -178,7 +202,7 @@ class KeyCreate(_Request):
 class GrantCreate(_Request):
     amount_usd: PositiveUsd
     kind: Literal["paid", "promotional"]
-    priority: Annotated[int, Field(ge=-1_000_000, le=1_000_000)] = 0  # lower is drawn first
+    priority: Annotated[int, Field(ge=-1_000_000, le=1_000_000, strict=True)] = 0  # lower is drawn first
     effective_at: Time | None = None  # null: now
     expires_at: Time | None = None  # null: never
     description: Annotated[str, Field(max_length=1000)] | None = None
@@ -225,6 +249,7 @@ class ExportQuery(_Request):
 
 def parse(model: type[M], data: Mapping[str, Any] | None) -> M:
     """Validate into `model`; every problem becomes one 400 naming its field."""
+    encodable(data)
     try:
         return model.model_validate(dict(data or {}))
     except ValidationError as exc:
@@ -232,6 +257,16 @@ def parse(model: type[M], data: Mapping[str, Any] | None) -> M:
         first = ".".join(str(p) for p in problems[0]["loc"]) or None
         message = "; ".join(_problem(p) for p in problems)
         raise errors.InvalidRequest(f"Invalid request: {message}", param=first) from None
+
+
+def encodable(data: Any) -> None:
+    """What is stored or answered is JSON again: Python's parser takes what orjson cannot
+    write (integers past 64 bits, lone surrogates such as "\\ud800"); a 400 here, not a
+    500 at the write."""
+    try:
+        orjson.dumps(data, default=str)  # Decimal (our exact numbers) -> str
+    except orjson.JSONEncodeError as exc:
+        raise errors.InvalidRequest(f"Invalid request: a value cannot be stored as JSON ({exc}).") from None
 
 
 def _problem(problem: Any) -> str:

@@ -6,13 +6,15 @@ does not care whether it talks to OpenAI or the test upstream.
 
 from __future__ import annotations
 
+import json
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 import aiohttp
 
 from . import errors
 from .config import UpstreamConfig
+from .logs import MIN_SECRET
 
 # Response headers that describe one hop, not the message (RFC 9110 7.6.1), plus the
 # ones aiohttp recomputes when it writes our response.
@@ -40,12 +42,42 @@ OURS = frozenset(
 
 
 _KEY_LIKE = re.compile(rb"sk-[A-Za-z0-9_\-*]{4,}")
+REDACTED = b"[REDACTED]"
 
 
-def redact_keys(body: bytes) -> bytes:
-    """Upstream errors pass through, but not the operator's key: OpenAI's 401 quotes a
-    masked form of it (`sk-proj-****abcd`), which still says too much."""
-    return _KEY_LIKE.sub(b"sk-[REDACTED]", body) if b"sk-" in body else body
+class Scrubber:
+    """Removes the configured secrets, by value, from what the upstream sends back.
+
+    An upstream may quote the operator's key in an error (whatever its shape), or echo
+    it anywhere in a body or stream: clients must never see it. Cheap on the hot path:
+    a bytes `in` check per secret, and work only on a hit.
+    """
+
+    def __init__(self, secrets: Iterable[str] = ()) -> None:
+        self.secrets: tuple[bytes, ...] = ()
+        self.use(secrets)
+
+    def use(self, secrets: Iterable[str]) -> None:
+        """Swapped in at start and on config reload (the secrets of `Config.secrets`)."""
+        found: set[bytes] = set()
+        for secret in secrets:
+            # as sent, and as a JSON string would escape it
+            found |= {secret.encode(), json.dumps(secret)[1:-1].encode()}
+        self.secrets = tuple(sorted((s for s in found if len(s) >= MIN_SECRET), key=len, reverse=True))
+
+    def __call__(self, data: bytes) -> bytes:
+        """Any body or whole SSE events: a secret never spans two events."""
+        for secret in self.secrets:
+            if secret in data:
+                data = data.replace(secret, REDACTED)
+        return data
+
+    def error(self, body: bytes) -> bytes:
+        """Upstream errors pass through, but not the operator's key: besides the secrets
+        themselves, OpenAI's 401 quotes a masked form (`sk-proj-****abcd`), which still
+        says too much."""
+        body = self(body)
+        return _KEY_LIKE.sub(b"sk-[REDACTED]", body) if b"sk-" in body else body
 
 
 def passthrough_headers(headers: Mapping[str, str]) -> dict[str, str]:
@@ -53,8 +85,9 @@ def passthrough_headers(headers: Mapping[str, str]) -> dict[str, str]:
 
 
 class Upstream:
-    def __init__(self) -> None:
+    def __init__(self, secrets: Iterable[str] = ()) -> None:
         self.session: aiohttp.ClientSession | None = None
+        self.scrub = Scrubber(secrets)
 
     async def start(self) -> None:
         # no total timeout here: each call sets its own from its upstream's config

@@ -14,7 +14,8 @@ account that has some. Delivery is at least once, in order per account:
 
 Bodies are `{type, timestamp, data}` with every `*_usd` field of `data` turned from
 micro-USD into a decimal USD string; the signature is
-`v1,base64(HMAC-SHA256(secret, f"{id}.{timestamp}.{body}"))`.
+`v1,base64(HMAC-SHA256(secret, f"{id}.{timestamp}.{body}"))`, once per configured secret
+(`secret` and `previous_secrets`), space-separated.
 
 Public: `Webhooks(state).deliver / close`, `sign`, `verify`, `body_of`, `full_jitter`,
 `list_dead`, `replay_dead` (the CLI's `webhooks dead list|replay [ACCOUNT]`).
@@ -207,7 +208,8 @@ class Webhooks:
             "content-type": "application/json",
             "webhook-id": str(event["id"]),
             "webhook-timestamp": str(stamp),
-            "webhook-signature": _signature(hooks.secret_bytes(), str(event["id"]), stamp, body),
+            # one signature per secret (space-separated), so a rotation needs no downtime
+            "webhook-signature": " ".join(_signature(k, str(event["id"]), stamp, body) for k in hooks.signing_keys()),
         }
         timeout = aiohttp.ClientTimeout(total=hooks.timeout_s)  # per call: a reload may change it
         try:

@@ -78,12 +78,13 @@ async def wait_for(condition: Callable[[], bool], timeout_s: float = 15, what: s
         await asyncio.sleep(0.02)  # polling state, bounded
 
 
-def spawn_proxy(config_file: Path, log: Path) -> subprocess.Popen[bytes]:
-    with log.open("wb") as out:  # the child keeps its own copy of the descriptor
+def spawn_proxy(config_file: Path, log: Path, stderr_log: Path | None = None) -> subprocess.Popen[bytes]:
+    """`metering-proxy serve` as a child; stderr goes to `log` too unless given its own file."""
+    with log.open("wb") as out, (stderr_log or log).open("ab") as err:  # the child keeps its own copies
         return subprocess.Popen(
             [sys.executable, "-m", "proxy", "--config", str(config_file), "serve"],
             stdout=out,
-            stderr=subprocess.STDOUT,
+            stderr=subprocess.STDOUT if stderr_log is None else err,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )
 

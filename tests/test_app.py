@@ -167,3 +167,14 @@ async def test_sighup_reloads_a_running_proxy(
     finally:
         child.terminate()
         child.wait(timeout=10)
+
+
+async def test_an_empty_admin_token_is_logged_at_startup(start_proxy: Any) -> None:
+    sink = io.StringIO()
+    logs.setup("info", stream=sink)
+    try:
+        running = await start_proxy({"server": {"admin_token": ""}})
+    finally:
+        logs.setup("warning")
+    assert "admin" not in running.proxy.ports
+    assert '"event":"admin_listener_disabled"' in sink.getvalue() and "admin_token is empty" in sink.getvalue()

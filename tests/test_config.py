@@ -231,11 +231,20 @@ def test_prices_as_numbers_become_exact_decimals() -> None:
 def test_webhook_secret_must_be_whsec_base64() -> None:
     base = MINIMAL + "webhooks: {url: 'https://hooks.example.com', secret: '%s'}\n"
     good = parse_config(base % "whsec_c2VjcmV0", env={})
-    assert good.webhooks is not None and good.webhooks.secret_bytes() == b"secret"
+    assert good.webhooks is not None and good.webhooks.signing_keys() == (b"secret",)
     for bad in ("c2VjcmV0", "whsec_not base64!"):
         (error,) = errors_of(base % bad)
         assert error.startswith("webhooks.secret: must ")
         assert bad not in error  # the secret is never echoed
+
+
+def test_previous_webhook_secrets_sign_too_and_are_checked() -> None:
+    base = MINIMAL + "webhooks: {url: 'https://hooks.example.com', secret: whsec_bmV3, previous_secrets: [%s]}\n"
+    rotating = parse_config(base % "whsec_b2xk", env={})
+    assert rotating.webhooks is not None and rotating.webhooks.signing_keys() == (b"new", b"old")
+    assert {"whsec_bmV3", "whsec_b2xk"} <= set(rotating.secrets())  # both redacted from logs
+    (error,) = errors_of(base % "old")
+    assert error.startswith("webhooks.previous_secrets[0]: must start with 'whsec_'")
 
 
 def test_secrets_listed_and_not_in_repr() -> None:
@@ -296,3 +305,21 @@ def test_check_main_bad_file(tmp_path: Path, capsys: pytest.CaptureFixture[str])
 def test_check_main_missing_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert check_main(tmp_path / "absent.yaml") == 1
     assert "cannot read config" in capsys.readouterr().err
+
+
+def test_an_empty_admin_token_is_a_visible_choice(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_text(MINIMAL + "server: {admin_token: '${UNSET_ADMIN_TOKEN}'}\n")
+    assert check_main(path) == 0
+    out, err = capsys.readouterr()
+    assert out.startswith("ok: ") and "warning: the admin listener is disabled: server.admin_token is empty" in err
+
+
+def test_admin_beyond_loopback_needs_a_real_token() -> None:
+    base = MINIMAL + "server: {admin_host: '%s', admin_token: '%s'}\n"
+    for host, token in (("0.0.0.0", ""), ("0.0.0.0", "dev-admin-token"), ("10.0.0.5", "short"), ("proxy.lan", "")):
+        (error,) = errors_of(base % (host, token))
+        assert error.startswith(f"server: admin_host {host} is reachable beyond loopback"), error
+        assert not token or token not in error.replace("dev-admin-token", "")  # a token is never echoed
+    for host, token in (("127.0.0.1", "dev-admin-token"), ("::1", ""), ("localhost", "x"), ("0.0.0.0", "y" * 16)):
+        assert parse_config(base % (host, token), env={}).server.admin_host == host

@@ -147,3 +147,137 @@ async def test_a_trickled_body_times_out(proxy: Running, monkeypatch: pytest.Mon
     status_line = await asyncio.wait_for(reader.readline(), 5)
     writer.close()
     assert status_line.split()[1] == b"408"
+
+
+# -- malformed client requests: each a 4xx (or a closed connection), and no charge ----
+
+
+def with_fields(fields: bytes, model: bytes = b"gpt-4o") -> bytes:
+    return b'{"model": "%s", "messages": [{"role": "user", "content": "hi"}], %s}' % (model, fields)
+
+
+BOMB = gzip.compress(b"0" * 64_000_000, compresslevel=9)  # ~60 KB that inflates to 64 MB
+# name -> (body bytes, extra headers)
+MALFORMED_BODIES: dict[str, tuple[bytes, dict[str, str]]] = {
+    "broken JSON": (b'{"model": "gpt-4o", "messages": [', {}),
+    "not an object": (b'[{"model": "gpt-4o"}]', {}),
+    "model not a string": (b'{"model": 4, "messages": [{"role": "user", "content": "hi"}]}', {}),
+    "messages a string": (b'{"model": "gpt-4o", "messages": "hi"}', {}),
+    "messages of strings": (b'{"model": "gpt-4o", "messages": ["hi"]}', {}),
+    "max_tokens a string": (with_fields(b'"max_tokens": "5"'), {}),
+    "max_tokens negative": (with_fields(b'"max_tokens": -1'), {}),
+    "max_tokens zero": (with_fields(b'"max_tokens": 0'), {}),
+    "max_tokens huge": (with_fields(b'"max_tokens": 1000000000000', b"o3-mini"), {}),
+    "max_tokens past 64 bits": (with_fields(b'"max_tokens": 18446744073709551616'), {}),
+    "max_tokens a float": (with_fields(b'"max_tokens": 5.5'), {}),
+    "n=1000": (with_fields(b'"n": 1000'), {}),
+    "stream not a boolean": (with_fields(b'"stream": "yes"'), {}),
+    "stream_options without stream": (with_fields(b'"stream_options": {}'), {}),
+    "unknown model": (b'{"model": "gpt-9", "messages": [{"role": "user", "content": "hi"}]}', {}),
+    "invalid UTF-8": (b'{"model": "gpt-4o", "messages": [{"role": "user", "content": "\xff\xfe"}]}', {}),
+    "lone surrogate": (b'{"model": "gpt-4o", "messages": [{"role": "user", "content": "\\ud800"}]}', {}),
+    "deep nesting": (with_fields(b'"metadata": ' + b"[" * 5000 + b"]" * 5000), {}),
+    "NaN": (with_fields(b'"temperature": NaN'), {}),
+    "oversized": (b'{"model": "gpt-4o", "messages": [{"role": "user", "content": "' + b"x" * 1_100_000 + b'"}]}', {}),
+    "zip bomb": (BOMB, {"Content-Encoding": "gzip"}),
+    "not gzip": (b'{"model": "gpt-4o"}', {"Content-Encoding": "gzip"}),
+    "unknown encoding": (b'{"model": "gpt-4o"}', {"Content-Encoding": "zstd-but-not"}),
+}  # fmt: skip
+
+
+async def books(running: Running, account_id: str = "acme") -> tuple[Any, list[dict[str, Any]]]:
+    view = await running.balance(account_id)
+    return (view.balance, view.available, view.reserved), await entries(running.state.redis, account_id)
+
+
+@pytest.mark.parametrize("case", list(MALFORMED_BODIES))
+async def test_malformed_body_is_an_openai_4xx_and_free(proxy: Running, upstream: DemoUpstream, case: str) -> None:
+    key = await proxy.account("acme", "10")
+    before = await books(proxy)
+    body, extra = MALFORMED_BODIES[case]
+    headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json", **extra}
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as session:
+        async with session.post(f"{proxy.url}/v1/chat/completions", data=body, headers=headers) as resp:
+            status, answer = resp.status, await resp.json(content_type=None)
+    assert 400 <= status < 500, (case, status, answer)
+    assert set(answer["error"]) == {"message", "type", "param", "code"}, answer
+    assert upstream.requests == []
+    assert await books(proxy) == before  # nothing reserved, nothing charged
+
+
+async def raw_exchange(port: int, data: bytes, timeout_s: float = 5) -> bytes:
+    """Send bytes as they are and read until the server closes the connection."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(data)
+    await writer.drain()
+    try:
+        return await asyncio.wait_for(reader.read(), timeout_s)
+    finally:
+        writer.close()
+
+
+def smuggled(key: str) -> dict[str, bytes]:
+    """Framing that two HTTP parsers could read differently (RFC 9112 6.1, 6.3, 5.2)."""
+    chat = with_fields(b'"max_tokens": 5')
+    head = b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + key.encode() + b"\r\n"
+    chunked = b"%x\r\n%s\r\n0\r\n\r\n" % (len(chat), chat)
+    return {
+        "Content-Length with Transfer-Encoding": head
+        + b"Content-Length: %d\r\nTransfer-Encoding: chunked\r\n\r\n" % len(chat)
+        + chunked,
+        "duplicate Content-Length": head + b"Content-Length: %d\r\nContent-Length: 3\r\n\r\n" % len(chat) + chat,
+        "Content-Length list": head + b"Content-Length: %d, %d\r\n\r\n" % (len(chat), len(chat)) + chat,
+        "Transfer-Encoding not chunked last": head + b"Transfer-Encoding: chunked, identity\r\n\r\n" + chunked,
+        "obfuscated Transfer-Encoding": head + b"Transfer-Encoding : chunked\r\n\r\n" + chunked,
+        "obs-fold": head + b"X-Folded: a\r\n  b\r\nContent-Length: %d\r\n\r\n" % len(chat) + chat,
+        "bare LF": head.replace(b"\r\n", b"\n") + b"Content-Length: %d\n\n" % len(chat) + chat,
+        "negative Content-Length": head + b"Content-Length: -1\r\n\r\n" + chat,
+        "bad chunk size": head + b"Transfer-Encoding: chunked\r\n\r\nzz\r\n" + chat + b"\r\n0\r\n\r\n",
+    }
+
+
+async def test_smuggling_attempts_are_refused_and_free(proxy: Running, upstream: DemoUpstream) -> None:
+    key = await proxy.account("acme", "10")
+    before = await books(proxy)
+    port = int(proxy.url.rsplit(":", 1)[1])
+    for case, data in smuggled(key).items():
+        answer = await raw_exchange(port, data)  # read to EOF: the server closed the connection
+        status = int(answer.split(b" ", 2)[1]) if answer.startswith(b"HTTP/1.") else None
+        assert status is None or 400 <= status < 500, (case, answer[:200])
+        assert b" 200 " not in answer, (case, answer[:400])  # no request smuggled in behind it
+        assert key.encode() not in answer.partition(b"\r\n\r\n")[0], case  # not echoed in a header
+    assert upstream.requests == []
+    assert await books(proxy) == before
+
+
+async def test_admin_values_json_cannot_hold_are_400(proxy: Running) -> None:
+    """Python's parser takes them; orjson cannot write them back: a 400, never a 500."""
+    headers = {"Authorization": f"Bearer {ADMIN_TOKEN}", "Content-Type": "application/json"}
+    bodies = (
+        b'{"id": "big", "metadata": {"a": 18446744073709551616}}',
+        b'{"id": "surrogate", "metadata": {"a": "\\ud800"}}',
+        b'{"id": "surrogate-key", "metadata": {"\\udfff": 1}}',
+    )
+    async with aiohttp.ClientSession() as session:
+        for body in bodies:
+            async with session.post(f"{proxy.admin_url}/admin/v1/accounts", data=body, headers=headers) as resp:
+                answer = await resp.json()
+                assert resp.status == 400 and answer["error"]["type"] == "invalid_request_error", answer
+        await proxy.account("acme", None)
+        async with session.post(f"{proxy.admin_url}/admin/v1/accounts/acme/keys", headers=headers,
+                                data=b'{"name": "\\ud800"}') as resp:  # fmt: skip
+            assert resp.status == 400
+        async with session.get(f"{proxy.admin_url}/admin/v1/accounts") as resp:
+            assert resp.status == 401  # and the routes still answer
+    status, listed = await proxy.admin("GET", "/admin/v1/accounts")
+    assert status == 200 and listed["data"] == ["acme"]
+
+
+async def test_405_names_the_allowed_methods(proxy: Running) -> None:
+    async with aiohttp.ClientSession() as session:
+        async with session.put(f"{proxy.admin_url}/admin/v1/accounts",
+                               headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}) as resp:  # fmt: skip
+            assert resp.status == 405 and set(resp.headers["Allow"].split(",")) == {"GET", "POST"}
+            assert (await resp.json())["error"]["type"] == "invalid_request_error"
+        async with session.get(f"{proxy.url}/v1/chat/completions") as resp:
+            assert resp.status == 405 and resp.headers["Allow"] == "POST"

@@ -39,6 +39,7 @@ class Attempt:
     headers: dict[str, str]
     body: dict[str, Any]
     status: int
+    raw: bytes = b""  # the body as signed
 
 
 @dataclass
@@ -82,7 +83,7 @@ class Receiver:
         if self.fail_next > 0:
             self.fail_next -= 1
             status = 500
-        self.attempts.append(Attempt(dict(request.headers), body, status))
+        self.attempts.append(Attempt(dict(request.headers), body, status, raw))
         return web.Response(status=status)
 
     def delivered(self, event_type: str | None = None) -> list[dict[str, Any]]:
@@ -198,6 +199,45 @@ def test_verify_rejects_what_it_should() -> None:
     stale = now - 301
     assert not verify(secret, {**good, "webhook-timestamp": str(stale),
                                "webhook-signature": sign(secret, "evt_1", stale, body)}, body)  # fmt: skip
+
+
+def new_secret() -> str:
+    return "whsec_" + base64.b64encode(os.urandom(24)).decode()
+
+
+async def test_rotation_signs_with_every_secret_and_either_verifies(
+    start_proxy: StartProxy, receiver: Receiver, make_worker: Callable[..., Worker]
+) -> None:
+    """Mid-rotation a delivery carries one signature per secret: a receiver still on the
+    old secret and one already on the new both verify it (standardwebhooks as the oracle)."""
+    from standardwebhooks.webhooks import Webhook, WebhookVerificationError
+
+    old = new_secret()
+    running = await start_hooked(start_proxy, receiver, previous_secrets=[old])  # receiver.secret is the new one
+    await running.account("acme", "10")
+    await drain(make_worker(running), running)
+    [attempt] = receiver.attempts
+    assert len(attempt.headers["webhook-signature"].split()) == 2
+    for secret in (receiver.secret, old):
+        assert Webhook(secret).verify(attempt.raw, attempt.headers)["type"] == "credits.granted"
+        assert verify(secret, attempt.headers, attempt.raw)
+    with pytest.raises(WebhookVerificationError):
+        Webhook(new_secret()).verify(attempt.raw, attempt.headers)
+    with pytest.raises(WebhookVerificationError):  # the signatures are over this exact body
+        Webhook(old).verify(attempt.raw + b" ", attempt.headers)
+
+
+async def test_one_secret_gives_one_signature_the_oracle_verifies(
+    start_proxy: StartProxy, receiver: Receiver, make_worker: Callable[..., Worker]
+) -> None:
+    from standardwebhooks.webhooks import Webhook
+
+    running = await start_hooked(start_proxy, receiver)
+    await running.account("acme", "10")
+    await drain(make_worker(running), running)
+    [attempt] = receiver.attempts
+    assert " " not in attempt.headers["webhook-signature"]
+    assert Webhook(receiver.secret).verify(attempt.raw, attempt.headers)["data"]["account_id"] == "acme"
 
 
 def test_body_prints_usd_fields_as_decimal_strings() -> None:
