@@ -84,6 +84,8 @@ class Proxy:
             url = config.redis.url.get_secret_value()
             redis = connect(url, config.redis.cluster)
         ledger = Ledger(redis, config, fast=lean_client(url, config))
+        with contextlib.suppress(*errors.STORE_DOWN):  # else the worker claims it
+            await ledger.claim_tier_generation()
         catalog = await asyncio.to_thread(Catalog, config)  # loads tiktoken encodings (~1 s CPU)
         upstream = Upstream(config.secrets())
         await upstream.start()
@@ -159,6 +161,8 @@ class Proxy:
             log.warning("config_reload_partial", note="server and redis changes need a restart")
         self.state.use_config(config, catalog)
         self.config = config
+        with contextlib.suppress(*errors.STORE_DOWN):  # else the worker claims it
+            await self.state.ledger.claim_tier_generation()
         logs.REDACTOR.use(config.secrets())
         self.state.upstream.scrub.use(config.secrets())
         metrics.CONFIG_RELOADS.labels("success").inc()

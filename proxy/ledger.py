@@ -48,7 +48,12 @@ SOURCES = _load_sources()
 SHAS = {name: hashlib.sha1(src.encode()).hexdigest() for name, src in SOURCES.items()}
 
 
-def script_context(config: Config, model: str | None = None) -> bytes:
+def tier_table(config: Config) -> bytes:
+    """The rate tiers as they decide an account's tier: what a tier generation names."""
+    return orjson.dumps(config.rate_tiers.model_dump(mode="json"), option=orjson.OPT_SORT_KEYS)
+
+
+def script_context(config: Config, model: str | None = None, tier_generation: int = 0) -> bytes:
     """ARGV[1] of every script: the config the scripts need, encoded once per config."""
     tiers = []
     for tier in config.rate_tiers.tiers:
@@ -88,6 +93,7 @@ def script_context(config: Config, model: str | None = None) -> bytes:
             "mode": config.billing.on_insufficient,
             "fine": FINE,
             "settled_ttl": SETTLED_TTL_MS,
+            "tg": tier_generation,
         }
     )
 
@@ -196,19 +202,34 @@ class Ledger:
     config: Config
     clock_offset_ms: int = 0  # tests move time forward; always 0 in production
     fast: RespClient | None = None  # the hot path's lean client (resp.py), when the URL allows
+    tier_generation: int = 0  # of this config's tier table (claim_tier_generation); 0: unknown yet
     _contexts: dict[str, bytes] = field(default_factory=dict)
     _packed: dict[tuple[str, str], Packed] = field(default_factory=dict)
     _packed_contexts: dict[str, Packed] = field(default_factory=dict)
 
     def use_config(self, config: Config) -> None:
         self.config = config
+        self.tier_generation = 0
         self._contexts = {}
         self._packed_contexts = {}
+
+    async def claim_tier_generation(self) -> int:
+        """The generation of this config's tier table: handed out by Redis the first time any
+        instance loads that table, so the newest table wins on every instance (lib.lua
+        derive_tier) and a staggered reload cannot make instances fight over a tier."""
+        digest = hashlib.sha1(tier_table(self.config)).hexdigest()
+        found = await self.redis.hget(keyspace.TIER_GENERATIONS, digest)
+        if found is None:
+            await self.redis.hsetnx(keyspace.TIER_GENERATIONS, digest, await self.redis.incr(keyspace.TIER_COUNTER))
+            found = await self.redis.hget(keyspace.TIER_GENERATIONS, digest)
+        self.tier_generation = int(found or 0)
+        self._contexts, self._packed_contexts = {}, {}
+        return self.tier_generation
 
     def _context(self, model: str = "") -> bytes:
         ctx = self._contexts.get(model)
         if ctx is None:
-            ctx = self._contexts[model] = script_context(self.config, model or None)
+            ctx = self._contexts[model] = script_context(self.config, model or None, self.tier_generation)
         return ctx
 
     async def _run(
@@ -226,7 +247,7 @@ class Ledger:
             try:
                 result = await self._evalsha(call)
             except redis_errors.NoScriptError:  # Redis restarted or flushed its script cache
-                await self.redis.script_load(SOURCES[name])
+                await self._load(name)
                 result = await self._evalsha(call)
             if result[-1]:  # the script raised webhook events: have them delivered now
                 await self.watch(account_id, 0)
@@ -235,6 +256,14 @@ class Ledger:
             raise errors.StoreUnavailable("The metering store is unavailable; nothing was charged.") from exc
         finally:
             metrics.child(metrics.REDIS_SCRIPT_SECONDS, name).observe(time.perf_counter() - started)
+
+    async def _load(self, name: str) -> None:
+        """Load a script through the transport that just said NOSCRIPT: its connection is
+        known to be alive, where one idle in redis-py's pool may predate a Redis restart."""
+        if self.fast is not None:
+            await self.fast.call("SCRIPT", "LOAD", SOURCES[name])
+        else:
+            await self.redis.script_load(SOURCES[name])
 
     async def _evalsha(self, call: _Call) -> Any:
         if self.fast is not None:
@@ -464,6 +493,8 @@ def _admission(result: list[Any], model: str) -> Admission:
             clamp_tokens=int(result[11]),
             downgrade_to=str(result[12]),
         )
+    if code == "replayed":  # reserved by a first attempt whose reply was lost: the reaper releases it
+        raise errors.StoreUnavailable("The metering store did not answer in time; nothing was charged.")
     if code == "no_account" or code == "revoked":
         raise errors.InvalidApiKey("Incorrect API key provided: the key was revoked or its account is gone.")
     if code == "suspended":

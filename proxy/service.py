@@ -103,7 +103,7 @@ class Service:
         account_id = checked_id(account_id)
         await self._touch(account_id)  # lapsed grants show as expired, not active
         raw = await self.redis.hvals(keyspace.account(account_id, "grants"))
-        grants = sorted((orjson.loads(g) for g in raw), key=lambda g: (g["created_at"], g["id"]))
+        grants = sorted((orjson.loads(g) for g in raw), key=lambda g: (g["created_at"], g.get("seq", 0), g["id"]))
         return {"account_id": account_id, "grants": [views.grant(g) for g in grants]}
 
     async def _touch(self, account_id: str) -> AccountView:
@@ -169,7 +169,9 @@ class Service:
     async def adjust(self, account_id: str, body: Body) -> tuple[bool, dict[str, Any]]:
         """(created, ledger entry): settle invoiced overage debt, or charge by hand."""
         req = parse(AdjustmentCreate, body)
-        spec = {"amount": str(req.amount_usd), "description": req.description, "idem": req.idempotency_key}
+        # a key of its own when none is given: a call retried after a lost reply adjusts once
+        idem = req.idempotency_key or "auto_" + secrets.token_hex(12)
+        spec = {"amount": str(req.amount_usd), "description": req.description, "idem": idem}
         account_id = checked_id(account_id)
         created, entry_id = await self.ledger.adjust(account_id, spec)
         return created, views.entry(account_id, entry_id, await read_entry(self.redis, account_id, entry_id))

@@ -49,8 +49,16 @@ def grant(g: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _draw_order(g: dict[str, Any]) -> tuple[int, int, int, int]:
+    """lib.lua draw_order: priority, earliest expiry (never last), oldest."""
+    return (g.get("priority", 0), g.get("expires_at") or 2**62, g["created_at"], g.get("seq", 0))
+
+
 def balance(account_id: str, view: AccountView) -> dict[str, Any]:
-    grants = sorted(view.grants, key=lambda g: (g.get("priority", 0), g.get("expires_at") or 2**62, g["created_at"]))
+    grants = sorted(
+        view.grants,
+        key=lambda g: (g.get("priority", 0), g.get("expires_at") or 2**62, g["created_at"], g.get("seq", 0)),
+    )
     return {
         "account_id": account_id,
         "balance_usd": usd(view.balance),

@@ -62,6 +62,8 @@ class Worker:
 
     async def tick(self) -> int:
         """Replay the journal, then visit every due account once; returns how many were visited."""
+        if self.ledger.tier_generation == 0:  # Redis was away when the config was loaded
+            await self.ledger.claim_tier_generation()
         if self.journal is not None and len(self.journal):
             await self.journal.replay(self.ledger.settle)
             if len(self.journal):

@@ -5,12 +5,15 @@ from __future__ import annotations
 from typing import Any
 
 import openai
+import orjson
 import pytest
 
+from proxy import keyspace
 from proxy.demo_upstream import DemoUpstream
+from proxy.ledger import Ledger
 from proxy.ratelimits import go_duration
 
-from .conftest import Running
+from .conftest import Running, deep_merge
 
 DAY_MS = 86_400_000
 MESSAGES = [{"role": "user", "content": "hi"}]
@@ -166,3 +169,29 @@ async def test_per_model_limits(start_proxy: Any) -> None:
         await client.chat.completions.create(model="gpt-4o", messages=MESSAGES, max_tokens=10)
     assert "Limit 1, Used 1" in caught.value.message
     await client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES, max_tokens=10)  # other models free
+
+
+async def test_a_staggered_reload_cannot_make_instances_fight_over_a_tier(
+    redis: Any, make_config: Any, upstream: Any
+) -> None:
+    hooks = {"webhooks": {"url": "http://127.0.0.1:9/hooks", "secret": "whsec_" + "QUJDREVGR0hJSktM"}}
+    tiers = lambda paid: {"rate_tiers": {"tiers": [  # noqa: E731
+        {"name": "free", "min_usd": "0", "rpm": 100, "tpm": 1_000_000},
+        {"name": "tier-1", "min_usd": paid, "rpm": 500, "tpm": 2_000_000}]}}  # fmt: skip
+    old = Ledger(redis, make_config(deep_merge(hooks, tiers("5"))))  # $10 paid: tier-1 here
+    await old.claim_tier_generation()
+    await old.save_account("acme", {}, create=True)
+    await old.grant("acme", {"id": "grant_1", "kind": "paid", "amount": "10000000"})
+    new = Ledger(redis, make_config(deep_merge(hooks, tiers("50"))))  # the reloaded config: free
+    await new.claim_tier_generation()
+    restarted_old = Ledger(redis, old.config)  # an old instance restarted mid-rollout
+    assert await restarted_old.claim_tier_generation() == old.tier_generation < new.tier_generation
+    for _ in range(5):  # requests land on instances of both configs in turn
+        for ledger in (old, new, restarted_old):
+            await ledger.touch("acme")
+    outbox = [orjson.loads(e) for e in await redis.lrange(keyspace.outbox("acme"), 0, -1)]
+    changes = [e["data"] for e in outbox if e["type"] == "tier.changed"]
+    # the grant moved it up under the old table; the newest table moved it once, for good
+    assert changes == [{"from": "free", "to": "tier-1", "account_id": "acme"},
+                       {"from": "tier-1", "to": "free", "account_id": "acme"}]  # fmt: skip
+    assert (await old.touch("acme")).fields["tier"] == "free"

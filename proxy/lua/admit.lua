@@ -8,7 +8,7 @@
 --   9 prompt tokens (estimate)   10 max output tokens (all choices)   11 choices (n)
 -- Returns {'ok', reserved, balance, available after, tier, rate figures x6, clamp
 -- max tokens (0 = none), downgrade model ('' = none)} or a rejection:
--- {'no_account'} {'revoked'} {'suspended'}
+-- {'no_account'} {'revoked'} {'suspended'} {'replayed'} (this request id is reserved already)
 -- {'rate_requests'|'rate_tokens', tier, limit, used, requested, retry ms, rate x6}
 -- {'insufficient', available, needed, tier, rate x6}
 local req_id, key_id, model = ARGV[3], ARGV[4], ARGV[5]
@@ -16,6 +16,8 @@ local prompt_cost, output_cost, out_pico = tonumber(ARGV[6]), tonumber(ARGV[7]),
 local prompt_tokens, max_out, n = tonumber(ARGV[9]), tonumber(ARGV[10]), tonumber(ARGV[11])
 
 if next(acct()) == nil then return reply({'no_account'}) end
+-- a call retried after its reply was lost: the first one reserved already
+if redis.call('HEXISTS', K.resv, req_id) == 1 then return reply({'replayed'}) end
 if redis.call('HGET', K.keys, key_id) ~= 'active' then return reply({'revoked'}) end
 if acct_get('status') == 'suspended' then return reply({'suspended'}) end
 

@@ -14,7 +14,9 @@ if spec.idem then
   local existing = redis.call('HGET', K.idem, spec.idem)
   if existing then return reply({'exists', redis.call('HGET', K.grants, existing)}) end
 end
-if redis.call('HEXISTS', K.grants, spec.id) == 1 then return reply({'invalid', 'grant id exists'}) end
+-- grant ids are made fresh per call: an existing one is this call retried after a lost reply
+local made = redis.call('HGET', K.grants, spec.id)
+if made then return reply({'exists', made}) end
 local now = now_ms()
 refresh(now)
 -- a back-dated effective_at is kept (migrated payments keep their history and tier

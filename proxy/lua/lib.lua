@@ -242,10 +242,12 @@ local function expire(g, now)
   end
 end
 
+-- `seq` orders grants made within one millisecond (draw-down ties, listings).
 local function grant_record(id, kind, amount, priority, effective_at, expires_at, now, description, idem)
   return {id = id, kind = kind, amount = fmt(amount), remaining = fmt(amount), drawn = '0',
           priority = priority, effective_at = effective_at, expires_at = expires_at,
-          created_at = now, description = description, idem = idem, status = 'pending'}
+          created_at = now, seq = acct_incr('grant_seq', 1), description = description, idem = idem,
+          status = 'pending'}
 end
 
 -- Grant the plan's allocation once per period, lazily, as a promotional grant that
@@ -314,6 +316,7 @@ local function draw_order(a, b)
   local eb = b.expires_at == 0 and math.huge or b.expires_at
   if ea ~= eb then return ea < eb end
   if a.created_at ~= b.created_at then return a.created_at < b.created_at end
+  if (a.seq or 0) ~= (b.seq or 0) then return (a.seq or 0) < (b.seq or 0) end
   return a.id < b.id
 end
 
@@ -473,8 +476,13 @@ local function derive_tier(now)
   for _, t in ipairs(tiers()) do
     if basis >= t.m and (t.d == 0 or (first > 0 and now - first >= t.d * DAY_MS)) then chosen = t end
   end
+  -- While instances run different configs (a staggered reload), only the newest tier
+  -- table (CTX.tg, a generation handed out by Redis once per distinct table) may change
+  -- the stored tier; older ones apply their limits without flipping it back and forth.
+  local gen, stored_gen = CTX.tg or 0, acct_num('tier_gen')
+  if gen > stored_gen then acct_set('tier_gen', gen) end
   local prev = acct_get('tier')
-  if prev ~= chosen.n then
+  if prev ~= chosen.n and gen >= stored_gen then
     acct_set('tier', chosen.n)
     if prev then emit('tier.changed', {from = prev, to = chosen.n}, now) end
   end
