@@ -189,28 +189,29 @@ async def admit(state: State, request: web.Request, endpoint: str, req_id: str) 
         raise errors.PermissionDenied(
             f"This API key may not use the model `{client.model}`.", param="model", code="model_not_allowed"
         )
-    body = client.upstream_body(route.upstream_model)  # before admitting: an unsendable body is a 400
-    prompt_tokens = route.prompt_tokens(client)
-    reserved_prompt = route.reserved_prompt_tokens(client, prompt_tokens)
-    max_output = route.reserved_output_tokens(client)
+    reservation = route.reservation(client)
+    # built before admitting: an unsendable body is a 400
+    body = client.upstream_body(route.upstream_model, reservation.cap, reservation.cap_field)
     admission = await state.ledger.admit(
         key.account_id,
         key.key_id,
         client.model,
         req_id,
-        prompt_cost=route.price.prompt_reserve(reserved_prompt),
-        output_cost=route.price.output_reserve(max_output),
-        output_pico=route.price.output_pico if client.endpoint != "embeddings" else 0,
-        prompt_tokens=reserved_prompt,
-        max_output_tokens=max_output,
+        prompt_cost=reservation.prompt_cost,
+        output_cost=reservation.output_cost,
+        output_pico=reservation.output_pico,
+        prompt_tokens=reservation.reserved_prompt_tokens,
+        max_output_tokens=reservation.reserved_output_tokens,
         choices=client.choices,
     )
     metrics.RESERVATIONS_OPEN.inc()
     state.inflight[req_id] = (key.account_id, time.monotonic())  # kept alive while it runs (app.py)
     if admission.downgrade_to:
         route = state.catalog.route(admission.downgrade_to)
-    if admission.downgrade_to or admission.clamp_tokens:
-        body = client.upstream_body(route.upstream_model, admission.clamp_tokens)
+        body = client.upstream_body(route.upstream_model, route.output_cap(client), route.cap_field(client))
+    if admission.clamp_tokens:
+        body = client.upstream_body(route.upstream_model, admission.clamp_tokens, reservation.cap_field)
+    prompt_tokens = reservation.prompt_tokens
     return Meter(state, key.account_id, key.key_id, req_id, route, client, admission, prompt_tokens, body)
 
 

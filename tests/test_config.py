@@ -53,15 +53,15 @@ def test_example_config_loads() -> None:
 
 
 def test_embedding_and_cached_price_defaults() -> None:
-    from proxy.money import Price
+    from proxy.pricing import price_of
 
     config = load_config(EXAMPLE, env={})
     embed = config.models["text-embedding-3-small"].price
     assert embed.output is None and embed.cached_input is None
-    priced = Price.from_config(embed.input, embed.cached_input, embed.output, Decimal(0))
+    priced = price_of(embed, Decimal(0))
     assert priced.output == Decimal(0) and priced.cached_input == priced.input == Decimal("0.02")
     mini = config.models["gpt-4o-mini"].price
-    assert Price.from_config(mini.input, mini.cached_input, mini.output, Decimal(0)).cached_input == Decimal("0.075")
+    assert price_of(mini, Decimal(0)).cached_input == Decimal("0.075")
 
 
 def test_defaults_when_sections_absent() -> None:

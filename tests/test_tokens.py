@@ -23,9 +23,11 @@ from proxy.tokens import (
     EXACT_CHAR_BOUND,
     EncodingIntegrityError,
     OutputCounter,
+    bound_text,
     count_text,
     encoding_for_model,
     get_encoding,
+    measure,
 )
 
 from .sample_text import realistic_text
@@ -161,10 +163,11 @@ def test_dense_tail_not_undercounted(o200k: tiktoken.Encoding) -> None:
     assert exact <= estimate <= 2 * exact
 
 
-def test_extrapolation_capped_by_utf8_bytes(o200k: tiktoken.Encoding) -> None:
-    text = "a" * (EXACT_CHAR_BOUND + 10) + "\ud800"  # lone surrogate is valid JSON
-    head = _exact(o200k, text[:EXACT_CHAR_BOUND])
-    assert head <= count_text(o200k, text) <= head + 13
+def test_without_a_safe_cut_the_bound_is_every_byte(o200k: tiktoken.Encoding) -> None:
+    text = "a" * (EXACT_CHAR_BOUND + 10) + "\ud800"  # no safe cut before the bound; a lone surrogate is valid JSON
+    counted = measure(o200k, [text])
+    assert counted.bound == EXACT_CHAR_BOUND + 10 + 3 == bound_text(o200k, text)
+    assert _exact(o200k, text) <= counted.estimate <= counted.bound
 
 
 # ---------------------------------------------------------------- output counter
