@@ -154,7 +154,7 @@ class DemoUpstream:
         n = wanted if limit is None else max(0, min(limit, wanted))
         finish = "length" if limit is not None and limit < wanted else "stop"
         tokens = [f"tok{i}" if i == 0 else f" tok{i}" for i in range(n)]
-        prompt = _real_prompt_tokens(body) if f.count_prompt else f.prompt_tokens
+        prompt = real_prompt_tokens(body) if f.count_prompt else f.prompt_tokens
         return _Reply(str(body.get("model", "demo-model")), tokens, finish, self._usage(prompt, n))
 
     def _usage(self, prompt: int, visible: int) -> Json | None:
@@ -393,7 +393,7 @@ def _responses_usage(u: Json | None) -> Json | None:
     }
 
 
-def _real_prompt_tokens(body: Json) -> int:
+def real_prompt_tokens(body: Json) -> int:
     """The prompt's tiktoken count (o200k_base), as an upstream would bill it: every
     message's text counted exactly, plus 4 tokens of template per message and 3 of
     reply priming."""

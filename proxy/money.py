@@ -99,8 +99,9 @@ class Rates:
             + audio_out * self.audio_output
         )
 
-    def scaled(self, factor: Decimal) -> Rates:
-        return Rates(*(rate * factor for rate in self.as_tuple()))
+    def describe(self) -> str:
+        kinds = ("input", "cached_input", "output", "audio_input", "audio_output")
+        return ", ".join(f"{kind} {rate.normalize():f}" for kind, rate in zip(kinds, self.as_tuple(), strict=True))
 
     def as_tuple(self) -> tuple[Decimal, Decimal, Decimal, Decimal, Decimal]:
         return (self.input, self.cached_input, self.output, self.audio_input, self.audio_output)
@@ -179,6 +180,17 @@ class Price:
         """The rates a reservation uses: the highest applicable to an input of at most
         `input_tokens` at the tier asked."""
         return self.tier(service_tier).worst(input_tokens)
+
+    def describe(self) -> list[str]:
+        """The effective rates (USD per 1M tokens), one line per tier and context length."""
+        lines = []
+        for name, tier in self.tiers:
+            name = "standard (auto, default or none asked)" if name == STANDARD else name
+            lines.append(f"{name}: {tier.rates.describe()}")
+            lines += [
+                f"{name} above {lc.above_input_tokens} input tokens: {lc.rates.describe()}" for lc in tier.long_context
+            ]
+        return lines
 
 
 def ceil_micro(value: Decimal) -> int:

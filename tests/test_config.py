@@ -278,7 +278,9 @@ def test_duplicate_key_reported() -> None:
 
 def test_check_main_ok_for_example(capsys: pytest.CaptureFixture[str]) -> None:
     assert check_main(EXAMPLE) == 0
-    assert capsys.readouterr().out == "ok: 4 models, 1 upstream, 3 plans\n"
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "ok: 4 models, 1 upstream, 3 plans"
+    assert "    priority: input 4.25, cached_input 2.125, output 17, audio_input 2.5, audio_output 10" in out
 
 
 def test_check_main_bad_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -13,6 +13,8 @@ from pathlib import Path
 _EMPTY_CACHE = tempfile.mkdtemp(prefix="tiktoken-empty-cache-")
 os.environ["TIKTOKEN_CACHE_DIR"] = _EMPTY_CACHE
 
+import time
+
 import pytest
 import tiktoken
 import tiktoken.load
@@ -30,7 +32,7 @@ from proxy.tokens import (
     measure,
 )
 
-from .sample_text import realistic_text
+from .sample_text import heterogeneous_text, realistic_text
 
 # Hashes as published in tiktoken_ext/openai_public.py.
 O200K_SHA256 = "446a9538cb6c348e3516120d7c08b09f57c36495e2acfffe59a5bf8b0cfb1a2d"
@@ -195,3 +197,38 @@ def test_output_counter_huge_is_bounded(o200k: tiktoken.Encoding) -> None:
     exact = _exact(o200k, text)
     assert counter.chars == len(text)
     assert exact <= counter.count(o200k) <= 2 * exact
+
+
+# ---------------------------------------------------------------- upper bounds
+
+
+@pytest.mark.parametrize("name", ["o200k_base", "cl100k_base"])
+def test_the_bound_holds_wherever_the_exact_part_stops(name: str) -> None:
+    enc = get_encoding(name)
+    rng = random.Random(5)
+    alphabet = [*"abcXYZé東京テ 0123456789'’\n\t.,;:/+=-_()\"\u0301\ud800", "\r\n", "'s", "  \n", "12345"]
+    for _ in range(300):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randint(1, 40)))
+        exact = _exact(enc, text)
+        for budget in range(len(text) + 1):
+            counted = measure(enc, [text], budget=budget)
+            assert counted.bound >= exact, (text, budget)
+            assert counted.estimate <= counted.bound
+
+
+@pytest.mark.parametrize("chars", [200_000, 500_000])
+def test_a_heterogeneous_prompt_is_bounded_not_extrapolated(o200k: tiktoken.Encoding, chars: int) -> None:
+    text = heterogeneous_text(chars)  # dense where an extrapolation does not sample
+    exact = _exact(o200k, text)
+    counted = measure(o200k, [text])
+    print(f"{chars} chars: real {exact}, bound {counted.bound} ({counted.bound / exact:.2f}x), "
+          f"estimate {counted.estimate} ({exact / counted.estimate:.2f}x below)")  # fmt: skip
+    assert exact <= counted.bound <= 2 * exact
+
+
+def test_the_bound_of_10_mb_costs_little_cpu(o200k: tiktoken.Encoding) -> None:
+    text = realistic_text(10_000_000)
+    started = time.process_time()
+    counted = measure(o200k, [text])
+    print(f"10 MB prompt: bound and estimate in {(time.process_time() - started) * 1000:.1f} ms of CPU")
+    assert counted.bound >= counted.estimate > 0  # a figure, not a timed assertion
