@@ -172,19 +172,20 @@ async def test_a_huge_heterogeneous_prompt_is_reserved_above_its_real_count(
 ) -> None:
     body: dict[str, Any] = {"model": "gpt-4o", "max_tokens": 16,
                             "messages": [{"role": "user", "content": heterogeneous_text(500_000)}]}  # fmt: skip
-    real = real_prompt_tokens(body)  # what the upstream bills: tiktoken's count
-    reservation = proxy.state.catalog.route("gpt-4o").reservation(intake.parse("chat", orjson.dumps(body)))
-    print(f"500k chars: real {real} tokens, reserved {reservation.reserved_prompt_tokens}")
-    assert reservation.reserved_prompt_tokens >= real
-    upstream.fault.count_prompt = True
+    upstream.fault.count_prompt = True  # the upstream bills tiktoken's real count
+    real = real_prompt_tokens(body)
     real_cost = real * 5 // 2 + 5 * 10
     key = await proxy.account("acme", usd(real_cost + 1000))  # just above one request's real cost
 
     async def send() -> int:
         return (await post(proxy, key, "chat/completions", body))[0]
 
-    assert await statuses(4, send) == [402] * 4
-    assert (await proxy.balance("acme")).balance == real_cost + 1000
+    results = await statuses(4, send)
+    assert (await proxy.balance("acme")).balance == real_cost + 1000  # nothing served below its cost
+    assert results == [402] * 4
+    reservation = proxy.state.catalog.route("gpt-4o").reservation(intake.parse("chat", orjson.dumps(body)))
+    print(f"500k chars: real {real} tokens, reserved {reservation.reserved_prompt_tokens}")
+    assert reservation.reserved_prompt_tokens >= real
     reserve = reservation.prompt_cost + reservation.output_cost
     await proxy.fund("acme", usd(reserve - real_cost))  # now one worst case fits, not two
     results = await statuses(4, send)
