@@ -91,7 +91,8 @@ def _require_prompt(endpoint: str, body: dict[str, Any], field: str) -> None:
         if not isinstance(value, list) or not value or not all(isinstance(m, dict) for m in value):
             raise InvalidRequest("'messages' must be a non-empty array of message objects.", param="messages")
     elif endpoint == "responses":
-        if not isinstance(value, (str, list)) and body.get("previous_response_id") is None:
+        stored = any(body.get(k) is not None for k in ("previous_response_id", "conversation", "prompt"))
+        if not isinstance(value, (str, list)) and not stored:  # a prompt stored upstream may stand alone
             raise InvalidRequest("'input' must be a string or an array of input items.", param="input")
     elif value is None or isinstance(value, (bool, int, float, dict)) or value in ("", []):
         raise InvalidRequest(f"'{field}' must be a non-empty string or array.", param=field)

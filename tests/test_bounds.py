@@ -75,7 +75,7 @@ async def test_file_parts_cannot_overrun_a_balance(start_proxy: Any, upstream: D
          "web_search_options"),
         ("responses", {"input": "x", "previous_response_id": "resp_1"}, "previous_response_id"),
         ("responses", {"input": "x", "conversation": "conv_1"}, "conversation"),
-        ("responses", {"prompt": {"id": "pmpt_1"}, "input": "x"}, "prompt"),
+        ("responses", {"prompt": {"id": "pmpt_1"}}, "prompt"),
         ("responses", {"input": "x", "tools": [{"type": "file_search", "vector_store_ids": ["vs_1"]}]}, "tools[0]"),
         ("responses", {"input": "x", "tools": [{"type": "function", "name": "f"}, {"type": "web_search"}]},
          "tools[1]"),
