@@ -189,12 +189,66 @@ class UpstreamConfig(_Frozen):
     connect_timeout_s: PosFloat = 10.0
 
 
+SERVICE_TIERS = ("priority", "flex", "scale")  # OpenAI's names; `auto`/`default` are the base price
+
+
+class LongContextPrice(_Frozen):
+    """The prices of a whole request whose input exceeds `above_input_tokens`."""
+
+    above_input_tokens: PosInt
+    input: OptAmount = None  # None: the tier's own price of that kind
+    cached_input: OptAmount = None
+    output: OptAmount = None
+    audio_input: OptAmount = None
+    audio_output: OptAmount = None
+
+
+def _ascending_thresholds(v: tuple[LongContextPrice, ...]) -> tuple[LongContextPrice, ...]:
+    thresholds = [lc.above_input_tokens for lc in v]
+    if thresholds != sorted(set(thresholds)):
+        raise ValueError("above_input_tokens must be unique and ascending")
+    return v
+
+
+LongContextList = Annotated[tuple[LongContextPrice, ...], AfterValidator(_ascending_thresholds)]
+
+
+class TierPrice(_Frozen):
+    """A service tier's prices; a missing one is the model's base price of that kind."""
+
+    input: OptAmount = None
+    cached_input: OptAmount = None
+    output: OptAmount = None
+    audio_input: OptAmount = None
+    audio_output: OptAmount = None
+    long_context: LongContextList = ()
+
+
+def _known_tiers(v: dict[str, TierPrice]) -> dict[str, TierPrice]:
+    unknown = sorted(set(v) - set(SERVICE_TIERS))
+    if unknown:
+        raise ValueError(f"unknown service tier {unknown[0]!r} (known: {', '.join(SERVICE_TIERS)})")
+    return v
+
+
 class Price(_Frozen):
     """USD per 1M tokens."""
 
     input: Amount
     cached_input: OptAmount = None  # None: priced at `input`
-    output: OptAmount = None  # None: free (embeddings); money.Price applies both defaults
+    output: OptAmount = None  # None: free (embeddings); pricing.price_of applies the defaults
+    audio_input: OptAmount = None  # None: audio input tokens cost `input`
+    audio_output: OptAmount = None  # None: audio output tokens cost `output`
+    service_tiers: Annotated[dict[str, TierPrice], _EmptyOk, AfterValidator(_known_tiers)] = Field(default_factory=dict)
+    long_context: LongContextList = ()
+
+    @model_validator(mode="after")
+    def _long_context_per_tier(self) -> "Price":
+        # A long request at a tier needs that tier's long-context prices: never guess them.
+        for name, tier in self.service_tiers.items():
+            if self.long_context and not tier.long_context:
+                raise ValueError(f"service_tiers.{name}.long_context must be set when long_context is")
+        return self
 
 
 class ModelConfig(_Frozen):
@@ -202,9 +256,11 @@ class ModelConfig(_Frozen):
     upstream_model: OptText = None  # None: the configured name is sent upstream
     encoding: OptText = None  # tiktoken encoding for estimates
     max_output_tokens: OptPosInt = None  # reserved when a request names no max (worst case)
-    # the context window: reserved as the prompt when part of it is stored upstream
-    # (Responses `previous_response_id` / `conversation`), since it cannot be counted here
+    # the context window: reserved as the prompt when part of it cannot be counted here
+    # (files, audio, prompts stored upstream, hosted tools), and the most any prompt reserves
     max_input_tokens: OptPosInt = None
+    # the chat field that carries a forwarded output cap (providers without max_completion_tokens)
+    max_tokens_field: Literal["max_completion_tokens", "max_tokens"] = "max_completion_tokens"
     price: Price
     markup_percent: OptAmount = None  # None: billing.markup_percent
 

@@ -16,6 +16,7 @@ import yaml
 from pydantic import ValidationError
 
 from .config import DEFER_REFERENCE_CHECKS, Config, Loc, format_loc, reference_errors
+from .pricing import price_of
 
 
 class ConfigError(Exception):
@@ -194,4 +195,15 @@ def check_main(path: str | Path) -> int:
             f"{n} {noun}{'' if n == 1 else 's'}" for n, noun in zip(counts, ("model", "upstream", "plan"), strict=True)
         )
     )
+    for line in explain_prices(config):
+        print(line)
     return 0
+
+
+def explain_prices(config: Config) -> list[str]:
+    """Each model's effective prices, markup applied: what `config check` prints."""
+    lines = ["effective prices, USD per 1M tokens (markup applied; past a long-context threshold, the whole request):"]
+    for name, model in config.models.items():
+        lines.append(f"  {name}:")
+        lines += [f"    {line}" for line in price_of(model.price, config.markup_for(name)).describe()]
+    return lines

@@ -2,7 +2,8 @@
 
 Used as the upstream in tests and as a zero-cost demo upstream
 (`metering-proxy demo-upstream --port 9999`). Replies are deterministic:
-N visible tokens "tok0 tok1 ...", N = min(request max tokens, fault.output_tokens).
+N visible tokens "tok0 tok1 ...", N = min(request max tokens, fault.output_tokens)
+(or fault.uncapped_output_tokens when the request sends no cap).
 """
 
 from __future__ import annotations
@@ -41,9 +42,15 @@ class Fault:
     error_message: str = "Injected fault from demo upstream"
     omit_usage: bool = False  # never report usage, even when asked
     output_tokens: int = 5  # visible tokens, capped by the request's max tokens
+    uncapped_output_tokens: int | None = None  # visible tokens when no cap is sent (None: output_tokens)
+    ignore_max_tokens: bool = False  # write output_tokens whatever cap is sent
     prompt_tokens: int = 10
+    count_prompt: bool = False  # report the prompt's real tiktoken count instead of prompt_tokens
     cached_tokens: int = 0  # part of prompt_tokens, as OpenAI reports it
+    audio_prompt_tokens: int = 0  # part of prompt_tokens
     reasoning_tokens: int = 0  # added on top of visible tokens in completion_tokens
+    audio_completion_tokens: int = 0  # added on top of visible tokens in completion_tokens
+    service_tier: str | None = None  # reported as the tier that served the request
     cut_after_chunks: int | None = None  # stream: drop the connection after this many data events
     chunk_delay_s: float = 0.0  # sleep between stream events
     delay_before_headers_s: float = 0.0  # sleep before answering at all
@@ -143,31 +150,38 @@ class DemoUpstream:
         return await handler(request)
 
     def _reply(self, body: Json, *max_fields: str) -> _Reply:
-        limit = next((body[f] for f in max_fields if isinstance(body.get(f), int)), None)
-        n = self.fault.output_tokens if limit is None else max(0, min(limit, self.fault.output_tokens))
-        finish = "length" if limit is not None and limit < self.fault.output_tokens else "stop"
+        f = self.fault
+        caps = [body[field] for field in max_fields if isinstance(body.get(field), int)]
+        limit = None if f.ignore_max_tokens or not caps else min(caps)
+        wanted = f.output_tokens if caps or f.uncapped_output_tokens is None else f.uncapped_output_tokens
+        n = wanted if limit is None else max(0, min(limit, wanted))
+        finish = "length" if limit is not None and limit < wanted else "stop"
         tokens = [f"tok{i}" if i == 0 else f" tok{i}" for i in range(n)]
         if self.fault.echo_key and tokens and self.requests:
             tokens[0] = f"your key is {self.requests[-1].headers.get('authorization', '')} " + tokens[0]
-        return _Reply(str(body.get("model", "demo-model")), tokens, finish, self._usage(n))
+        prompt = real_prompt_tokens(body) if f.count_prompt else f.prompt_tokens
+        return _Reply(str(body.get("model", "demo-model")), tokens, finish, self._usage(prompt, n))
 
-    def _usage(self, visible: int) -> Json | None:
+    def _usage(self, prompt: int, visible: int) -> Json | None:
         if self.fault.omit_usage:
             return None
         f = self.fault
-        completion = visible + f.reasoning_tokens
+        completion = visible + f.reasoning_tokens + f.audio_completion_tokens
         return {
-            "prompt_tokens": f.prompt_tokens,
+            "prompt_tokens": prompt,
             "completion_tokens": completion,
-            "total_tokens": f.prompt_tokens + completion,
-            "prompt_tokens_details": {"cached_tokens": f.cached_tokens, "audio_tokens": 0},
+            "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": f.cached_tokens, "audio_tokens": f.audio_prompt_tokens},
             "completion_tokens_details": {
                 "reasoning_tokens": f.reasoning_tokens,
-                "audio_tokens": 0,
+                "audio_tokens": f.audio_completion_tokens,
                 "accepted_prediction_tokens": 0,
                 "rejected_prediction_tokens": 0,
             },
         }
+
+    def _tier(self) -> Json:
+        return {"service_tier": self.fault.service_tier} if self.fault.service_tier else {}
 
     def _id(self, prefix: str) -> str:
         return f"{prefix}{next(self._ids)}"
@@ -219,6 +233,7 @@ class DemoUpstream:
             "object": "chat.completion",
             "created": int(time.time()),
             "model": r.model,
+            **self._tier(),
         }
         if body.get("stream"):
             choices: list[Json] = [{"delta": {"role": "assistant", "content": "", "refusal": None}}]
@@ -238,6 +253,7 @@ class DemoUpstream:
             "object": "text_completion",
             "created": int(time.time()),
             "model": r.model,
+            **self._tier(),
         }
         if body.get("stream"):
             choices: list[Json] = [{"text": tok} for tok in r.tokens]
@@ -294,6 +310,7 @@ class DemoUpstream:
             "text": {"format": {"type": "text"}},
             "reasoning": {"effort": None, "summary": None},
             "truncation": "disabled",
+            **self._tier(),
         }
 
     def _response_events(self, r: _Reply, final: Json, mid: str) -> Iterator[Event]:
@@ -381,6 +398,24 @@ def _responses_usage(u: Json | None) -> Json | None:
         "output_tokens_details": reasoning,
         "total_tokens": u["total_tokens"],
     }
+
+
+def real_prompt_tokens(body: Json) -> int:
+    """The prompt's tiktoken count (o200k_base), as an upstream would bill it: every
+    message's text counted exactly, plus 4 tokens of template per message and 3 of
+    reply priming."""
+    from . import tokens  # the proxy's offline tiktoken; imported only when asked for
+
+    prompt = body.get("messages", body.get("input", body.get("prompt")))
+    messages = [{"content": prompt}] if isinstance(prompt, str) else prompt if isinstance(prompt, list) else []
+    texts = []
+    for message in messages:
+        content = message.get("content") if isinstance(message, dict) else None
+        parts = [content] if isinstance(content, str) else content if isinstance(content, list) else []
+        texts += [p if isinstance(p, str) else p.get("text") for p in parts if isinstance(p, (str, dict))]
+    enc = tokens.get_encoding("o200k_base")
+    counted = sum(len(enc.encode_ordinary(t)) for t in texts if isinstance(t, str))
+    return counted + 4 * len(messages) + 3
 
 
 def _message_item(mid: str, text: str, status: str) -> Json:

@@ -1,8 +1,9 @@
 """What metering needs from a client request, validated before anything is reserved.
 
 A body that lacks what metering needs (a `model` string; `messages`, `input` or
-`prompt`; a positive integer max-tokens field if given) is a 400 here. Everything
-else in the body is the upstream's business and passes through unchanged.
+`prompt`; a positive integer in each max-tokens field given) is a 400 here. Everything
+else in the body is the upstream's business and passes through unchanged, but for the
+model, usage in streams and the output cap (`upstream_body`).
 """
 
 from __future__ import annotations
@@ -30,20 +31,29 @@ class ClientRequest:
     body: dict[str, Any]
     model: str
     stream: bool
-    max_tokens_field: str | None  # the field the client used, if any
-    max_tokens: int | None
+    max_tokens_fields: tuple[str, ...]  # the max-tokens fields the client gave
+    max_tokens: int | None  # the largest of them
     choices: int  # n (chat, completions) or best_of: output is multiplied by it
     wants_usage: bool  # the client asked for the usage chunk itself
 
-    def upstream_body(self, upstream_model: str, clamp_tokens: int = 0) -> bytes:
-        """The body to forward: unchanged but for the model, usage in streams and a clamp."""
+    @property
+    def service_tier(self) -> str | None:
+        """The service tier asked for (`auto`, `default`, `flex`, `priority`, ...)."""
+        tier = self.body.get("service_tier")
+        return tier if isinstance(tier, str) else None
+
+    def upstream_body(self, upstream_model: str, cap: int | None = None, cap_field: str = "") -> bytes:
+        """The body to forward: unchanged but for the model, usage in streams and the
+        per-choice output cap: every max-tokens field given is lowered to `cap`, and
+        `cap_field` carries it when the client gave none."""
         body = self.body
         body["model"] = upstream_model
         if self.stream and self.endpoint in ("chat", "completions"):
             options = body.get("stream_options")
             body["stream_options"] = {**(options if isinstance(options, dict) else {}), "include_usage": True}
-        if clamp_tokens:
-            body[self.max_tokens_field or _default_max_field(self.endpoint)] = clamp_tokens
+        if cap is not None:
+            for field in self.max_tokens_fields or (cap_field,):
+                body[field] = min(body.get(field) or cap, cap)
         try:
             return orjson.dumps(body)
         except orjson.JSONEncodeError as exc:  # e.g. nesting deeper than the encoder allows
@@ -65,14 +75,14 @@ def parse(endpoint: str, raw: bytes) -> ClientRequest:
     stream = body.get("stream", False)
     if not isinstance(stream, bool) or (stream and endpoint == "embeddings"):
         raise InvalidRequest("'stream' must be a boolean (and is not supported for embeddings).", param="stream")
-    field, max_tokens = _max_tokens(body, max_fields)
+    fields, max_tokens = _max_tokens(body, max_fields)
     options = body.get("stream_options")
     if options is not None and not stream:
         raise InvalidRequest(
             "The 'stream_options' parameter is only allowed when 'stream' is enabled.", param="stream_options"
         )
     wants_usage = isinstance(options, dict) and options.get("include_usage") is True
-    return ClientRequest(endpoint, body, model, stream, field, max_tokens, _choices(body), wants_usage)
+    return ClientRequest(endpoint, body, model, stream, fields, max_tokens, _choices(body), wants_usage)
 
 
 def _require_prompt(endpoint: str, body: dict[str, Any], field: str) -> None:
@@ -81,21 +91,21 @@ def _require_prompt(endpoint: str, body: dict[str, Any], field: str) -> None:
         if not isinstance(value, list) or not value or not all(isinstance(m, dict) for m in value):
             raise InvalidRequest("'messages' must be a non-empty array of message objects.", param="messages")
     elif endpoint == "responses":
-        if not isinstance(value, (str, list)) and body.get("previous_response_id") is None:
+        stored = any(body.get(k) is not None for k in ("previous_response_id", "conversation", "prompt"))
+        if not isinstance(value, (str, list)) and not stored:  # a prompt stored upstream may stand alone
             raise InvalidRequest("'input' must be a string or an array of input items.", param="input")
     elif value is None or isinstance(value, (bool, int, float, dict)) or value in ("", []):
         raise InvalidRequest(f"'{field}' must be a non-empty string or array.", param=field)
 
 
-def _max_tokens(body: dict[str, Any], fields: tuple[str, ...]) -> tuple[str | None, int | None]:
-    for field in fields:
-        value = body.get(field)
-        if value is None:
-            continue
+def _max_tokens(body: dict[str, Any], fields: tuple[str, ...]) -> tuple[tuple[str, ...], int | None]:
+    """The max-tokens fields given, and the largest: the upstream may honour any of them."""
+    given = tuple(field for field in fields if body.get(field) is not None)
+    for field in given:
+        value = body[field]
         if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
             raise InvalidRequest(f"'{field}' must be a positive integer.", param=field, code="invalid_value")
-        return field, value
-    return None, None
+    return given, max((body[field] for field in given), default=None)
 
 
 def _choices(body: dict[str, Any]) -> int:
@@ -107,8 +117,3 @@ def _choices(body: dict[str, Any]) -> int:
         if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= MAX_CHOICES:
             raise InvalidRequest(f"'{name}' must be an integer from 1 to {MAX_CHOICES}.", param=name)
     return max(n or 1, best_of or 1)
-
-
-def _default_max_field(endpoint: str) -> str:
-    fields = ENDPOINTS[endpoint][2]
-    return fields[-1] if endpoint == "chat" else fields[0]

@@ -2,7 +2,8 @@
 
 Prices are USD per 1M tokens, which is exactly micro-USD per token, so a request's
 cost is `tokens x price` in micro-USD, computed exactly with `Decimal` and rounded
-half-up to a whole micro-USD once per request. Reservations round up instead: they
+half-up to a whole micro-USD once per request. A model's price has one set of rates
+per service tier, each possibly with long-context rates, and separate audio rates. Reservations round up instead: they
 must never be smaller than the charge they stand for. Nothing here touches a float.
 """
 
@@ -46,70 +47,160 @@ def usd(micro: int) -> str:
 
 @dataclass(frozen=True, slots=True)
 class Usage:
-    """Token usage as OpenAI reports it: input includes cached, output includes reasoning."""
+    """Token usage as OpenAI reports it: input includes cached and audio input, output
+    includes reasoning and audio output. `service_tier` is the tier the upstream says
+    it served the request at (None: it did not say)."""
 
     input_tokens: int = 0
     cached_input_tokens: int = 0
     output_tokens: int = 0
     reasoning_tokens: int = 0
+    audio_input_tokens: int = 0
+    audio_output_tokens: int = 0
+    service_tier: str | None = None
 
     @property
     def total_tokens(self) -> int:
         return self.input_tokens + self.output_tokens
 
     def as_dict(self) -> dict[str, int]:
-        return {
+        out = {
             "input_tokens": self.input_tokens,
             "cached_input_tokens": self.cached_input_tokens,
             "output_tokens": self.output_tokens,
             "reasoning_tokens": self.reasoning_tokens,
         }
+        if self.audio_input_tokens:
+            out["audio_input_tokens"] = self.audio_input_tokens
+        if self.audio_output_tokens:
+            out["audio_output_tokens"] = self.audio_output_tokens
+        return out
 
 
 @dataclass(frozen=True, slots=True)
-class Price:
-    """Micro-USD per token (= USD per 1M tokens), markup already applied."""
+class Rates:
+    """Micro-USD per token (= USD per 1M tokens) of each kind, markup applied."""
 
     input: Decimal
     cached_input: Decimal
     output: Decimal
-
-    @classmethod
-    def from_config(
-        cls, input: Decimal, cached_input: Decimal | None, output: Decimal | None, markup_percent: Decimal
-    ) -> Price:
-        factor = 1 + markup_percent / 100
-        return cls(
-            input=input * factor,
-            cached_input=(input if cached_input is None else cached_input) * factor,
-            output=(output or Decimal(0)) * factor,
-        )
+    audio_input: Decimal
+    audio_output: Decimal
 
     def exact_cost(self, usage: Usage) -> Decimal:
         cached = min(usage.cached_input_tokens, usage.input_tokens)
+        audio_in = min(usage.audio_input_tokens, usage.input_tokens - cached)
+        audio_out = min(usage.audio_output_tokens, usage.output_tokens)
         return (
-            (usage.input_tokens - cached) * self.input + cached * self.cached_input + usage.output_tokens * self.output
+            (usage.input_tokens - cached - audio_in) * self.input
+            + cached * self.cached_input
+            + audio_in * self.audio_input
+            + (usage.output_tokens - audio_out) * self.output
+            + audio_out * self.audio_output
         )
 
-    def cost(self, usage: Usage) -> int:
-        """The charge for real usage: exact, rounded half-up to whole micro-USD once."""
-        return int(self.exact_cost(usage).to_integral_value(rounding=ROUND_HALF_UP))
+    def describe(self) -> str:
+        kinds = ("input", "cached_input", "output", "audio_input", "audio_output")
+        return ", ".join(f"{kind} {rate.normalize():f}" for kind, rate in zip(kinds, self.as_tuple(), strict=True))
 
-    def prompt_reserve(self, prompt_tokens: int) -> int:
-        """Worst case for the prompt: every token uncached, rounded up."""
-        return _ceil(prompt_tokens * self.input)
+    def as_tuple(self) -> tuple[Decimal, Decimal, Decimal, Decimal, Decimal]:
+        return (self.input, self.cached_input, self.output, self.audio_input, self.audio_output)
 
-    def output_reserve(self, output_tokens: int) -> int:
-        return _ceil(output_tokens * self.output)
+
+STANDARD = "default"  # the tier of requests that ask for `auto`, `default` or nothing
+STANDARD_NAMES = frozenset({"auto", "default"})
+
+
+@dataclass(frozen=True, slots=True)
+class LongContext:
+    """Rates of a request whose input exceeds `above_input_tokens` (the whole request)."""
+
+    above_input_tokens: int
+    rates: Rates
+
+
+@dataclass(frozen=True, slots=True)
+class TierPrice:
+    """One service tier: its rates, and its long-context rates, lowest threshold first."""
+
+    rates: Rates
+    long_context: tuple[LongContext, ...] = ()
+
+    def rates_for(self, input_tokens: int) -> Rates:
+        applicable = [lc.rates for lc in self.long_context if input_tokens > lc.above_input_tokens]
+        return applicable[-1] if applicable else self.rates
+
+    def worst(self, input_tokens: int) -> Rates:
+        """The highest rate of each kind for any input of at most `input_tokens`."""
+        candidates = [self.rates, *(lc.rates for lc in self.long_context if input_tokens > lc.above_input_tokens)]
+        return Rates(*(max(kind) for kind in zip(*(r.as_tuple() for r in candidates), strict=True)))
+
+
+@dataclass(frozen=True, slots=True)
+class Price:
+    """A model's prices per service tier (`default` always present), markup applied."""
+
+    tiers: tuple[tuple[str, TierPrice], ...]
 
     @property
-    def output_pico(self) -> int:
-        """Output price per token in pico-USD, rounded up, for the Lua clamp arithmetic."""
-        return _ceil(self.output * MICRO)
+    def standard(self) -> TierPrice:
+        return self.tier(None)
+
+    @property
+    def input(self) -> Decimal:
+        return self.standard.rates.input
+
+    @property
+    def cached_input(self) -> Decimal:
+        return self.standard.rates.cached_input
+
+    @property
+    def output(self) -> Decimal:
+        return self.standard.rates.output
+
+    def tier(self, name: str | None) -> TierPrice:
+        """The tier's prices; `auto`, `default`, None or a tier not configured: standard."""
+        wanted = STANDARD if name is None or name in STANDARD_NAMES else name
+        found = next((price for tier, price in self.tiers if tier == wanted), None)
+        return found or next(price for tier, price in self.tiers if tier == STANDARD)
+
+    def rates(self, usage: Usage, service_tier: str | None = None) -> Rates:
+        """The rates of a request: the tier the upstream reported, else the one asked."""
+        return self.tier(usage.service_tier or service_tier).rates_for(usage.input_tokens)
+
+    def exact_cost(self, usage: Usage, service_tier: str | None = None) -> Decimal:
+        """The exact cost in micro-USD (not rounded)."""
+        return self.rates(usage, service_tier).exact_cost(usage)
+
+    def cost(self, usage: Usage, service_tier: str | None = None) -> int:
+        """The charge for real usage: exact, rounded half-up to whole micro-USD once."""
+        return int(self.exact_cost(usage, service_tier).to_integral_value(rounding=ROUND_HALF_UP))
+
+    def worst(self, service_tier: str | None, input_tokens: int) -> Rates:
+        """The rates a reservation uses: the highest applicable to an input of at most
+        `input_tokens` at the tier asked."""
+        return self.tier(service_tier).worst(input_tokens)
+
+    def describe(self) -> list[str]:
+        """The effective rates (USD per 1M tokens), one line per tier and context length."""
+        lines = []
+        for name, tier in self.tiers:
+            name = "standard (auto, default or none asked)" if name == STANDARD else name
+            lines.append(f"{name}: {tier.rates.describe()}")
+            lines += [
+                f"{name} above {lc.above_input_tokens} input tokens: {lc.rates.describe()}" for lc in tier.long_context
+            ]
+        return lines
 
 
-def _ceil(value: Decimal) -> int:
+def ceil_micro(value: Decimal) -> int:
+    """Round up to whole micro-USD: what a reservation needs."""
     return int(value.to_integral_value(rounding=ROUND_CEILING))
+
+
+def pico(rate: Decimal) -> int:
+    """A per-token rate in pico-USD, rounded up, for the Lua clamp arithmetic."""
+    return ceil_micro(rate * MICRO)
 
 
 # Sub-micro-USD remainders are carried per account in fine units of 1e-15 micro-USD

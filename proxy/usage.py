@@ -2,8 +2,10 @@
 
 `usage_from` understands both shapes OpenAI uses: chat/completions/embeddings
 (`prompt_tokens`, `completion_tokens`, `*_details`) and the Responses API
-(`input_tokens`, `output_tokens`, `*_details`). Input includes cached tokens and
-output includes reasoning tokens, as OpenAI reports them.
+(`input_tokens`, `output_tokens`, `*_details`). Input includes cached and audio
+tokens and output includes reasoning and audio tokens, as OpenAI reports them. The
+service tier the upstream served a request at sits beside the usage: `service_tier`
+in a chat/completions body or chunk, `response.service_tier` in the Responses API.
 
 `StreamTap` watches a relayed stream event by event: it keeps the usage when it
 comes, collects output text cheaply for an estimate when it never does, and hides
@@ -25,7 +27,16 @@ def _int(value: Any) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
 
 
-def usage_from(raw: Any) -> Usage | None:
+def _detail(details: Any, name: str, limit: int) -> int:
+    return min(_int(details.get(name)), limit) if isinstance(details, dict) else 0
+
+
+def service_tier_of(obj: Any) -> str | None:
+    tier = obj.get("service_tier") if isinstance(obj, dict) else None
+    return tier if isinstance(tier, str) and tier else None
+
+
+def usage_from(raw: Any, service_tier: str | None = None) -> Usage | None:
     if not isinstance(raw, dict):
         return None
     if "input_tokens" in raw or "output_tokens" in raw:
@@ -34,14 +45,20 @@ def usage_from(raw: Any) -> Usage | None:
     else:
         inp, out = raw.get("prompt_tokens_details"), raw.get("completion_tokens_details")
         input_tokens, output_tokens = _int(raw.get("prompt_tokens")), _int(raw.get("completion_tokens"))
-    cached = _int(inp.get("cached_tokens")) if isinstance(inp, dict) else 0
-    reasoning = _int(out.get("reasoning_tokens")) if isinstance(out, dict) else 0
-    return Usage(input_tokens, min(cached, input_tokens), output_tokens, min(reasoning, output_tokens))
+    return Usage(
+        input_tokens,
+        _detail(inp, "cached_tokens", input_tokens),
+        output_tokens,
+        _detail(out, "reasoning_tokens", output_tokens),
+        audio_input_tokens=_detail(inp, "audio_tokens", input_tokens),
+        audio_output_tokens=_detail(out, "audio_tokens", output_tokens),
+        service_tier=service_tier,
+    )
 
 
 def usage_from_body(body: Any) -> Usage | None:
     """Usage of a non-streamed response (every endpoint keeps it under `usage`)."""
-    return usage_from(body.get("usage")) if isinstance(body, dict) else None
+    return usage_from(body.get("usage"), service_tier_of(body)) if isinstance(body, dict) else None
 
 
 def output_of_body(body: Any) -> OutputCounter:
@@ -73,6 +90,7 @@ class StreamTap:
         self.output = OutputCounter()
         self.finished = False  # saw [DONE] or the final Responses event
         self.error: str | None = None
+        self.service_tier: str | None = None  # as the upstream reported it in any chunk
 
     def forward(self, event: Event) -> bool:
         """Observe one event; False when the client must not see it."""
@@ -99,9 +117,10 @@ class StreamTap:
         for choice in payload.get("choices") or ():
             if isinstance(choice, dict):
                 self._collect_choice(choice)
+        self.service_tier = service_tier_of(payload) or self.service_tier
         raw_usage = payload.get("usage")
         if raw_usage:
-            self.usage = usage_from(raw_usage)
+            self.usage = usage_from(raw_usage, self.service_tier)
             # the usage-only chunk we forced on: shown only to clients that asked
             return self.client_wants_usage or bool(payload.get("choices"))
         return True
@@ -130,7 +149,7 @@ class StreamTap:
             self.finished = True
             response = payload.get("response")
             if isinstance(response, dict):
-                self.usage = usage_from(response.get("usage"))
+                self.usage = usage_from(response.get("usage"), service_tier_of(response))
         elif isinstance(kind, str) and kind.endswith(".delta"):
             delta = payload.get("delta")
             if isinstance(delta, str):

@@ -53,15 +53,15 @@ def test_example_config_loads() -> None:
 
 
 def test_embedding_and_cached_price_defaults() -> None:
-    from proxy.money import Price
+    from proxy.pricing import price_of
 
     config = load_config(EXAMPLE, env={})
     embed = config.models["text-embedding-3-small"].price
     assert embed.output is None and embed.cached_input is None
-    priced = Price.from_config(embed.input, embed.cached_input, embed.output, Decimal(0))
+    priced = price_of(embed, Decimal(0))
     assert priced.output == Decimal(0) and priced.cached_input == priced.input == Decimal("0.02")
     mini = config.models["gpt-4o-mini"].price
-    assert Price.from_config(mini.input, mini.cached_input, mini.output, Decimal(0)).cached_input == Decimal("0.075")
+    assert price_of(mini, Decimal(0)).cached_input == Decimal("0.075")
 
 
 def test_defaults_when_sections_absent() -> None:
@@ -287,7 +287,9 @@ def test_duplicate_key_reported() -> None:
 
 def test_check_main_ok_for_example(capsys: pytest.CaptureFixture[str]) -> None:
     assert check_main(EXAMPLE) == 0
-    assert capsys.readouterr().out == "ok: 4 models, 1 upstream, 3 plans\n"
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "ok: 4 models, 1 upstream, 3 plans"
+    assert "    priority: input 4.25, cached_input 2.125, output 17, audio_input 2.5, audio_output 10" in out
 
 
 def test_check_main_bad_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -175,3 +175,28 @@ async def test_client_disconnect_is_detected(upstream: DemoUpstream, client: Asy
     await stream.close()
     await asyncio.wait_for(upstream.stream_closed.wait(), 2)
     assert upstream.client_disconnected and upstream.stream_chunks_sent < 52
+
+
+@pytest.mark.asyncio
+async def test_cap_knobs(upstream: DemoUpstream, client: AsyncOpenAI) -> None:
+    upstream.fault.uncapped_output_tokens = 40  # without a cap it writes 40; a cap still holds
+    r = await client.chat.completions.create(model="gpt-4o", messages=MSG)
+    assert r.usage and r.usage.completion_tokens == 40
+    r = await client.chat.completions.create(model="gpt-4o", messages=MSG, max_completion_tokens=3)
+    assert r.usage and r.usage.completion_tokens == 3
+    upstream.fault.ignore_max_tokens = True  # an upstream that ignores caps altogether
+    r = await client.chat.completions.create(model="gpt-4o", messages=MSG, max_completion_tokens=3)
+    assert r.usage and r.usage.completion_tokens == 5
+
+
+@pytest.mark.asyncio
+async def test_tier_audio_and_counted_prompt_knobs(upstream: DemoUpstream, client: AsyncOpenAI) -> None:
+    f = upstream.fault
+    f.service_tier, f.audio_prompt_tokens, f.audio_completion_tokens, f.count_prompt = "flex", 2, 7, True
+    r = await client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hello world"}])
+    assert r.service_tier == "flex" and r.usage
+    assert r.usage.prompt_tokens == 2 + 4 + 3  # "hello world": 2 tokens, a message, the reply priming
+    assert r.usage.completion_tokens == 5 + 7
+    assert r.usage.prompt_tokens_details and r.usage.prompt_tokens_details.audio_tokens == 2
+    resp = await client.responses.create(model="gpt-4o", input="hi")
+    assert resp.service_tier == "flex"

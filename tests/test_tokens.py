@@ -13,6 +13,8 @@ from pathlib import Path
 _EMPTY_CACHE = tempfile.mkdtemp(prefix="tiktoken-empty-cache-")
 os.environ["TIKTOKEN_CACHE_DIR"] = _EMPTY_CACHE
 
+import time
+
 import pytest
 import tiktoken
 import tiktoken.load
@@ -23,12 +25,14 @@ from proxy.tokens import (
     EXACT_CHAR_BOUND,
     EncodingIntegrityError,
     OutputCounter,
+    bound_text,
     count_text,
     encoding_for_model,
     get_encoding,
+    measure,
 )
 
-from .sample_text import realistic_text
+from .sample_text import heterogeneous_text, realistic_text
 
 # Hashes as published in tiktoken_ext/openai_public.py.
 O200K_SHA256 = "446a9538cb6c348e3516120d7c08b09f57c36495e2acfffe59a5bf8b0cfb1a2d"
@@ -161,10 +165,11 @@ def test_dense_tail_not_undercounted(o200k: tiktoken.Encoding) -> None:
     assert exact <= estimate <= 2 * exact
 
 
-def test_extrapolation_capped_by_utf8_bytes(o200k: tiktoken.Encoding) -> None:
-    text = "a" * (EXACT_CHAR_BOUND + 10) + "\ud800"  # lone surrogate is valid JSON
-    head = _exact(o200k, text[:EXACT_CHAR_BOUND])
-    assert head <= count_text(o200k, text) <= head + 13
+def test_without_a_safe_cut_the_bound_is_every_byte(o200k: tiktoken.Encoding) -> None:
+    text = "a" * (EXACT_CHAR_BOUND + 10) + "\ud800"  # no safe cut before the bound; a lone surrogate is valid JSON
+    counted = measure(o200k, [text])
+    assert counted.bound == EXACT_CHAR_BOUND + 10 + 3 == bound_text(o200k, text)
+    assert _exact(o200k, text) <= counted.estimate <= counted.bound
 
 
 # ---------------------------------------------------------------- output counter
@@ -192,3 +197,38 @@ def test_output_counter_huge_is_bounded(o200k: tiktoken.Encoding) -> None:
     exact = _exact(o200k, text)
     assert counter.chars == len(text)
     assert exact <= counter.count(o200k) <= 2 * exact
+
+
+# ---------------------------------------------------------------- upper bounds
+
+
+@pytest.mark.parametrize("name", ["o200k_base", "cl100k_base"])
+def test_the_bound_holds_wherever_the_exact_part_stops(name: str) -> None:
+    enc = get_encoding(name)
+    rng = random.Random(5)
+    alphabet = [*"abcXYZé東京テ 0123456789'’\n\t.,;:/+=-_()\"\u0301\ud800", "\r\n", "'s", "  \n", "12345"]
+    for _ in range(300):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randint(1, 40)))
+        exact = _exact(enc, text)
+        for budget in range(len(text) + 1):
+            counted = measure(enc, [text], budget=budget)
+            assert counted.bound >= exact, (text, budget)
+            assert counted.estimate <= counted.bound
+
+
+@pytest.mark.parametrize("chars", [200_000, 500_000])
+def test_a_heterogeneous_prompt_is_bounded_not_extrapolated(o200k: tiktoken.Encoding, chars: int) -> None:
+    text = heterogeneous_text(chars)  # dense where an extrapolation does not sample
+    exact = _exact(o200k, text)
+    counted = measure(o200k, [text])
+    print(f"{chars} chars: real {exact}, bound {counted.bound} ({counted.bound / exact:.2f}x), "
+          f"estimate {counted.estimate} ({exact / counted.estimate:.2f}x below)")  # fmt: skip
+    assert exact <= counted.bound <= 2 * exact
+
+
+def test_the_bound_of_10_mb_costs_little_cpu(o200k: tiktoken.Encoding) -> None:
+    text = realistic_text(10_000_000)
+    started = time.process_time()
+    counted = measure(o200k, [text])
+    print(f"10 MB prompt: bound and estimate in {(time.process_time() - started) * 1000:.1f} ms of CPU")
+    assert counted.bound >= counted.estimate > 0  # a figure, not a timed assertion
