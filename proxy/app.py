@@ -16,11 +16,11 @@ from typing import Any
 
 import structlog
 from aiohttp import web
-from redis.asyncio import Redis, RedisCluster
+from redis.asyncio import Redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from . import admin, api, errors, logs, metrics
+from . import admin, api, errors, logs, metrics, pool
 from .accounts import Accounts
 from .config import Config
 from .configfile import ConfigError, load_config
@@ -38,14 +38,13 @@ log = structlog.get_logger("proxy")
 RELOAD_POLL_S = 1.0
 
 
-def connect(url: str, cluster: bool = False) -> Redis:
-    """Fail fast: a metered request must get its 503 within 2 s when Redis is gone."""
+def connect(url: str, cluster: bool = False, size: int = pool.SIZE, pool_timeout_s: float = pool.TIMEOUT_S) -> Redis:
+    """Fail fast: a metered request must get its 503 within 2 s when Redis is gone. A
+    burst waits for a pooled connection (up to `pool_timeout_s`) instead of failing."""
     options: dict[str, Any] = dict(
         decode_responses=True, socket_timeout=2.0, socket_connect_timeout=1.0, retry=Retry(NoBackoff(), 0)
     )
-    if cluster:
-        return RedisCluster.from_url(url, **options)  # type: ignore[return-value]
-    return Redis.from_url(url, **options)
+    return pool.connect(url, cluster, size, pool_timeout_s, **options)
 
 
 def lean_client(url: str, config: Config) -> RespClient | None:
@@ -80,7 +79,7 @@ class Proxy:
             redis = connect(url)
         else:
             url = config.redis.url.get_secret_value()
-            redis = connect(url, config.redis.cluster)
+            redis = connect(url, config.redis.cluster, config.redis.max_connections, config.redis.pool_timeout_s)
         ledger = Ledger(redis, config, fast=lean_client(url, config))
         catalog = await asyncio.to_thread(Catalog, config)  # loads tiktoken encodings (~1 s CPU)
         upstream = Upstream()

@@ -148,6 +148,8 @@ class ServerConfig(_Frozen):
 class RedisConfig(_Frozen):
     url: Annotated[SecretStr, _Required, AfterValidator(_redis_url)]
     cluster: bool = False
+    max_connections: PosInt = 128  # per process (per node on a cluster); callers beyond it wait
+    pool_timeout_s: PosFloat = 2.0  # the longest wait for a free connection, then 503
 
 
 class UpstreamConfig(_Frozen):
