@@ -20,7 +20,7 @@ from redis.asyncio import Redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from . import admin, api, errors, logs, metrics, pool
+from . import admin, api, errors, listener, logs, metrics, pool
 from .accounts import Accounts
 from .config import Config
 from .configfile import ConfigError, load_config
@@ -101,8 +101,16 @@ class Proxy:
 
     async def _listen(self, name: str, app: web.Application, host: str, port: int, state: State) -> None:
         app[STATE] = state
+        server = state.config.server
         # lingering_time: how long an unread (e.g. 413) body is drained before closing
-        runner = web.AppRunner(app, access_log=None, handle_signals=False, lingering_time=1.0)
+        runner = listener.Runner(
+            app,
+            header_timeout_s=server.header_timeout_s,
+            keepalive_timeout=server.keepalive_timeout_s,
+            access_log=None,
+            handle_signals=False,
+            lingering_time=1.0,
+        )
         await runner.setup()
         site = web.TCPSite(runner, host, port, reuse_address=True)
         await site.start()
