@@ -1,10 +1,11 @@
 """The listeners' HTTP server: aiohttp's, with deadlines on connections that do nothing.
 
-aiohttp closes a connection that has no request in progress (just opened, or idle after
-a response) once `keepalive_timeout` passes, and has no deadline of its own for a request
-head that trickles in. `TimedHandler` adds one: from the first byte of a head, the whole
-head must arrive within `header_timeout_s`, else the client gets a 408 in OpenAI's error
-shape and the connection is closed. Bodies have their own deadline (`relay.read_body`).
+aiohttp (as of 3.14.5, the floor in pyproject.toml) closes a connection that has no
+request in progress (just opened, or idle after a response) once `keepalive_timeout`
+passes, and has no deadline of its own for a request head that trickles in.
+`TimedHandler` adds one: from the first byte of a head, the whole head must arrive within
+`header_timeout_s`, else the client gets a 408 in OpenAI's error shape and the connection
+is closed. Bodies have their own deadline (`relay.read_body`).
 """
 
 from __future__ import annotations
