@@ -69,6 +69,9 @@ async def openai_errors(request: web.Request, handler: relay.Handler) -> web.Str
         return await handler(request)
     except errors.ProxyError as err:
         return relay.error_response(err, relay.request_id())
+    except errors.REDIS_DOWN:  # a Redis call outside the ledger (a key's status, ...)
+        down = errors.StoreUnavailable("The metering store is unavailable.")
+        return relay.error_response(down, relay.request_id())
     except RequestPayloadError as exc:  # an undecodable body (admin handlers read it themselves)
         bad = errors.InvalidRequest(f"The request body could not be decoded: {exc}.")
         return relay.error_response(bad, relay.request_id())

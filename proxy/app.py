@@ -16,11 +16,12 @@ from typing import Any
 
 import structlog
 from aiohttp import web
-from redis.asyncio import Redis, RedisCluster
+from redis import exceptions as redis_errors
+from redis.asyncio import Redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from . import admin, api, errors, logs, metrics
+from . import admin, api, errors, listener, logs, metrics, pool
 from .accounts import Accounts
 from .config import Config
 from .configfile import ConfigError, load_config
@@ -40,14 +41,14 @@ RELOAD_POLL_S = 1.0
 CHECKPOINT_S = 1.0  # a killed proxy's streams are charged up to a checkpoint this old
 
 
-def connect(url: str, cluster: bool = False) -> Redis:
-    """Fail fast: a metered request must get its 503 within 2 s when Redis is gone."""
-    options: dict[str, Any] = dict(
-        decode_responses=True, socket_timeout=2.0, socket_connect_timeout=1.0, retry=Retry(NoBackoff(), 0)
-    )
-    if cluster:
-        return RedisCluster.from_url(url, **options)  # type: ignore[return-value]
-    return Redis.from_url(url, **options)
+def connect(url: str, cluster: bool = False, size: int = pool.SIZE, pool_timeout_s: float = pool.TIMEOUT_S) -> Redis:
+    """Fail fast: a metered request must get its 503 within 2 s when Redis is gone. A
+    burst waits for a pooled connection (up to `pool_timeout_s`) instead of failing.
+    A connection error is retried once on a fresh connection: one idle in the pool may
+    predate a Redis restart (every script is safe to run twice: see ledger.py)."""
+    retry = Retry(NoBackoff(), 1, supported_errors=(redis_errors.ConnectionError,))
+    options: dict[str, Any] = dict(decode_responses=True, socket_timeout=2.0, socket_connect_timeout=1.0, retry=retry)
+    return pool.connect(url, cluster, size, pool_timeout_s, **options)
 
 
 def lean_client(url: str, config: Config) -> RespClient | None:
@@ -82,7 +83,7 @@ class Proxy:
             redis = connect(url)
         else:
             url = config.redis.url.get_secret_value()
-            redis = connect(url, config.redis.cluster)
+            redis = connect(url, config.redis.cluster, config.redis.max_connections, config.redis.pool_timeout_s)
         ledger = Ledger(redis, config, fast=lean_client(url, config))
         with contextlib.suppress(*errors.STORE_DOWN):  # else the worker claims it
             await ledger.claim_tier_generation()
@@ -112,8 +113,16 @@ class Proxy:
 
     async def _listen(self, name: str, app: web.Application, host: str, port: int, state: State) -> None:
         app[STATE] = state
+        server = state.config.server
         # lingering_time: how long an unread (e.g. 413) body is drained before closing
-        runner = web.AppRunner(app, access_log=None, handle_signals=False, lingering_time=1.0)
+        runner = listener.Runner(
+            app,
+            header_timeout_s=server.header_timeout_s,
+            keepalive_timeout=server.keepalive_timeout_s,
+            access_log=None,
+            handle_signals=False,
+            lingering_time=1.0,
+        )
         await runner.setup()
         site = web.TCPSite(runner, host, port, reuse_address=True)
         await site.start()

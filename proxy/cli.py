@@ -33,7 +33,7 @@ import orjson
 
 from . import configfile, errors, logs
 from .config import Config
-from .embedded import port_file
+from .embedded import DataDirInUse, port_file
 from .schemas import loads
 
 if TYPE_CHECKING:  # the service stack is imported only by the commands that use it
@@ -77,7 +77,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         uvloop.install()
     except ImportError:
         pass
-    asyncio.run(serve(config, config_path(args) if not args.demo else None, on_started))
+    try:
+        asyncio.run(serve(config, config_path(args) if not args.demo else None, on_started))
+    except DataDirInUse as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

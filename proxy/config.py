@@ -139,6 +139,8 @@ class ServerConfig(_Frozen):
     admin_port: Port = 8081
     admin_token: OptSecret = None  # None: admin API disabled
     max_body_bytes: PosInt = 10 * 1024 * 1024
+    keepalive_timeout_s: PosFloat = 75.0  # a connection with no request in progress is closed after this
+    header_timeout_s: PosFloat = 10.0  # a request head must arrive whole this long after its first byte
 
     @model_validator(mode="after")
     def _distinct_ports(self) -> "ServerConfig":
@@ -180,6 +182,8 @@ def is_loopback(host: str) -> bool:
 class RedisConfig(_Frozen):
     url: Annotated[SecretStr, _Required, AfterValidator(_redis_url)]
     cluster: bool = False
+    max_connections: PosInt = 128  # per process (per node on a cluster); callers beyond it wait
+    pool_timeout_s: PosFloat = 2.0  # the longest wait for a free connection, then 503
 
 
 class UpstreamConfig(_Frozen):

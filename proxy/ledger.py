@@ -4,6 +4,10 @@ Every decision about money is made inside one script call, atomically: admission
 (`admit.lua`), settlement (`settle.lua`), grants, voids, reaping and balance reads.
 Python only prices requests beforehand and renders results afterwards.
 
+Every script is safe to run twice (a call retried after its reply was lost): admission
+refuses a request id it has reserved already, settlement charges a request id once,
+grants and adjustments are keyed, and the rest are idempotent.
+
 Invariants, for every account at every moment (checked by `reconcile`):
   balance  == sum(ledger entry amounts) == sum(live grant remainders) - debt
   reserved == sum(open reservation amounts)

@@ -35,6 +35,14 @@ REDIS_SCRIPT_SECONDS = Histogram(
     ["script"],
     buckets=(0.0002, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 2),
 )
+REDIS_POOL_WAIT_SECONDS = Histogram(
+    "metering_proxy_redis_pool_wait_seconds",
+    "Checking out a Redis connection: waiting for a free one (and connecting a new one).",
+    buckets=(0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2),
+)
+REDIS_POOL_EXHAUSTED = Counter(
+    "metering_proxy_redis_pool_exhausted", "Redis calls that found no free connection in time (503)."
+)
 WEBHOOK_DELIVERIES = Counter("metering_proxy_webhook_deliveries", "Webhook delivery attempts.", ["event", "outcome"])
 CONFIG_RELOADS = Counter("metering_proxy_config_reloads", "Config reloads.", ["outcome"])
 USAGE_ESTIMATED = Counter(

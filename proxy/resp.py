@@ -20,6 +20,7 @@ from urllib.parse import unquote, urlsplit
 
 import hiredis
 from redis import exceptions as redis_errors
+from redis._parsers.base import BaseParser
 
 
 class Packed(bytes):
@@ -54,11 +55,10 @@ def pack(args: tuple[Any, ...]) -> bytes:
 
 
 def _mapped(reply: Any) -> Any:
+    """Error replies become the exceptions redis-py raises for them, through redis-py's
+    own table (NOSCRIPT -> NoScriptError, LOADING -> BusyLoadingError, ...)."""
     if isinstance(reply, hiredis.ReplyError):
-        message = str(reply)
-        if message.startswith("NOSCRIPT"):
-            return redis_errors.NoScriptError(message)
-        return redis_errors.ResponseError(message)
+        return BaseParser.parse_error(str(reply))  # type: ignore[no-untyped-call]
     return reply
 
 

@@ -20,6 +20,8 @@ from redis.asyncio import Redis
 
 from proxy.embedded import _die_with_parent, server_binary
 
+from .helpers import suite_server
+
 SLOTS = 16384
 MASTERS = 3
 ADDSLOTS_BATCH = 2048  # Redis 6.2 has no CLUSTER ADDSLOTSRANGE
@@ -62,10 +64,11 @@ class LocalCluster:
         return f"redis://127.0.0.1:{self.ports[0]}/0"  # any node: the client discovers the rest
 
     async def start(self, timeout_s: float = 15.0) -> str:
+        binary = suite_server() or server_binary()
         for port in self.ports:
             node_dir = self.root / f"node-{port}"
             node_dir.mkdir(parents=True, exist_ok=True)
-            args = [server_binary(), "--bind", "127.0.0.1", "--port", str(port), "--dir", str(node_dir),
+            args = [binary, "--bind", "127.0.0.1", "--port", str(port), "--dir", str(node_dir),
                     "--cluster-enabled", "yes", "--cluster-config-file", f"nodes-{port}.conf",
                     "--cluster-node-timeout", str(self.node_timeout_ms), "--appendonly", "no", "--save", "",
                     "--daemonize", "no", "--logfile", "redis.log"]  # fmt: skip

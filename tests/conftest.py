@@ -24,6 +24,8 @@ from proxy.demo_upstream import DemoUpstream
 from proxy.embedded import EmbeddedRedis
 from proxy.state import State
 
+from .helpers import suite_server
+
 ADMIN_TOKEN = "test-admin-token-123"
 UPSTREAM_KEY = "sk-upstream-secret-abcdef123456"
 
@@ -63,7 +65,7 @@ def _logging() -> None:
 
 @pytest.fixture(scope="session")
 async def redis_server(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[EmbeddedRedis]:
-    server = EmbeddedRedis(tmp_path_factory.mktemp("redis"))
+    server = EmbeddedRedis(tmp_path_factory.mktemp("redis"), binary=suite_server())
     await server.start()
     yield server
     server.stop()

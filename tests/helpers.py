@@ -17,6 +17,12 @@ from redis.asyncio import Redis
 from proxy import keyspace
 
 
+def suite_server() -> str | None:
+    """The redis-server the suite runs on: `METERING_TEST_REDIS_SERVER` (CI's second pass,
+    on another server), else None, the proxy's own choice (the pinned Valkey)."""
+    return os.environ.get("METERING_TEST_REDIS_SERVER") or None
+
+
 async def last_entry_id(redis: Redis, account_id: str) -> str:
     rows = await redis.xrevrange(keyspace.account(account_id, "ledger"), count=1)
     return str(rows[0][0]) if rows else "0-0"

@@ -16,6 +16,7 @@ from proxy.cli import build_parser, main
 from proxy.embedded import EmbeddedRedis
 
 from .conftest import BASE_CONFIG, deep_merge
+from .helpers import suite_server
 
 
 @pytest.fixture
@@ -133,7 +134,7 @@ async def test_embedded_redis_port_file(tmp_path: Path, redis_server: EmbeddedRe
 
 
 async def test_embedded_server_records_and_removes_its_port(tmp_path: Path) -> None:
-    server = EmbeddedRedis(tmp_path / "redis")
+    server = EmbeddedRedis(tmp_path / "redis", binary=suite_server())
     await server.start()
     try:
         assert (tmp_path / "redis" / "port").read_text().strip() == str(server.port)

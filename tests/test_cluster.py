@@ -17,6 +17,7 @@ import openai
 import orjson
 import pytest
 import yaml
+from redis import exceptions as redis_errors
 from redis.asyncio import Redis, RedisCluster
 
 from proxy import keyspace
@@ -24,6 +25,7 @@ from proxy.app import Proxy, connect
 from proxy.cli import main as cli_main
 from proxy.configfile import parse_config
 from proxy.demo_upstream import DemoUpstream
+from proxy.pool import GatedCluster
 from proxy.reconcile import reconcile
 from proxy.webhooks import Webhooks, list_dead, replay_dead
 from proxy.worker import Worker
@@ -31,6 +33,7 @@ from proxy.worker import Worker
 from .cluster import LocalCluster, redis_cluster  # noqa: F401  (the session fixture)
 from .conftest import BASE_CONFIG, Running, deep_merge
 from .helpers import entries
+from .test_pool import BURST, CHAT, burst, fresh_keys
 from .test_webhooks import Receiver, hook_config, pause_background_worker
 
 # slots of {gamma}, {delta}, {acme}: 2469, 9053, 11304 -> one account on each master
@@ -146,6 +149,40 @@ async def test_metered_chat_exact_cost_on_every_master(start_cluster_proxy: Star
         view = await running.balance(account_id)
         assert view.balance == 10_000_000 - 2070 - 310 and view.reserved == 0
     assert await reconcile(running.state.redis, running.state.config) == []
+
+
+async def test_a_burst_of_fresh_keys_waits_for_connections(start_cluster_proxy: StartProxy) -> None:
+    """Their key lookups and admissions queue at the client's gate: redis-py's cluster
+    nodes raise MaxConnectionsError at 100 busy connections."""
+    running = await start_cluster_proxy()
+    keys = await fresh_keys(running, BURST)
+    assert await burst(running.url, "POST", "/v1/chat/completions", keys, CHAT) == {200: BURST}
+
+
+async def test_the_cluster_gate_waits_then_fails_closed(redis_cluster: LocalCluster) -> None:  # noqa: F811
+    client = connect(redis_cluster.url, cluster=True, size=1, pool_timeout_s=0.2)
+    gate = cast(GatedCluster, client).gate
+    held, done = asyncio.Event(), asyncio.Event()
+
+    async def hold() -> None:
+        async with gate.slot():
+            held.set()
+            await done.wait()
+
+    holder = asyncio.create_task(hold())
+    try:
+        await held.wait()
+        with pytest.raises(redis_errors.MaxConnectionsError):
+            await client.get("k")
+        done.set()
+        await holder
+        pipe = client.pipeline(transaction=False)
+        for account_id in ACCOUNTS:  # three nodes, one pipeline: one slot of the gate
+            pipe.exists(keyspace.account(account_id, "nothing"))
+        assert await pipe.execute() == [0, 0, 0]
+    finally:
+        done.set()
+        await client.aclose()
 
 
 async def test_402_and_rate_limit_429(start_cluster_proxy: StartProxy, upstream: DemoUpstream) -> None:

