@@ -18,8 +18,8 @@ import structlog
 from aiohttp import web
 from redis import exceptions as redis_errors
 from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.retry import Retry
 
 from . import admin, api, errors, listener, logs, metrics, pool
 from .accounts import Accounts
@@ -47,7 +47,13 @@ def connect(url: str, cluster: bool = False, size: int = pool.SIZE, pool_timeout
     A connection error is retried once on a fresh connection: one idle in the pool may
     predate a Redis restart (every script is safe to run twice: see ledger.py)."""
     retry = Retry(NoBackoff(), 1, supported_errors=(redis_errors.ConnectionError,))
-    options: dict[str, Any] = dict(decode_responses=True, socket_timeout=2.0, socket_connect_timeout=1.0, retry=retry)
+    options: dict[str, Any] = dict(
+        decode_responses=True,
+        socket_timeout=2.0,
+        socket_connect_timeout=1.0,
+        retry=retry,
+        retry_on_error=[redis_errors.ConnectionError],  # without it redis-py retries nothing
+    )
     return pool.connect(url, cluster, size, pool_timeout_s, **options)
 
 

@@ -7,6 +7,12 @@ on it while it runs. At start a proxy also takes over the files of proxies that 
 (their lock is free) and replays them. Replay is idempotent: settle.lua remembers
 every settled request id, so a settlement that did reach Redis before its reply was
 lost is not charged twice.
+
+It also remembers, in memory, the settlements Redis acknowledged in the last few
+seconds: a Redis that restarts from an `appendfsync everysec` AOF, or a replica promoted
+in a failover, may have lost them. When the worker sees a new Redis server (its run id
+changed), they are settled again: the ones Redis still has are duplicates, the lost ones
+are charged (their reservations may be lost too: then they are charged `unreserved`).
 """
 
 from __future__ import annotations
@@ -15,6 +21,8 @@ import asyncio
 import fcntl
 import os
 import secrets
+import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import IO
@@ -27,6 +35,7 @@ from .ledger import SettleCall
 
 log = structlog.get_logger("proxy.journal")
 MAX_RECORDS = 1_000_000  # ~0.5 GB: far more than the requests in flight when Redis went away
+RECENT_S = 5.0  # an everysec AOF loses at most ~2 s of writes; the worker looks every second
 
 
 class JournalFull(Exception):
@@ -41,6 +50,7 @@ class Journal:
         self._file: IO[bytes] | None = None
         self._orphans: list[tuple[Path, IO[bytes]]] = []  # dead proxies' files, locked by us
         self._lock = asyncio.Lock()
+        self._recent: deque[tuple[float, SettleCall]] = deque()  # acknowledged in the last RECENT_S
 
     def open(self) -> None:
         """Create our file and take over the files of proxies that are gone."""
@@ -90,6 +100,22 @@ class Journal:
         self._file.write(line)
         self._file.flush()
         os.fsync(self._file.fileno())
+
+    def remember(self, call: SettleCall) -> None:
+        """A settlement Redis acknowledged: kept in memory for RECENT_S seconds."""
+        now = time.monotonic()
+        self._recent.append((now, call))
+        while self._recent and self._recent[0][0] < now - RECENT_S:
+            self._recent.popleft()
+
+    async def requeue_recent(self) -> int:
+        """Redis may have lost what it acknowledged lately: journal it to be settled again."""
+        calls = [call for _, call in self._recent]
+        self._recent.clear()
+        for call in calls:
+            if call.request_id not in self.pending:
+                await self.append(call)
+        return len(calls)
 
     async def replay(self, settle: Callable[[SettleCall], Awaitable[object]]) -> int:
         """Apply journaled settlements until Redis fails again; returns how many applied."""

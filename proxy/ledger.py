@@ -323,6 +323,13 @@ class Ledger:
         """Ask the background worker to visit the account at `due_ms` (or earlier)."""
         await self.redis.zadd(keyspace.watch_shard(account_id), {account_id: due_ms}, lt=True)
 
+    async def server_id(self) -> str | None:
+        """The Redis server's run id (new after a restart or a failover); None on a Cluster."""
+        if isinstance(self.redis, RedisCluster):
+            return None
+        info = await self.redis.info("server")
+        return str(info.get("run_id") or "") or None
+
     async def due_accounts(self, shard: int, limit: int = 100) -> list[tuple[str, float]]:
         now = int(time.time() * 1000) + self.clock_offset_ms
         shard_key = keyspace.watch_shard_n(shard)

@@ -150,9 +150,13 @@ class Meter:
         call = self.settle_call()
         for attempt in range(SETTLE_ATTEMPTS):
             try:
-                return await self.state.ledger.settle(call)
+                settlement = await self.state.ledger.settle(call)
             except errors.StoreUnavailable:
                 await asyncio.sleep(0.1 * 2**attempt)  # backoff, not synchronisation
+                continue
+            if self.state.journal is not None:
+                self.state.journal.remember(call)  # should Redis lose it in a crash
+            return settlement
         if self.state.journal is not None:
             try:
                 await self.state.journal.append(call)

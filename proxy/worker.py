@@ -38,6 +38,7 @@ class Worker:
         self.journal = journal
         self.stopping = asyncio.Event()
         self.store_down = False
+        self.server_id: str | None = None  # the Redis run id last seen
         self.reap_after = 0.0  # monotonic s: no reaping before (REAP_GRACE_S after an outage)
 
     async def run(self) -> None:
@@ -64,6 +65,7 @@ class Worker:
         """Replay the journal, then visit every due account once; returns how many were visited."""
         if self.ledger.tier_generation == 0:  # Redis was away when the config was loaded
             await self.ledger.claim_tier_generation()
+        await self._notice_new_server()
         if self.journal is not None and len(self.journal):
             await self.journal.replay(self.ledger.settle)
             if len(self.journal):
@@ -92,6 +94,17 @@ class Worker:
         removed = await self.ledger.reschedule(account_id, seen, next_visit) and next_visit == 0
         if removed and await self.ledger.outbox_length(account_id):
             await self.ledger.watch(account_id, 0)  # an event landed after our look: come back
+
+    async def _notice_new_server(self) -> None:
+        """A Redis that restarted from its AOF, or a replica promoted in a failover, may have
+        lost the last seconds of writes: settle what it acknowledged lately again."""
+        server_id = await self.ledger.server_id()
+        if server_id is None:
+            return
+        if self.server_id is not None and server_id != self.server_id and self.journal is not None:
+            count = await self.journal.requeue_recent()
+            log.warning("redis_server_changed", resettling=count, note="recent settlements are settled again")
+        self.server_id = server_id
 
     def _now_ms(self) -> int:
         return int(time.time() * 1000) + self.ledger.clock_offset_ms
