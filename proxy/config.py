@@ -32,11 +32,12 @@ from pydantic import (
     model_validator,
 )
 
+from .money import MAX_MICRO
+
 Loc = tuple[str | int, ...]
 
-MICRO = Decimal("0.000001")
-# Lua numbers are doubles: every amount must stay below 2^53 micro-USD.
-MAX_USD = Decimal(2**53) * MICRO
+ONE_MICRO_USD = Decimal("0.000001")  # the smallest amount: config amounts have at most 6 places
+MAX_USD = (MAX_MICRO + 1) * ONE_MICRO_USD  # Lua numbers are doubles: amounts stay below 2^53 micro-USD
 # Validation context key: the YAML loader reports reference errors itself, with lines.
 DEFER_REFERENCE_CHECKS = "defer_reference_checks"
 
@@ -77,7 +78,7 @@ def _decimal_out(v: Decimal) -> Decimal:
         raise ValueError("must not be negative")
     if v >= MAX_USD:
         raise ValueError(f"must be below {MAX_USD}")
-    if v != v.quantize(MICRO):
+    if v != v.quantize(ONE_MICRO_USD):
         raise ValueError("must have at most 6 decimal places (micro-USD)")
     return v
 

@@ -14,7 +14,7 @@ PREFIX = "mp"
 WATCH_SHARDS = 16
 ACCOUNT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:@-]{0,127}$")
 
-# The order is the KEYS order every script expects (see lua/lib.lua).
+# The order is the KEYS order every script expects (see lua/lib/base.lua).
 ACCOUNT_PARTS = ("acct", "grants", "live", "resv", "ledger", "outbox", "keys", "reaped", "idem", "rl")
 
 
@@ -74,6 +74,6 @@ def watch_shard_n(n: int) -> str:
 
 
 def settled(account_id: str, request_id: str) -> str:
-    """A settled request's marker (its ledger entry id), kept for ledger.SETTLED_TTL_MS:
+    """A settled request's marker (its ledger entry id), kept for scripts.SETTLED_TTL_MS:
     what tells a duplicate settlement from one whose reservation was lost."""
     return account(account_id, f"done:{request_id}")

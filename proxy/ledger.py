@@ -21,7 +21,6 @@ import time
 from collections.abc import Collection, Iterable
 from dataclasses import asdict, dataclass, field
 from decimal import Decimal
-from importlib import resources
 from typing import Any, cast
 
 import orjson
@@ -29,79 +28,13 @@ import structlog
 from redis import exceptions as redis_errors
 from redis.asyncio import Redis, RedisCluster
 
-from . import errors, keyspace, metrics
+from . import errors, keyspace, metrics, scripts
 from .config import Config
-from .money import FINE, split_exact, to_micro, usd
-from .ratelimits import RateFigures, go_duration, retry_headers
+from .money import split_exact, usd
 from .resp import Packed, RespClient
+from .scripts import SCRIPTS, AccountView, Admission, Reaped, Reply, Settlement
 
 log = structlog.get_logger("proxy.ledger")
-SETTLED_TTL_MS = 30 * 86_400_000  # a settled request id is remembered (duplicates) this long
-SCRIPT_NAMES = ("admit", "settle", "grant", "void", "reap", "touch", "account", "extend", "adjust")
-
-
-def _load_sources() -> dict[str, str]:
-    lua = resources.files("proxy") / "lua"
-    lib = (lua / "lib.lua").read_text()
-    sources = {name: lib + "\n" + (lua / f"{name}.lua").read_text() for name in SCRIPT_NAMES}
-    sources["watch"] = (lua / "watch.lua").read_text()  # not an account script: no lib
-    return sources
-
-
-SOURCES = _load_sources()
-SHAS = {name: hashlib.sha1(src.encode()).hexdigest() for name, src in SOURCES.items()}
-
-
-def tier_table(config: Config) -> bytes:
-    """The rate tiers as they decide an account's tier: what a tier generation names."""
-    return orjson.dumps(config.rate_tiers.model_dump(mode="json"), option=orjson.OPT_SORT_KEYS)
-
-
-def script_context(config: Config, model: str | None = None, tier_generation: int = 0) -> bytes:
-    """ARGV[1] of every script: the config the scripts need, encoded once per config."""
-    tiers = []
-    for tier in config.rate_tiers.tiers:
-        limits = tier.models.get(model) if model else None
-        tiers.append(
-            {
-                "n": tier.name,
-                "m": to_micro(tier.min_usd),
-                "d": tier.min_days_since_first_payment,
-                "r": tier.rpm,
-                "t": tier.tpm,
-                "mr": limits.rpm if limits else 0,
-                "mt": limits.tpm if limits else 0,
-            }
-        )
-    plans = {}
-    for name, plan in config.plans.items():
-        overage = plan.overage
-        plans[name] = {
-            "a": to_micro(plan.allocation.amount_usd) if plan.allocation else 0,
-            "e": plan.allocation.every if plan.allocation else "month",
-            # overage section absent: no overage; limit null: unlimited (-1)
-            "o": 0 if overage is None else (-1 if overage.limit_usd is None else to_micro(overage.limit_usd)),
-            "i": to_micro(overage.invoice_every_usd) if overage and overage.invoice_every_usd else 0,
-            "d": plan.on_exhausted.downgrade_to if plan.on_exhausted else "",
-        }
-    hooks = config.webhooks
-    return orjson.dumps(
-        {
-            "tiers": orjson.dumps(tiers).decode(),  # decoded by the scripts only when needed
-            "basis": config.rate_tiers.basis,
-            "plans": orjson.dumps(plans or {"": {}}).decode(),  # cjson: {} would decode as an array
-            "th": [to_micro(t) for t in hooks.low_balance_thresholds_usd] if hooks else [],
-            "wh": 1 if hooks else 0,
-            "cd": hooks.auto_topup_cooldown_s * 1000 if hooks else 0,
-            "ttl": config.billing.reservation_ttl_s * 1000,
-            "mode": config.billing.on_insufficient,
-            "fine": FINE,
-            "settled_ttl": SETTLED_TTL_MS,
-            "tg": tier_generation,
-        }
-    )
-
-
 PACKED_CACHE = 100_000  # (account, model) pairs whose script arguments stay packed
 
 
@@ -115,17 +48,6 @@ class _Call:
     args: tuple[Any, ...]
     watch_due: int | None  # also register the account with the reaper (admission)
     extra_keys: tuple[str, ...] = ()  # KEYS after the account's (settle: its marker)
-
-
-@dataclass(frozen=True, slots=True)
-class Admission:
-    reserved: int
-    balance: int
-    available: int
-    tier: str
-    rate: RateFigures
-    clamp_tokens: int  # 0: max tokens unchanged
-    downgrade_to: str  # '': served as asked
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,56 +70,12 @@ class SettleCall:
 
 
 @dataclass(frozen=True, slots=True)
-class Settlement:
-    cost: int  # what this settlement charged (micro-USD)
-    balance: int
-    ledger_id: str
-    duplicate: bool = False
-    reserved: int | None = None  # the reservation it closed; None: Redis knew none (lost)
-
-    @property
-    def exceeded(self) -> bool:
-        """Charged above its reservation: the upstream wrote past the cap it was sent."""
-        return self.reserved is not None and self.cost > self.reserved
-
-    @property
-    def unreserved(self) -> bool:
-        return not self.duplicate and self.reserved is None
-
-
-@dataclass(frozen=True, slots=True)
 class Checkpoint:
     """A running request's progress, for reap.lua to charge if its proxy dies."""
 
     request_id: str
     exact_cost: Decimal | None = None  # micro-USD so far; None: only keep it alive
     usage: dict[str, int] | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class AccountView:
-    """An account as the touch script returns it (raw Redis fields, micro-USD)."""
-
-    fields: dict[str, str]
-    grants: list[dict[str, Any]]
-    rpm: int
-    tpm: int
-    overage_room: int
-
-    def num(self, name: str) -> int:
-        return int(self.fields.get(name) or 0)
-
-    @property
-    def balance(self) -> int:
-        return self.num("balance")
-
-    @property
-    def reserved(self) -> int:
-        return self.num("reserved")
-
-    @property
-    def available(self) -> int:
-        return self.balance - self.reserved - self.num("held") + self.overage_room
 
 
 @dataclass
@@ -219,9 +97,9 @@ class Ledger:
 
     async def claim_tier_generation(self) -> int:
         """The generation of this config's tier table: handed out by Redis the first time any
-        instance loads that table, so the newest table wins on every instance (lib.lua
+        instance loads that table, so the newest table wins on every instance (lib/tiers.lua
         derive_tier) and a staggered reload cannot make instances fight over a tier."""
-        digest = hashlib.sha1(tier_table(self.config)).hexdigest()
+        digest = hashlib.sha1(scripts.tier_table(self.config)).hexdigest()
         found = await self.redis.hget(keyspace.TIER_GENERATIONS, digest)
         if found is None:
             await self.redis.hsetnx(keyspace.TIER_GENERATIONS, digest, await self.redis.incr(keyspace.TIER_COUNTER))
@@ -233,7 +111,7 @@ class Ledger:
     def _context(self, model: str = "") -> bytes:
         ctx = self._contexts.get(model)
         if ctx is None:
-            ctx = self._contexts[model] = script_context(self.config, model or None, self.tier_generation)
+            ctx = self._contexts[model] = scripts.context(self.config, model or None, self.tier_generation)
         return ctx
 
     async def _run(
@@ -244,20 +122,23 @@ class Ledger:
         model: str = "",
         watch_due: int | None = None,
         extra_keys: tuple[str, ...] = (),
-    ) -> Any:
+    ) -> Reply:
         call = _Call(name, account_id, model, (self.clock_offset_ms, *args), watch_due, extra_keys)
         started = time.perf_counter()
         try:
             try:
-                result = await self._evalsha(call)
+                raw = await self._evalsha(call)
             except redis_errors.NoScriptError:  # Redis restarted or flushed its script cache
                 await self._load(name)
-                result = await self._evalsha(call)
-            if result[-1]:  # the script raised webhook events: have them delivered now
+                raw = await self._evalsha(call)
+            reply = SCRIPTS[name].decode(raw)
+            if reply.events:  # the script raised webhook events: have them delivered now
                 await self.watch(account_id, 0)
-            return result
+            return reply
         except errors.STORE_DOWN as exc:
             raise errors.StoreUnavailable("The metering store is unavailable; nothing was charged.") from exc
+        except redis_errors.ResponseError as exc:  # a Lua error: name its real file and line
+            raise redis_errors.ResponseError(SCRIPTS[name].describe(str(exc))) from exc
         finally:
             metrics.child(metrics.REDIS_SCRIPT_SECONDS, name).observe(time.perf_counter() - started)
 
@@ -265,15 +146,15 @@ class Ledger:
         """Load a script through the transport that just said NOSCRIPT: its connection is
         known to be alive, where one idle in redis-py's pool may predate a Redis restart."""
         if self.fast is not None:
-            await self.fast.call("SCRIPT", "LOAD", SOURCES[name])
+            await self.fast.call("SCRIPT", "LOAD", SCRIPTS[name].source)
         else:
-            await self.redis.script_load(SOURCES[name])
+            await self.redis.script_load(SCRIPTS[name].source)
 
     async def _evalsha(self, call: _Call) -> Any:
         if self.fast is not None:
             return await self._evalsha_fast(call)
         keys = [*keyspace.script_keys(call.account_id, call.model), *call.extra_keys]
-        script = (SHAS[call.name], len(keys), *keys, self._context(call.model), *call.args)
+        script = (SCRIPTS[call.name].sha, len(keys), *keys, self._context(call.model), *call.args)
         if call.watch_due is not None and isinstance(self.redis, RedisCluster):
             # Cluster pipelines refuse EVALSHA (and would send to both nodes at once):
             # the watch pointer still goes first, in a round trip of its own.
@@ -295,7 +176,7 @@ class Ledger:
         keys = self._packed_keys(call.account_id, call.model)
         numkeys = keys.arity + len(call.extra_keys)
         context = self._packed_context(call.model)
-        script = ("EVALSHA", SHAS[call.name], numkeys, keys, *call.extra_keys, context, *call.args)
+        script = ("EVALSHA", SCRIPTS[call.name].sha, numkeys, keys, *call.extra_keys, context, *call.args)
         if call.watch_due is None:
             return await self.fast.call(*script)
         watch = ("ZADD", keyspace.watch_shard(call.account_id), "LT", call.watch_due, call.account_id)
@@ -340,11 +221,12 @@ class Ledger:
         """Move the account's watch pointer unless it changed since `seen` was read."""
         key = keyspace.watch_shard(account_id)
         args = (account_id, repr(seen), next_ms)
+        watch = SCRIPTS["watch"]
         try:
-            changed = await self.redis.evalsha(SHAS["watch"], 1, key, *args)
+            changed = await self.redis.evalsha(watch.sha, 1, key, *args)
         except redis_errors.NoScriptError:
-            await self.redis.script_load(SOURCES["watch"])
-            changed = await self.redis.evalsha(SHAS["watch"], 1, key, *args)
+            await self.redis.script_load(watch.source)
+            changed = await self.redis.evalsha(watch.sha, 1, key, *args)
         return bool(changed)
 
     # -- the metered path -------------------------------------------------------------
@@ -366,7 +248,7 @@ class Ledger:
         # The watch pointer goes first so a reservation can never exist unseen by the
         # reaper, even if this process dies right after the script.
         due = int(time.time() * 1000) + self.clock_offset_ms + self.config.billing.reservation_ttl_s * 1000
-        result = await self._run(
+        reply = await self._run(
             "admit",
             account_id,
             request_id,
@@ -381,18 +263,14 @@ class Ledger:
             model=model,
             watch_due=due,
         )
-        return _admission(result, model)
+        return scripts.admission(reply, model)
 
     async def settle(self, call: SettleCall) -> Settlement:
         whole, fine = split_exact(call.exact_cost)
         marker = keyspace.settled(call.account_id, call.request_id)
         args = (call.request_id, whole, fine, call.real_tokens, orjson.dumps(call.entry))
-        result = await self._run("settle", call.account_id, *args, model=call.model, extra_keys=(marker,))
-        if result[0] == "duplicate":
-            return Settlement(0, 0, str(result[1]), duplicate=True)
-        reserved = int(result[4])
-        known = None if reserved < 0 else reserved
-        settlement = Settlement(int(result[1]), int(result[2]), str(result[3]), reserved=known)
+        reply = await self._run("settle", call.account_id, *args, model=call.model, extra_keys=(marker,))
+        settlement = scripts.settlement(reply)
         _report_anomalies(call, settlement)
         return settlement
 
@@ -401,62 +279,48 @@ class Ledger:
     async def grant(self, account_id: str, spec: dict[str, Any]) -> tuple[bool, dict[str, Any]]:
         """Returns (created, grant). An existing idempotency key returns the first grant."""
         # JSON null would reach Lua as a truthy cjson.null: leave unset fields out
-        result = await self._run("grant", account_id, orjson.dumps({k: v for k, v in spec.items() if v is not None}))
-        if result[0] == "no_account":
+        reply = await self._run("grant", account_id, orjson.dumps({k: v for k, v in spec.items() if v is not None}))
+        if reply.code == "no_account":
             raise errors.NotFound(f"No account {account_id!r}.")
-        if result[0] == "invalid":
-            raise errors.InvalidRequest(str(result[1]))
-        return result[0] == "created", orjson.loads(result[1])
+        if reply.code == "invalid":
+            raise errors.InvalidRequest(str(reply.values["reason"]))
+        return reply.code == "created", orjson.loads(reply.values["grant"])
 
     async def adjust(self, account_id: str, spec: dict[str, Any]) -> tuple[bool, str]:
         """Returns (created, ledger entry id). A seen idempotency key returns the first entry."""
-        result = await self._run("adjust", account_id, orjson.dumps({k: v for k, v in spec.items() if v is not None}))
-        if result[0] == "no_account":
+        reply = await self._run("adjust", account_id, orjson.dumps({k: v for k, v in spec.items() if v is not None}))
+        if reply.code == "no_account":
             raise errors.NotFound(f"No account {account_id!r}.")
-        if result[0] == "invalid":
-            raise errors.InvalidRequest(str(result[1]), param="amount_usd")
-        return result[0] == "ok", str(result[1])
+        if reply.code == "invalid":
+            raise errors.InvalidRequest(str(reply.values["reason"]), param="amount_usd")
+        return reply.code == "ok", str(reply.values["ledger_id"])
 
     async def void(self, account_id: str, grant_id: str, reason: str) -> tuple[bool, dict[str, Any]]:
-        result = await self._run("void", account_id, grant_id, reason)
-        if result[0] == "not_found":
+        reply = await self._run("void", account_id, grant_id, reason)
+        if reply.code == "not_found":
             raise errors.NotFound(f"No grant {grant_id!r} on account {account_id!r}.")
-        return result[0] == "voided", orjson.loads(result[1])
+        return reply.code == "voided", orjson.loads(reply.values["grant"])
 
     async def touch(self, account_id: str, key_id: str = "") -> AccountView:
-        result = await self._run("touch", account_id, key_id)
-        if result[0] == "no_account":
-            raise errors.NotFound(f"No account {account_id!r}.")
-        if result[0] == "revoked":
-            raise errors.InvalidApiKey("Incorrect API key provided: the key was revoked.")
-        return AccountView(
-            fields=_pairs(result[1]),
-            grants=[orjson.loads(g) for g in result[2]],
-            rpm=int(result[3]),
-            tpm=int(result[4]),
-            overage_room=int(result[5]),
-        )
+        return scripts.account_view(await self._run("touch", account_id, key_id), account_id)
 
     async def save_account(self, account_id: str, fields: dict[str, str | None], *, create: bool) -> dict[str, str]:
         fields = {name: "" if value is None else value for name, value in fields.items()}  # "" deletes
         if create:  # indexed first: an account can never exist unlisted (reconcile skips ghosts)
             await self.redis.sadd(keyspace.ACCOUNTS, account_id)
-        result = await self._run("account", account_id, "create" if create else "update", orjson.dumps(fields))
-        if result[0] == "exists":
+        reply = await self._run("account", account_id, "create" if create else "update", orjson.dumps(fields))
+        if reply.code == "exists":
             raise errors.InvalidRequest(f"Account {account_id!r} already exists.", code="account_exists")
-        if result[0] == "no_account":
+        if reply.code == "no_account":
             raise errors.NotFound(f"No account {account_id!r}.")
-        if result[0] == "invalid":
-            raise errors.InvalidRequest(f"{result[1]!r} is not an account setting.", param=str(result[1]))
-        return _pairs(result[1])
+        if reply.code == "invalid":
+            field = str(reply.values["field"])
+            raise errors.InvalidRequest(f"{field!r} is not an account setting.", param=field)
+        return scripts.pairs(reply.values["fields"])
 
-    async def reap(
-        self, account_id: str, *, reaping: bool = True, spared: Collection[str] = ()
-    ) -> tuple[int, int, int]:
-        """Close lapsed reservations but `spared`: (closed, next expiry ms or 0, outbox
-        length). With `reaping` off it only reports."""
-        released, next_exp, outbox, _ = await self._run("reap", account_id, "1" if reaping else "0", *spared)
-        return int(released), int(next_exp), int(outbox)
+    async def reap(self, account_id: str, *, reaping: bool = True, spared: Collection[str] = ()) -> Reaped:
+        """Close lapsed reservations but `spared`; with `reaping` off, only report."""
+        return scripts.reaped(await self._run("reap", account_id, "1" if reaping else "0", *spared))
 
     async def extend(self, account_id: str, checkpoints: Iterable[Checkpoint]) -> int:
         """Keep running requests from being reaped and record their progress; returns
@@ -468,8 +332,8 @@ class Ledger:
             else:
                 whole, fine = split_exact(point.exact_cost)
                 args += (point.request_id, whole, fine, orjson.dumps(point.usage))
-        (extended, _) = await self._run("extend", account_id, *args)
-        return int(extended)
+        reply = await self._run("extend", account_id, *args)
+        return int(reply.values["extended"])
 
     async def outbox_length(self, account_id: str) -> int:
         return int(await self.redis.llen(keyspace.account(account_id, "outbox")))
@@ -486,56 +350,6 @@ def _report_anomalies(call: SettleCall, settlement: Settlement) -> None:
         metrics.SETTLEMENTS_UNRESERVED.inc()
         log.warning("settlement_unreserved", request_id=call.request_id, account_id=call.account_id,
                     charged_usd=usd(settlement.cost), note="no reservation in Redis (lost in a failover?)")  # fmt: skip
-
-
-def _pairs(flat: list[str]) -> dict[str, str]:
-    return dict(zip(flat[::2], flat[1::2], strict=True))
-
-
-def _admission(result: list[Any], model: str) -> Admission:
-    code = result[0]
-    if code == "ok":
-        return Admission(
-            reserved=int(result[1]),
-            balance=int(result[2]),
-            available=int(result[3]),
-            tier=str(result[4]),
-            rate=RateFigures.from_script(result[5:11]),
-            clamp_tokens=int(result[11]),
-            downgrade_to=str(result[12]),
-        )
-    if code == "replayed":  # reserved by a first attempt whose reply was lost: the reaper releases it
-        raise errors.StoreUnavailable("The metering store did not answer in time; nothing was charged.")
-    if code == "no_account" or code == "revoked":
-        raise errors.InvalidApiKey("Incorrect API key provided: the key was revoked or its account is gone.")
-    if code == "suspended":
-        raise errors.PermissionDenied("This account is suspended.", code="account_suspended")
-    if code == "insufficient":
-        available, needed = int(result[1]), int(result[2])
-        rate = RateFigures.from_script(result[4:10])
-        raise errors.InsufficientQuota(
-            "You exceeded your current quota, please check your plan and billing details. "
-            f"This request needs up to ${usd(needed)}; ${usd(max(available, 0))} is available.",
-            headers=rate.headers(),
-        )
-    # rate_requests | rate_tokens: {code, tier, limit, used, requested, retry ms, rate x6}
-    kind = "requests" if code == "rate_requests" else "tokens"
-    limit, used, requested, retry_ms = (int(v) for v in result[2:6])
-    unit = "requests per min (RPM)" if kind == "requests" else "tokens per min (TPM)"
-    rate = RateFigures.from_script(result[6:12])
-    if requested > limit:  # can never fit: tell the SDK not to retry, as OpenAI does
-        raise errors.RateLimited(
-            f"Request too large for {model} on {unit} (tier {result[1]}): Limit {limit}, Requested {requested}. "
-            "The input or output tokens must be reduced in order to run successfully.",
-            type=kind,
-            headers={**rate.headers(), "x-should-retry": "false"},
-        )
-    raise errors.RateLimited(
-        f"Rate limit reached for {model} on {unit} (tier {result[1]}): Limit {limit}, Used {used}, "
-        f"Requested {requested}. Please try again in {go_duration(retry_ms)}.",
-        type=kind,
-        headers={**rate.headers(), **retry_headers(retry_ms)},
-    )
 
 
 # -- reading the ledger (plain stream reads; no decision is made here) ---------------

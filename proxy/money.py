@@ -14,6 +14,7 @@ from decimal import ROUND_CEILING, ROUND_HALF_UP, Decimal, InvalidOperation
 
 MICRO = Decimal(1_000_000)
 MAX_MICRO = 2**53 - 1  # Lua numbers are doubles: every amount stays exact below 2^53
+UNLIMITED_MICRO = 2**52  # "no limit" (an overage without one): still exact, never reached
 
 
 class LossyAmount(ValueError):
@@ -204,7 +205,7 @@ def pico(rate: Decimal) -> int:
 
 
 # Sub-micro-USD remainders are carried per account in fine units of 1e-15 micro-USD
-# (lua/lib.lua charge): 15 places more than a micro-USD, still exact in a Lua double.
+# (lua/lib/charges.lua charge): 15 places more than a micro-USD, still exact in a Lua double.
 FINE = 10**15
 
 

@@ -20,10 +20,6 @@ class RateFigures:
     remaining_tokens: int
     reset_tokens_ms: int
 
-    @classmethod
-    def from_script(cls, values: list[int]) -> RateFigures:
-        return cls(*(int(v) for v in values[:6]))
-
     def headers(self) -> dict[str, str]:
         return {
             "x-ratelimit-limit-requests": str(self.limit_requests),

@@ -21,7 +21,7 @@ from redis.asyncio import Redis
 from . import errors, keyspace, reconcile, views
 from .accounts import Accounts
 from .config import Config
-from .ledger import AccountView, Ledger, read_entries, read_entry
+from .ledger import Ledger, read_entries, read_entry
 from .money import usd
 from .schemas import (
     AccountCreate,
@@ -36,6 +36,7 @@ from .schemas import (
     UsageQuery,
     parse,
 )
+from .scripts import AccountView
 
 if TYPE_CHECKING:
     from .state import State
@@ -227,7 +228,7 @@ class Service:
 
 
 def topup_setting(topup: AutoTopup) -> dict[str, str]:
-    """As lib.lua reads it: micro-USD strings; `target` tops up to a balance, `amount` by a sum."""
+    """As lua/lib/events.lua reads it: micro-USD strings; `target` tops up to a balance, `amount` by a sum."""
     setting = {"threshold": str(topup.threshold_usd)}
     if topup.target_usd is not None:
         setting["target"] = str(topup.target_usd)

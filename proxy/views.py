@@ -10,8 +10,8 @@ from typing import Any
 
 import orjson
 
-from .ledger import AccountView
-from .money import exact_usd, usd
+from .money import UNLIMITED_MICRO, exact_usd, usd
+from .scripts import AccountView
 
 
 def rfc3339(ms: int | str | None) -> str | None:
@@ -50,7 +50,7 @@ def grant(g: dict[str, Any]) -> dict[str, Any]:
 
 
 def _draw_order(g: dict[str, Any]) -> tuple[int, int, int, int]:
-    """lib.lua draw_order: priority, earliest expiry (never last), oldest."""
+    """lua/lib/charges.lua draw_order: priority, earliest expiry (never last), oldest."""
     return (g.get("priority", 0), g.get("expires_at") or 2**62, g["created_at"], g.get("seq", 0))
 
 
@@ -62,7 +62,7 @@ def balance(account_id: str, view: AccountView) -> dict[str, Any]:
     return {
         "account_id": account_id,
         "balance_usd": usd(view.balance),
-        "available_usd": usd(max(view.available, 0)) if view.overage_room < 2**52 else None,
+        "available_usd": usd(max(view.available, 0)) if view.overage_room < UNLIMITED_MICRO else None,
         "reserved_usd": usd(view.reserved),
         "overage_usd": usd(view.num("debt")),
         "grants": [grant(g) for g in grants],

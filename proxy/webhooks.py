@@ -1,7 +1,7 @@
 """Webhook delivery from the per-account Redis outboxes, signed as Standard Webhooks.
 
 Scripts RPUSH events `{id, type, ts, data, tries}` to the account's outbox in the same
-call that changes the balance (lua/lib.lua `emit`); the worker calls `deliver` for an
+call that changes the balance (lua/lib/account.lua `emit`); the worker calls `deliver` for an
 account that has some. Delivery is at least once, in order per account:
 
 - one instance at a time holds the account's lease (SET NX PX with a random token);

@@ -81,7 +81,8 @@ class Worker:
     async def visit(self, account_id: str, seen: float) -> None:
         spared = self.journal.holds(account_id) if self.journal is not None else ()
         reaping = time.monotonic() >= self.reap_after
-        released, next_expiry, outbox = await self.ledger.reap(account_id, reaping=reaping, spared=spared)
+        reaped = await self.ledger.reap(account_id, reaping=reaping, spared=spared)
+        released, next_expiry, outbox = reaped.closed, reaped.next_expiry_ms, reaped.outbox
         if not reaping and next_expiry:  # come back once the grace is over
             next_expiry = min(next_expiry, self._now_ms() + int(REAP_GRACE_S * 1000))
         if released:

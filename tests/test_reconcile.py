@@ -121,7 +121,7 @@ async def test_expiring_grant_and_reaped_reservation_stay_balanced(proxy: Runnin
     assert {g["status"] for g in view.grants} == {"active", "expiring"} and view.num("held") > 0
     assert await reconcile(redis, proxy.state.config) == []
     ledger.clock_offset_ms = 2_000_000  # past the reservation TTL: the reaper releases it
-    released, _, _ = await ledger.reap("acme")
+    released = (await ledger.reap("acme")).closed
     assert released == 1 and await reconcile(redis, proxy.state.config) == []
     await settle(ledger, "acme", request_id, 1_200_000)  # the late settlement still charges once
     await ledger.touch("acme")

@@ -1,7 +1,10 @@
 -- account.lua: create or update an account's settings (not its money).
--- KEYS: see lib.lua.  ARGV (after ctx, clock offset): 3 'create' | 'update',
+-- KEYS: see lib/base.lua.  ARGV (after ctx, clock offset): 3 'create' | 'update',
 -- 4 JSON of fields to set (string values; '' deletes the field).
--- Returns {'ok', flat account hash} or {'exists'} / {'no_account'}.
+-- reply ok: fields
+-- reply exists:
+-- reply no_account:
+-- reply invalid: field
 local op, fields = ARGV[3], cjson.decode(ARGV[4])
 -- settings only: money fields (balance, reserved, debt, lifetime_*, ...) move only
 -- through the ledger scripts

@@ -2,9 +2,12 @@
 -- A positive amount settles overage debt (e.g. once it has been invoiced and paid); it
 -- cannot exceed the debt: credit is added with a grant. A negative amount is a charge,
 -- drawn from live grants like usage, the rest becoming debt.
--- KEYS: see lib.lua.  ARGV (after ctx, clock offset): 3 JSON {amount (signed micro-USD
+-- KEYS: see lib/base.lua.  ARGV (after ctx, clock offset): 3 JSON {amount (signed micro-USD
 -- string), description, idem}.
--- Returns {'ok'|'exists', ledger entry id} or {'no_account'} / {'invalid', reason}.
+-- reply ok: ledger_id
+-- reply exists: ledger_id
+-- reply no_account:
+-- reply invalid: reason
 local spec = cjson.decode(ARGV[3])
 if next(acct()) == nil then return reply({'no_account'}) end
 local seen = spec.idem and redis.call('HGET', K.idem, 'adj:' .. spec.idem)

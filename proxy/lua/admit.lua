@@ -1,16 +1,22 @@
 -- admit.lua: the ONE admission script of a metered request.
 -- Checks the key and account, runs lazy grant bookkeeping, derives the tier, checks
 -- RPM/TPM in a rolling minute (1 s buckets) and reserves the worst-case cost.
--- KEYS: see lib.lua.  ARGV (after ctx, clock offset):
+-- KEYS: see lib/base.lua.  ARGV (after ctx, clock offset):
 --   3 request id   4 key id   5 model   6 prompt cost (micro-USD, rounded up)
 --   7 output cost at max tokens (micro-USD, rounded up)
 --   8 output price per token in pico-USD (clamp mode; 0 = cannot clamp)
 --   9 prompt tokens (estimate)   10 max output tokens (all choices)   11 choices (n)
--- Returns {'ok', reserved, balance, available after, tier, rate figures x6, clamp
--- max tokens (0 = none), downgrade model ('' = none)} or a rejection:
--- {'no_account'} {'revoked'} {'suspended'} {'replayed'} (this request id is reserved already)
--- {'rate_requests'|'rate_tokens', tier, limit, used, requested, retry ms, rate x6}
--- {'insufficient', available, needed, tier, rate x6}
+-- Replies (scripts.py decodes them by these names; every reply ends with `events`):
+-- reply ok: reserved balance available tier rpm rpm_left rpm_reset_ms tpm tpm_left tpm_reset_ms clamp downgrade_to
+-- reply insufficient: available needed tier rpm rpm_left rpm_reset_ms tpm tpm_left tpm_reset_ms
+-- reply rate_requests: tier limit used requested retry_ms rpm rpm_left rpm_reset_ms tpm tpm_left tpm_reset_ms
+-- reply rate_tokens: tier limit used requested retry_ms rpm rpm_left rpm_reset_ms tpm tpm_left tpm_reset_ms
+-- reply no_account:
+-- reply revoked:
+-- reply suspended:
+-- reply replayed:
+-- (clamp: the lowered max tokens, 0 = unchanged; downgrade_to: '' = served as asked;
+-- replayed: this request id is reserved already, by an attempt whose reply was lost)
 local req_id, key_id, model = ARGV[3], ARGV[4], ARGV[5]
 local prompt_cost, output_cost, out_pico = tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8])
 local prompt_tokens, max_out, n = tonumber(ARGV[9]), tonumber(ARGV[10]), tonumber(ARGV[11])
@@ -117,8 +123,8 @@ if reserve > avail then
     clamp = affordable
     reserve = prompt_cost + math.ceil(affordable * per_choice / 1000000)
     tokens = prompt_tokens + affordable * n
-  elseif plan and plan.d and plan.d ~= '' and plan.d ~= model then
-    downgrade = plan.d
+  elseif plan and plan.downgrade_to and plan.downgrade_to ~= '' and plan.downgrade_to ~= model then
+    downgrade = plan.downgrade_to
     reserve = 0
   else
     local out = {'insufficient', avail, reserve, tier}
@@ -137,7 +143,7 @@ if per_model then
 end
 redis.call('HSET', K.resv, req_id, cjson.encode({
   amount = fmt(reserve), admitted = now, sec = now_s, tokens = tokens, pm = per_model,
-  key = key_id, model = model, exp = now + CTX.ttl, dg = downgrade}))
+  key = key_id, model = model, exp = now + CTX.ttl_ms, dg = downgrade}))
 acct_incr('reserved', fmt(reserve))
 local out = {'ok', reserve, acct_num('balance'), avail - reserve, tier}
 for _, v in ipairs(figures(tokens, 1)) do out[#out + 1] = v end

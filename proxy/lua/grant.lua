@@ -1,10 +1,13 @@
 -- grant.lua: add a credit grant (paid or promotional), idempotent by idempotency key.
 -- A grant effective now is activated at once (ledger `grant` entry, pays overage
 -- debt first); a future one waits as `pending` and is activated lazily by refresh().
--- KEYS: see lib.lua.  ARGV (after ctx, clock offset): 3 grant JSON {id, kind, amount
+-- KEYS: see lib/base.lua.  ARGV (after ctx, clock offset): 3 grant JSON {id, kind, amount
 -- (micro-USD string), priority, effective_at (ms, 0 = now), expires_at (ms, 0 =
 -- never), description, idem, cost_basis}.
--- Returns {'created'|'exists', grant JSON} or {'no_account'} / {'invalid', reason}.
+-- reply created: grant
+-- reply exists: grant
+-- reply no_account:
+-- reply invalid: reason
 local spec = cjson.decode(ARGV[3])
 spec.priority = spec.priority or 0
 spec.effective_at = spec.effective_at or 0
@@ -26,7 +29,7 @@ if spec.expires_at > 0 and (spec.expires_at <= effective or spec.expires_at <= n
   return reply({'invalid', 'expires_at must be later than effective_at and now'})
 end
 -- every amount stays exact in Lua's doubles: no balance may pass 2^53 micro-USD
-if acct_num('balance') + tonumber(spec.amount) > 9007199254740991 then
+if acct_num('balance') + tonumber(spec.amount) > CTX.max_exact then
   return reply({'invalid', 'this grant would take the balance past the largest exact amount'})
 end
 local g = grant_record(spec.id, spec.kind, tonumber(spec.amount), spec.priority, effective,

@@ -1,5 +1,5 @@
 -- settle.lua: the ONE settlement script of a metered request; idempotent by request id.
--- Releases the reservation, charges the exact cost (lib.lua charge: half-up with the
+-- Releases the reservation, charges the exact cost (lib/charges.lua charge: half-up with the
 -- account's carried remainder, drawn from the grants live at admission, the rest
 -- becoming overage debt), appends the usage entry, marks the request settled, updates
 -- lifetime figures, corrects the TPM window to real tokens and raises balance events.
@@ -7,13 +7,15 @@
 -- what the reaper charged from the request's last checkpoint. A reservation Redis does
 -- not know (lost in a failover) is charged too, flagged `unreserved`. Only a request
 -- marked settled is a duplicate.
--- KEYS: see lib.lua, plus 12: the request's settled marker (string: ledger entry id).
+-- KEYS: see lib/base.lua, plus 12: the request's settled marker (string: ledger entry id).
 -- ARGV (after ctx, clock offset):
 --   3 request id   4 exact cost, whole micro-USD   5 exact cost, fraction in fine units
 --   (1e-15 micro-USD)   6 real tokens (input + output)   7 entry JSON from the proxy
 --   (model, key_id, usage, estimated, ...)
--- Returns {'ok', charged, balance, ledger id, reserved (-1: no reservation known)}
---      or {'duplicate', ledger id}.
+-- Replies (scripts.py decodes them by these names; every reply ends with `events`):
+-- reply ok: charged balance ledger_id reserved
+-- reply duplicate: ledger_id
+-- (reserved: the reservation it closed, -1 when Redis knew none)
 local req_id, whole, fine, real_tokens = ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
 local entry = cjson.decode(ARGV[7])
 local marker = KEYS[12]
@@ -53,7 +55,7 @@ end
 -- a charge above its reservation (an upstream that ignored its cap) is flagged
 local limit = (r and not r.charged) and tonumber(r.amount) or nil
 local charged, id, balance = charge(whole, fine, r and r.admitted or now, entry, now, earlier_draws, limit)
-redis.call('SET', marker, id, 'PX', CTX.settled_ttl)
+redis.call('SET', marker, id, 'PX', CTX.settled_ttl_ms)
 
 -- TPM counted the worst case at admission; correct its bucket to the real tokens.
 local now_s = math.floor(now / 1000)
@@ -70,11 +72,11 @@ refresh(now)
 -- One event per `invoice_every` of overage incurred (a single large request can cross
 -- several); repaid debt never makes the same dollars invoiceable twice.
 local plan = plan_of_account()
-if plan and plan.i and plan.i > 0 then
-  local steps = math.floor(acct_num('overage_total') / plan.i)
+if plan and plan.invoice_every and plan.invoice_every > 0 then
+  local steps = math.floor(acct_num('overage_total') / plan.invoice_every)
   for step = acct_num('invoiced_steps') + 1, steps do
-    emit('overage.invoice_threshold', {amount_usd = fmt(plan.i), invoiced_through_usd = fmt(step * plan.i),
-                                       overage_usd = fmt(acct_num('debt')), invoice_every_usd = fmt(plan.i)}, now)
+    emit('overage.invoice_threshold', {amount_usd = fmt(plan.invoice_every), invoiced_through_usd = fmt(step * plan.invoice_every),
+                                       overage_usd = fmt(acct_num('debt')), invoice_every_usd = fmt(plan.invoice_every)}, now)
   end
   if steps > acct_num('invoiced_steps') then acct_set('invoiced_steps', steps) end
 end

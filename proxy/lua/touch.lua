@@ -1,7 +1,10 @@
 -- touch.lua: read an account's balance after lazy bookkeeping (due grants activated,
 -- lapsed ones expired, plan allocation granted) and the tier derived.
--- KEYS: see lib.lua.  ARGV: ctx, clock offset, 3 key id to check ('' = admin read).
--- Returns {'ok', flat account hash, {grant JSON...}, rpm, tpm, overage room} or {'no_account'} / {'revoked'}.
+-- KEYS: see lib/base.lua.  ARGV: ctx, clock offset, 3 key id to check ('' = admin read).
+-- reply ok: fields grants rpm tpm overage_room
+-- reply no_account:
+-- reply revoked:
+-- (fields: the flat account hash; grants: the live grants' JSON)
 if next(acct()) == nil then return reply({'no_account'}) end
 if ARGV[3] ~= '' and redis.call('HGET', K.keys, ARGV[3]) ~= 'active' then return reply({'revoked'}) end
 local now = now_ms()

@@ -1,6 +1,8 @@
 -- void.lua: void (refund) a grant's remainder; voiding twice is a no-op.
--- KEYS: see lib.lua.  ARGV (after ctx, clock offset): 3 grant id, 4 reason.
--- Returns {'voided'|'noop', grant JSON} or {'not_found'}.
+-- KEYS: see lib/base.lua.  ARGV (after ctx, clock offset): 3 grant id, 4 reason.
+-- reply voided: grant
+-- reply noop: grant
+-- reply not_found:
 local gid, reason = ARGV[3], ARGV[4]
 if not redis.call('HGET', K.grants, gid) then return reply({'not_found'}) end
 local now = now_ms()
