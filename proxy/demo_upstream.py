@@ -57,6 +57,33 @@ class Fault:
     responses_final_event: str = "response.completed"  # or response.incomplete / response.failed
     stream_error_event: bool = False  # emit an error event halfway through the stream
     echo_key: bool = False  # a careless upstream: the reply text quotes the key it was sent
+    # Knobs that make this upstream bill like the real OpenAI where the defaults simplify
+    # (tests/test_attacks.py): each says what OpenAI does and how sure we are.
+    # OpenAI returns `n` choices (chat, completions; `best_of` generated for completions)
+    # and, for a completions `prompt` that is a batch (an array of strings or of token
+    # arrays), that many choices PER PROMPT, all billed in completion_tokens (sure: the
+    # API reference of `prompt`, and the legacy batching guide).
+    real_choices: bool = False
+    # OpenAI bills each image input in tokens at the model's own rates (docs, "Images and
+    # vision" > "Calculating costs"): tile models base + per 512-px tile, at most 8 tiles
+    # for a high-detail image (a 768x2048 image), the base alone for `detail: low`;
+    # gpt-4o-mini's rates are ~33x gpt-4o's (2833 + 5667 per tile), so that an image costs
+    # the same dollars on both (sure); 32-px patch models (gpt-4.1-mini, o4-mini, ...) bill
+    # up to 1536 patches x a multiplier (1.62-2.46). Added on top of the prompt count.
+    bill_images: bool = False
+    # The max-tokens fields this upstream honours (None: all it knows). OpenAI-compatible
+    # providers that predate `max_completion_tokens` read only `max_tokens` and write past
+    # a cap sent in a field they ignore (fairly sure: why `max_tokens_field` exists).
+    max_fields_read: tuple[str, ...] | None = None
+    # Predicted Outputs: rejected prediction tokens "are still counted in the total
+    # completion tokens for purposes of billing" (sure: the usage reference). Worst case:
+    # the whole prediction is rejected, billed beyond the visible output the cap allows.
+    bill_rejected_prediction: bool = False
+    # Responses `background: true` (not streamed): OpenAI answers at once with `status:
+    # queued`, no output and `usage: null`, then generates (and bills) up to the output cap
+    # in the background, where only GET /v1/responses/{id} shows it (sure: the background
+    # mode guide). Bills land in `deferred_usage`.
+    honour_background: bool = False
 
 
 @dataclass
@@ -75,6 +102,7 @@ class _Reply:
     tokens: list[str]  # text deltas; "".join(tokens) is the full text
     finish_reason: str
     usage: Json | None  # chat-style usage, None when omitted
+    copies: int = 1  # choices returned (fault.real_choices): n, per prompt of a batch
 
     @property
     def text(self) -> str:
@@ -91,6 +119,7 @@ class DemoUpstream:
         self.requests: list[RecordedRequest] = []
         self.stream_chunks_sent = 0
         self.chunks_by_request: dict[str, int] = {}  # the proxy's x-request-id -> data events sent
+        self.deferred_usage: list[Json] = []  # what background responses bill once they finish
         self.client_disconnected = False
         self.stream_closed = asyncio.Event()  # set whenever a stream ends, for any reason
         self._ids = itertools.count(1)
@@ -102,6 +131,7 @@ class DemoUpstream:
         self.requests.clear()
         self.stream_chunks_sent = 0
         self.chunks_by_request.clear()
+        self.deferred_usage.clear()
         self.client_disconnected = False
         self.stream_closed.clear()
 
@@ -151,7 +181,8 @@ class DemoUpstream:
 
     def _reply(self, body: Json, *max_fields: str) -> _Reply:
         f = self.fault
-        caps = [body[field] for field in max_fields if isinstance(body.get(field), int)]
+        read = [m for m in max_fields if f.max_fields_read is None or m in f.max_fields_read]
+        caps = [body[field] for field in read if isinstance(body.get(field), int)]
         limit = None if f.ignore_max_tokens or not caps else min(caps)
         wanted = f.output_tokens if caps or f.uncapped_output_tokens is None else f.uncapped_output_tokens
         n = wanted if limit is None else max(0, min(limit, wanted))
@@ -160,13 +191,18 @@ class DemoUpstream:
         if self.fault.echo_key and tokens and self.requests:
             tokens[0] = f"your key is {self.requests[-1].headers.get('authorization', '')} " + tokens[0]
         prompt = real_prompt_tokens(body) if f.count_prompt else f.prompt_tokens
-        return _Reply(str(body.get("model", "demo-model")), tokens, finish, self._usage(prompt, n))
+        if f.bill_images:
+            prompt += image_tokens(body)
+        rejected = prediction_tokens(body) if f.bill_rejected_prediction else 0
+        copies = choice_count(body) if f.real_choices else 1
+        usage = self._usage(prompt, n, rejected, copies)
+        return _Reply(str(body.get("model", "demo-model")), tokens, finish, usage, copies)
 
-    def _usage(self, prompt: int, visible: int) -> Json | None:
+    def _usage(self, prompt: int, visible: int, rejected: int = 0, copies: int = 1) -> Json | None:
         if self.fault.omit_usage:
             return None
         f = self.fault
-        completion = visible + f.reasoning_tokens + f.audio_completion_tokens
+        completion = (visible + f.reasoning_tokens + f.audio_completion_tokens + rejected) * copies
         return {
             "prompt_tokens": prompt,
             "completion_tokens": completion,
@@ -176,7 +212,7 @@ class DemoUpstream:
                 "reasoning_tokens": f.reasoning_tokens,
                 "audio_tokens": f.audio_completion_tokens,
                 "accepted_prediction_tokens": 0,
-                "rejected_prediction_tokens": 0,
+                "rejected_prediction_tokens": rejected * copies,
             },
         }
 
@@ -242,8 +278,9 @@ class DemoUpstream:
             base["object"] = "chat.completion.chunk"
             return await self._stream(request, self._chunk_events(body, r, base, choices))
         message: Json = {"role": "assistant", "content": r.text, "refusal": None, "annotations": []}
-        choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": r.finish_reason}
-        return _json(_with_usage({**base, "choices": [choice]}, r.usage))
+        choice = {"message": message, "logprobs": None, "finish_reason": r.finish_reason}
+        choices = [{"index": i, **choice} for i in range(r.copies)]
+        return _json(_with_usage({**base, "choices": choices}, r.usage))
 
     async def _completions(self, request: web.Request) -> web.StreamResponse:
         body = request[BODY_KEY]
@@ -259,8 +296,8 @@ class DemoUpstream:
             choices: list[Json] = [{"text": tok} for tok in r.tokens]
             choices.append({"text": "", "finish_reason": r.finish_reason})
             return await self._stream(request, self._chunk_events(body, r, base, choices))
-        choice = {"index": 0, "text": r.text, "logprobs": None, "finish_reason": r.finish_reason}
-        return _json(_with_usage({**base, "choices": [choice]}, r.usage))
+        choice = {"text": r.text, "logprobs": None, "finish_reason": r.finish_reason}
+        return _json(_with_usage({**base, "choices": [{"index": i, **choice} for i in range(r.copies)]}, r.usage))
 
     def _chunk_events(self, body: Json, r: _Reply, base: Json, choices: list[Json]) -> Iterator[Event]:
         """One `data:` chunk per choice delta, then the optional usage chunk and [DONE]."""
@@ -282,6 +319,9 @@ class DemoUpstream:
         r = self._reply(body, "max_output_tokens")
         rid, mid, created = self._id("resp_"), self._id("msg_"), int(time.time())
         final = self._response_obj(r, rid, mid, created)
+        if self.fault.honour_background and body.get("background") is True and not body.get("stream"):
+            self.deferred_usage.append(final["usage"])  # billed when the background job is done
+            return _json({**final, "status": "queued", "output": [], "usage": None, "background": True})
         if body.get("stream"):
             return await self._stream(request, self._response_events(r, final, mid))
         return _json(final)
@@ -416,6 +456,47 @@ def real_prompt_tokens(body: Json) -> int:
     enc = tokens.get_encoding("o200k_base")
     counted = sum(len(enc.encode_ordinary(t)) for t in texts if isinstance(t, str))
     return counted + 4 * len(messages) + 3
+
+
+# (base, per tile) image tokens of tile-billed models, longest prefix first; see Fault.bill_images
+IMAGE_RATES = (("gpt-4o-mini", 2833, 5667), ("gpt-4o", 85, 170), ("o1", 75, 150), ("o3", 75, 150))
+MAX_TILES = 8  # a high-detail image scaled to fit 2048x2048, then its short side to 768 px: 2 x 4 tiles
+
+
+def image_tokens(body: Json) -> int:
+    """The image inputs of a chat or Responses body at OpenAI's rates for its model, each
+    at the largest size its detail allows (the URL or base64 data is not decoded)."""
+    model = str(body.get("model", ""))
+    base, tile = next(((b, t) for prefix, b, t in IMAGE_RATES if model.startswith(prefix)), (85, 170))
+    total = 0
+    for message in body.get("messages") or body.get("input") or ():
+        content = message.get("content") if isinstance(message, dict) else None
+        for part in content if isinstance(content, list) else ():
+            if isinstance(part, dict) and part.get("type") in ("image_url", "input_image"):
+                spec = part.get("image_url")
+                detail = spec.get("detail") if isinstance(spec, dict) else part.get("detail")
+                total += base if detail == "low" else base + tile * MAX_TILES
+    return total
+
+
+def prediction_tokens(body: Json) -> int:
+    """A chat `prediction`'s tokens (o200k_base): what a wholly rejected one bills."""
+    from . import tokens
+
+    prediction = body.get("prediction")
+    content = prediction.get("content") if isinstance(prediction, dict) else None
+    if isinstance(content, list):
+        content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
+    return len(tokens.get_encoding("o200k_base").encode_ordinary(content)) if isinstance(content, str) else 0
+
+
+def choice_count(body: Json) -> int:
+    """Choices OpenAI generates and bills: max(n, best_of), per prompt of a completions batch."""
+    per_prompt = max([v for v in (body.get("n"), body.get("best_of")) if isinstance(v, int)] + [1])
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and prompt and all(isinstance(p, (str, list)) for p in prompt):
+        return per_prompt * len(prompt)
+    return per_prompt
 
 
 def _message_item(mid: str, text: str, status: str) -> Json:
