@@ -256,6 +256,11 @@ class Price(_Frozen):
         return self
 
 
+class ImageTokenLimits(_Frozen):
+    low: PosInt  # an image at `detail: low`
+    high: PosInt  # at `high` or `auto`
+
+
 class ModelConfig(_Frozen):
     upstream: Text
     upstream_model: OptText = None  # None: the configured name is sent upstream
@@ -266,6 +271,13 @@ class ModelConfig(_Frozen):
     max_input_tokens: OptPosInt = None
     # the chat field that carries a forwarded output cap (providers without max_completion_tokens)
     max_tokens_field: Literal["max_completion_tokens", "max_tokens"] = "max_completion_tokens"
+    # the most one image costs, in tokens (None: the model's known worst case, else gpt-4o's)
+    image_tokens: ImageTokenLimits | None = None
+    # hosted tools (web_search, file_search, ...) re-read the context on every call: each
+    # request may make at most this many (forwarded as `max_tool_calls`); None refuses them
+    max_tool_calls: Annotated[int, Field(ge=0)] | None = None
+    # bills hidden reasoning as output (None: guessed from the name: o1/o3/o4/gpt-5...)
+    reasoning: bool | None = None
     price: Price
     markup_percent: OptAmount = None  # None: billing.markup_percent
 

@@ -23,6 +23,20 @@ ENDPOINTS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "responses": ("/v1/responses", "input", ("max_output_tokens",)),
 }
 MAX_CHOICES = 128
+MAX_TOKENS_FIELD = 2**31 - 1  # far beyond any model's output, and exact wherever it travels
+
+
+@dataclass(frozen=True, slots=True)
+class Rewrite:
+    """What the proxy changes in a body it forwards, so the upstream cannot exceed what
+    was reserved: the per-choice output cap (into every max-tokens field given, and
+    `cap_field` when none was, or always when the model's provider reads only that
+    field), and the hosted-tool calls allowed (Responses `max_tool_calls`)."""
+
+    cap: int | None = None
+    cap_field: str = ""
+    always_cap_field: bool = False
+    max_tool_calls: int | None = None
 
 
 @dataclass(slots=True)
@@ -33,7 +47,7 @@ class ClientRequest:
     stream: bool
     max_tokens_fields: tuple[str, ...]  # the max-tokens fields the client gave
     max_tokens: int | None  # the largest of them
-    choices: int  # n (chat, completions) or best_of: output is multiplied by it
+    choices: int  # n or best_of, times the prompts of a completions batch: output is multiplied by it
     wants_usage: bool  # the client asked for the usage chunk itself
 
     @property
@@ -42,18 +56,22 @@ class ClientRequest:
         tier = self.body.get("service_tier")
         return tier if isinstance(tier, str) else None
 
-    def upstream_body(self, upstream_model: str, cap: int | None = None, cap_field: str = "") -> bytes:
-        """The body to forward: unchanged but for the model, usage in streams and the
-        per-choice output cap: every max-tokens field given is lowered to `cap`, and
-        `cap_field` carries it when the client gave none."""
+    def upstream_body(self, upstream_model: str, rewrite: Rewrite | None = None) -> bytes:
+        """The body to forward: unchanged but for the model, usage in streams and what
+        `rewrite` bounds (the output cap, hosted-tool calls)."""
         body = self.body
         body["model"] = upstream_model
         if self.stream and self.endpoint in ("chat", "completions"):
             options = body.get("stream_options")
             body["stream_options"] = {**(options if isinstance(options, dict) else {}), "include_usage": True}
-        if cap is not None:
-            for field in self.max_tokens_fields or (cap_field,):
-                body[field] = min(body.get(field) or cap, cap)
+        if rewrite is not None and rewrite.cap is not None:
+            fields = set(self.max_tokens_fields)
+            if rewrite.always_cap_field or not fields:
+                fields.add(rewrite.cap_field)
+            for field in fields:
+                body[field] = min(body.get(field) or rewrite.cap, rewrite.cap)
+        if rewrite is not None and rewrite.max_tool_calls is not None:
+            body["max_tool_calls"] = min(body.get("max_tool_calls") or rewrite.max_tool_calls, rewrite.max_tool_calls)
         try:
             return orjson.dumps(body)
         except orjson.JSONEncodeError as exc:  # e.g. nesting deeper than the encoder allows
@@ -82,7 +100,14 @@ def parse(endpoint: str, raw: bytes) -> ClientRequest:
             "The 'stream_options' parameter is only allowed when 'stream' is enabled.", param="stream_options"
         )
     wants_usage = isinstance(options, dict) and options.get("include_usage") is True
-    return ClientRequest(endpoint, body, model, stream, fields, max_tokens, _choices(body), wants_usage)
+    if endpoint == "responses" and body.get("background"):
+        raise InvalidRequest(
+            "Background responses are not supported: the upstream bills them after the response, "
+            "beyond what this proxy can meter.",
+            param="background",
+        )
+    choices = _choices(body) * _prompts(endpoint, body)
+    return ClientRequest(endpoint, body, model, stream, fields, max_tokens, choices, wants_usage)
 
 
 def _require_prompt(endpoint: str, body: dict[str, Any], field: str) -> None:
@@ -103,9 +128,22 @@ def _max_tokens(body: dict[str, Any], fields: tuple[str, ...]) -> tuple[tuple[st
     given = tuple(field for field in fields if body.get(field) is not None)
     for field in given:
         value = body[field]
-        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-            raise InvalidRequest(f"'{field}' must be a positive integer.", param=field, code="invalid_value")
+        if not isinstance(value, int) or isinstance(value, bool) or not 0 < value <= MAX_TOKENS_FIELD:
+            raise InvalidRequest(
+                f"'{field}' must be a positive integer up to {MAX_TOKENS_FIELD}.", param=field, code="invalid_value"
+            )
     return given, max((body[field] for field in given), default=None)
+
+
+def _prompts(endpoint: str, body: dict[str, Any]) -> int:
+    """A completions batch (an array of strings or of token arrays) gets its choices for
+    each prompt; a flat token array is one prompt."""
+    prompt = body.get("prompt")
+    if endpoint != "completions" or not isinstance(prompt, list):
+        return 1
+    if all(isinstance(p, int) and not isinstance(p, bool) for p in prompt):
+        return 1
+    return max(1, len(prompt))
 
 
 def _choices(body: dict[str, Any]) -> int:

@@ -17,6 +17,7 @@ Invariants, for every account at every moment (checked by `reconcile`):
 from __future__ import annotations
 
 import hashlib
+import secrets
 import time
 from collections.abc import Collection, Iterable
 from dataclasses import asdict, dataclass, field
@@ -308,7 +309,8 @@ class Ledger:
         fields = {name: "" if value is None else value for name, value in fields.items()}  # "" deletes
         if create:  # indexed first: an account can never exist unlisted (reconcile skips ghosts)
             await self.redis.sadd(keyspace.ACCOUNTS, account_id)
-        reply = await self._run("account", account_id, "create" if create else "update", orjson.dumps(fields))
+        token = secrets.token_hex(8) if create else ""
+        reply = await self._run("account", account_id, "create" if create else "update", orjson.dumps(fields), token)
         if reply.code == "exists":
             raise errors.InvalidRequest(f"Account {account_id!r} already exists.", code="account_exists")
         if reply.code == "no_account":

@@ -9,6 +9,7 @@ must never be smaller than the charge they stand for. Nothing here touches a flo
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from decimal import ROUND_CEILING, ROUND_HALF_UP, Decimal, InvalidOperation
 
@@ -133,8 +134,7 @@ class TierPrice:
 
     def worst(self, input_tokens: int) -> Rates:
         """The highest rate of each kind for any input of at most `input_tokens`."""
-        candidates = [self.rates, *(lc.rates for lc in self.long_context if input_tokens > lc.above_input_tokens)]
-        return Rates(*(max(kind) for kind in zip(*(r.as_tuple() for r in candidates), strict=True)))
+        return _highest([self.rates, *(lc.rates for lc in self.long_context if input_tokens > lc.above_input_tokens)])
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,9 +177,16 @@ class Price:
         """The charge for real usage: exact, rounded half-up to whole micro-USD once."""
         return int(self.exact_cost(usage, service_tier).to_integral_value(rounding=ROUND_HALF_UP))
 
+    def offers(self, service_tier: str) -> bool:
+        """Whether a request may ask for this tier: a standard name, or one priced."""
+        return service_tier in STANDARD_NAMES or any(service_tier == name for name, _ in self.tiers)
+
     def worst(self, service_tier: str | None, input_tokens: int) -> Rates:
         """The rates a reservation uses: the highest applicable to an input of at most
-        `input_tokens` at the tier asked."""
+        `input_tokens` at the tier asked. A request that names none (or `auto`) is served
+        at the upstream project's default tier, which may be any: the dearest of them."""
+        if service_tier is None or service_tier == "auto":
+            return _highest(tier.worst(input_tokens) for _, tier in self.tiers)
         return self.tier(service_tier).worst(input_tokens)
 
     def describe(self) -> list[str]:
@@ -192,6 +199,11 @@ class Price:
                 f"{name} above {lc.above_input_tokens} input tokens: {lc.rates.describe()}" for lc in tier.long_context
             ]
         return lines
+
+
+def _highest(candidates: Iterable[Rates]) -> Rates:
+    """The highest rate of each kind among `candidates`."""
+    return Rates(*(max(kind) for kind in zip(*(r.as_tuple() for r in candidates), strict=True)))
 
 
 def ceil_micro(value: Decimal) -> int:

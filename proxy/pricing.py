@@ -6,6 +6,7 @@ Built once per config, so the hot path does dictionary lookups, not config walks
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from decimal import Decimal
 
@@ -15,10 +16,12 @@ from . import config as cfg
 from . import prompts, tokens
 from .config import Config, UpstreamConfig
 from .errors import InvalidRequest
-from .intake import ENDPOINTS, ClientRequest
+from .intake import ENDPOINTS, ClientRequest, Rewrite
 from .money import STANDARD, LongContext, Price, Rates, TierPrice, ceil_micro, pico
 
 PROMPT_MARGIN_TOKENS = 8
+DEFAULT_CHAT_CAP_FIELD = "max_completion_tokens"
+REASONING_MODELS = re.compile(r"^(o\d|gpt-5|gpt-oss)")  # bill hidden reasoning as output
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,11 +32,15 @@ class Reservation:
     prompt_exact: bool  # prompt_tokens is tiktoken's exact count (else Route.prompt_tokens_exact)
     reserved_prompt_tokens: int
     reserved_output_tokens: int  # all choices, predicted output included
-    prompt_cost: int  # micro-USD, rounded up
-    output_cost: int
+    prompt_cost: int  # micro-USD, rounded up: the prompt, and a prediction's tokens (clamp cannot lower them)
+    output_cost: int  # the capped output of all choices
     output_pico: int  # output price per token in pico-USD, for clamp mode (0: nothing to clamp)
-    cap: int | None  # the per-choice output cap to forward (None: the endpoint has no output)
-    cap_field: str  # the field that carries it when the client named none
+    rewrite: Rewrite  # what the forwarded body must say so the upstream cannot exceed this
+
+    @property
+    def cap(self) -> int | None:
+        """The per-choice output cap forwarded (None: the endpoint has no output)."""
+        return self.rewrite.cap
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,27 +55,48 @@ class Route:
     output_limit: int | None  # the model's own limit, if configured
     context_window: int | None  # the most a prompt can be; reserved for what cannot be counted
     chat_cap_field: str  # the chat field that carries a forwarded cap
+    images: prompts.ImageTokens  # the most one image costs
+    max_tool_calls: int | None  # hosted-tool calls a request may make (None: hosted tools refused)
+    reasoning: bool  # bills hidden reasoning as output: an interrupted stream cannot be counted
 
     def reservation(self, client: ClientRequest) -> Reservation:
-        count = prompts.measure_prompt(client.endpoint, client.body, self.encoding)
-        reserved_prompt = self._reserved_prompt(count)
+        self._check_tier(client)
+        count = prompts.measure_prompt(client.endpoint, client.body, self.encoding, images=self.images)
+        reserved_prompt = self._reserved_prompt(count, ENDPOINTS[client.endpoint][1])
         cap = self.output_cap(client)
-        per_choice = 0 if cap is None else cap + prompts.prediction_tokens(client.body, self.encoding)
+        prediction = prompts.prediction_tokens(client.body, self.encoding) if cap is not None else 0
         rates = self.price.worst(client.service_tier, reserved_prompt)
         # every prompt token at the dearest kind it may be; audio only where uncounted parts may hold it
         input_rate = max(rates.input, rates.cached_input, rates.audio_input if count.uncountable else Decimal(0))
         output_rate = max(rates.output, rates.audio_output) if _wants_audio(client) else rates.output
+        fixed = reserved_prompt * input_rate + prediction * client.choices * output_rate
         return Reservation(
-            prompt_tokens=min(count.estimate, reserved_prompt),
-            prompt_exact=count.exact,
+            # a prompt we cannot count is charged at its bound when the upstream reports no usage
+            prompt_tokens=reserved_prompt if count.uncountable else min(count.estimate, reserved_prompt),
+            prompt_exact=count.exact or bool(count.uncountable),
             reserved_prompt_tokens=reserved_prompt,
-            reserved_output_tokens=per_choice * client.choices,
-            prompt_cost=ceil_micro(reserved_prompt * input_rate),
-            output_cost=ceil_micro(per_choice * client.choices * output_rate),
+            reserved_output_tokens=((cap or 0) + prediction) * client.choices,
+            prompt_cost=ceil_micro(fixed),
+            output_cost=ceil_micro((cap or 0) * client.choices * output_rate),
             output_pico=pico(output_rate) if cap is not None else 0,
-            cap=cap,
-            cap_field=self.cap_field(client),
+            rewrite=self.rewrite(client, cap, count.hosted_tools),
         )
+
+    def rewrite(self, client: ClientRequest, cap: int | None, hosted_tools: bool = False) -> Rewrite:
+        """The forwarded body's bounds: the cap (in the model's own field too when its
+        provider reads only that one) and, with hosted tools, their calls."""
+        always = client.endpoint == "chat" and self.chat_cap_field != DEFAULT_CHAT_CAP_FIELD
+        calls = self.max_tool_calls if hosted_tools else None
+        return Rewrite(cap, self.cap_field(client), always, calls)
+
+    def _check_tier(self, client: ClientRequest) -> None:
+        tier = client.service_tier
+        if tier is not None and not self.price.offers(tier):
+            raise InvalidRequest(
+                f"The service tier `{tier[:50]}` is not offered for the model `{self.model}`.",
+                param="service_tier",
+                code="invalid_value",
+            )
 
     def output_cap(self, client: ClientRequest) -> int | None:
         """The per-choice output cap: the largest max asked, else the model's; at most
@@ -85,14 +113,21 @@ class Route:
     def prompt_tokens_exact(self, client: ClientRequest) -> int:
         """The prompt counted exactly with tiktoken, however long (~1 s of CPU per 5 MB):
         for an estimated charge of a huge prompt, off the event loop (`asyncio.to_thread`)."""
-        return prompts.exact_prompt_tokens(client.endpoint, client.body, self.encoding)
+        return prompts.exact_prompt_tokens(client.endpoint, client.body, self.encoding, self.images)
 
-    def _reserved_prompt(self, count: prompts.PromptCount) -> int:
+    def _reserved_prompt(self, count: prompts.PromptCount, prompt_field: str) -> int:
         """Upstreams count a few tokens we cannot see (chat templates, tool plumbing):
         5% + 8 covers them. What cannot be counted here is reserved at the context
-        window, the most any prompt can be."""
+        window, the most any prompt can be; with hosted tools, once per call they may make."""
+        window = self.context_window
+        if count.exact and window and count.estimate > window:
+            raise InvalidRequest(
+                f"This model's maximum context length is {window} tokens; the prompt has {count.estimate}.",
+                param=prompt_field,
+                code="context_length_exceeded",
+            )
         if count.uncountable:
-            if not self.context_window:
+            if not window:
                 raise InvalidRequest(
                     f"`{count.uncountable}` cannot be counted by this proxy (files, audio, prompts stored upstream "
                     f"and hosted tools are sized only by the upstream): the model `{self.model}` needs "
@@ -100,9 +135,25 @@ class Route:
                     param=count.uncountable,
                     code="uncountable_input",
                 )
-            return self.context_window
-        bound = count.bound + -(-count.bound // 20) + PROMPT_MARGIN_TOKENS
-        return min(bound, self.context_window) if self.context_window else bound
+            if count.hosted_tools and self.max_tool_calls is None:
+                raise InvalidRequest(
+                    f"Hosted tools are not enabled for the model `{self.model}` (each call re-reads the context: "
+                    "the operator sets `max_tool_calls` to allow them).",
+                    param=count.uncountable,
+                    code="uncountable_input",
+                )
+            return window * (1 + (self.max_tool_calls or 0) if count.hosted_tools else 1)
+        return count.bound + -(-count.bound // 20) + PROMPT_MARGIN_TOKENS  # never capped: the window may be wrong
+
+
+def _reasons(model: cfg.ModelConfig, upstream_model: str) -> bool:
+    guessed = bool(REASONING_MODELS.match(upstream_model.rsplit("/", 1)[-1].lower()))
+    return guessed if model.reasoning is None else model.reasoning
+
+
+def _images(model: cfg.ModelConfig, upstream_model: str) -> prompts.ImageTokens:
+    own = model.image_tokens
+    return prompts.ImageTokens(own.low, own.high) if own else prompts.image_tokens_for(upstream_model)
 
 
 def _wants_audio(client: ClientRequest) -> bool:
@@ -158,6 +209,9 @@ class Catalog:
                 output_limit=limit,
                 context_window=model.max_input_tokens,
                 chat_cap_field=model.max_tokens_field,
+                images=_images(model, config.upstream_model(name)),
+                max_tool_calls=model.max_tool_calls,
+                reasoning=_reasons(model, config.upstream_model(name)),
             )
 
     def route(self, model: str) -> Route:

@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
 import tiktoken
 
 from .tokens import bound_text, measure
@@ -30,17 +31,46 @@ __all__ = [
     "prediction_tokens",
 ]
 
-# Image sizes are not knowable from a URL, so estimates take OpenAI's worst case for the
-# detail asked: low is a flat 85; high/auto is 85 + 170 per 512-px tile, at most 8 tiles
-# after scaling. A reservation must not be priced below the real cost.
+# Image sizes are not knowable from a URL, so estimates take the model's worst case for
+# the detail asked. gpt-4o: low is a flat 85; high/auto is 85 + 170 per 512-px tile, at
+# most 8 tiles after scaling. A reservation must not be priced below the real cost.
 IMAGE_TOKENS_LOW = 85
 IMAGE_TOKENS_HIGH = 85 + 170 * 8
 
 
-def _image_tokens(part: dict[str, Any]) -> int:
+@dataclass(frozen=True, slots=True)
+class ImageTokens:
+    """The most one image can cost a model, in tokens, at `detail: low` and otherwise."""
+
+    low: int
+    high: int
+
+
+GPT_4O_IMAGES = ImageTokens(IMAGE_TOKENS_LOW, IMAGE_TOKENS_HIGH)
+# Models that bill images at other rates (OpenAI's vision pricing): gpt-4o-mini at 2,833 +
+# 5,667 per tile; the 32-px patch models at up to 1,536 patches times a multiplier
+# (mini 1.62, nano 2.46, o4-mini 1.72) whatever the detail. Longest prefix wins.
+_IMAGE_TOKENS_BY_MODEL = (
+    ("gpt-4o-mini", ImageTokens(2833, 2833 + 5667 * 8)),
+    ("gpt-4.1-mini", ImageTokens(2489, 2489)),
+    ("gpt-4.1-nano", ImageTokens(3779, 3779)),
+    ("gpt-5-mini", ImageTokens(2489, 2489)),
+    ("gpt-5-nano", ImageTokens(3779, 3779)),
+    ("o4-mini", ImageTokens(2642, 2642)),
+)
+
+
+def image_tokens_for(model: str) -> ImageTokens:
+    """The image worst case of a model by its upstream name (config may override it)."""
+    name = model.rsplit("/", 1)[-1].lower()
+    found = [(len(prefix), tokens) for prefix, tokens in _IMAGE_TOKENS_BY_MODEL if name.startswith(prefix)]
+    return max(found, key=lambda f: f[0])[1] if found else GPT_4O_IMAGES
+
+
+def _image_tokens(part: dict[str, Any], images: ImageTokens) -> int:
     spec = part.get("image_url")
     detail = spec.get("detail") if isinstance(spec, dict) else part.get("detail")
-    return IMAGE_TOKENS_LOW if detail == "low" else IMAGE_TOKENS_HIGH
+    return images.low if detail == "low" else images.high
 
 
 _TOOL_OVERHEAD = 8  # per tool/function definition, beyond its JSON
@@ -61,15 +91,19 @@ class PromptCount:
     bound: int  # never below tiktoken's count of the countable parts
     exact: bool
     uncountable: str | None  # the first part that cannot be counted here, as a param path
+    hosted_tools: bool = False  # tools the upstream runs, each call re-reading the context
 
 
 class _Tally:
     """Collects prompt strings plus fixed overhead, then tokenizes once, bounded."""
 
-    def __init__(self) -> None:
+    def __init__(self, images: ImageTokens) -> None:
         self.texts: list[str] = []
         self.fixed = 0
+        self.extra_bound = 0  # tokens at most, of what is not tokenized (opaque or too deep): its bytes
+        self.images = images
         self.uncountable: str | None = None
+        self.hosted_tools = False
 
     def text(self, value: Any) -> None:
         if isinstance(value, str) and value:
@@ -85,13 +119,22 @@ class _Tally:
         try:
             dumped = json.dumps(value, separators=(",", ":"), ensure_ascii=False, default=str)
         except (ValueError, TypeError, RecursionError):
+            self.opaque(value)
             return
         self.text(dumped)
+
+    def opaque(self, value: Any) -> None:
+        """Something the upstream reads but we do not tokenize: its bytes bound its tokens."""
+        try:
+            self.extra_bound += len(orjson.dumps(value))
+        except (orjson.JSONEncodeError, TypeError):
+            pass  # it cannot be forwarded either (intake.upstream_body refuses it)
 
     def count(self, enc: tiktoken.Encoding, exact: bool = False) -> PromptCount:
         """Per-string counting, as in the OpenAI cookbook recipe; bounded unless `exact`."""
         m = measure(enc, self.texts, sys.maxsize, sys.maxsize) if exact else measure(enc, self.texts)
-        return PromptCount(self.fixed + m.estimate, self.fixed + m.bound, m.exact, self.uncountable)
+        bound = self.fixed + m.bound + self.extra_bound
+        return PromptCount(self.fixed + m.estimate, bound, m.exact, self.uncountable, self.hosted_tools)
 
 
 def _as_list(value: Any) -> list[Any]:
@@ -105,6 +148,7 @@ def _tools(tally: _Tally, body: dict[str, Any]) -> None:
             tally.fixed += _TOOL_OVERHEAD
             if key == "tools" and isinstance(tool, dict) and tool.get("type", "function") not in _CLIENT_TOOLS:
                 tally.cannot_count(f"tools[{i}]")  # file_search, web_search, mcp, ...: input retrieved upstream
+                tally.hosted_tools = True
 
 
 def _token_array(tally: _Tally, value: Any) -> None:
@@ -132,12 +176,12 @@ def _chat_content(tally: _Tally, content: Any, param: str) -> None:
         if not isinstance(part, dict):
             tally.text(part)
             continue
-        kind = part.get("type")
-        if kind == "image_url":
-            tally.fixed += _image_tokens(part)
+        kind = part.get("type")  # classified by type alone: a stray `text` key hides nothing
+        if kind in ("image_url", "input_image"):
+            tally.fixed += _image_tokens(part, tally.images)
         elif kind == "refusal":
             tally.text(part.get("refusal"))
-        elif kind in (None, "text") or "text" in part:
+        elif kind in (None, "text", "input_text"):
             tally.text(part.get("text"))
         else:  # file, input_audio, ...: their size is knowable only upstream
             tally.cannot_count(f"{param}[{j}]")
@@ -221,14 +265,16 @@ def _walk_strings(tally: _Tally, value: Any, param: str) -> None:
         if isinstance(node, str):
             tally.text(node)
         elif depth >= _MAX_DEPTH:
-            continue
+            tally.opaque(node)  # not walked, still bounded
         elif isinstance(node, list):
             stack.extend((item, depth + 1) for item in reversed(node))
         elif isinstance(node, dict):
             if node.get("type") in _IMAGE_TYPES:
-                tally.fixed += _image_tokens(node)
+                tally.fixed += _image_tokens(node, tally.images)
             elif node.get("type") in _UNCOUNTABLE_TYPES:
                 tally.cannot_count(param)
+            if isinstance(node.get("encrypted_content"), str):  # reasoning the upstream decrypts into the prompt
+                tally.extra_bound += len(node["encrypted_content"])
             children: Iterable[tuple[Any, int]] = ((v, depth + 1) for k, v in node.items() if k not in _OPAQUE_KEYS)
             stack.extend(reversed(list(children)))
 
@@ -270,7 +316,9 @@ _ENDPOINTS: dict[str, Callable[[_Tally, dict[str, Any]], None]] = {
 }
 
 
-def measure_prompt(endpoint: str, body: Any, enc: tiktoken.Encoding, exact: bool = False) -> PromptCount:
+def measure_prompt(
+    endpoint: str, body: Any, enc: tiktoken.Encoding, exact: bool = False, images: ImageTokens = GPT_4O_IMAGES
+) -> PromptCount:
     """Prompt tokens of a request body of the given endpoint.
 
     ``endpoint`` is "chat", "completions", "embeddings" or "responses"
@@ -281,7 +329,7 @@ def measure_prompt(endpoint: str, body: Any, enc: tiktoken.Encoding, exact: bool
     walker = _ENDPOINTS.get(endpoint)
     if walker is None:
         raise ValueError(f"unknown endpoint {endpoint!r}; expected one of {sorted(_ENDPOINTS)}")
-    tally = _Tally()
+    tally = _Tally(images)
     if isinstance(body, dict):
         walker(tally, body)
     return tally.count(enc, exact)
@@ -292,9 +340,9 @@ def estimate_prompt_tokens(endpoint: str, body: Any, enc: tiktoken.Encoding) -> 
     return measure_prompt(endpoint, body, enc).estimate
 
 
-def exact_prompt_tokens(endpoint: str, body: Any, enc: tiktoken.Encoding) -> int:
+def exact_prompt_tokens(endpoint: str, body: Any, enc: tiktoken.Encoding, images: ImageTokens = GPT_4O_IMAGES) -> int:
     """The prompt counted exactly, however long: run it off the event loop."""
-    return measure_prompt(endpoint, body, enc, exact=True).estimate
+    return measure_prompt(endpoint, body, enc, exact=True, images=images).estimate
 
 
 def prediction_tokens(body: dict[str, Any], enc: tiktoken.Encoding) -> int:

@@ -79,6 +79,7 @@ class Meter:
     timing: dict[str, float] = field(default_factory=dict)  # upstream_ms, ttft_ms for the access log
     answered: bool = False  # the upstream accepted the request: its prompt is being billed
     prompt_exact: bool = True  # prompt_tokens is tiktoken's count (else an estimate of a huge prompt)
+    output_bound: int = 0  # the output the upstream may write (the forwarded cap, all choices)
     _checkpointed: tuple[bool, int] = (False, 0)  # (answered, output chars) last checkpointed
 
     @property
@@ -90,6 +91,8 @@ class Meter:
         (the prompt as estimated, the output text seen; tokenized only in that case)."""
         if usage is None:
             counted = output.count(self.route.encoding) if output is not None else 0
+            if self.route.reasoning and self.answered:  # its hidden reasoning cannot be counted: the bound
+                counted = max(counted, self.output_bound)
             usage = Usage(input_tokens=self.prompt_tokens, output_tokens=counted)
             self.estimated = True
         self.usage = usage
@@ -245,7 +248,7 @@ async def admit(state: State, request: web.Request, endpoint: str, req_id: str) 
         )
     reservation = route.reservation(client)
     # built before admitting: an unsendable body is a 400
-    body = client.upstream_body(route.upstream_model, reservation.cap, reservation.cap_field)
+    body = client.upstream_body(route.upstream_model, reservation.rewrite)
     admission = await state.ledger.admit(
         key.account_id,
         key.key_id,
@@ -259,13 +262,17 @@ async def admit(state: State, request: web.Request, endpoint: str, req_id: str) 
         choices=client.choices,
     )
     metrics.RESERVATIONS_OPEN.inc()
+    cap = reservation.cap
     if admission.downgrade_to:
         route = state.catalog.route(admission.downgrade_to)
-        body = client.upstream_body(route.upstream_model, route.output_cap(client), route.cap_field(client))
+        cap = route.output_cap(client)
+        body = client.upstream_body(route.upstream_model, route.rewrite(client, cap))
     if admission.clamp_tokens:
-        body = client.upstream_body(route.upstream_model, admission.clamp_tokens, reservation.cap_field)
+        cap = admission.clamp_tokens
+        body = client.upstream_body(route.upstream_model, dataclasses.replace(reservation.rewrite, cap=cap))
     meter = Meter(state, key.account_id, key.key_id, req_id, route, client, admission, reservation.prompt_tokens, body)
     meter.prompt_exact = reservation.prompt_exact
+    meter.output_bound = (cap or 0) * client.choices
     state.inflight[req_id] = meter  # checkpointed while it runs (app.py)
     return meter
 

@@ -39,8 +39,9 @@ def bare_lf(path: str, credential: str) -> bytes:
 
 
 async def test_no_secret_reaches_stdout_or_stderr(
-    redis_server: EmbeddedRedis, upstream: DemoUpstream, receiver: Receiver, tmp_path: Path
+    redis_server: EmbeddedRedis, redis: Any, upstream: DemoUpstream, receiver: Receiver, tmp_path: Path
 ) -> None:
+    """`redis` flushes the shared server first: the account it creates must be new."""
     admin_token, old_secret = secrets.token_urlsafe(24), new_secret()
     port, admin_port = free_port(), free_port()
     config = deep_merge(BASE_CONFIG, {

@@ -1,6 +1,7 @@
 -- account.lua: create or update an account's settings (not its money).
 -- KEYS: see lib/base.lua.  ARGV (after ctx, clock offset): 3 'create' | 'update',
--- 4 JSON of fields to set (string values; '' deletes the field).
+-- 4 JSON of fields to set (string values; '' deletes the field), 5 a token unique to
+-- this create call (a retry of it returns the account it made, not 'exists').
 -- reply ok: fields
 -- reply exists:
 -- reply no_account:
@@ -14,7 +15,11 @@ for field, _ in pairs(fields) do
   if not SETTINGS[field] then return reply({'invalid', field}) end
 end
 local exists = next(acct()) ~= nil
-if op == 'create' and exists then return reply({'exists'}) end
+if op == 'create' and exists then
+  -- this very call retried after its reply was lost: it created the account
+  if ARGV[5] ~= '' and acct_get('create_token') == ARGV[5] then return reply({'ok', redis.call('HGETALL', K.acct)}) end
+  return reply({'exists'})
+end
 if op == 'update' and not exists then return reply({'no_account'}) end
 local now = now_ms()
 -- A plan change ends the old plan's allocation: its remainder is voided, so switching
@@ -31,7 +36,7 @@ end
 if op == 'create' then
   redis.call('HSET', K.acct, 'created_ms', fmt(now), 'status', 'active', 'balance', '0',
              'reserved', '0', 'debt', '0', 'held', '0', 'lifetime_paid', '0',
-             'lifetime_consumed', '0')
+             'lifetime_consumed', '0', 'create_token', ARGV[5])
 end
 for field, value in pairs(fields) do
   if value == '' then redis.call('HDEL', K.acct, field) else redis.call('HSET', K.acct, field, value) end

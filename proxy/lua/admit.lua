@@ -123,7 +123,8 @@ if reserve > avail then
     clamp = affordable
     reserve = prompt_cost + math.ceil(affordable * per_choice / 1000000)
     tokens = prompt_tokens + affordable * n
-  elseif plan and plan.downgrade_to and plan.downgrade_to ~= '' and plan.downgrade_to ~= model then
+  elseif plan and plan.downgrade_to and plan.downgrade_to ~= '' and plan.downgrade_to ~= model
+         and avail < prompt_cost then  -- exhausted: not even the prompt fits (a big ask alone is a 402)
     downgrade = plan.downgrade_to
     reserve = 0
   else
