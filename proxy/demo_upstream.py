@@ -220,7 +220,11 @@ class DemoUpstream:
         self.stream_chunks_sent, self.client_disconnected = 0, False  # of the latest stream
         self.stream_closed.clear()
         resp = web.StreamResponse(headers=SSE_HEADERS)
-        await resp.prepare(request)
+        try:
+            await resp.prepare(request)
+        except ConnectionError:  # the client gave up before we answered: nothing served
+            self.client_disconnected = True
+            return resp
         self._mark_served(request)
         request_id = request.headers.get("x-request-id", "")
         sent = 0  # this stream's own count: concurrent streams each cut at their own
