@@ -6,7 +6,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 CONFIG ?= config.example.yaml
 
-.PHONY: run demo-upstream test lint typecheck bench clean
+.PHONY: run demo-upstream test soak lint typecheck bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,11 @@ demo-upstream: $(VENV)/.installed
 
 test: $(VENV)/.installed-dev
 	$(BIN)/python -m pytest -q
+
+# The CI chaos run (tests/chaos.py), longer: SOAK_SECONDS=600 (default), CHAOS_SEED=1 (default)
+SOAK_SECONDS ?= 600
+soak: $(VENV)/.installed-dev
+	CHAOS_SECONDS=$(SOAK_SECONDS) $(BIN)/python -m pytest -q -s tests/test_chaos.py
 
 lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check proxy tests bench

@@ -93,6 +93,11 @@ class Proxy:
         ledger = Ledger(redis, config, fast=lean_client(url, config))
         with contextlib.suppress(*errors.STORE_DOWN):  # else the worker claims it
             await ledger.claim_tier_generation()
+        if ledger.durability is not None:
+            with contextlib.suppress(*errors.STORE_DOWN):  # else the first admin write probes
+                barrier = await ledger.durability.probe(redis)
+                note = log.error if ledger.durability.unconfirmable else log.info
+                note("durable_admin_writes", barrier=barrier)
         catalog = await asyncio.to_thread(Catalog, config)  # loads tiktoken encodings (~1 s CPU)
         upstream = Upstream(config.secrets())
         await upstream.start()

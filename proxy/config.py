@@ -185,6 +185,16 @@ class RedisConfig(_Frozen):
     cluster: bool = False
     max_connections: PosInt = 128  # per process (per node on a cluster); callers beyond it wait
     pool_timeout_s: PosFloat = 2.0  # the longest wait for a free connection, then 503
+    # grants, voids and adjustments answer 2xx only once Redis confirms them on disk
+    # (WAITAOF) and on `durable_replicas` replicas; else 503 (docs/reliability.md)
+    durable_admin_writes: bool = False
+    durable_replicas: Annotated[int, Field(ge=0)] = 0
+
+    @model_validator(mode="after")
+    def _durable_not_on_cluster(self) -> "RedisConfig":
+        if self.durable_admin_writes and self.cluster:
+            raise ValueError("durable_admin_writes is not supported with cluster: true (WAITAOF is per node)")
+        return self
 
 
 class UpstreamConfig(_Frozen):

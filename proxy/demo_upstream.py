@@ -11,10 +11,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import contextvars
 import itertools
 import struct
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -109,6 +110,9 @@ class _Reply:
         return "".join(self.tokens)
 
 
+_ACTIVE: contextvars.ContextVar[Fault | None] = contextvars.ContextVar("demo_upstream_fault", default=None)
+
+
 class _Cut(Exception):
     """Raised by the SSE writer once fault.cut_after_chunks events went out."""
 
@@ -122,6 +126,9 @@ class DemoUpstream:
         self.deferred_usage: list[Json] = []  # what background responses bill once they finish
         self.client_disconnected = False
         self.stream_closed = asyncio.Event()  # set whenever a stream ends, for any reason
+        # per-request faults (concurrent traffic): a request's own Fault, else `fault`
+        self.fault_for: Callable[[RecordedRequest], Fault | None] | None = None
+        self.served: list[str] = []  # x-request-ids of 2xx answers started on an open connection
         self._ids = itertools.count(1)
         self._runner: web.AppRunner | None = None
         self.base_url = ""
@@ -134,6 +141,18 @@ class DemoUpstream:
         self.deferred_usage.clear()
         self.client_disconnected = False
         self.stream_closed.clear()
+        self.fault_for = None
+        self.served.clear()
+
+    @property
+    def active(self) -> Fault:
+        """The fault of the request being answered (`fault_for`), else the global one."""
+        return _ACTIVE.get() or self.fault
+
+    def _mark_served(self, request: web.Request) -> None:
+        """A 2xx answer starts; one the proxy gave up on (closed) was not served."""
+        if request.transport is not None and not request.transport.is_closing():
+            self.served.append(request.headers.get("x-request-id", ""))
 
     def make_app(self) -> web.Application:
         app = web.Application(middlewares=[self._middleware])
@@ -170,17 +189,28 @@ class DemoUpstream:
             body = None
         request[BODY_KEY] = body if isinstance(body, dict) else {}
         headers = CIMultiDict(request.headers)
-        self.requests.append(RecordedRequest(request.method, request.path, headers, body))
-        if self.fault.delay_before_headers_s:
-            await asyncio.sleep(self.fault.delay_before_headers_s)
-        if self.fault.status is not None:
-            return _error(self.fault.status, self.fault.error_message)
+        record = RecordedRequest(request.method, request.path, headers, body)
+        self.requests.append(record)
+        token = _ACTIVE.set(self.fault_for(record) if self.fault_for is not None else None)
+        try:
+            response = await self._answer(request, handler, body)
+        finally:
+            _ACTIVE.reset(token)
+        if response.status < 300 and not response.prepared:  # streams are marked as they start
+            self._mark_served(request)
+        return response
+
+    async def _answer(self, request: web.Request, handler: Handler, body: Any) -> web.StreamResponse:
+        if self.active.delay_before_headers_s:
+            await asyncio.sleep(self.active.delay_before_headers_s)
+        if self.active.status is not None:
+            return _error(self.active.status, self.active.error_message)
         if request.method == "POST" and handler != self._not_found and not isinstance(body, dict):
             return _error(400, "We could not parse the JSON body of your request.")
         return await handler(request)
 
     def _reply(self, body: Json, *max_fields: str) -> _Reply:
-        f = self.fault
+        f = self.active
         read = [m for m in max_fields if f.max_fields_read is None or m in f.max_fields_read]
         caps = [body[field] for field in read if isinstance(body.get(field), int)]
         limit = None if f.ignore_max_tokens or not caps else min(caps)
@@ -188,7 +218,7 @@ class DemoUpstream:
         n = wanted if limit is None else max(0, min(limit, wanted))
         finish = "length" if limit is not None and limit < wanted else "stop"
         tokens = [f"tok{i}" if i == 0 else f" tok{i}" for i in range(n)]
-        if self.fault.echo_key and tokens and self.requests:
+        if self.active.echo_key and tokens and self.requests:
             tokens[0] = f"your key is {self.requests[-1].headers.get('authorization', '')} " + tokens[0]
         prompt = real_prompt_tokens(body) if f.count_prompt else f.prompt_tokens
         if f.bill_images:
@@ -199,9 +229,9 @@ class DemoUpstream:
         return _Reply(str(body.get("model", "demo-model")), tokens, finish, usage, copies)
 
     def _usage(self, prompt: int, visible: int, rejected: int = 0, copies: int = 1) -> Json | None:
-        if self.fault.omit_usage:
+        if self.active.omit_usage:
             return None
-        f = self.fault
+        f = self.active
         completion = (visible + f.reasoning_tokens + f.audio_completion_tokens + rejected) * copies
         return {
             "prompt_tokens": prompt,
@@ -217,20 +247,27 @@ class DemoUpstream:
         }
 
     def _tier(self) -> Json:
-        return {"service_tier": self.fault.service_tier} if self.fault.service_tier else {}
+        return {"service_tier": self.active.service_tier} if self.active.service_tier else {}
 
     def _id(self, prefix: str) -> str:
         return f"{prefix}{next(self._ids)}"
 
     async def _stream(self, request: web.Request, events: Iterator[Event]) -> web.StreamResponse:
-        self.stream_chunks_sent, self.client_disconnected = 0, False
+        self.stream_chunks_sent, self.client_disconnected = 0, False  # of the latest stream
         self.stream_closed.clear()
         resp = web.StreamResponse(headers=SSE_HEADERS)
-        await resp.prepare(request)
+        try:
+            await resp.prepare(request)
+        except ConnectionError:  # the client gave up before we answered: nothing served
+            self.client_disconnected = True
+            return resp
+        self._mark_served(request)
         request_id = request.headers.get("x-request-id", "")
+        sent = 0  # this stream's own count: concurrent streams each cut at their own
         try:
             for name, data in events:
-                await self._send(resp, name, data)
+                await self._send(resp, name, data, sent)
+                sent = self.stream_chunks_sent = sent + 1
                 self.chunks_by_request[request_id] = self.chunks_by_request.get(request_id, 0) + 1
             await resp.write_eof()
         except _Cut:
@@ -247,19 +284,18 @@ class DemoUpstream:
             self.stream_closed.set()
         return resp
 
-    async def _send(self, resp: web.StreamResponse, name: str | None, data: Json | bytes) -> None:
-        f = self.fault
-        if f.cut_after_chunks is not None and self.stream_chunks_sent >= f.cut_after_chunks:
+    async def _send(self, resp: web.StreamResponse, name: str | None, data: Json | bytes, sent: int) -> None:
+        f = self.active
+        if f.cut_after_chunks is not None and sent >= f.cut_after_chunks:
             raise _Cut
-        if f.chunk_delay_s and self.stream_chunks_sent:
+        if f.chunk_delay_s and sent:
             await asyncio.sleep(f.chunk_delay_s)
         payload = data if isinstance(data, bytes) else orjson.dumps(data)
         head = f"event: {name}\n".encode() if name else b""
         await resp.write(head + b"data: " + payload + b"\n\n")
-        self.stream_chunks_sent += 1
 
     def _mid_stream_error(self, i: int, n: int) -> bool:
-        return self.fault.stream_error_event and i == n // 2
+        return self.active.stream_error_event and i == n // 2
 
     async def _chat(self, request: web.Request) -> web.StreamResponse:
         body = request[BODY_KEY]
@@ -319,7 +355,7 @@ class DemoUpstream:
         r = self._reply(body, "max_output_tokens")
         rid, mid, created = self._id("resp_"), self._id("msg_"), int(time.time())
         final = self._response_obj(r, rid, mid, created)
-        if self.fault.honour_background and body.get("background") is True and not body.get("stream"):
+        if self.active.honour_background and body.get("background") is True and not body.get("stream"):
             self.deferred_usage.append(final["usage"])  # billed when the background job is done
             return _json({**final, "status": "queued", "output": [], "usage": None, "background": True})
         if body.get("stream"):
@@ -328,7 +364,7 @@ class DemoUpstream:
 
     def _response_obj(self, r: _Reply, rid: str, mid: str, created: int) -> Json:
         """The final Response object; its status follows fault.responses_final_event."""
-        status = self.fault.responses_final_event.removeprefix("response.")
+        status = self.active.responses_final_event.removeprefix("response.")
         failed = status == "failed"
         return {
             "id": rid,
@@ -382,7 +418,7 @@ class DemoUpstream:
         yield ev("response.content_part.done", **loc, part={**part, "text": r.text})
         done_item = _message_item(mid, r.text, "completed" if final["status"] == "completed" else "incomplete")
         yield ev("response.output_item.done", output_index=0, item=done_item)
-        yield ev(self.fault.responses_final_event, response=final)
+        yield ev(self.active.responses_final_event, response=final)
 
     async def _embeddings(self, request: web.Request) -> web.StreamResponse:
         body: Json = request[BODY_KEY]
@@ -393,8 +429,8 @@ class DemoUpstream:
         vectors = [_vector(i, as_b64) for i in range(len(items))]
         data = [{"object": "embedding", "index": i, "embedding": v} for i, v in enumerate(vectors)]
         out: Json = {"object": "list", "data": data, "model": str(body.get("model", "demo-embedding"))}
-        if not self.fault.omit_usage:
-            p = self.fault.prompt_tokens
+        if not self.active.omit_usage:
+            p = self.active.prompt_tokens
             out["usage"] = {"prompt_tokens": p, "total_tokens": p}
         return _json(out)
 

@@ -85,10 +85,13 @@ def free_port() -> int:
 
 
 class EmbeddedRedis:
-    def __init__(self, data_dir: Path, port: int | None = None, binary: str | None = None) -> None:
+    def __init__(
+        self, data_dir: Path, port: int | None = None, binary: str | None = None, appendfsync: str = "everysec"
+    ) -> None:
         self.data_dir = data_dir
         self.port = port or free_port()
         self.binary = binary  # None: server_binary()
+        self.appendfsync = appendfsync  # "always": every acknowledged write is on disk
         self.process: subprocess.Popen[bytes] | None = None
         self._lock_fd: int | None = None
 
@@ -111,7 +114,7 @@ class EmbeddedRedis:
             "--appendonly",
             "yes",
             "--appendfsync",
-            "everysec",
+            self.appendfsync,
             "--save",
             "",
             "--protected-mode",

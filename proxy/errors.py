@@ -120,6 +120,14 @@ class StoreUnavailable(ProxyError):
     code = "metering_unavailable"
 
 
+class WriteNotDurable(ProxyError):
+    """An admin money write Redis could not confirm on disk (redis.durable_admin_writes)."""
+
+    status = 503
+    type = "server_error"
+    code = "write_not_durable"
+
+
 # Redis failures that mean "the store cannot answer now", mapped to StoreUnavailable
 # (fail closed, 503; a settlement retries). Both transports (redis-py and resp.py) raise
 # redis-py's types for the same replies. ConnectionError covers a full pool

@@ -61,6 +61,7 @@ def dead_letters(account_id: str) -> str:
 ACCOUNTS = f"{PREFIX}:accounts"
 TIER_GENERATIONS = f"{PREFIX}:tiers:gen"  # sha1 of a tier table -> its generation
 TIER_COUNTER = f"{PREFIX}:tiers:counter"
+DURABLE_BARRIER = f"{PREFIX}:durable"  # counter bumped before WAITAOF: see ledger.Durability
 DEAD_LETTERS = f"{PREFIX}:dead"  # set of account ids with a non-empty dead-letter list
 
 

@@ -31,6 +31,7 @@ from redis.asyncio import Redis, RedisCluster
 
 from . import errors, keyspace, metrics, scripts
 from .config import Config
+from .durability import APPLIED, WRITES, Durability
 from .money import split_exact, usd
 from .resp import Packed, RespClient
 from .scripts import SCRIPTS, AccountView, Admission, Reaped, Reply, Settlement
@@ -86,9 +87,14 @@ class Ledger:
     clock_offset_ms: int = 0  # tests move time forward; always 0 in production
     fast: RespClient | None = None  # the hot path's lean client (resp.py), when the URL allows
     tier_generation: int = 0  # of this config's tier table (claim_tier_generation); 0: unknown yet
+    durability: Durability | None = None  # redis.durable_admin_writes (durability.py)
     _contexts: dict[str, bytes] = field(default_factory=dict)
     _packed: dict[tuple[str, str], Packed] = field(default_factory=dict)
     _packed_contexts: dict[str, Packed] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.durability is None:
+            self.durability = Durability.of(self.config)
 
     def use_config(self, config: Config) -> None:
         self.config = config
@@ -127,11 +133,12 @@ class Ledger:
         call = _Call(name, account_id, model, (self.clock_offset_ms, *args), watch_due, extra_keys)
         started = time.perf_counter()
         try:
+            run = self._evalsha_durable if name in WRITES and self.durability else self._evalsha
             try:
-                raw = await self._evalsha(call)
+                raw = await run(call)
             except redis_errors.NoScriptError:  # Redis restarted or flushed its script cache
                 await self._load(name)
-                raw = await self._evalsha(call)
+                raw = await run(call)
             reply = SCRIPTS[name].decode(raw)
             if reply.events:  # the script raised webhook events: have them delivered now
                 await self.watch(account_id, 0)
@@ -171,6 +178,26 @@ class Ledger:
                 raise result
             return result
         return await self.redis.evalsha(*script)
+
+    async def _evalsha_durable(self, call: _Call) -> Any:
+        """An admin money write and its durability barrier on one connection (durability.py)."""
+        durability = self.durability
+        assert durability is not None
+        await durability.probe(self.redis)
+        if durability.unconfirmable:
+            raise errors.WriteNotDurable(durability.unconfirmable)
+        keys = keyspace.script_keys(call.account_id, call.model)
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.evalsha(SCRIPTS[call.name].sha, len(keys), *keys, self._context(call.model), *call.args)
+        if durability.barrier:
+            pipe.incr(keyspace.DURABLE_BARRIER)
+            pipe.execute_command(*durability.barrier)
+        result, *barrier = await pipe.execute(raise_on_error=False)
+        if isinstance(result, Exception):
+            raise result
+        if barrier and result[0] in APPLIED and not durability.confirmed(barrier[-1]):
+            raise errors.WriteNotDurable(durability.refusal(barrier[-1]))
+        return result
 
     async def _evalsha_fast(self, call: _Call) -> Any:
         assert self.fast is not None

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -106,3 +107,84 @@ async def funded_key(redis: Redis, config: Any, account_id: str = "acme", micro:
     await ledger.grant(account_id, {"id": "grant_1", "kind": "paid", "amount": str(micro)})
     _, key = await Accounts(redis, ledger).create_key(account_id)
     return key
+
+
+@dataclass(frozen=True)
+class ChildConfig:
+    """Where a proxy in a child process listens, and its config (file and parsed)."""
+
+    port: int
+    admin_port: int
+    path: Path
+    config: Any  # proxy.config.Config
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def admin_url(self) -> str:
+        return f"http://127.0.0.1:{self.admin_port}"
+
+
+def child_config(
+    tmp_path: Path, upstream_url: str, redis_url: str, extra: dict[str, Any] | None = None, name: str = "proxy"
+) -> ChildConfig:
+    """A config file for a proxy in a child process, on ports of its own and its own
+    data_dir (`tmp_path/name/data`)."""
+    import yaml
+
+    from proxy.configfile import parse_config
+    from proxy.embedded import free_port
+
+    from .conftest import BASE_CONFIG, deep_merge  # conftest imports this module first
+
+    port, admin_port = free_port(), free_port()
+    data = deep_merge(BASE_CONFIG, {
+        "server": {"port": port, "admin_port": admin_port},
+        "redis": {"url": redis_url},
+        "upstreams": {"openai": {"base_url": upstream_url}},
+        "data_dir": str(tmp_path / name / "data"),
+    })  # fmt: skip
+    text = yaml.safe_dump(deep_merge(data, extra or {}))
+    path = tmp_path / name / "config.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return ChildConfig(port, admin_port, path, parse_config(text))
+
+
+def raise_fd_limit() -> None:
+    """Thousands of concurrent sockets: lift the soft descriptor limit to the hard one
+    (children inherit it)."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+async def scrape(admin_url: str) -> dict[str, list[tuple[dict[str, str], float]]]:
+    """A proxy's /metrics (admin listener): sample name -> [(labels, value)]."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    async with aiohttp.ClientSession() as session:
+        async with session.get(f"{admin_url}/metrics") as resp:
+            assert resp.status == 200, resp.status
+            text = await resp.text()
+    samples: dict[str, list[tuple[dict[str, str], float]]] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples.setdefault(sample.name, []).append((sample.labels, sample.value))
+    return samples
+
+
+def histogram_figures(samples: dict[str, list[tuple[dict[str, str], float]]], name: str) -> dict[str, float]:
+    """count, p50, p99 and max of a Prometheus histogram, each quantile as the upper bound
+    of the bucket it falls in (what a histogram can honestly say)."""
+    buckets = sorted((float(labels["le"]), value) for labels, value in samples.get(f"{name}_bucket", []))
+    count = buckets[-1][1] if buckets else 0.0
+
+    def bound(q: float) -> float:
+        return next((le for le, seen in buckets if seen >= q * count), 0.0) if count else 0.0
+
+    return {"count": count, "p50": bound(0.5), "p99": bound(0.99), "max": bound(1.0)}
