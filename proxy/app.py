@@ -81,7 +81,8 @@ class Proxy:
         config = self.config
         logs.REDACTOR.use(config.secrets())
         if config.redis is None:
-            self.embedded = EmbeddedRedis(config.data_dir / "redis")
+            # a billing store: every acknowledged write on disk (fsyncs are grouped per event-loop turn)
+            self.embedded = EmbeddedRedis(config.data_dir / "redis", appendfsync="always")
             url = await self.embedded.start()
             log.warning(
                 "embedded_redis", port=self.embedded.port, note="for production set redis.url to a managed Redis"

