@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+from collections.abc import AsyncIterator
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 import openai
+import pytest
 from prometheus_client import REGISTRY
 
 from proxy import journal, keyspace, reconcile
@@ -77,17 +79,21 @@ async def test_usage_beyond_the_reservation_is_charged_flagged_and_counted(
     assert not await reconcile.check_account(proxy.state.redis, "acme")
 
 
-async def test_streams_served_through_a_redis_outage_are_charged_once_it_returns(
-    start_proxy: Any, upstream: DemoUpstream, tmp_path: Path
-) -> None:
-    server = EmbeddedRedis(tmp_path / "redis")
+@pytest.fixture
+async def own_redis(tmp_path: Path) -> AsyncIterator[EmbeddedRedis]:
+    """A Redis of this test's own, to kill and restart: it fsyncs every write, so a kill
+    loses nothing it acknowledged (unless the test takes it away on purpose)."""
+    server = EmbeddedRedis(tmp_path / "redis", appendfsync="always")
     await server.start()
-    try:
-        running = await start_proxy({"redis": {"url": server.url}})
-        await running.state.redis.config_set("appendfsync", "always")  # nothing acknowledged is lost by a kill
-        await outage_scenario(running, upstream, server)
-    finally:
-        server.stop()
+    yield server
+    server.stop()
+
+
+async def test_streams_served_through_a_redis_outage_are_charged_once_it_returns(
+    start_proxy: Any, upstream: DemoUpstream, own_redis: EmbeddedRedis
+) -> None:
+    running = await start_proxy({"redis": {"url": own_redis.url}})
+    await outage_scenario(running, upstream, own_redis)
 
 
 async def outage_scenario(running: Running, upstream: DemoUpstream, server: EmbeddedRedis) -> None:
@@ -129,39 +135,34 @@ async def outage_scenario(running: Running, upstream: DemoUpstream, server: Embe
 
 
 async def test_settlements_a_restarted_redis_lost_are_settled_again(
-    start_proxy: Any, upstream: DemoUpstream, tmp_path: Path
+    start_proxy: Any, upstream: DemoUpstream, own_redis: EmbeddedRedis, tmp_path: Path
 ) -> None:
-    server = EmbeddedRedis(tmp_path / "redis")
-    await server.start()
-    try:
-        running = await start_proxy({"redis": {"url": server.url}})
-        await running.state.redis.config_set("appendfsync", "always")
-        key = await running.account("acme", "10")
-        await wait_for(lambda: running.proxy.worker is not None and running.proxy.worker.server_id is not None)
-        aof = tmp_path / "redis" / "appendonlydir"
-        snapshot = tmp_path / "before-the-request"
-        shutil.copytree(aof, snapshot)  # what a failover to a lagging replica, or a lost AOF tail, leaves
-        raw = await running.client(key).chat.completions.with_raw_response.create(
-            model="gpt-4o", messages=[{"role": "user", "content": "hi"}]
-        )
-        assert raw.headers["x-metering-cost-usd"] == "0.000075"  # settled, acknowledged by Redis
-        assert server.process is not None
-        server.process.kill()
-        server.process.wait()
-        shutil.rmtree(aof)
-        shutil.copytree(snapshot, aof)
-        await server.start()  # a new server (new run id) without the request's admission and settlement
-        redis = running.state.redis
-        usage: list[dict[str, Any]] = []
-        for _ in range(300):  # the worker notices the new server within a tick or two
-            usage = [e for e in await entries(redis, "acme") if e["type"] == "usage"]
-            if usage:
-                break
-            await asyncio.sleep(0.05)  # polling the ledger, bounded
-        assert [e["request_id"] for e in usage] == [raw.headers["x-request-id"]]
-        assert usage[0]["amount"] == "-75" and usage[0]["unreserved"] is True  # its admission was lost too
-        view = await running.balance("acme")
-        assert view.balance == 10_000_000 - 75 and view.reserved == 0
-        assert not await reconcile.check_account(redis, "acme")
-    finally:
-        server.stop()
+    server = own_redis
+    running = await start_proxy({"redis": {"url": server.url}})
+    key = await running.account("acme", "10")
+    await wait_for(lambda: running.proxy.worker is not None and running.proxy.worker.server_id is not None)
+    aof = tmp_path / "redis" / "appendonlydir"
+    snapshot = tmp_path / "before-the-request"
+    shutil.copytree(aof, snapshot)  # what a failover to a lagging replica, or a lost AOF tail, leaves
+    raw = await running.client(key).chat.completions.with_raw_response.create(
+        model="gpt-4o", messages=[{"role": "user", "content": "hi"}]
+    )
+    assert raw.headers["x-metering-cost-usd"] == "0.000075"  # settled, acknowledged by Redis
+    assert server.process is not None
+    server.process.kill()
+    server.process.wait()
+    shutil.rmtree(aof)
+    shutil.copytree(snapshot, aof)
+    await server.start()  # a new server (new run id) without the request's admission and settlement
+    redis = running.state.redis
+    usage: list[dict[str, Any]] = []
+    for _ in range(300):  # the worker notices the new server within a tick or two
+        usage = [e for e in await entries(redis, "acme") if e["type"] == "usage"]
+        if usage:
+            break
+        await asyncio.sleep(0.05)  # polling the ledger, bounded
+    assert [e["request_id"] for e in usage] == [raw.headers["x-request-id"]]
+    assert usage[0]["amount"] == "-75" and usage[0]["unreserved"] is True  # its admission was lost too
+    view = await running.balance("acme")
+    assert view.balance == 10_000_000 - 75 and view.reserved == 0
+    assert not await reconcile.check_account(redis, "acme")
