@@ -181,7 +181,7 @@ async def main(args: argparse.Namespace) -> None:
         ledger = Ledger(redis, parse_config(config_file.read_text()))
         await ledger.save_account("bench", {}, create=True)
         await ledger.grant("bench", {"id": "grant_bench", "kind": "paid", "amount": str(10**15), "idem": "bench"})
-        _, key = await Accounts(redis, ledger).create_key("bench")
+        _, key = await Accounts(redis).create_key("bench")
 
         rows = []
         for stream in (False, True):

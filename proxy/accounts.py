@@ -10,13 +10,11 @@ from redis.asyncio import Redis
 
 from . import errors, keyspace
 from .keys import KeyRecord, hash_key, new_key
-from .ledger import Ledger
 
 
 class Accounts:
-    def __init__(self, redis: Redis, ledger: Ledger) -> None:
+    def __init__(self, redis: Redis) -> None:
         self.redis = redis
-        self.ledger = ledger
 
     async def create_key(
         self, account_id: str, name: str = "", allowed_models: list[str] | None = None

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import hmac
 import re
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
 import structlog
 from aiohttp import web
+from aiohttp.typedefs import Handler
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 from redis.asyncio import RedisCluster
@@ -37,7 +37,6 @@ from .service import Service
 from .state import STATE
 
 log = structlog.get_logger("proxy.admin")
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 PUBLIC = frozenset(("/healthz", "/readyz", "/metrics"))
 
 
@@ -183,7 +182,7 @@ async def prometheus(_: web.Request) -> web.Response:
 
 
 @dataclass(frozen=True, slots=True)
-class Route:
+class Operation:
     method: str
     path: str
     handler: Handler
@@ -201,14 +200,14 @@ class Route:
 
 A = "/admin/v1/accounts/{account_id}"
 ROUTES = (
-    Route("GET", "/admin/v1/accounts", list_accounts, "List account ids"),
-    Route("POST", "/admin/v1/accounts", create_account, "Create an account", 201, AccountCreate),
-    Route("GET", A, get_account, "Get an account: settings, tier, balance and grants"),
-    Route("PATCH", A, update_account, "Change an account's settings", body=AccountPatch),
-    Route("POST", f"{A}/keys", create_key, "Create an API key (the key is shown once)", 201, KeyCreate),
-    Route("GET", f"{A}/keys", list_keys, "List an account's API keys"),
-    Route("DELETE", "/admin/v1/keys/{key_id}", revoke_key, "Revoke an API key"),
-    Route(
+    Operation("GET", "/admin/v1/accounts", list_accounts, "List account ids"),
+    Operation("POST", "/admin/v1/accounts", create_account, "Create an account", 201, AccountCreate),
+    Operation("GET", A, get_account, "Get an account: settings, tier, balance and grants"),
+    Operation("PATCH", A, update_account, "Change an account's settings", body=AccountPatch),
+    Operation("POST", f"{A}/keys", create_key, "Create an API key (the key is shown once)", 201, KeyCreate),
+    Operation("GET", f"{A}/keys", list_keys, "List an account's API keys"),
+    Operation("DELETE", "/admin/v1/keys/{key_id}", revoke_key, "Revoke an API key"),
+    Operation(
         "POST",
         f"{A}/credits",
         grant,
@@ -217,8 +216,8 @@ ROUTES = (
         GrantCreate,
         idempotent=True,
     ),
-    Route("POST", f"{A}/credits/{{grant_id}}/void", void, "Void a grant's remainder", body=GrantVoid),
-    Route(
+    Operation("POST", f"{A}/credits/{{grant_id}}/void", void, "Void a grant's remainder", body=GrantVoid),
+    Operation(
         "POST",
         f"{A}/adjustments",
         adjust,
@@ -227,10 +226,10 @@ ROUTES = (
         AdjustmentCreate,
         idempotent=True,
     ),
-    Route("GET", f"{A}/balance", balance, "Balance, availability and live grants"),
-    Route("GET", f"{A}/grants", grants, "Every grant, live or not (expired, voided, depleted), oldest first"),
-    Route("GET", f"{A}/ledger", ledger, "A page of ledger entries, oldest first", query=LedgerQuery),
-    Route(
+    Operation("GET", f"{A}/balance", balance, "Balance, availability and live grants"),
+    Operation("GET", f"{A}/grants", grants, "Every grant, live or not (expired, voided, depleted), oldest first"),
+    Operation("GET", f"{A}/ledger", ledger, "A page of ledger entries, oldest first", query=LedgerQuery),
+    Operation(
         "GET",
         f"{A}/ledger/export",
         export,
@@ -238,11 +237,11 @@ ROUTES = (
         query=ExportQuery,
         content_type="text/csv, application/x-ndjson",
     ),
-    Route("GET", f"{A}/usage", usage, "Usage grouped by model and/or day", query=UsageQuery),
-    Route("GET", "/admin/v1/openapi.json", openapi_json, "This document"),
-    Route("GET", "/healthz", healthz, "Liveness"),
-    Route("GET", "/readyz", readyz, "Readiness (Redis reachable)"),
-    Route("GET", "/metrics", prometheus, "Prometheus metrics", content_type="text/plain"),
+    Operation("GET", f"{A}/usage", usage, "Usage grouped by model and/or day", query=UsageQuery),
+    Operation("GET", "/admin/v1/openapi.json", openapi_json, "This document"),
+    Operation("GET", "/healthz", healthz, "Liveness"),
+    Operation("GET", "/readyz", readyz, "Readiness (Redis reachable)"),
+    Operation("GET", "/metrics", prometheus, "Prometheus metrics", content_type="text/plain"),
 )
 
 
@@ -276,7 +275,7 @@ ERROR_SCHEMA = {
 PATH_SCHEMAS = {"account_id": {"type": "string", "pattern": keyspace.ACCOUNT_ID.pattern}}
 
 
-def openapi(routes: tuple[Route, ...] = ROUTES) -> dict[str, Any]:
+def openapi(routes: tuple[Operation, ...] = ROUTES) -> dict[str, Any]:
     """OpenAPI 3.1 from the route table and the pydantic request models."""
     models = {r.body for r in routes if r.body} | {r.query for r in routes if r.query}
     refs, top = models_json_schema(
@@ -300,7 +299,7 @@ def openapi(routes: tuple[Route, ...] = ROUTES) -> dict[str, Any]:
     }
 
 
-def _operation(route: Route, refs: dict[Any, Any]) -> dict[str, Any]:
+def _operation(route: Operation, refs: dict[Any, Any]) -> dict[str, Any]:
     params = [
         {"name": name, "in": "path", "required": True, "schema": PATH_SCHEMAS.get(name, {"type": "string"})}
         for name in re.findall(r"\{(\w+)\}", route.path)

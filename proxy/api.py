@@ -8,6 +8,7 @@ import time
 import orjson
 import structlog
 from aiohttp import web
+from aiohttp.typedefs import Handler
 from aiohttp.web_protocol import RequestPayloadError
 
 from . import errors, relay, views
@@ -63,7 +64,7 @@ async def healthz(_: web.Request) -> web.Response:
 
 
 @web.middleware
-async def openai_errors(request: web.Request, handler: relay.Handler) -> web.StreamResponse:
+async def openai_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Every error in OpenAI's shape: unknown routes too, and never a traceback."""
     try:
         return await handler(request)

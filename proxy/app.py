@@ -73,7 +73,8 @@ class Proxy:
         self.webhooks: Webhooks | None = None
         self.worker: Worker | None = None
         self.runners: list[web.AppRunner] = []
-        self.tasks: list[asyncio.Task[Any]] = []
+        self.worker_task: asyncio.Task[None] | None = None
+        self.loops: list[asyncio.Task[None]] = []  # cancelled at stop: checkpoints, config watcher
         self.ports: dict[str, int] = {}
         self._config_stamp: tuple[float, int] | None = None
 
@@ -104,7 +105,7 @@ class Proxy:
         await upstream.start()
         journal = Journal(config.data_dir / "journal")
         journal.open()  # takes over the journals of proxies that died
-        state = State(config, redis, ledger, Accounts(redis, ledger), KeyCache(redis), catalog, upstream, journal)
+        state = State(config, redis, ledger, Accounts(redis), KeyCache(redis), catalog, upstream, journal)
         self.state = state
         with contextlib.suppress(errors.StoreUnavailable):  # else the worker replays it later
             await journal.replay(ledger.settle)
@@ -115,11 +116,11 @@ class Proxy:
             log.warning("admin_listener_disabled", reason=config.server.admin_disabled_reason)
         self.webhooks = Webhooks(state)
         self.worker = Worker(ledger, self.webhooks.deliver, journal=journal)
-        self.tasks.append(asyncio.create_task(self.worker.run(), name="worker"))
-        self.tasks.append(asyncio.create_task(self._checkpoint_reservations()))
+        self.worker_task = asyncio.create_task(self.worker.run(), name="worker")
+        self.loops.append(asyncio.create_task(self._checkpoint_reservations(), name="checkpoints"))
         if self.config_path is not None:
             self._config_stamp = _stamp(self.config_path)
-            self.tasks.append(asyncio.create_task(self._watch_config()))
+            self.loops.append(asyncio.create_task(self._watch_config(), name="config-watcher"))
         log.info("started", **{f"{name}_port": port for name, port in self.ports.items()})
         return state
 
@@ -144,10 +145,11 @@ class Proxy:
     async def stop(self) -> None:
         if self.worker is not None:
             self.worker.stop()  # lets a delivery in flight finish and release its lease
-        for task in self.tasks[1:]:
-            task.cancel()  # the keep-alive loop and the config watcher
-        if self.tasks:
-            _, pending = await asyncio.wait(self.tasks, timeout=5)
+        for task in self.loops:
+            task.cancel()
+        tasks = [*self.loops, *([self.worker_task] if self.worker_task else [])]
+        if tasks:
+            _, pending = await asyncio.wait(tasks, timeout=5)
             for task in pending:
                 task.cancel()
         for runner in self.runners:
@@ -243,7 +245,14 @@ async def serve(config: Config, config_path: Path | None, on_started: Any = None
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     if config_path is not None:
-        loop.add_signal_handler(signal.SIGHUP, lambda: proxy.tasks.append(loop.create_task(proxy.reload())))
+        reloads: set[asyncio.Task[bool]] = set()  # kept referenced while they run
+
+        def reload_on_sighup() -> None:
+            task = loop.create_task(proxy.reload(), name="reload")
+            reloads.add(task)
+            task.add_done_callback(reloads.discard)
+
+        loop.add_signal_handler(signal.SIGHUP, reload_on_sighup)
     try:
         await stop.wait()
     finally:

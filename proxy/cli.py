@@ -149,7 +149,7 @@ async def _admin(args: Any, config: Config, url: str, cluster: bool) -> int:
     redis = connect(url, cluster)
     try:
         ledger = Ledger(redis, config)
-        return int(await args.action(Service(redis, config, ledger, Accounts(redis, ledger)), args))
+        return int(await args.action(Service(redis, config, ledger, Accounts(redis)), args))
     except errors.REDIS_DOWN + (errors.StoreUnavailable,):
         where = "redis.url" if config.redis else "the embedded Redis"
         print(f"error: cannot reach Redis ({where}): start the proxy first or set redis.url", file=sys.stderr)

@@ -1,4 +1,5 @@
-"""Configuration: PRODUCT.md's YAML schema as frozen pydantic models, rooted at `Config`.
+"""Configuration: the YAML schema (the README's configuration reference) as frozen
+pydantic models, rooted at `Config`.
 
 Field types normalise and check values; `reference_errors` checks the rules that span
 sections: every name one section gives another exists (a model's upstream, a plan's
@@ -207,7 +208,7 @@ class UpstreamConfig(_Frozen):
 SERVICE_TIERS = ("priority", "flex", "scale")  # OpenAI's names; `auto`/`default` are the base price
 
 
-class LongContextPrice(_Frozen):
+class LongContextPriceConfig(_Frozen):
     """The prices of a whole request whose input exceeds `above_input_tokens`."""
 
     above_input_tokens: PosInt
@@ -218,17 +219,17 @@ class LongContextPrice(_Frozen):
     audio_output: OptAmount = None
 
 
-def _ascending_thresholds(v: tuple[LongContextPrice, ...]) -> tuple[LongContextPrice, ...]:
+def _ascending_thresholds(v: tuple[LongContextPriceConfig, ...]) -> tuple[LongContextPriceConfig, ...]:
     thresholds = [lc.above_input_tokens for lc in v]
     if thresholds != sorted(set(thresholds)):
         raise ValueError("above_input_tokens must be unique and ascending")
     return v
 
 
-LongContextList = Annotated[tuple[LongContextPrice, ...], AfterValidator(_ascending_thresholds)]
+LongContextList = Annotated[tuple[LongContextPriceConfig, ...], AfterValidator(_ascending_thresholds)]
 
 
-class TierPrice(_Frozen):
+class TierPriceConfig(_Frozen):
     """A service tier's prices; a missing one is the model's base price of that kind."""
 
     input: OptAmount = None
@@ -239,14 +240,17 @@ class TierPrice(_Frozen):
     long_context: LongContextList = ()
 
 
-def _known_tiers(v: dict[str, TierPrice]) -> dict[str, TierPrice]:
+def _known_tiers(v: dict[str, TierPriceConfig]) -> dict[str, TierPriceConfig]:
     unknown = sorted(set(v) - set(SERVICE_TIERS))
     if unknown:
         raise ValueError(f"unknown service tier {unknown[0]!r} (known: {', '.join(SERVICE_TIERS)})")
     return v
 
 
-class Price(_Frozen):
+ServiceTiers = Annotated[dict[str, TierPriceConfig], _EmptyOk, AfterValidator(_known_tiers)]
+
+
+class PriceConfig(_Frozen):
     """USD per 1M tokens."""
 
     input: Amount
@@ -254,11 +258,13 @@ class Price(_Frozen):
     output: OptAmount = None  # None: free (embeddings); pricing.price_of applies the defaults
     audio_input: OptAmount = None  # None: audio input tokens cost `input`
     audio_output: OptAmount = None  # None: audio output tokens cost `output`
-    service_tiers: Annotated[dict[str, TierPrice], _EmptyOk, AfterValidator(_known_tiers)] = Field(default_factory=dict)
+    service_tiers: Annotated[dict[str, TierPriceConfig], _EmptyOk, AfterValidator(_known_tiers)] = Field(
+        default_factory=dict
+    )
     long_context: LongContextList = ()
 
     @model_validator(mode="after")
-    def _long_context_per_tier(self) -> "Price":
+    def _long_context_per_tier(self) -> "PriceConfig":
         # A long request at a tier needs that tier's long-context prices: never guess them.
         for name, tier in self.service_tiers.items():
             if self.long_context and not tier.long_context:
@@ -288,7 +294,7 @@ class ModelConfig(_Frozen):
     max_tool_calls: Annotated[int, Field(ge=0)] | None = None
     # bills hidden reasoning as output (None: guessed from the name: o1/o3/o4/gpt-5...)
     reasoning: bool | None = None
-    price: Price
+    price: PriceConfig
     markup_percent: OptAmount = None  # None: billing.markup_percent
 
 

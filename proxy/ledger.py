@@ -19,7 +19,7 @@ from __future__ import annotations
 import hashlib
 import secrets
 import time
-from collections.abc import Collection, Iterable
+from collections.abc import AsyncIterator, Collection, Iterable
 from dataclasses import asdict, dataclass, field
 from decimal import Decimal
 from typing import Any, cast
@@ -239,24 +239,6 @@ class Ledger:
         info = await self.redis.info("server")
         return str(info.get("run_id") or "") or None
 
-    async def due_accounts(self, shard: int, limit: int = 100) -> list[tuple[str, float]]:
-        now = int(time.time() * 1000) + self.clock_offset_ms
-        shard_key = keyspace.watch_shard_n(shard)
-        rows = cast(list[tuple[str, float]], await self.redis.zrangebyscore(shard_key, "-inf", now, 0, limit, True))
-        return [(str(account), float(score)) for account, score in rows]
-
-    async def reschedule(self, account_id: str, seen: float, next_ms: int) -> bool:
-        """Move the account's watch pointer unless it changed since `seen` was read."""
-        key = keyspace.watch_shard(account_id)
-        args = (account_id, repr(seen), next_ms)
-        watch = SCRIPTS["watch"]
-        try:
-            changed = await self.redis.evalsha(watch.sha, 1, key, *args)
-        except redis_errors.NoScriptError:
-            await self.redis.script_load(watch.source)
-            changed = await self.redis.evalsha(watch.sha, 1, key, *args)
-        return bool(changed)
-
     # -- the metered path -------------------------------------------------------------
 
     async def admit(
@@ -385,26 +367,30 @@ def _report_anomalies(call: SettleCall, settlement: Settlement) -> None:
 
 
 async def read_entries(
-    redis: Redis,
-    account_id: str,
-    *,
-    after: str | None = None,
-    limit: int = 100,
-    start_ms: int | None = None,
-    end_ms: int | None = None,
-    exact: str | None = None,
+    redis: Redis, account_id: str, *, low: str = "-", high: str = "+", limit: int = 100
 ) -> list[tuple[str, str]]:
-    """Entries oldest first: (stream id, entry JSON). `after` is an exclusive cursor;
-    `exact` reads the one entry with that id."""
-    low = exact or (f"({after}" if after else (str(start_ms) if start_ms is not None else "-"))
-    high = exact or (str(end_ms) if end_ms is not None else "+")
-    rows = cast(
-        list[tuple[str, dict[str, str]]], await redis.xrange(keyspace.account(account_id, "ledger"), low, high, limit)
-    )
+    """Entries oldest first, (stream id, entry JSON), from `low` to `high`: stream ids,
+    inclusive ("(id" exclusive, as in XRANGE)."""
+    key = keyspace.account(account_id, "ledger")
+    rows = cast(list[tuple[str, dict[str, str]]], await redis.xrange(key, low, high, limit))
     return [(entry_id, fields["e"]) for entry_id, fields in rows]
 
 
 async def read_entry(redis: Redis, account_id: str, entry_id: str) -> str:
     """One entry's JSON by its stream id."""
-    rows = await read_entries(redis, account_id, limit=1, exact=entry_id)
+    rows = await read_entries(redis, account_id, low=entry_id, high=entry_id, limit=1)
     return rows[0][1]
+
+
+async def iter_entries(
+    redis: Redis, account_id: str, start: int | str = "-", end: int | str = "+", page: int = 1000
+) -> AsyncIterator[tuple[str, str]]:
+    """(stream id, entry JSON), oldest first, read in pages; bounds are inclusive."""
+    low = str(start)
+    while True:
+        rows = await read_entries(redis, account_id, low=low, high=str(end), limit=page)
+        for row in rows:
+            yield row
+        if len(rows) < page:
+            return
+        low = f"({rows[-1][0]}"

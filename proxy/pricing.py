@@ -161,7 +161,9 @@ def _wants_audio(client: ClientRequest) -> bool:
     return isinstance(modalities, list) and "audio" in modalities
 
 
-def _rates(p: cfg.Price | cfg.TierPrice | cfg.LongContextPrice, base: Rates, factor: Decimal) -> Rates:
+def _rates(
+    p: cfg.PriceConfig | cfg.TierPriceConfig | cfg.LongContextPriceConfig, base: Rates, factor: Decimal
+) -> Rates:
     """Configured prices (USD/1M) over `base` (already scaled) for the kinds left out."""
 
     def rate(value: Decimal | None, inherited: Decimal) -> Decimal:
@@ -176,13 +178,13 @@ def _rates(p: cfg.Price | cfg.TierPrice | cfg.LongContextPrice, base: Rates, fac
     )
 
 
-def _tier(p: cfg.Price | cfg.TierPrice, base: Rates, factor: Decimal) -> TierPrice:
+def _tier(p: cfg.PriceConfig | cfg.TierPriceConfig, base: Rates, factor: Decimal) -> TierPrice:
     rates = _rates(p, base, factor)
     long_context = tuple(LongContext(lc.above_input_tokens, _rates(lc, rates, factor)) for lc in p.long_context)
     return TierPrice(rates, long_context)
 
 
-def price_of(p: cfg.Price, markup_percent: Decimal) -> Price:
+def price_of(p: cfg.PriceConfig, markup_percent: Decimal) -> Price:
     """A model's configured price as micro-USD rates, markup applied. Defaults: cached
     input at `input`, output free, audio at the text price of its side."""
     factor = 1 + markup_percent / 100

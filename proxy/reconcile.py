@@ -32,6 +32,7 @@ from redis.asyncio import Redis
 
 from . import journal, keyspace, views
 from .config import Config
+from .ledger import iter_entries
 from .money import FINE, usd
 
 PAGE = 1000
@@ -191,21 +192,6 @@ def _ids(ids: set[str]) -> str:
 
 
 # -- reading and exporting the ledger -------------------------------------------------
-
-
-async def iter_entries(
-    redis: Redis, account_id: str, start: int | str = "-", end: int | str = "+"
-) -> AsyncIterator[tuple[str, str]]:
-    """(stream id, entry JSON), oldest first, read in pages; bounds are inclusive."""
-    key = keyspace.account(account_id, "ledger")
-    low = str(start)
-    while True:
-        rows: Any = await redis.xrange(key, low, str(end), count=PAGE)
-        for entry_id, fields in rows:
-            yield entry_id, fields["e"]
-        if len(rows) < PAGE:
-            return
-        low = f"({rows[-1][0]}"
 
 
 async def export(redis: Redis, account_id: str, fmt: str) -> AsyncIterator[str]:

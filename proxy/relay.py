@@ -16,7 +16,6 @@ import contextlib
 import dataclasses
 import secrets
 import time
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
@@ -41,7 +40,6 @@ from .upstream import Scrubber, passthrough_headers
 from .usage import StreamTap, output_of_body, usage_from_body
 
 log = structlog.get_logger("proxy.access")
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 BODY_TIMEOUT_S = 60
 SETTLE_ATTEMPTS = 3  # quick retries for a Redis blip; then the journal keeps the settlement
 CLIENT_GONE = (ConnectionResetError, aiohttp.ClientConnectionResetError)

@@ -21,7 +21,7 @@ from redis.asyncio import Redis
 from . import errors, keyspace, reconcile, views
 from .accounts import Accounts
 from .config import Config
-from .ledger import Ledger, read_entries, read_entry
+from .ledger import Ledger, iter_entries, read_entries, read_entry
 from .money import usd
 from .schemas import (
     AccountCreate,
@@ -188,7 +188,8 @@ class Service:
     async def ledger_page(self, account_id: str, query: Body) -> dict[str, Any]:
         """Oldest first; within a page, newest last. `next_cursor` is null on the last page."""
         q = parse(LedgerQuery, query)
-        rows = await read_entries(self.redis, await self._require(account_id), after=q.cursor, limit=q.limit)
+        low = f"({q.cursor}" if q.cursor else "-"  # the cursor is exclusive
+        rows = await read_entries(self.redis, await self._require(account_id), low=low, limit=q.limit)
         return {
             "object": "list",
             "entries": [views.entry(account_id, entry_id, raw) for entry_id, raw in rows],
@@ -212,7 +213,7 @@ class Service:
         dimensions = q.group_by.split(",")  # model, day and/or key (the API key id)
         groups: dict[tuple[str, ...], dict[str, Any]] = {}
         # stream ids are ms timestamps: XRANGE bounds are inclusive, so `to` - 1
-        async for entry_id, raw in reconcile.iter_entries(self.redis, account_id, start, end - 1):
+        async for entry_id, raw in iter_entries(self.redis, account_id, start, end - 1):
             entry = orjson.loads(raw)
             if entry.get("type") != "usage":
                 continue

@@ -12,13 +12,16 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Awaitable, Callable
+from typing import cast
 
 import structlog
+from redis import exceptions as redis_errors
 from redis.exceptions import RedisError
 
 from . import errors, keyspace
 from .journal import Journal
 from .ledger import Ledger
+from .scripts import SCRIPTS
 
 log = structlog.get_logger("proxy.worker")
 Deliver = Callable[[str], Awaitable[int]]  # account id -> ms until its next retry (0: none)
@@ -72,7 +75,7 @@ class Worker:
                 raise errors.StoreUnavailable("journaled settlements still wait for Redis")
         visited = 0
         for shard in range(keyspace.WATCH_SHARDS):
-            due = await self.ledger.due_accounts(shard)
+            due = await self.due_accounts(shard)
             # accounts in parallel: one slow webhook receiver must not hold up the rest
             await asyncio.gather(*(self.visit(account_id, seen) for account_id, seen in due))
             visited += len(due)
@@ -92,9 +95,31 @@ class Worker:
             retry_at = await self.deliver(account_id)
         candidates = [t for t in (next_expiry, retry_at) if t]
         next_visit = min(candidates) if candidates else 0
-        removed = await self.ledger.reschedule(account_id, seen, next_visit) and next_visit == 0
+        removed = await self.reschedule(account_id, seen, next_visit) and next_visit == 0
         if removed and await self.ledger.outbox_length(account_id):
             await self.ledger.watch(account_id, 0)  # an event landed after our look: come back
+
+    # -- the watch sets: which account is due a visit, and when next --------------------
+
+    async def due_accounts(self, shard: int, limit: int = 100) -> list[tuple[str, float]]:
+        now = int(time.time() * 1000) + self.ledger.clock_offset_ms
+        shard_key = keyspace.watch_shard_n(shard)
+        rows = cast(
+            list[tuple[str, float]], await self.ledger.redis.zrangebyscore(shard_key, "-inf", now, 0, limit, True)
+        )
+        return [(str(account), float(score)) for account, score in rows]
+
+    async def reschedule(self, account_id: str, seen: float, next_ms: int) -> bool:
+        """Move the account's watch pointer unless it changed since `seen` was read."""
+        key = keyspace.watch_shard(account_id)
+        args = (account_id, repr(seen), next_ms)
+        watch = SCRIPTS["watch"]
+        try:
+            changed = await self.ledger.redis.evalsha(watch.sha, 1, key, *args)
+        except redis_errors.NoScriptError:
+            await self.ledger.redis.script_load(watch.source)
+            changed = await self.ledger.redis.evalsha(watch.sha, 1, key, *args)
+        return bool(changed)
 
     async def _notice_new_server(self) -> None:
         """A Redis that restarted from its AOF, or a replica promoted in a failover, may have

@@ -105,7 +105,7 @@ async def funded_key(redis: Redis, config: Any, account_id: str = "acme", micro:
     ledger = Ledger(redis, config)
     await ledger.save_account(account_id, {}, create=True)
     await ledger.grant(account_id, {"id": "grant_1", "kind": "paid", "amount": str(micro)})
-    _, key = await Accounts(redis, ledger).create_key(account_id)
+    _, key = await Accounts(redis).create_key(account_id)
     return key
 
 

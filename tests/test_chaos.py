@@ -58,7 +58,7 @@ async def test_chaos_run_charges_every_request_served_exactly_once(upstream: Dem
 async def funded_keys(ledger: Ledger) -> list[str]:
     await ledger.save_account("acme", {}, create=True)
     await ledger.grant("acme", {"id": "grant_chaos", "kind": "paid", "amount": str(FUNDS)})
-    accounts = Accounts(ledger.redis, ledger)
+    accounts = Accounts(ledger.redis)
     return [(await accounts.create_key("acme", name=f"k{i}"))[1] for i in range(KEYS)]
 
 

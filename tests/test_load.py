@@ -81,7 +81,7 @@ async def load_scenario(
 async def funded_keys(ledger: Ledger) -> list[str]:
     await ledger.save_account("acme", {}, create=True)
     await ledger.grant("acme", {"id": "grant_load", "kind": "paid", "amount": str(FUNDS)})
-    accounts = Accounts(ledger.redis, ledger)
+    accounts = Accounts(ledger.redis)
     return [(await accounts.create_key("acme", name=f"k{i}"))[1] for i in range(KEYS)]
 
 

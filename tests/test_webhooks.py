@@ -107,9 +107,10 @@ def hook_config(receiver: Receiver, **overrides: Any) -> dict[str, Any]:
 async def pause_background_worker(running: Running) -> None:
     assert running.proxy.worker is not None
     running.proxy.worker.stop()
-    tasks = [t for t in running.proxy.tasks if t.get_name() == "worker"]
-    done, _ = await asyncio.wait(tasks, timeout=5)
-    assert done == set(tasks), "the background worker did not stop"
+    task = running.proxy.worker_task
+    assert task is not None
+    done, _ = await asyncio.wait([task], timeout=5)
+    assert done == {task}, "the background worker did not stop"
 
 
 async def start_hooked(start_proxy: StartProxy, receiver: Receiver, **overrides: Any) -> Running:
