@@ -33,23 +33,11 @@ from . import errors, keyspace, metrics, scripts
 from .config import Config
 from .durability import APPLIED, WRITES, Durability
 from .money import split_exact, usd
-from .resp import Packed, RespClient
+from .resp import RespClient
+from .runner import Invocation, PoolRunner, ScriptRunner, runner_for
 from .scripts import SCRIPTS, AccountView, Admission, Reaped, Reply, Settlement
 
 log = structlog.get_logger("proxy.ledger")
-PACKED_CACHE = 100_000  # (account, model) pairs whose script arguments stay packed
-
-
-@dataclass(frozen=True, slots=True)
-class _Call:
-    """One script call: which script, whose keys, and ARGV after the context."""
-
-    name: str
-    account_id: str
-    model: str
-    args: tuple[Any, ...]
-    watch_due: int | None  # also register the account with the reaper (admission)
-    extra_keys: tuple[str, ...] = ()  # KEYS after the account's (settle: its marker)
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,18 +77,18 @@ class Ledger:
     tier_generation: int = 0  # of this config's tier table (claim_tier_generation); 0: unknown yet
     durability: Durability | None = None  # redis.durable_admin_writes (durability.py)
     _contexts: dict[str, bytes] = field(default_factory=dict)
-    _packed: dict[tuple[str, str], Packed] = field(default_factory=dict)
-    _packed_contexts: dict[str, Packed] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.durability is None:
             self.durability = Durability.of(self.config)
+        self.runner: ScriptRunner = runner_for(self.redis, self.fast)  # the hot path's transport
+        # durable admin writes wait on the connection that wrote: redis-py's, one Redis
+        self.pool = None if isinstance(self.redis, RedisCluster) else PoolRunner(self.redis)
 
     def use_config(self, config: Config) -> None:
         self.config = config
         self.tier_generation = 0
         self._contexts = {}
-        self._packed_contexts = {}
 
     async def claim_tier_generation(self) -> int:
         """The generation of this config's tier table: handed out by Redis the first time any
@@ -112,7 +100,7 @@ class Ledger:
             await self.redis.hsetnx(keyspace.TIER_GENERATIONS, digest, await self.redis.incr(keyspace.TIER_COUNTER))
             found = await self.redis.hget(keyspace.TIER_GENERATIONS, digest)
         self.tier_generation = int(found or 0)
-        self._contexts, self._packed_contexts = {}, {}
+        self._contexts = {}
         return self.tier_generation
 
     def _context(self, model: str = "") -> bytes:
@@ -130,15 +118,17 @@ class Ledger:
         watch_due: int | None = None,
         extra_keys: tuple[str, ...] = (),
     ) -> Reply:
-        call = _Call(name, account_id, model, (self.clock_offset_ms, *args), watch_due, extra_keys)
+        script = SCRIPTS[name]
+        args = (self.clock_offset_ms, *args)
+        call = Invocation(script, account_id, model, self._context(model), args, extra_keys, watch_due)
+        durable = name in WRITES and self.durability is not None
         started = time.perf_counter()
         try:
-            run = self._evalsha_durable if name in WRITES and self.durability else self._evalsha
             try:
-                raw = await run(call)
+                raw = await (self._run_durable(call) if durable else self.runner.run(call))
             except redis_errors.NoScriptError:  # Redis restarted or flushed its script cache
-                await self._load(name)
-                raw = await run(call)
+                await (self.pool if durable and self.pool else self.runner).load(script)
+                raw = await (self._run_durable(call) if durable else self.runner.run(call))
             reply = SCRIPTS[name].decode(raw)
             if reply.events:  # the script raised webhook events: have them delivered now
                 await self.watch(account_id, 0)
@@ -150,83 +140,17 @@ class Ledger:
         finally:
             metrics.child(metrics.REDIS_SCRIPT_SECONDS, name).observe(time.perf_counter() - started)
 
-    async def _load(self, name: str) -> None:
-        """Load a script through the transport that just said NOSCRIPT: its connection is
-        known to be alive, where one idle in redis-py's pool may predate a Redis restart."""
-        if self.fast is not None:
-            await self.fast.call("SCRIPT", "LOAD", SCRIPTS[name].source)
-        else:
-            await self.redis.script_load(SCRIPTS[name].source)
-
-    async def _evalsha(self, call: _Call) -> Any:
-        if self.fast is not None:
-            return await self._evalsha_fast(call)
-        keys = [*keyspace.script_keys(call.account_id, call.model), *call.extra_keys]
-        script = (SCRIPTS[call.name].sha, len(keys), *keys, self._context(call.model), *call.args)
-        if call.watch_due is not None and isinstance(self.redis, RedisCluster):
-            # Cluster pipelines refuse EVALSHA (and would send to both nodes at once):
-            # the watch pointer still goes first, in a round trip of its own.
-            await self.watch(call.account_id, call.watch_due)
-        elif call.watch_due is not None:
-            # One round trip: the watch pointer is written before the script, so a
-            # reservation can never exist unseen by the reaper, even if we die right after.
-            pipe = self.redis.pipeline(transaction=False)
-            pipe.zadd(keyspace.watch_shard(call.account_id), {call.account_id: call.watch_due}, lt=True)
-            pipe.evalsha(*script)
-            _, result = await pipe.execute(raise_on_error=False)
-            if isinstance(result, Exception):
-                raise result
-            return result
-        return await self.redis.evalsha(*script)
-
-    async def _evalsha_durable(self, call: _Call) -> Any:
+    async def _run_durable(self, call: Invocation) -> Any:
         """An admin money write and its durability barrier on one connection (durability.py)."""
         durability = self.durability
-        assert durability is not None
+        assert durability is not None and self.pool is not None
         await durability.probe(self.redis)
         if durability.unconfirmable:
             raise errors.WriteNotDurable(durability.unconfirmable)
-        keys = keyspace.script_keys(call.account_id, call.model)
-        pipe = self.redis.pipeline(transaction=False)
-        pipe.evalsha(SCRIPTS[call.name].sha, len(keys), *keys, self._context(call.model), *call.args)
-        if durability.barrier:
-            pipe.incr(keyspace.DURABLE_BARRIER)
-            pipe.execute_command(*durability.barrier)
-        result, *barrier = await pipe.execute(raise_on_error=False)
-        if isinstance(result, Exception):
-            raise result
-        if barrier and result[0] in APPLIED and not durability.confirmed(barrier[-1]):
-            raise errors.WriteNotDurable(durability.refusal(barrier[-1]))
+        result, barrier = await self.pool.run_with_barrier(call, durability.barrier or ())
+        if durability.barrier and result[0] in APPLIED and not durability.confirmed(barrier):
+            raise errors.WriteNotDurable(durability.refusal(barrier))
         return result
-
-    async def _evalsha_fast(self, call: _Call) -> Any:
-        assert self.fast is not None
-        keys = self._packed_keys(call.account_id, call.model)
-        numkeys = keys.arity + len(call.extra_keys)
-        context = self._packed_context(call.model)
-        script = ("EVALSHA", SCRIPTS[call.name].sha, numkeys, keys, *call.extra_keys, context, *call.args)
-        if call.watch_due is None:
-            return await self.fast.call(*script)
-        watch = ("ZADD", keyspace.watch_shard(call.account_id), "LT", call.watch_due, call.account_id)
-        _, result = await self.fast.pipeline(watch, script)
-        if isinstance(result, Exception):
-            raise result
-        return result
-
-    def _packed_keys(self, account_id: str, model: str) -> Packed:
-        """The KEYS of an (account, model), packed once (resp.Packed)."""
-        packed = self._packed.get((account_id, model))
-        if packed is None:
-            if len(self._packed) >= PACKED_CACHE:
-                self._packed.clear()
-            packed = self._packed[(account_id, model)] = Packed(*keyspace.script_keys(account_id, model))
-        return packed
-
-    def _packed_context(self, model: str) -> Packed:
-        packed = self._packed_contexts.get(model)
-        if packed is None:
-            packed = self._packed_contexts[model] = Packed(self._context(model))
-        return packed
 
     async def watch(self, account_id: str, due_ms: int) -> None:
         """Ask the background worker to visit the account at `due_ms` (or earlier)."""

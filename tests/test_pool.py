@@ -15,6 +15,7 @@ from redis import exceptions as redis_errors
 from proxy import errors
 from proxy.app import connect
 from proxy.embedded import EmbeddedRedis
+from proxy.runner import LeanRunner, PoolRunner
 
 from .conftest import Running
 
@@ -76,9 +77,10 @@ async def test_models_burst_never_500s(proxy: Running) -> None:
 
 async def test_burst_on_the_redis_py_path_alone(proxy: Running) -> None:
     """The path Redis Cluster and rediss:// take: no lean client, every call on the pool."""
-    assert proxy.state.ledger.fast is not None
-    await proxy.state.ledger.fast.aclose()
-    proxy.state.ledger.fast = None
+    ledger = proxy.state.ledger
+    assert ledger.fast is not None and isinstance(ledger.runner, LeanRunner)
+    await ledger.fast.aclose()
+    ledger.fast, ledger.runner = None, PoolRunner(ledger.redis)
     keys = await fresh_keys(proxy, BURST)
     statuses = await burst(proxy.url, "POST", "/v1/chat/completions", keys, CHAT)
     assert statuses == {200: BURST}

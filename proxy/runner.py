@@ -1,0 +1,151 @@
+"""Running a Lua script on Redis: one seam, three transports.
+
+`ScriptRunner.run` sends one EVALSHA (after the reaper's watch pointer, when asked) and
+returns the raw reply; `load` loads a script after NOSCRIPT through the same transport,
+whose connection has just been shown alive. Every transport raises redis-py's exception
+types (resp.py maps its replies with redis-py's own table), so the ledger maps them to
+the proxy's errors once (`errors.STORE_DOWN` -> `StoreUnavailable`).
+
+    LeanRunner     the lean RESP client (resp.py): one Redis over TCP or a unix socket
+    PoolRunner     redis-py on one Redis: the watch pointer pipelined with the script,
+                   and the durability barrier after an admin money write
+    ClusterRunner  redis-py on a Cluster: the watch pointer in a round trip of its own
+                   (cluster pipelines refuse EVALSHA)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from redis.asyncio import Redis, RedisCluster
+
+from . import keyspace
+from .resp import Packed, RespClient
+from .scripts import Script
+
+PACKED_CACHE = 100_000  # (account, model) pairs whose KEYS stay packed
+
+
+@dataclass(frozen=True, slots=True)
+class Invocation:
+    """One script call: the script, whose keys, its context and ARGV after the context."""
+
+    script: Script
+    account_id: str
+    model: str  # the per-model rate window among the KEYS
+    context: bytes
+    args: tuple[Any, ...]
+    extra_keys: tuple[str, ...] = ()  # KEYS after the account's (settle: its marker)
+    watch_due: int | None = None  # also register the account with the reaper (admission)
+
+    def keys(self) -> list[str]:
+        return [*keyspace.script_keys(self.account_id, self.model), *self.extra_keys]
+
+    def watch(self) -> tuple[str, dict[str, int]]:
+        """The watch pointer written before the script: a reservation can never exist
+        unseen by the reaper, even if this process dies right after."""
+        assert self.watch_due is not None
+        return keyspace.watch_shard(self.account_id), {self.account_id: self.watch_due}
+
+
+class ScriptRunner(Protocol):
+    async def run(self, call: Invocation) -> Any: ...
+
+    async def load(self, script: Script) -> None: ...
+
+
+@dataclass
+class LeanRunner:
+    client: RespClient
+    _keys: dict[tuple[str, str], Packed] = field(default_factory=dict)
+    _contexts: dict[bytes, Packed] = field(default_factory=dict)
+
+    async def run(self, call: Invocation) -> Any:
+        keys = self._packed_keys(call.account_id, call.model)
+        context = self._contexts.get(call.context) or self._pack_context(call.context)
+        numkeys = keys.arity + len(call.extra_keys)
+        script = ("EVALSHA", call.script.sha, numkeys, keys, *call.extra_keys, context, *call.args)
+        if call.watch_due is None:
+            return await self.client.call(*script)
+        shard, member = call.watch()
+        (account_id, due), *_ = member.items()
+        _, result = await self.client.pipeline(("ZADD", shard, "LT", due, account_id), script)
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    async def load(self, script: Script) -> None:
+        await self.client.call("SCRIPT", "LOAD", script.source)
+
+    def _packed_keys(self, account_id: str, model: str) -> Packed:
+        """The KEYS of an (account, model), packed once (resp.Packed)."""
+        packed = self._keys.get((account_id, model))
+        if packed is None:
+            if len(self._keys) >= PACKED_CACHE:
+                self._keys.clear()
+            packed = self._keys[(account_id, model)] = Packed(*keyspace.script_keys(account_id, model))
+        return packed
+
+    def _pack_context(self, context: bytes) -> Packed:
+        if len(self._contexts) >= 1024:  # one per config and model: a reload leaves the old ones
+            self._contexts.clear()
+        packed = self._contexts[context] = Packed(context)
+        return packed
+
+
+@dataclass
+class PoolRunner:
+    redis: Redis
+
+    async def run(self, call: Invocation) -> Any:
+        keys = call.keys()
+        script = (call.script.sha, len(keys), *keys, call.context, *call.args)
+        if call.watch_due is None:
+            return await self.redis.evalsha(*script)
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.zadd(*call.watch(), lt=True)
+        pipe.evalsha(*script)
+        _, result = await pipe.execute(raise_on_error=False)
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    async def run_with_barrier(self, call: Invocation, barrier: tuple[Any, ...]) -> tuple[Any, Any]:
+        """The script, then `INCR` + `barrier` (WAITAOF / WAIT) on the same connection
+        (durability.py): the reply and the barrier's reply (None without a barrier)."""
+        keys = call.keys()
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.evalsha(call.script.sha, len(keys), *keys, call.context, *call.args)
+        if barrier:
+            pipe.incr(keyspace.DURABLE_BARRIER)
+            pipe.execute_command(*barrier)
+        result, *rest = await pipe.execute(raise_on_error=False)
+        if isinstance(result, Exception):
+            raise result
+        return result, (rest[-1] if rest else None)
+
+    async def load(self, script: Script) -> None:
+        await self.redis.script_load(script.source)
+
+
+@dataclass
+class ClusterRunner:
+    redis: RedisCluster
+
+    async def run(self, call: Invocation) -> Any:
+        if call.watch_due is not None:
+            await self.redis.zadd(*call.watch(), lt=True)
+        keys = call.keys()
+        return await self.redis.evalsha(call.script.sha, len(keys), *keys, call.context, *call.args)
+
+    async def load(self, script: Script) -> None:
+        await self.redis.script_load(script.source)
+
+
+def runner_for(redis: Redis, fast: RespClient | None) -> ScriptRunner:
+    if fast is not None:
+        return LeanRunner(fast)
+    if isinstance(redis, RedisCluster):
+        return ClusterRunner(redis)
+    return PoolRunner(redis)
