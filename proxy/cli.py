@@ -68,9 +68,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     config = load(args)
     on_started = None
     if args.demo:
-        from .demo import demo_config, demo_started
+        from .demo import Demo
 
-        config, on_started = demo_config(config), demo_started
+        demo = Demo()
+        config, on_started = demo.config(config), demo.started
     try:
         import uvloop
 
@@ -106,7 +107,7 @@ def cmd_healthcheck(args: argparse.Namespace) -> int:
 
 
 def cmd_demo_upstream(args: argparse.Namespace) -> int:
-    from .demo_upstream import main as demo_main
+    from .testing.upstream import main as demo_main
 
     demo_main(["--host", args.host, "--port", str(args.port)])
     return 0

@@ -27,8 +27,8 @@ from typing import Any
 
 import aiohttp
 
-from proxy.demo_upstream import DemoUpstream, Fault, RecordedRequest
 from proxy.embedded import EmbeddedRedis
+from proxy.testing.upstream import DemoUpstream, Fault, RecordedRequest
 
 from .helpers import ChildConfig, child_config, spawn_proxy, suite_server, wait_healthy
 

@@ -20,9 +20,9 @@ from proxy import logs
 from proxy.app import Proxy, connect
 from proxy.config import Config
 from proxy.configfile import parse_config
-from proxy.demo_upstream import DemoUpstream
 from proxy.embedded import EmbeddedRedis
 from proxy.state import State
+from proxy.testing.upstream import DemoUpstream
 
 from .helpers import suite_server
 

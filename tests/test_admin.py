@@ -11,7 +11,7 @@ import openai
 import pytest
 
 from proxy import admin, service
-from proxy.demo_upstream import DemoUpstream
+from proxy.testing.upstream import DemoUpstream
 
 from .conftest import Running
 from .helpers import entries

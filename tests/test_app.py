@@ -12,7 +12,7 @@ import yaml
 
 from proxy import logs
 from proxy.configfile import load_config
-from proxy.demo_upstream import DemoUpstream
+from proxy.testing.upstream import DemoUpstream
 
 from .conftest import ADMIN_TOKEN, BASE_CONFIG, UPSTREAM_KEY, deep_merge
 

@@ -6,7 +6,7 @@ under any concurrency; every forwarded request is settled exactly once for its e
 bad input is an OpenAI-shaped 4xx, never a 500 and never a charge.
 
 Real parts only: the proxy on loopback, real Redis, the fake OpenAI upstream (whose fault
-knobs model what the real OpenAI bills: see `proxy/demo_upstream.py`), the openai SDK or
+knobs model what the real OpenAI bills: see `proxy/testing/upstream.py`), the openai SDK or
 raw aiohttp for what the SDK cannot send. No mocks, no sleeps.
 
 `finding N` tests FAIL on the code they were written against (marked `xfail(strict=True)`
@@ -31,8 +31,8 @@ import pytest
 from redis.asyncio import Redis
 
 from proxy import intake
-from proxy.demo_upstream import DemoUpstream, real_prompt_tokens
 from proxy.money import usd
+from proxy.testing.upstream import DemoUpstream, real_prompt_tokens
 
 from .conftest import Running
 from .helpers import entries, last_entry_id, next_entry

@@ -13,8 +13,8 @@ import orjson
 import pytest
 
 from proxy import intake
-from proxy.demo_upstream import DemoUpstream, real_prompt_tokens
 from proxy.money import usd
+from proxy.testing.upstream import DemoUpstream, real_prompt_tokens
 
 from .conftest import Running
 from .sample_text import heterogeneous_text

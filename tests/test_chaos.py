@@ -14,8 +14,8 @@ from proxy import journal, keyspace
 from proxy.accounts import Accounts
 from proxy.app import connect
 from proxy.cli import main as cli_main
-from proxy.demo_upstream import DemoUpstream
 from proxy.ledger import Ledger
+from proxy.testing.upstream import DemoUpstream
 
 from .chaos import Chaos, verify
 from .helpers import entries, raise_fd_limit

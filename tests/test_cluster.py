@@ -24,9 +24,9 @@ from proxy import keyspace
 from proxy.app import Proxy, connect
 from proxy.cli import main as cli_main
 from proxy.configfile import parse_config
-from proxy.demo_upstream import DemoUpstream
 from proxy.pool import GatedCluster
 from proxy.reconcile import reconcile
+from proxy.testing.upstream import DemoUpstream
 from proxy.webhooks import Webhooks, list_dead, replay_dead
 from proxy.worker import Worker
 

@@ -10,7 +10,7 @@ import pytest
 import pytest_asyncio
 from openai import AsyncOpenAI
 
-from proxy.demo_upstream import DemoUpstream
+from proxy.testing.upstream import DemoUpstream
 
 
 @pytest_asyncio.fixture

@@ -15,8 +15,8 @@ import pytest
 import yaml
 from redis.asyncio import Redis
 
-from proxy.demo_upstream import DemoUpstream
 from proxy.embedded import DataDirInUse, EmbeddedRedis, free_port, port_file, server_binary
+from proxy.testing.upstream import DemoUpstream
 
 from .conftest import BASE_CONFIG, deep_merge
 from .helpers import spawn_proxy, suite_server, wait_healthy

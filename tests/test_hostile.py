@@ -11,7 +11,7 @@ import aiohttp
 import openai
 import pytest
 
-from proxy.demo_upstream import DemoUpstream
+from proxy.testing.upstream import DemoUpstream
 
 from .conftest import ADMIN_TOKEN, Running
 from .helpers import entries, last_entry_id, next_entry

@@ -11,9 +11,9 @@ from typing import Any
 import openai
 import pytest
 
-from proxy.demo_upstream import DemoUpstream
 from proxy.ledger import Ledger, SettleCall
 from proxy.money import to_micro
+from proxy.testing.upstream import DemoUpstream
 
 from .conftest import Running
 from .helpers import entries

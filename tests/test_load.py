@@ -21,8 +21,8 @@ from redis.asyncio import Redis
 
 from proxy.accounts import Accounts
 from proxy.cli import main as cli_main
-from proxy.demo_upstream import DemoUpstream
 from proxy.ledger import Ledger
+from proxy.testing.upstream import DemoUpstream
 
 from .helpers import child_config, entries, histogram_figures, raise_fd_limit, scrape, spawn_proxy, wait_healthy
 

@@ -7,7 +7,7 @@ from decimal import Decimal
 import openai
 import pytest
 
-from proxy.demo_upstream import DemoUpstream
+from proxy.testing.upstream import DemoUpstream
 
 from .conftest import UPSTREAM_KEY, Running
 

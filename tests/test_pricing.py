@@ -13,9 +13,9 @@ import yaml
 
 from proxy import intake, tokens
 from proxy.configfile import ConfigError, parse_config
-from proxy.demo_upstream import DemoUpstream
 from proxy.money import Usage
 from proxy.pricing import price_of
+from proxy.testing.upstream import DemoUpstream
 
 from .conftest import BASE_CONFIG, Running, deep_merge
 from .helpers import entries

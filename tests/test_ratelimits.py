@@ -9,9 +9,9 @@ import orjson
 import pytest
 
 from proxy import keyspace
-from proxy.demo_upstream import DemoUpstream
 from proxy.ledger import Ledger
 from proxy.ratelimits import go_duration
+from proxy.testing.upstream import DemoUpstream
 
 from .conftest import Running, deep_merge
 

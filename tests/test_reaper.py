@@ -16,9 +16,9 @@ from redis.asyncio import Redis
 from proxy import keyspace
 from proxy.cli import main as cli_main
 from proxy.configfile import parse_config
-from proxy.demo_upstream import DemoUpstream
 from proxy.embedded import free_port
 from proxy.ledger import Ledger
+from proxy.testing.upstream import DemoUpstream
 
 from .conftest import BASE_CONFIG, deep_merge
 from .helpers import entries, funded_key, last_entry_id, next_entries, next_entry, spawn_proxy, wait_for, wait_healthy

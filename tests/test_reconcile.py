@@ -15,9 +15,9 @@ import yaml
 
 from proxy import keyspace
 from proxy.cli import main
-from proxy.demo_upstream import DemoUpstream
 from proxy.ledger import Ledger, SettleCall
 from proxy.reconcile import reconcile
+from proxy.testing.upstream import DemoUpstream
 
 from .conftest import BASE_CONFIG, Running, deep_merge
 

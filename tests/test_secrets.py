@@ -15,8 +15,8 @@ import openai
 import pytest
 import yaml
 
-from proxy.demo_upstream import DemoUpstream
 from proxy.embedded import EmbeddedRedis, free_port
+from proxy.testing.upstream import DemoUpstream
 
 from .conftest import BASE_CONFIG, deep_merge
 from .helpers import spawn_proxy, wait_healthy

@@ -14,8 +14,8 @@ import pytest
 from prometheus_client import REGISTRY
 
 from proxy import journal, keyspace, reconcile
-from proxy.demo_upstream import DemoUpstream
 from proxy.embedded import EmbeddedRedis
+from proxy.testing.upstream import DemoUpstream
 
 from .conftest import Running
 from .helpers import entries, wait_for

@@ -12,8 +12,8 @@ import openai
 import pytest
 
 from proxy import prompts, tokens
-from proxy.demo_upstream import DemoUpstream
 from proxy.pricing import PROMPT_MARGIN_TOKENS
+from proxy.testing.upstream import DemoUpstream
 
 from .conftest import Running
 from .helpers import entries, last_entry_id, next_entry

@@ -6,9 +6,9 @@ from __future__ import annotations
 import openai
 import pytest
 
-from proxy.demo_upstream import DemoUpstream
 from proxy.relay import forwardable
 from proxy.sse import SSEParser
+from proxy.testing.upstream import DemoUpstream
 from proxy.upstream import Scrubber
 from proxy.usage import StreamTap
 

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from proxy import tokens
-from proxy.demo_upstream import DemoUpstream
 from proxy.money import Usage
+from proxy.testing.upstream import DemoUpstream
 from proxy.usage import output_of_body, usage_from
 
 from .conftest import Running

@@ -23,9 +23,9 @@ from prometheus_client import REGISTRY
 
 from proxy import keyspace
 from proxy.cli import main as cli_main
-from proxy.demo_upstream import DemoUpstream
 from proxy.embedded import EmbeddedRedis
 from proxy.money import to_micro
+from proxy.testing.upstream import DemoUpstream
 from proxy.webhooks import Webhooks, body_of, full_jitter, list_dead, replay_dead, sign, verify
 from proxy.worker import Worker
 

@@ -480,7 +480,7 @@ def real_prompt_tokens(body: Json) -> int:
     """The prompt's tiktoken count (o200k_base), as an upstream would bill it: every
     message's text counted exactly, plus 4 tokens of template per message and 3 of
     reply priming."""
-    from . import tokens  # the proxy's offline tiktoken; imported only when asked for
+    from .. import tokens  # the proxy's offline tiktoken; imported only when asked for
 
     prompt = body.get("messages", body.get("input", body.get("prompt")))
     messages = [{"content": prompt}] if isinstance(prompt, str) else prompt if isinstance(prompt, list) else []
@@ -517,7 +517,7 @@ def image_tokens(body: Json) -> int:
 
 def prediction_tokens(body: Json) -> int:
     """A chat `prediction`'s tokens (o200k_base): what a wholly rejected one bills."""
-    from . import tokens
+    from .. import tokens
 
     prediction = body.get("prediction")
     content = prediction.get("content") if isinstance(prediction, dict) else None
