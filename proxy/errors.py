@@ -11,6 +11,7 @@
     ├── RateLimited             429 rate_limit_exceeded (type requests | tokens)
     ├── ClientGone              499 (the client hung up mid-request; nobody reads it)
     ├── UpstreamUnavailable     502 (the upstream failed before answering)
+    │   └── UpstreamBroken      (it answered, then broke off its body or stream)
     ├── StoreUnavailable        503 (Redis unreachable: fail closed)
     └── UpstreamTimeout         504
 
@@ -112,6 +113,11 @@ class UpstreamUnavailable(ProxyError):
     status = 502
     type = "upstream_error"
     code = "upstream_unavailable"
+
+
+class UpstreamBroken(UpstreamUnavailable):
+    """The upstream answered, then broke off its body or stream (the upstream seam maps
+    aiohttp's errors to this)."""
 
 
 class StoreUnavailable(ProxyError):

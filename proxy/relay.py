@@ -36,7 +36,7 @@ from .scripts import Admission, Settlement
 from .sse import Event, SSEParser, data_event
 from .state import STATE, State
 from .tokens import OutputCounter
-from .upstream import Scrubber, passthrough_headers
+from .upstream import Scrubber, UpstreamResponse, passthrough_headers
 from .usage import StreamTap, output_of_body, usage_from_body
 
 log = structlog.get_logger("proxy.access")
@@ -53,7 +53,6 @@ STREAM_INTERRUPTED = orjson.dumps(
         }
     }
 )
-UPSTREAM_BROKEN = (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, asyncio.TimeoutError)
 
 
 @dataclass
@@ -302,21 +301,21 @@ async def forward(state: State, request: web.Request, meter: Meter) -> web.Strea
         return await relay_body(upstream, meter, upstream_started)
 
 
-async def pass_error(upstream: aiohttp.ClientResponse, meter: Meter) -> web.Response:
+async def pass_error(upstream: UpstreamResponse, meter: Meter) -> web.Response:
     """Upstream errors pass through as they came, and cost nothing."""
     meter.outcome = f"upstream status {upstream.status}"
     try:
         body = meter.state.upstream.scrub.error(await upstream.read())
-    except UPSTREAM_BROKEN:
+    except errors.UpstreamBroken:
         body = errors.UpstreamUnavailable("The upstream failed while answering.").to_body()
     headers = {**passthrough_headers(upstream.headers), **our_headers(meter)}
     return web.Response(status=upstream.status, body=body, headers=headers)
 
 
-async def relay_body(upstream: aiohttp.ClientResponse, meter: Meter, started: float) -> web.Response:
+async def relay_body(upstream: UpstreamResponse, meter: Meter, started: float) -> web.Response:
     try:
         body = await upstream.read()
-    except UPSTREAM_BROKEN:
+    except errors.UpstreamBroken:
         meter.outcome = "upstream broke before its body ended"
         err = errors.UpstreamUnavailable("The upstream failed while answering; nothing was charged.")
         return error_response(err, meter.request_id)
@@ -336,7 +335,7 @@ async def relay_body(upstream: aiohttp.ClientResponse, meter: Meter, started: fl
 
 
 async def relay_stream(
-    request: web.Request, upstream: aiohttp.ClientResponse, meter: Meter, started: float
+    request: web.Request, upstream: UpstreamResponse, meter: Meter, started: float
 ) -> web.StreamResponse:
     response = web.StreamResponse(
         status=upstream.status,
@@ -360,7 +359,7 @@ async def relay_stream(
     first = True
     broken = gone = False
     try:
-        async for chunk in upstream.content.iter_any():
+        async for chunk in upstream.chunks():
             if first:
                 meter.timing["ttft_ms"] = observe(metrics.TTFT_SECONDS, meter, started)
                 first = False
@@ -371,7 +370,7 @@ async def relay_stream(
                 break
             if tap.finished:
                 break
-    except UPSTREAM_BROKEN:
+    except errors.UpstreamBroken:
         broken = True
     finally:
         if gone or broken:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import AsyncIterator, Iterable, Mapping
 
 import aiohttp
 
@@ -84,6 +84,45 @@ def passthrough_headers(headers: Mapping[str, str]) -> dict[str, str]:
     return {k: v for k, v in headers.items() if k.lower() not in HOP_BY_HOP and k.lower() not in OURS}
 
 
+# what an upstream that breaks mid-answer raises inside aiohttp
+_BROKEN = (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, TimeoutError)
+
+
+class UpstreamResponse:
+    """An upstream's answer, with aiohttp's errors mapped at the boundary: reading a body
+    or a stream that breaks raises `errors.UpstreamBroken`, nothing aiohttp's."""
+
+    def __init__(self, response: aiohttp.ClientResponse) -> None:
+        self._response = response
+        self.status = response.status
+        self.headers = response.headers
+        self.content_type = response.content_type
+
+    async def read(self) -> bytes:
+        try:
+            return await self._response.read()
+        except _BROKEN as exc:
+            raise errors.UpstreamBroken(f"The upstream broke off its answer ({type(exc).__name__}).") from exc
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        """The body as it arrives (never waiting for a line end)."""
+        try:
+            async for chunk in self._response.content.iter_any():
+                yield chunk
+        except _BROKEN as exc:
+            raise errors.UpstreamBroken(f"The upstream broke off its stream ({type(exc).__name__}).") from exc
+
+    def close(self) -> None:
+        """Drop the connection: the upstream stops generating what nobody will pay for."""
+        self._response.close()
+
+    async def __aenter__(self) -> UpstreamResponse:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._response.__aexit__(None, None, None)  # release the connection, as aiohttp does
+
+
 class Upstream:
     def __init__(self, secrets: Iterable[str] = ()) -> None:
         self.session: aiohttp.ClientSession | None = None
@@ -98,17 +137,18 @@ class Upstream:
         if self.session is not None:
             await self.session.close()
 
-    async def post(self, upstream: UpstreamConfig, path: str, body: bytes, request_id: str) -> aiohttp.ClientResponse:
+    async def post(self, upstream: UpstreamConfig, path: str, body: bytes, request_id: str) -> UpstreamResponse:
         assert self.session is not None, "Upstream.start() was not awaited"
         headers = {"content-type": "application/json", "accept-encoding": "identity", "x-request-id": request_id}
         if upstream.api_key is not None:
             headers["authorization"] = f"Bearer {upstream.api_key.get_secret_value()}"
         timeout = aiohttp.ClientTimeout(total=None, connect=upstream.connect_timeout_s, sock_read=upstream.timeout_s)
         try:
-            return await self.session.post(upstream.base_url + path, data=body, headers=headers, timeout=timeout)
+            response = await self.session.post(upstream.base_url + path, data=body, headers=headers, timeout=timeout)
         except TimeoutError as exc:
             raise errors.UpstreamTimeout("The upstream did not answer in time; nothing was charged.") from exc
         except aiohttp.ClientError as exc:
             raise errors.UpstreamUnavailable(
                 f"The upstream could not be reached ({type(exc).__name__}); nothing was charged."
             ) from exc
+        return UpstreamResponse(response)

@@ -74,3 +74,26 @@ async def test_an_upstream_echoing_the_key_is_redacted_streamed_or_not(
     )
     assert streamed.startswith("your key is Bearer [REDACTED] tok0")
     assert ODD_KEY in upstream.requests[-1].headers["authorization"]  # the upstream itself did get it
+
+
+async def test_a_stream_that_breaks_off_raises_the_seams_own_error(upstream: DemoUpstream) -> None:
+    """The relay sees `errors.UpstreamBroken`, never aiohttp's exceptions."""
+    from proxy import errors
+    from proxy.config import UpstreamConfig
+    from proxy.upstream import Upstream
+
+    upstream.fault.cut_after_chunks = 2
+    seam = Upstream()
+    await seam.start()
+    try:
+        body = b'{"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": true}'
+        target = UpstreamConfig(base_url=upstream.base_url)
+        async with await seam.post(target, "/chat/completions", body, "req_seam") as response:
+            assert response.status == 200 and response.content_type == "text/event-stream"
+            received = b""
+            with pytest.raises(errors.UpstreamBroken):
+                async for chunk in response.chunks():
+                    received += chunk
+            assert received.count(b"data:") == 2  # what came before the break was relayed
+    finally:
+        await seam.close()
