@@ -10,7 +10,7 @@ import aiohttp
 import openai
 import pytest
 
-from proxy import admin, service
+from proxy import admin, keyspace, service
 from proxy.testing.upstream import DemoUpstream
 
 from .conftest import Running
@@ -315,13 +315,13 @@ async def test_patch_account_settings(start_proxy: Any, upstream: DemoUpstream) 
     _, acct = await running.admin("PATCH", path, body)
     assert acct["auto_topup"] == {"threshold_usd": "2.000000", "amount_usd": "20.000000"}
     assert acct["metadata"] == {"tier": "gold"}
-    stored = await running.state.redis.hmget("mp:{acme}:acct", "auto_topup", "thresholds", "metadata")
+    stored = await running.state.redis.hmget(keyspace.account("acme", "acct"), "auto_topup", "thresholds", "metadata")
     assert stored == ['{"threshold":"2000000","amount":"20000000"}', "[5000000,1000000]", '{"tier":"gold"}']
     _, acct = await running.admin(
         "PATCH", path, {"auto_topup": None, "metadata": None, "low_balance_thresholds_usd": None}
     )
     assert acct["auto_topup"] is None and acct["metadata"] == {}
-    assert await running.state.redis.hmget("mp:{acme}:acct", "auto_topup", "thresholds") == [None, None]
+    assert await running.state.redis.hmget(keyspace.account("acme", "acct"), "auto_topup", "thresholds") == [None, None]
     assert (await running.admin("PATCH", "/admin/v1/accounts/ghost", {"status": "active"}))[0] == 404
     assert (await running.admin("PATCH", path, {"auto_topup": {"threshold_usd": "1"}}))[0] == 400
 

@@ -6,7 +6,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-from proxy import reconcile
+from proxy import keyspace, reconcile
 from proxy.journal import Journal, pending_on_disk
 from proxy.ledger import SettleCall
 
@@ -30,7 +30,7 @@ async def test_a_dead_proxys_journal_is_adopted_and_replayed_once(
     config = make_config()
     running = await start_proxy(config=config)
     await running.account("acme", "10")
-    await running.state.redis.hset("mp:{acme}:keys", "key_1", "active")
+    await running.state.redis.hset(keyspace.account("acme", "keys"), "key_1", "active")
     dead = Journal(config.data_dir / "journal")
     dead.open()
     calls = [await admitted(running, f"req_{i}") for i in range(3)]

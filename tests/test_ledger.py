@@ -11,8 +11,8 @@ from typing import Any
 import openai
 import pytest
 
+from proxy import keyspace
 from proxy.ledger import Ledger, SettleCall
-from proxy.money import to_micro
 from proxy.testing.upstream import DemoUpstream
 
 from .conftest import Running
@@ -44,7 +44,7 @@ async def spend(ledger: Ledger, account: str, micro: int, *, reserve: int | None
 
 async def new_account(running: Running, account: str = "acme", **fields: Any) -> Ledger:
     await running.state.ledger.save_account(account, fields, create=True)
-    await running.state.redis.hset(f"mp:{{{account}}}:keys", "key_test", "active")
+    await running.state.redis.hset(keyspace.account(account, "keys"), "key_test", "active")
     return running.state.ledger
 
 
@@ -173,7 +173,7 @@ async def test_concurrent_admissions_never_overrun_the_balance(proxy: Running) -
 async def test_soft_capped_plan_downgrades_instead_of_402(start_proxy: Any, upstream: DemoUpstream) -> None:
     running = await start_proxy(PLANS)
     key = await running.account("acme", None, plan="plus")
-    await running.state.redis.hset("mp:{acme}:keys", "key_test", "active")
+    await running.state.redis.hset(keyspace.account("acme", "keys"), "key_test", "active")
     await spend(running.state.ledger, "acme", 20_000_000)  # the allocation is used up
     raw = await running.client(key).chat.completions.with_raw_response.create(
         model="gpt-4o", messages=[{"role": "user", "content": "hi"}]
@@ -188,21 +188,11 @@ async def test_soft_capped_plan_downgrades_instead_of_402(start_proxy: Any, upst
 async def test_402_without_downgrade(start_proxy: Any) -> None:
     running = await start_proxy(PLANS)
     key = await running.account("acme", None, plan="free")
-    await running.state.redis.hset("mp:{acme}:keys", "key_test", "active")
+    await running.state.redis.hset(keyspace.account("acme", "keys"), "key_test", "active")
     await spend(running.state.ledger, "acme", 5_000_000)
     with pytest.raises(openai.APIStatusError) as caught:
         await running.client(key).chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "x"}])
     assert caught.value.status_code == 402
-
-
-def test_money_strings_are_exact() -> None:
-    from proxy.money import LossyAmount, usd
-
-    assert usd(to_micro("12.5")) == "12.500000" and usd(-1) == "-0.000001"
-    with pytest.raises(LossyAmount):
-        to_micro("0.0000001")
-    with pytest.raises(TypeError):
-        to_micro(0.1)  # type: ignore[arg-type]
 
 
 async def test_plan_switching_never_stacks_allocations(start_proxy: Any) -> None:

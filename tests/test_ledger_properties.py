@@ -138,7 +138,7 @@ async def play(url: str, ops: list[tuple[Any, ...]]) -> None:
         await redis.flushall()
         ledger = Ledger(redis, parse_config(yaml.safe_dump(CONFIG)))
         await ledger.save_account("acme", {"plan": "metered"}, create=True)
-        await redis.hset("mp:{acme}:keys", "key_p", "active")
+        await redis.hset(keyspace.account("acme", "keys"), "key_p", "active")
         scenario = Scenario(ledger)
         for step, op in enumerate(ops):
             await scenario.run(op)

@@ -7,6 +7,7 @@ from decimal import Decimal
 import openai
 import pytest
 
+from proxy import keyspace
 from proxy.testing.upstream import DemoUpstream
 
 from .conftest import UPSTREAM_KEY, Running
@@ -100,7 +101,7 @@ async def test_upstream_error_passes_through_and_costs_nothing(proxy: Running, u
     assert "maximum context length" in str(caught.value)
     view = await proxy.balance("acme")
     assert view.balance == 10_000_000 and view.reserved == 0
-    entries = await proxy.state.redis.xrange("mp:{acme}:ledger")
+    entries = await proxy.state.redis.xrange(keyspace.account("acme", "ledger"))
     assert [e[1]["e"].count('"type":"release"') for e in entries][-1] == 1
 
 
@@ -185,7 +186,7 @@ async def test_ledger_sums_to_balance(proxy: Running, upstream: DemoUpstream) ->
     client = proxy.client(key)
     for _ in range(5):
         await client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "x"}])
-    entries = await proxy.state.redis.xrange("mp:{acme}:ledger")
+    entries = await proxy.state.redis.xrange(keyspace.account("acme", "ledger"))
     import orjson
 
     total = sum(int(orjson.loads(fields["e"])["amount"]) for _, fields in entries)

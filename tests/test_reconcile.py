@@ -59,7 +59,7 @@ async def busy_books(running: Running, upstream: DemoUpstream) -> None:
     for model in ("gpt-4o", "gpt-4o-mini", "gpt-4o"):
         await client.chat.completions.create(model=model, messages=[{"role": "user", "content": "x"}], max_tokens=20)
     await running.account("beta", None, plan="pro")
-    await running.state.redis.hset("mp:{beta}:keys", "key_test", "active")
+    await running.state.redis.hset(keyspace.account("beta", "keys"), "key_test", "active")
     await settle(ledger, "beta", await admit(ledger, "beta", 0), 300_000)  # into overage debt
     await running.fund("beta", "0.1")  # pays part of the debt at activation
 
@@ -77,7 +77,7 @@ async def test_corrupted_balance_names_the_account(start_proxy: Any, upstream: D
                                                    capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
     running = await start_proxy(PLANS)
     await busy_books(running, upstream)
-    await running.state.redis.hincrby("mp:{beta}:acct", "balance", 1)
+    await running.state.redis.hincrby(keyspace.account("beta", "acct"), "balance", 1)
     code, out = await run_cli(running, tmp_path, capsys, "reconcile")
     assert code == 1
     assert "drift: beta: balance == sum(ledger amounts): expected -0.200000, found -0.199999" in out
@@ -87,16 +87,16 @@ async def test_corrupted_balance_names_the_account(start_proxy: Any, upstream: D
 async def test_each_invariant_is_checked(proxy: Running) -> None:
     redis, ledger = proxy.state.redis, proxy.state.ledger
     await proxy.account("acme", "5")
-    await redis.hset("mp:{acme}:keys", "key_test", "active")
+    await redis.hset(keyspace.account("acme", "keys"), "key_test", "active")
     request_id = await admit(ledger, "acme", 1_000_000)
     assert await reconcile(redis, proxy.state.config) == []  # an open reservation is fine
 
-    await redis.hincrby("mp:{acme}:acct", "reserved", -1)
-    await redis.hset("mp:{acme}:acct", "held", "3")
-    (grant,) = await redis.hvals("mp:{acme}:grants")
+    await redis.hincrby(keyspace.account("acme", "acct"), "reserved", -1)
+    await redis.hset(keyspace.account("acme", "acct"), "held", "3")
+    (grant,) = await redis.hvals(keyspace.account("acme", "grants"))
     broken = {**orjson.loads(grant), "remaining": "4000000"}
-    await redis.hset("mp:{acme}:grants", broken["id"], orjson.dumps(broken))
-    await redis.srem("mp:{acme}:live", broken["id"])
+    await redis.hset(keyspace.account("acme", "grants"), broken["id"], orjson.dumps(broken))
+    await redis.srem(keyspace.account("acme", "live"), broken["id"])
     await redis.sadd(keyspace.ACCOUNTS, "ghost")
     checks = {(d.account_id, d.check.split(":")[0]) for d in await reconcile(redis, proxy.state.config)}
     assert checks == {
@@ -113,7 +113,7 @@ async def test_each_invariant_is_checked(proxy: Running) -> None:
 async def test_expiring_grant_and_reaped_reservation_stay_balanced(proxy: Running) -> None:
     redis, ledger = proxy.state.redis, proxy.state.ledger
     await proxy.account("acme", "1")
-    await redis.hset("mp:{acme}:keys", "key_test", "active")
+    await redis.hset(keyspace.account("acme", "keys"), "key_test", "active")
     await proxy.fund("acme", "2", kind="promotional", expires_at=_ms_from_now(60_000))
     request_id = await admit(ledger, "acme", 1_500_000)
     ledger.clock_offset_ms = 120_000  # the promotion lapses while the request is open

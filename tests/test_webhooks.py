@@ -562,7 +562,7 @@ async def test_tier_expiry_depletion_and_overage_events(start_proxy: StartProxy,
     await pause_background_worker(running)
     ledger = running.state.ledger
     await ledger.save_account("acme", {}, create=True)
-    await running.state.redis.hset("mp:{acme}:keys", "key_test", "active")
+    await running.state.redis.hset(keyspace.account("acme", "keys"), "key_test", "active")
     await running.fund("acme", "1")
     await running.fund("acme", "5")  # lifetime paid $6: tier-1 at the next touch
     await ledger.touch("acme")

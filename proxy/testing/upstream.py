@@ -54,6 +54,7 @@ class Fault:
     service_tier: str | None = None  # reported as the tier that served the request
     cut_after_chunks: int | None = None  # stream: drop the connection after this many data events
     chunk_delay_s: float = 0.0  # sleep between stream events
+    hold_after_chunks: int | None = None  # stream: wait for `DemoUpstream.release` after this many events
     delay_before_headers_s: float = 0.0  # sleep before answering at all
     responses_final_event: str = "response.completed"  # or response.incomplete / response.failed
     stream_error_event: bool = False  # emit an error event halfway through the stream
@@ -126,6 +127,8 @@ class DemoUpstream:
         self.deferred_usage: list[Json] = []  # what background responses bill once they finish
         self.client_disconnected = False
         self.stream_closed = asyncio.Event()  # set whenever a stream ends, for any reason
+        self.holding = asyncio.Event()  # a stream waits at `hold_after_chunks`
+        self.release = asyncio.Event()  # set by a test: held streams go on
         # per-request faults (concurrent traffic): a request's own Fault, else `fault`
         self.fault_for: Callable[[RecordedRequest], Fault | None] | None = None
         self.served: list[str] = []  # x-request-ids of 2xx answers started on an open connection
@@ -135,6 +138,8 @@ class DemoUpstream:
 
     def reset(self) -> None:
         self.fault = Fault()
+        self.holding.clear()
+        self.release.clear()
         self.requests.clear()
         self.stream_chunks_sent = 0
         self.chunks_by_request.clear()
@@ -290,6 +295,9 @@ class DemoUpstream:
             raise _Cut
         if f.chunk_delay_s and sent:
             await asyncio.sleep(f.chunk_delay_s)
+        if f.hold_after_chunks is not None and sent == f.hold_after_chunks:
+            self.holding.set()
+            await self.release.wait()
         payload = data if isinstance(data, bytes) else orjson.dumps(data)
         head = f"event: {name}\n".encode() if name else b""
         await resp.write(head + b"data: " + payload + b"\n\n")
