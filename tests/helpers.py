@@ -3,19 +3,27 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import json
 import os
 import subprocess
 import sys
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 import orjson
+from aiohttp import web
 from redis.asyncio import Redis
 
 from proxy import keyspace
+from proxy.webhooks import verify
+
+if TYPE_CHECKING:  # conftest imports this module
+    from .conftest import Running
 
 
 def suite_server() -> str | None:
@@ -188,3 +196,142 @@ def histogram_figures(samples: dict[str, list[tuple[dict[str, str], float]]], na
         return next((le for le, seen in buckets if seen >= q * count), 0.0) if count else 0.0
 
     return {"count": count, "p50": bound(0.5), "p99": bound(0.99), "max": bound(1.0)}
+
+
+@dataclass
+class Attempt:
+    headers: dict[str, str]
+    body: dict[str, Any]
+    status: int
+    raw: bytes = b""  # the body as signed
+
+
+@dataclass
+class Receiver:
+    """The operator's endpoint: verifies signatures, records attempts, fails on demand."""
+
+    secret: str = field(default_factory=lambda: "whsec_" + base64.b64encode(os.urandom(24)).decode())
+    attempts: list[Attempt] = field(default_factory=list)
+    fail_next: int = 0  # answer 500 to this many more (valid) deliveries
+    on_event: Callable[[dict[str, Any]], Awaitable[int | None]] | None = None  # may override the status
+    bad_signatures: int = 0
+    port: int = 0
+    _runner: web.AppRunner | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/hooks"
+
+    async def start(self) -> None:
+        app = web.Application()
+        app.router.add_post("/hooks", self._handle)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
+        self.port = self._runner.addresses[0][1]
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    async def _handle(self, request: web.Request) -> web.Response:
+        raw = await request.read()
+        if not verify(self.secret, request.headers, raw):
+            self.bad_signatures += 1
+            return web.Response(status=401)
+        body = orjson.loads(raw)
+        status = 204
+        if self.on_event is not None:
+            status = await self.on_event(body) or status
+        if self.fail_next > 0:
+            self.fail_next -= 1
+            status = 500
+        self.attempts.append(Attempt(dict(request.headers), body, status, raw))
+        return web.Response(status=status)
+
+    def delivered(self, event_type: str | None = None) -> list[dict[str, Any]]:
+        return [a.body for a in self.attempts if a.status == 204 and event_type in (None, a.body["type"])]
+
+
+def hook_config(receiver: Receiver, **overrides: Any) -> dict[str, Any]:
+    hooks = {"url": receiver.url, "secret": receiver.secret, "low_balance_thresholds_usd": ["5", "1"],
+             "max_attempts": 3, "auto_topup_cooldown_s": 0, **overrides}  # fmt: skip
+    return {"webhooks": hooks}
+
+
+async def pause_background_worker(running: Running) -> None:
+    assert running.proxy.worker is not None
+    running.proxy.worker.stop()
+    task = running.proxy.worker_task
+    assert task is not None
+    done, _ = await asyncio.wait([task], timeout=5)
+    assert done == {task}, "the background worker did not stop"
+
+
+def new_secret() -> str:
+    return "whsec_" + base64.b64encode(os.urandom(24)).decode()
+
+
+async def raw_exchange(port: int, data: bytes, timeout_s: float = 5) -> bytes:
+    """Send bytes as they are and read until the server closes the connection."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(data)
+    await writer.drain()
+    try:
+        return await asyncio.wait_for(reader.read(), timeout_s)
+    finally:
+        writer.close()
+
+
+BURST = 400  # requests in flight at once: four times redis-py's default pool of 100
+
+
+MODELS_BURST = 300
+
+
+CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5}
+
+
+async def fresh_keys(running: Running, count: int, account_id: str = "acme") -> list[str]:
+    """One funded account with `count` keys that no proxy has cached yet."""
+    keys = [await running.account(account_id, "100")]
+    for _ in range(count - 1):
+        _, key = await running.state.accounts.create_key(account_id, name="burst")
+        keys.append(key)
+    return keys
+
+
+async def burst(url: str, method: str, path: str, keys: list[str], body: Any = None) -> Counter[int]:
+    """Every key's request at once, each on its own connection: the statuses counted,
+    and any 5xx shown whole."""
+    connector = aiohttp.TCPConnector(limit=0)  # no client-side cap: the proxy sees them all
+
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=60)) as session:
+
+        async def one(key: str) -> tuple[int, Any]:
+            headers = {"Authorization": f"Bearer {key}"}
+            async with session.request(method, f"{url}{path}", json=body, headers=headers) as resp:
+                return resp.status, await resp.json(content_type=None)
+
+        results = await asyncio.gather(*(one(key) for key in keys))
+    statuses = Counter(status for status, _ in results)
+    server_errors = [answer for status, answer in results if status >= 500]
+    assert not server_errors, f"{statuses}; first: {server_errors[0]}"
+    return statuses
+
+
+PDF = {"type": "file", "file": {"filename": "report.pdf", "file_data": "data:application/pdf;base64,JVBERi0xLjQK"}}
+
+
+async def post(running: Running, key: str, endpoint: str, body: Any, raw: bytes | None = None) -> tuple[int, Any]:
+    """Raw HTTP: the body goes as built (or as `raw` bytes), whatever the SDK's types allow."""
+    headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
+    data = raw if raw is not None else json.dumps(body).encode()  # json: ints past 2^64 too
+    async with aiohttp.ClientSession() as session:
+        async with session.post(f"{running.url}/v1/{endpoint}", data=data, headers=headers) as resp:
+            text = await resp.read()
+            try:
+                return resp.status, orjson.loads(text)
+            except orjson.JSONDecodeError:
+                return resp.status, text.decode()

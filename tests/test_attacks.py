@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import json
 from decimal import Decimal
 from typing import Any
 
@@ -35,23 +34,10 @@ from proxy.money import usd
 from proxy.testing.upstream import DemoUpstream, real_prompt_tokens
 
 from .conftest import Running
-from .helpers import entries, last_entry_id, next_entry
+from .helpers import entries, last_entry_id, next_entry, post
 
 USER = [{"role": "user", "content": "Describe it."}]
 IMAGE = "data:image/png;base64," + base64.b64encode(b"\x89PNG" + b"\0" * 3000).decode()
-
-
-async def post(running: Running, key: str, endpoint: str, body: Any, raw: bytes | None = None) -> tuple[int, Any]:
-    """Raw HTTP: the body goes as built (or as `raw` bytes), whatever the SDK's types allow."""
-    headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
-    data = raw if raw is not None else json.dumps(body).encode()  # json: ints past 2^64 too
-    async with aiohttp.ClientSession() as session:
-        async with session.post(f"{running.url}/v1/{endpoint}", data=data, headers=headers) as resp:
-            text = await resp.read()
-            try:
-                return resp.status, orjson.loads(text)
-            except orjson.JSONDecodeError:
-                return resp.status, text.decode()
 
 
 def reservation_of(running: Running, endpoint: str, body: dict[str, Any]) -> int:

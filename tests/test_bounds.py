@@ -7,7 +7,6 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-import aiohttp
 import openai
 import orjson
 import pytest
@@ -17,18 +16,10 @@ from proxy.money import usd
 from proxy.testing.upstream import DemoUpstream, real_prompt_tokens
 
 from .conftest import Running
+from .helpers import PDF, post
 from .sample_text import heterogeneous_text
 
-PDF = {"type": "file", "file": {"filename": "report.pdf", "file_data": "data:application/pdf;base64,JVBERi0xLjQK"}}
 AUDIO = {"type": "input_audio", "input_audio": {"data": "UklGRg==", "format": "wav"}}
-
-
-async def post(running: Running, key: str, endpoint: str, body: dict[str, Any]) -> tuple[int, Any]:
-    """Raw HTTP: the body goes as built, whatever the SDK's types allow."""
-    async with aiohttp.ClientSession() as session:
-        headers = {"Authorization": f"Bearer {key}"}
-        async with session.post(f"{running.url}/v1/{endpoint}", json=body, headers=headers) as resp:
-            return resp.status, await resp.json()
 
 
 async def sdk_status(call: Awaitable[Any]) -> int:

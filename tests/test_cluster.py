@@ -32,9 +32,7 @@ from proxy.worker import Worker
 
 from .cluster import LocalCluster, redis_cluster  # noqa: F401  (the session fixture)
 from .conftest import BASE_CONFIG, Running, deep_merge
-from .helpers import entries
-from .test_pool import BURST, CHAT, burst, fresh_keys
-from .test_webhooks import Receiver, hook_config, pause_background_worker
+from .helpers import BURST, CHAT, Receiver, burst, entries, fresh_keys, hook_config, pause_background_worker
 
 # slots of {gamma}, {delta}, {acme}: 2469, 9053, 11304 -> one account on each master
 ACCOUNTS = ("gamma", "delta", "acme")

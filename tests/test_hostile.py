@@ -14,7 +14,7 @@ import pytest
 from proxy.testing.upstream import DemoUpstream
 
 from .conftest import ADMIN_TOKEN, Running
-from .helpers import entries, last_entry_id, next_entry
+from .helpers import entries, last_entry_id, next_entry, raw_exchange
 
 CHAT = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5}
 
@@ -203,17 +203,6 @@ async def test_malformed_body_is_an_openai_4xx_and_free(proxy: Running, upstream
     assert set(answer["error"]) == {"message", "type", "param", "code"}, answer
     assert upstream.requests == []
     assert await books(proxy) == before  # nothing reserved, nothing charged
-
-
-async def raw_exchange(port: int, data: bytes, timeout_s: float = 5) -> bytes:
-    """Send bytes as they are and read until the server closes the connection."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(data)
-    await writer.drain()
-    try:
-        return await asyncio.wait_for(reader.read(), timeout_s)
-    finally:
-        writer.close()
 
 
 def smuggled(key: str) -> dict[str, bytes]:

@@ -3,11 +3,8 @@ connection (bounded, measured) instead of failing with 503 or 500."""
 
 from __future__ import annotations
 
-import asyncio
-from collections import Counter
 from typing import Any
 
-import aiohttp
 import pytest
 from prometheus_client import REGISTRY
 from redis import exceptions as redis_errors
@@ -18,10 +15,7 @@ from proxy.embedded import EmbeddedRedis
 from proxy.runner import LeanRunner, PoolRunner
 
 from .conftest import Running
-
-BURST = 400  # requests in flight at once: four times redis-py's default pool of 100
-MODELS_BURST = 300
-CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5}
+from .helpers import BURST, CHAT, MODELS_BURST, burst, fresh_keys
 
 
 def pool_waits() -> float:
@@ -30,34 +24,6 @@ def pool_waits() -> float:
 
 def pool_exhausted() -> float:
     return REGISTRY.get_sample_value("metering_proxy_redis_pool_exhausted_total") or 0.0
-
-
-async def fresh_keys(running: Running, count: int, account_id: str = "acme") -> list[str]:
-    """One funded account with `count` keys that no proxy has cached yet."""
-    keys = [await running.account(account_id, "100")]
-    for _ in range(count - 1):
-        _, key = await running.state.accounts.create_key(account_id, name="burst")
-        keys.append(key)
-    return keys
-
-
-async def burst(url: str, method: str, path: str, keys: list[str], body: Any = None) -> Counter[int]:
-    """Every key's request at once, each on its own connection: the statuses counted,
-    and any 5xx shown whole."""
-    connector = aiohttp.TCPConnector(limit=0)  # no client-side cap: the proxy sees them all
-
-    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=60)) as session:
-
-        async def one(key: str) -> tuple[int, Any]:
-            headers = {"Authorization": f"Bearer {key}"}
-            async with session.request(method, f"{url}{path}", json=body, headers=headers) as resp:
-                return resp.status, await resp.json(content_type=None)
-
-        results = await asyncio.gather(*(one(key) for key in keys))
-    statuses = Counter(status for status, _ in results)
-    server_errors = [answer for status, answer in results if status >= 500]
-    assert not server_errors, f"{statuses}; first: {server_errors[0]}"
-    return statuses
 
 
 async def test_first_requests_on_many_fresh_keys_all_pass(proxy: Running) -> None:

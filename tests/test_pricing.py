@@ -18,8 +18,7 @@ from proxy.pricing import price_of
 from proxy.testing.upstream import DemoUpstream
 
 from .conftest import BASE_CONFIG, Running, deep_merge
-from .helpers import entries
-from .test_bounds import PDF, post
+from .helpers import PDF, entries, post
 
 TIERS = {"models": {"gpt-4o": {"price": {"service_tiers": {
     "priority": {"input": "4.25", "cached_input": "2.125", "output": "17.00"},

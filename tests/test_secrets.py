@@ -19,9 +19,7 @@ from proxy.embedded import EmbeddedRedis, free_port
 from proxy.testing.upstream import DemoUpstream
 
 from .conftest import BASE_CONFIG, deep_merge
-from .helpers import spawn_proxy, wait_healthy
-from .test_hostile import raw_exchange
-from .test_webhooks import Receiver, new_secret
+from .helpers import Receiver, new_secret, raw_exchange, spawn_proxy, wait_healthy
 
 UPSTREAM_KEY = "AZKEY" + secrets.token_hex(12)
 

@@ -10,7 +10,6 @@ import base64
 import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +17,6 @@ import openai
 import orjson
 import pytest
 import yaml
-from aiohttp import web
 from prometheus_client import REGISTRY
 
 from proxy import keyspace
@@ -30,64 +28,9 @@ from proxy.webhooks import Webhooks, body_of, full_jitter, list_dead, replay_dea
 from proxy.worker import Worker
 
 from .conftest import BASE_CONFIG, Running, deep_merge
+from .helpers import Receiver, hook_config, new_secret, pause_background_worker
 
 StartProxy = Callable[..., Awaitable[Running]]
-
-
-@dataclass
-class Attempt:
-    headers: dict[str, str]
-    body: dict[str, Any]
-    status: int
-    raw: bytes = b""  # the body as signed
-
-
-@dataclass
-class Receiver:
-    """The operator's endpoint: verifies signatures, records attempts, fails on demand."""
-
-    secret: str = field(default_factory=lambda: "whsec_" + base64.b64encode(os.urandom(24)).decode())
-    attempts: list[Attempt] = field(default_factory=list)
-    fail_next: int = 0  # answer 500 to this many more (valid) deliveries
-    on_event: Callable[[dict[str, Any]], Awaitable[int | None]] | None = None  # may override the status
-    bad_signatures: int = 0
-    port: int = 0
-    _runner: web.AppRunner | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/hooks"
-
-    async def start(self) -> None:
-        app = web.Application()
-        app.router.add_post("/hooks", self._handle)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
-        self.port = self._runner.addresses[0][1]
-
-    async def stop(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
-
-    async def _handle(self, request: web.Request) -> web.Response:
-        raw = await request.read()
-        if not verify(self.secret, request.headers, raw):
-            self.bad_signatures += 1
-            return web.Response(status=401)
-        body = orjson.loads(raw)
-        status = 204
-        if self.on_event is not None:
-            status = await self.on_event(body) or status
-        if self.fail_next > 0:
-            self.fail_next -= 1
-            status = 500
-        self.attempts.append(Attempt(dict(request.headers), body, status, raw))
-        return web.Response(status=status)
-
-    def delivered(self, event_type: str | None = None) -> list[dict[str, Any]]:
-        return [a.body for a in self.attempts if a.status == 204 and event_type in (None, a.body["type"])]
 
 
 @pytest.fixture
@@ -96,21 +39,6 @@ async def receiver() -> AsyncIterator[Receiver]:
     await server.start()
     yield server
     await server.stop()
-
-
-def hook_config(receiver: Receiver, **overrides: Any) -> dict[str, Any]:
-    hooks = {"url": receiver.url, "secret": receiver.secret, "low_balance_thresholds_usd": ["5", "1"],
-             "max_attempts": 3, "auto_topup_cooldown_s": 0, **overrides}  # fmt: skip
-    return {"webhooks": hooks}
-
-
-async def pause_background_worker(running: Running) -> None:
-    assert running.proxy.worker is not None
-    running.proxy.worker.stop()
-    task = running.proxy.worker_task
-    assert task is not None
-    done, _ = await asyncio.wait([task], timeout=5)
-    assert done == {task}, "the background worker did not stop"
 
 
 async def start_hooked(start_proxy: StartProxy, receiver: Receiver, **overrides: Any) -> Running:
@@ -200,10 +128,6 @@ def test_verify_rejects_what_it_should() -> None:
     stale = now - 301
     assert not verify(secret, {**good, "webhook-timestamp": str(stale),
                                "webhook-signature": sign(secret, "evt_1", stale, body)}, body)  # fmt: skip
-
-
-def new_secret() -> str:
-    return "whsec_" + base64.b64encode(os.urandom(24)).decode()
 
 
 async def test_rotation_signs_with_every_secret_and_either_verifies(
