@@ -28,10 +28,10 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from proxy.accounts import Accounts  # noqa: E402
 from proxy.app import connect  # noqa: E402
 from proxy.configfile import parse_config  # noqa: E402
 from proxy.embedded import EmbeddedRedis, free_port  # noqa: E402
+from proxy.keys import KeyStore  # noqa: E402
 from proxy.ledger import Ledger  # noqa: E402
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -181,7 +181,7 @@ async def main(args: argparse.Namespace) -> None:
         ledger = Ledger(redis, parse_config(config_file.read_text()))
         await ledger.save_account("bench", {}, create=True)
         await ledger.grant("bench", {"id": "grant_bench", "kind": "paid", "amount": str(10**15), "idem": "bench"})
-        _, key = await Accounts(redis).create_key("bench")
+        _, key = await KeyStore(redis).create_key("bench")
 
         rows = []
         for stream in (False, True):

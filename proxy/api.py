@@ -28,7 +28,7 @@ async def list_models(request: web.Request) -> web.Response:
     req_id = relay.request_id()
     try:
         key = await state.keys.authenticate(request.headers.get("Authorization"))
-        if not await state.accounts.key_active(key):
+        if not await state.key_store.key_active(key):
             raise errors.InvalidApiKey("Incorrect API key provided: the key was revoked.")
     except errors.ProxyError as err:
         return relay.error_response(err, req_id)

@@ -22,14 +22,13 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from . import admin, api, errors, listener, logs, metrics, pool
-from .accounts import Accounts
+from .catalog import Catalog
 from .config import Config
 from .configfile import ConfigError, load_config
 from .embedded import EmbeddedRedis
 from .journal import Journal
-from .keys import KeyCache
+from .keys import KeyCache, KeyStore
 from .ledger import Checkpoint, Ledger
-from .pricing import Catalog
 from .resp import RespClient
 from .state import STATE, State
 from .upstream import Upstream
@@ -105,7 +104,7 @@ class Proxy:
         await upstream.start()
         journal = Journal(config.data_dir / "journal")
         journal.open()  # takes over the journals of proxies that died
-        state = State(config, redis, ledger, Accounts(redis), KeyCache(redis), catalog, upstream, journal)
+        state = State(config, redis, ledger, KeyStore(redis), KeyCache(redis), catalog, upstream, journal)
         self.state = state
         with contextlib.suppress(errors.StoreUnavailable):  # else the worker replays it later
             await journal.replay(ledger.settle)

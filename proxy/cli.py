@@ -142,15 +142,15 @@ def cmd_admin(args: argparse.Namespace) -> int:
 
 
 async def _admin(args: Any, config: Config, url: str, cluster: bool) -> int:
-    from .accounts import Accounts
     from .app import connect
+    from .keys import KeyStore
     from .ledger import Ledger
     from .service import Service
 
     redis = connect(url, cluster)
     try:
         ledger = Ledger(redis, config)
-        return int(await args.action(Service(redis, config, ledger, Accounts(redis)), args))
+        return int(await args.action(Service(redis, config, ledger, KeyStore(redis)), args))
     except errors.REDIS_DOWN + (errors.StoreUnavailable,):
         where = "redis.url" if config.redis else "the embedded Redis"
         print(f"error: cannot reach Redis ({where}): start the proxy first or set redis.url", file=sys.stderr)
@@ -279,7 +279,7 @@ async def show_usage(svc: Service, args: Any) -> int:
 async def run_reconcile(svc: Service, args: Any) -> int:
     from .reconcile import reconcile
 
-    ids = await svc.accounts.all_ids()
+    ids = await svc.ledger.account_ids()
     drifts = await reconcile(svc.redis, svc.config, ids)
     if not drifts:
         print(f"ok: {len(ids)} accounts")

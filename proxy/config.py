@@ -255,7 +255,7 @@ class PriceConfig(_Frozen):
 
     input: Amount
     cached_input: OptAmount = None  # None: priced at `input`
-    output: OptAmount = None  # None: free (embeddings); pricing.price_of applies the defaults
+    output: OptAmount = None  # None: free (embeddings); catalog.price_of applies the defaults
     audio_input: OptAmount = None  # None: audio input tokens cost `input`
     audio_output: OptAmount = None  # None: audio output tokens cost `output`
     service_tiers: Annotated[dict[str, TierPriceConfig], _EmptyOk, AfterValidator(_known_tiers)] = Field(

@@ -15,8 +15,8 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
+from .catalog import price_of
 from .config import DEFER_REFERENCE_CHECKS, Config, Loc, format_loc, reference_errors
-from .pricing import price_of
 
 
 class ConfigError(Exception):

@@ -47,7 +47,7 @@ class Demo:
             if exc.code != "account_exists":  # there from an earlier run: fine
                 raise
         await state.ledger.grant(DEMO_ACCOUNT, WELCOME)
-        _, key = await state.accounts.create_key(DEMO_ACCOUNT, name="demo")
+        _, key = await state.key_store.create_key(DEMO_ACCOUNT, name="demo")
         port = proxy.ports["client"]
         print(
             f"\n  demo key (shown once): {key}\n\n"

@@ -238,6 +238,9 @@ class Ledger:
     async def touch(self, account_id: str, key_id: str = "") -> AccountView:
         return scripts.account_view(await self._run("touch", account_id, key_id), account_id)
 
+    async def account_ids(self) -> list[str]:
+        return sorted(str(account) for account in await self.redis.smembers(keyspace.ACCOUNTS))
+
     async def save_account(self, account_id: str, fields: dict[str, str | None], *, create: bool) -> dict[str, str]:
         fields = {name: "" if value is None else value for name, value in fields.items()}  # "" deletes
         if create:  # indexed first: an account can never exist unlisted (reconcile skips ghosts)

@@ -27,11 +27,11 @@ from aiohttp import web
 from aiohttp.web_protocol import RequestPayloadError
 
 from . import errors, intake, metrics
+from .catalog import Route
 from .intake import ClientRequest
 from .journal import JournalFull
 from .ledger import Checkpoint, SettleCall
 from .money import Usage, usd
-from .pricing import Route
 from .scripts import Admission, Settlement
 from .sse import Event, SSEParser, data_event
 from .state import STATE, State

@@ -12,16 +12,15 @@ import secrets
 import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 import orjson
 from redis.asyncio import Redis
 
-from . import errors, keyspace, reconcile, views
-from .accounts import Accounts
+from . import errors, keyspace, reconcile, reports, views
 from .config import Config
-from .ledger import Ledger, iter_entries, read_entries, read_entry
+from .keys import KeyStore
+from .ledger import Ledger, read_entries, read_entry
 from .money import usd
 from .schemas import (
     AccountCreate,
@@ -44,7 +43,6 @@ if TYPE_CHECKING:
 Body = Mapping[str, Any]
 DAY_MS = 86_400_000
 USAGE_DEFAULT_SPAN_MS = 30 * DAY_MS
-TOKEN_FIELDS = ("input_tokens", "cached_input_tokens", "output_tokens", "reasoning_tokens")
 EXPORT_TYPES = {"csv": "text/csv; charset=utf-8", "jsonl": "application/x-ndjson"}
 
 
@@ -67,17 +65,17 @@ class Service:
     redis: Redis
     config: Config
     ledger: Ledger
-    accounts: Accounts
+    key_store: KeyStore
 
     @classmethod
     def of(cls, state: State) -> Service:
         """The services of a running proxy, with its current (possibly reloaded) config."""
-        return cls(state.redis, state.config, state.ledger, state.accounts)
+        return cls(state.redis, state.config, state.ledger, state.key_store)
 
     # -- accounts ------------------------------------------------------------------
 
     async def list_accounts(self) -> dict[str, Any]:
-        return {"object": "list", "data": await self.accounts.all_ids()}
+        return {"object": "list", "data": await self.ledger.account_ids()}
 
     async def create_account(self, body: Body) -> dict[str, Any]:
         req = parse(AccountCreate, body)
@@ -124,7 +122,7 @@ class Service:
         unknown = sorted(set(req.allowed_models or ()) - set(self.config.models))
         if unknown:
             raise errors.InvalidRequest(f"Unknown model(s): {', '.join(unknown)}.", param="allowed_models")
-        record, secret = await self.accounts.create_key(checked_id(account_id), req.name, req.allowed_models)
+        record, secret = await self.key_store.create_key(checked_id(account_id), req.name, req.allowed_models)
         return {
             "id": record.key_id,
             "object": "api_key",
@@ -135,10 +133,10 @@ class Service:
         }
 
     async def revoke_key(self, key_id: str) -> dict[str, Any]:
-        return await self.accounts.revoke_key(key_id)
+        return await self.key_store.revoke_key(key_id)
 
     async def list_keys(self, account_id: str) -> dict[str, Any]:
-        return {"object": "list", "data": await self.accounts.list_keys(await self._require(account_id))}
+        return {"object": "list", "data": await self.key_store.list_keys(await self._require(account_id))}
 
     # -- credits -------------------------------------------------------------------
 
@@ -210,22 +208,8 @@ class Service:
         start = q.from_ if q.from_ is not None else end - USAGE_DEFAULT_SPAN_MS
         if start >= end:
             raise errors.InvalidRequest("`from` must be earlier than `to`.", param="from")
-        dimensions = q.group_by.split(",")  # model, day and/or key (the API key id)
-        groups: dict[tuple[str, ...], dict[str, Any]] = {}
-        # stream ids are ms timestamps: XRANGE bounds are inclusive, so `to` - 1
-        async for entry_id, raw in iter_entries(self.redis, account_id, start, end - 1):
-            entry = orjson.loads(raw)
-            if entry.get("type") != "usage":
-                continue
-            values = {"model": entry.get("model") or "", "day": _day(entry_id), "key": entry.get("key_id") or ""}
-            key = tuple(values[d] for d in dimensions)
-            _add_usage(groups.setdefault(key, _empty_group(dict(zip(dimensions, key, strict=True)))), entry)
-        return {
-            "account_id": account_id,
-            "from": views.rfc3339(start),
-            "to": views.rfc3339(end),
-            "groups": [_render_group(groups[key]) for key in sorted(groups)],
-        }
+        dimensions = tuple(q.group_by.split(","))  # model, day and/or key (the API key id)
+        return await reports.usage(self.redis, account_id, start, end, dimensions)
 
 
 def topup_setting(topup: AutoTopup) -> dict[str, str]:
@@ -267,27 +251,3 @@ def account_fields(req: AccountPatch, config: Config) -> dict[str, str | None]:
         marks = req.low_balance_thresholds_usd
         fields["thresholds"] = None if marks is None else orjson.dumps(sorted(set(marks), reverse=True)).decode()
     return fields
-
-
-def _day(entry_id: str) -> str:
-    return datetime.fromtimestamp(int(entry_id.split("-", 1)[0]) / 1000, UTC).date().isoformat()
-
-
-def _empty_group(labels: dict[str, str]) -> dict[str, Any]:
-    named = {("key_id" if name == "key" else name): value for name, value in labels.items()}
-    # the contract's group shape always names the model (null when not grouped by it)
-    return {"model": None, **named, "requests": 0, **dict.fromkeys(TOKEN_FIELDS, 0), "cost": 0}
-
-
-def _add_usage(group: dict[str, Any], entry: dict[str, Any]) -> None:
-    usage = entry.get("usage") or {}
-    group["requests"] += 1
-    for name in TOKEN_FIELDS:
-        group[name] += int(usage.get(name) or 0)
-    group["cost"] -= int(entry["amount"])  # usage amounts are negative: a charge
-
-
-def _render_group(group: dict[str, Any]) -> dict[str, Any]:
-    out = {k: v for k, v in group.items() if k != "cost"}
-    out["cost_usd"] = usd(group["cost"])
-    return out

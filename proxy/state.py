@@ -10,12 +10,11 @@ from typing import Any, Protocol
 from aiohttp import web
 from redis.asyncio import Redis
 
-from .accounts import Accounts
+from .catalog import Catalog
 from .config import Config
 from .journal import Journal
-from .keys import KeyCache
+from .keys import KeyCache, KeyStore
 from .ledger import Checkpoint, Ledger
-from .pricing import Catalog
 from .upstream import Upstream
 
 
@@ -32,7 +31,7 @@ class State:
     config: Config
     redis: Redis
     ledger: Ledger
-    accounts: Accounts
+    key_store: KeyStore
     keys: KeyCache
     catalog: Catalog
     upstream: Upstream

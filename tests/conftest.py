@@ -126,7 +126,7 @@ class Running:
         await self.state.ledger.save_account(account_id, fields, create=True)
         if usd is not None:
             await self.fund(account_id, usd)
-        _, key = await self.state.accounts.create_key(account_id, name="test")
+        _, key = await self.state.key_store.create_key(account_id, name="test")
         return key
 
     async def fund(self, account_id: str, usd: str, kind: str = "paid", **spec: Any) -> dict[str, Any]:

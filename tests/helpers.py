@@ -107,13 +107,13 @@ def spawn_proxy(config_file: Path, log: Path, stderr_log: Path | None = None) ->
 async def funded_key(redis: Redis, config: Any, account_id: str = "acme", micro: int = 10_000_000) -> str:
     """An account with a paid grant and an API key, made straight through the ledger
     (for tests whose proxy runs in a child process)."""
-    from proxy.accounts import Accounts
+    from proxy.keys import KeyStore
     from proxy.ledger import Ledger
 
     ledger = Ledger(redis, config)
     await ledger.save_account(account_id, {}, create=True)
     await ledger.grant(account_id, {"id": "grant_1", "kind": "paid", "amount": str(micro)})
-    _, key = await Accounts(redis).create_key(account_id)
+    _, key = await KeyStore(redis).create_key(account_id)
     return key
 
 
@@ -297,7 +297,7 @@ async def fresh_keys(running: Running, count: int, account_id: str = "acme") -> 
     """One funded account with `count` keys that no proxy has cached yet."""
     keys = [await running.account(account_id, "100")]
     for _ in range(count - 1):
-        _, key = await running.state.accounts.create_key(account_id, name="burst")
+        _, key = await running.state.key_store.create_key(account_id, name="burst")
         keys.append(key)
     return keys
 

@@ -340,7 +340,7 @@ async def test_ledger_export_over_http(proxy: Running) -> None:
 
 async def test_usage_grouped_by_api_key(proxy: Running, upstream: DemoUpstream) -> None:
     first = await proxy.account("acme", "10")
-    record, second = await proxy.state.accounts.create_key("acme", name="batch")
+    record, second = await proxy.state.key_store.create_key("acme", name="batch")
     for key in (first, first, second):
         await proxy.client(key).chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "x"}])
     _, usage = await proxy.admin("GET", "/admin/v1/accounts/acme/usage?group_by=key")

@@ -379,7 +379,7 @@ async def test_regression_concurrency_on_two_instances_and_many_keys(start_proxy
     body = {"model": "gpt-4o", "messages": USER, "max_tokens": 100}
     reserve = reservation_of(first, "chat", body)
     keys = [await first.account("acme", usd(3 * reserve + reserve - 1))]
-    keys += [(await first.state.accounts.create_key("acme", name=f"k{i}"))[1] for i in range(4)]
+    keys += [(await first.state.key_store.create_key("acme", name=f"k{i}"))[1] for i in range(4)]
     upstream.fault.output_tokens = 100  # each bills 10 x 2.5 + 100 x 10 = 1,025 micro
 
     async def one(i: int) -> int:

@@ -11,9 +11,9 @@ from pathlib import Path
 from redis.asyncio import Redis
 
 from proxy import journal, keyspace
-from proxy.accounts import Accounts
 from proxy.app import connect
 from proxy.cli import main as cli_main
+from proxy.keys import KeyStore
 from proxy.ledger import Ledger
 from proxy.testing.upstream import DemoUpstream
 
@@ -58,7 +58,7 @@ async def test_chaos_run_charges_every_request_served_exactly_once(upstream: Dem
 async def funded_keys(ledger: Ledger) -> list[str]:
     await ledger.save_account("acme", {}, create=True)
     await ledger.grant("acme", {"id": "grant_chaos", "kind": "paid", "amount": str(FUNDS)})
-    accounts = Accounts(ledger.redis)
+    accounts = KeyStore(ledger.redis)
     return [(await accounts.create_key("acme", name=f"k{i}"))[1] for i in range(KEYS)]
 
 

@@ -207,7 +207,7 @@ async def test_reaper_releases_lapsed_reservations(start_cluster_proxy: StartPro
     ledger = running.state.ledger
     for account_id in ACCOUNTS:
         await running.account(account_id, "10")
-        key, _ = await running.state.accounts.create_key(account_id)
+        key, _ = await running.state.key_store.create_key(account_id)
         admission = await ledger.admit(account_id, key.key_id, "gpt-4o", "req_" + secrets.token_hex(6),
                                        prompt_cost=1_000_000, output_cost=0, output_pico=0, prompt_tokens=1,
                                        max_output_tokens=0, choices=1)  # fmt: skip

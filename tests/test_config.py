@@ -53,7 +53,7 @@ def test_example_config_loads() -> None:
 
 
 def test_embedding_and_cached_price_defaults() -> None:
-    from proxy.pricing import price_of
+    from proxy.catalog import price_of
 
     config = load_config(EXAMPLE, env={})
     embed = config.models["text-embedding-3-small"].price

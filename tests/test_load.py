@@ -19,8 +19,8 @@ from typing import Any
 import aiohttp
 from redis.asyncio import Redis
 
-from proxy.accounts import Accounts
 from proxy.cli import main as cli_main
+from proxy.keys import KeyStore
 from proxy.ledger import Ledger
 from proxy.testing.upstream import DemoUpstream
 
@@ -81,7 +81,7 @@ async def load_scenario(
 async def funded_keys(ledger: Ledger) -> list[str]:
     await ledger.save_account("acme", {}, create=True)
     await ledger.grant("acme", {"id": "grant_load", "kind": "paid", "amount": str(FUNDS)})
-    accounts = Accounts(ledger.redis)
+    accounts = KeyStore(ledger.redis)
     return [(await accounts.create_key("acme", name=f"k{i}"))[1] for i in range(KEYS)]
 
 

@@ -130,7 +130,7 @@ async def test_errors_have_openai_shape(proxy: Running, upstream: DemoUpstream) 
 
 async def test_model_not_allowed_and_413(proxy: Running, upstream: DemoUpstream) -> None:
     await proxy.account("acme", "10")
-    _, key = await proxy.state.accounts.create_key("acme", allowed_models=["gpt-4o-mini"])
+    _, key = await proxy.state.key_store.create_key("acme", allowed_models=["gpt-4o-mini"])
     client = proxy.client(key)
     with pytest.raises(openai.PermissionDeniedError) as denied:
         await client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "x"}])
@@ -147,10 +147,10 @@ async def test_model_not_allowed_and_413(proxy: Running, upstream: DemoUpstream)
 
 async def test_revoked_key_stops_at_once(proxy: Running, upstream: DemoUpstream) -> None:
     await proxy.account("acme", "10")
-    record, key = await proxy.state.accounts.create_key("acme")
+    record, key = await proxy.state.key_store.create_key("acme")
     client = proxy.client(key)
     await client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "x"}])
-    await proxy.state.accounts.revoke_key(record.key_id)
+    await proxy.state.key_store.revoke_key(record.key_id)
     with pytest.raises(openai.AuthenticationError):  # the key record is still cached here
         await client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "x"}])
     assert len(upstream.requests) == 1

@@ -10,7 +10,7 @@ import openai
 import pytest
 
 from proxy import prompts, tokens
-from proxy.pricing import PROMPT_MARGIN_TOKENS
+from proxy.catalog import PROMPT_MARGIN_TOKENS
 from proxy.testing.upstream import DemoUpstream
 
 from .conftest import Running
@@ -159,7 +159,7 @@ async def test_a_stream_is_relayed_as_it_arrives_not_buffered(proxy: Running, up
 
 async def test_embeddings_list_and_models_per_key(proxy: Running, upstream: DemoUpstream) -> None:
     await proxy.account("acme", "10")
-    _, key = await proxy.state.accounts.create_key("acme", allowed_models=["text-embedding-3-small", "gpt-4o"])
+    _, key = await proxy.state.key_store.create_key("acme", allowed_models=["text-embedding-3-small", "gpt-4o"])
     client = proxy.client(key)
     result = await client.embeddings.create(model="text-embedding-3-small", input=["a", "b"])
     assert len(result.data) == 2

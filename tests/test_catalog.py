@@ -12,9 +12,9 @@ import pytest
 import yaml
 
 from proxy import intake, tokens
+from proxy.catalog import price_of
 from proxy.configfile import ConfigError, parse_config
 from proxy.money import Usage
-from proxy.pricing import price_of
 from proxy.testing.upstream import DemoUpstream
 
 from .conftest import BASE_CONFIG, Running, deep_merge
