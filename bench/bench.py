@@ -32,7 +32,7 @@ from proxy.app import connect  # noqa: E402
 from proxy.configfile import parse_config  # noqa: E402
 from proxy.embedded import EmbeddedRedis, free_port  # noqa: E402
 from proxy.keys import KeyStore  # noqa: E402
-from proxy.ledger import Ledger  # noqa: E402
+from proxy.ledger import GrantSpec, Ledger  # noqa: E402
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 MESSAGES = [{"role": "user", "content": "Write one sentence about the sea."}]
@@ -180,7 +180,7 @@ async def main(args: argparse.Namespace) -> None:
         redis = connect(redis_server.url)
         ledger = Ledger(redis, parse_config(config_file.read_text()))
         await ledger.save_account("bench", {}, create=True)
-        await ledger.grant("bench", {"id": "grant_bench", "kind": "paid", "amount": str(10**15), "idem": "bench"})
+        await ledger.grant("bench", GrantSpec("paid", 10**15, idem="bench"))
         _, key = await KeyStore(redis).create_key("bench")
 
         rows = []

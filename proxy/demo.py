@@ -11,19 +11,11 @@ from typing import Any
 from . import errors
 from .config import Config
 from .embedded import free_port
+from .ledger import GrantSpec
 from .testing.upstream import DemoUpstream
 
 DEMO_ACCOUNT = "demo"
-WELCOME = {
-    "id": "grant_demo_welcome",
-    "kind": "promotional",
-    "amount": "10000000",
-    "priority": 0,
-    "effective_at": 0,
-    "expires_at": 0,
-    "description": "demo credit",
-    "idem": "demo-welcome",
-}
+WELCOME = GrantSpec("promotional", 10_000_000, description="demo credit", idem="demo-welcome", id="grant_demo_welcome")
 
 
 class Demo:

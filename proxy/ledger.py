@@ -60,6 +60,26 @@ class SettleCall:
 
 
 @dataclass(frozen=True, slots=True)
+class GrantSpec:
+    """A credit grant as grant.lua takes it (see its header)."""
+
+    kind: str  # paid | promotional
+    amount: int  # micro-USD
+    priority: int = 0  # lower is drawn first
+    effective_at: int = 0  # ms; 0: now (a future one waits as pending)
+    expires_at: int = 0  # ms; 0: never
+    description: str | None = None
+    idem: str | None = None  # the idempotency key: the same one never grants twice
+    cost_basis: str | None = None  # per-unit cost basis, for the books
+    id: str = field(default_factory=lambda: "grant_" + secrets.token_hex(12))
+
+    def to_json(self) -> bytes:
+        # JSON null would reach Lua as a truthy cjson.null: unset fields are left out
+        fields = {name: value for name, value in asdict(self).items() if value is not None}
+        return orjson.dumps({**fields, "amount": str(self.amount)})  # money as a string in JSON
+
+
+@dataclass(frozen=True, slots=True)
 class Checkpoint:
     """A running request's progress, for reap.lua to charge if its proxy dies."""
 
@@ -210,10 +230,9 @@ class Ledger:
 
     # -- credits and accounts ----------------------------------------------------------
 
-    async def grant(self, account_id: str, spec: dict[str, Any]) -> tuple[bool, dict[str, Any]]:
+    async def grant(self, account_id: str, spec: GrantSpec) -> tuple[bool, dict[str, Any]]:
         """Returns (created, grant). An existing idempotency key returns the first grant."""
-        # JSON null would reach Lua as a truthy cjson.null: leave unset fields out
-        reply = await self._run("grant", account_id, orjson.dumps({k: v for k, v in spec.items() if v is not None}))
+        reply = await self._run("grant", account_id, spec.to_json())
         if reply.code == "no_account":
             raise errors.NotFound(f"No account {account_id!r}.")
         if reply.code == "invalid":

@@ -20,7 +20,7 @@ from redis.asyncio import Redis
 from . import errors, keyspace, reconcile, reports, views
 from .config import Config
 from .keys import KeyStore
-from .ledger import Ledger, read_entries, read_entry
+from .ledger import GrantSpec, Ledger, read_entries, read_entry
 from .money import usd
 from .schemas import (
     AccountCreate,
@@ -143,19 +143,18 @@ class Service:
     async def grant(self, account_id: str, body: Body) -> tuple[bool, dict[str, Any]]:
         """(created, grant). A seen idempotency key returns the first grant, unchanged."""
         req = parse(GrantCreate, body)
-        spec = {
-            "id": "grant_" + secrets.token_hex(12),
-            "kind": req.kind,
-            "amount": str(req.amount_usd),
-            "priority": req.priority,
-            "effective_at": req.effective_at or 0,
-            "expires_at": req.expires_at or 0,
-            "description": req.description,
-            "idem": req.idempotency_key,
-            "cost_basis": req.per_unit_cost_basis,
-        }
+        spec = GrantSpec(
+            kind=req.kind,
+            amount=req.amount_usd,  # micro-USD already (schemas.Usd)
+            priority=req.priority,
+            effective_at=req.effective_at or 0,
+            expires_at=req.expires_at or 0,
+            description=req.description,
+            idem=req.idempotency_key,
+            cost_basis=req.per_unit_cost_basis,
+        )
         created, grant = await self.ledger.grant(checked_id(account_id), spec)
-        if not created and (grant["amount"], grant["kind"]) != (spec["amount"], spec["kind"]):
+        if not created and (grant["amount"], grant["kind"]) != (str(spec.amount), spec.kind):
             # a reused key with another amount is a caller's bug: say so rather than pretend
             raise errors.InvalidRequest(
                 f"Idempotency key {req.idempotency_key!r} was already used for grant {grant['id']} "

@@ -21,6 +21,7 @@ from proxy.app import Proxy, connect
 from proxy.config import Config
 from proxy.configfile import parse_config
 from proxy.embedded import EmbeddedRedis
+from proxy.ledger import GrantSpec
 from proxy.state import State
 from proxy.testing.upstream import DemoUpstream
 
@@ -130,13 +131,10 @@ class Running:
         return key
 
     async def fund(self, account_id: str, usd: str, kind: str = "paid", **spec: Any) -> dict[str, Any]:
-        import secrets
 
         from proxy.money import to_micro
 
-        body = {"id": "grant_" + secrets.token_hex(6), "kind": kind, "amount": str(to_micro(usd)), "priority": 0,
-                "effective_at": 0, "expires_at": 0, "description": None, "idem": None, **spec}  # fmt: skip
-        _, grant = await self.state.ledger.grant(account_id, body)
+        _, grant = await self.state.ledger.grant(account_id, GrantSpec(kind, to_micro(usd), **spec))
         return grant
 
     async def balance(self, account_id: str = "acme") -> Any:

@@ -20,6 +20,7 @@ from aiohttp import web
 from redis.asyncio import Redis
 
 from proxy import keyspace
+from proxy.ledger import GrantSpec
 from proxy.webhooks import verify
 
 if TYPE_CHECKING:  # conftest imports this module
@@ -112,7 +113,7 @@ async def funded_key(redis: Redis, config: Any, account_id: str = "acme", micro:
 
     ledger = Ledger(redis, config)
     await ledger.save_account(account_id, {}, create=True)
-    await ledger.grant(account_id, {"id": "grant_1", "kind": "paid", "amount": str(micro)})
+    await ledger.grant(account_id, GrantSpec("paid", micro, id="grant_1"))
     _, key = await KeyStore(redis).create_key(account_id)
     return key
 

@@ -14,7 +14,7 @@ from proxy import journal, keyspace
 from proxy.app import connect
 from proxy.cli import main as cli_main
 from proxy.keys import KeyStore
-from proxy.ledger import Ledger
+from proxy.ledger import GrantSpec, Ledger
 from proxy.testing.upstream import DemoUpstream
 
 from .chaos import Chaos, verify
@@ -57,7 +57,7 @@ async def test_chaos_run_charges_every_request_served_exactly_once(upstream: Dem
 
 async def funded_keys(ledger: Ledger) -> list[str]:
     await ledger.save_account("acme", {}, create=True)
-    await ledger.grant("acme", {"id": "grant_chaos", "kind": "paid", "amount": str(FUNDS)})
+    await ledger.grant("acme", GrantSpec("paid", FUNDS))
     accounts = KeyStore(ledger.redis)
     return [(await accounts.create_key("acme", name=f"k{i}"))[1] for i in range(KEYS)]
 

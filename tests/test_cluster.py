@@ -24,6 +24,7 @@ from proxy import keyspace
 from proxy.app import Proxy, connect
 from proxy.cli import main as cli_main
 from proxy.configfile import parse_config
+from proxy.ledger import GrantSpec
 from proxy.pool import GatedCluster
 from proxy.reconcile import reconcile
 from proxy.testing.upstream import DemoUpstream
@@ -115,8 +116,8 @@ async def test_admin_api_accounts_keys_and_idempotent_grants(
         status, again = await running.admin("POST", path, credits)  # the retry grants nothing
         assert status == 200 and again == first
         created, grant = await running.state.ledger.grant(  # and the same through the ledger
-            account_id, {"id": "grant_" + secrets.token_hex(6), "kind": "paid", "amount": "10000000",
-                         "idem": f"order-{account_id}"})  # fmt: skip
+            account_id, GrantSpec("paid", 10_000_000, idem=f"order-{account_id}")
+        )
         assert not created and grant["id"] == first["id"]
         await running.client(key["key"]).chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
         status, balance = await running.admin("GET", f"/admin/v1/accounts/{account_id}/balance")

@@ -18,7 +18,7 @@ from proxy import errors, keyspace, reconcile
 from proxy.app import connect
 from proxy.configfile import parse_config
 from proxy.embedded import EmbeddedRedis
-from proxy.ledger import Checkpoint, Ledger, SettleCall
+from proxy.ledger import Checkpoint, GrantSpec, Ledger, SettleCall
 
 from .conftest import BASE_CONFIG, deep_merge
 
@@ -82,11 +82,10 @@ class Scenario:
         if kind == "grant":
             _, grant_kind, amount, priority, expires_in, effective_in = op
             now = await self.now()
-            _, g = await self.ledger.grant("acme", {
-                "id": f"grant_{len(self.grants)}", "kind": grant_kind, "amount": str(amount), "priority": priority,
-                "effective_at": now + effective_in if effective_in else 0,
-                "expires_at": now + effective_in + expires_in if expires_in else 0,
-            })  # fmt: skip
+            _, g = await self.ledger.grant("acme", GrantSpec(
+                grant_kind, amount, priority, effective_at=now + effective_in if effective_in else 0,
+                expires_at=now + effective_in + expires_in if expires_in else 0, id=f"grant_{len(self.grants)}",
+            ))  # fmt: skip
             self.grants.append(g["id"])
         elif kind == "void" and self.grants:
             await self.ledger.void("acme", self.grants[op[1] % len(self.grants)], "test")

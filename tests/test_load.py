@@ -21,7 +21,7 @@ from redis.asyncio import Redis
 
 from proxy.cli import main as cli_main
 from proxy.keys import KeyStore
-from proxy.ledger import Ledger
+from proxy.ledger import GrantSpec, Ledger
 from proxy.testing.upstream import DemoUpstream
 
 from .helpers import child_config, entries, histogram_figures, raise_fd_limit, scrape, spawn_proxy, wait_healthy
@@ -80,7 +80,7 @@ async def load_scenario(
 
 async def funded_keys(ledger: Ledger) -> list[str]:
     await ledger.save_account("acme", {}, create=True)
-    await ledger.grant("acme", {"id": "grant_load", "kind": "paid", "amount": str(FUNDS)})
+    await ledger.grant("acme", GrantSpec("paid", FUNDS))
     accounts = KeyStore(ledger.redis)
     return [(await accounts.create_key("acme", name=f"k{i}"))[1] for i in range(KEYS)]
 

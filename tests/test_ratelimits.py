@@ -10,7 +10,7 @@ import orjson
 import pytest
 
 from proxy import keyspace
-from proxy.ledger import Ledger
+from proxy.ledger import GrantSpec, Ledger
 from proxy.ratelimits import go_duration
 from proxy.testing.upstream import DemoUpstream
 
@@ -180,7 +180,7 @@ async def test_a_staggered_reload_cannot_make_instances_fight_over_a_tier(
     old = Ledger(redis, make_config(deep_merge(hooks, tiers("5"))))  # $10 paid: tier-1 here
     await old.claim_tier_generation()
     await old.save_account("acme", {}, create=True)
-    await old.grant("acme", {"id": "grant_1", "kind": "paid", "amount": "10000000"})
+    await old.grant("acme", GrantSpec("paid", 10_000_000))
     new = Ledger(redis, make_config(deep_merge(hooks, tiers("50"))))  # the reloaded config: free
     await new.claim_tier_generation()
     restarted_old = Ledger(redis, old.config)  # an old instance restarted mid-rollout

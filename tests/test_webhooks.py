@@ -22,6 +22,7 @@ from prometheus_client import REGISTRY
 from proxy import keyspace
 from proxy.cli import main as cli_main
 from proxy.embedded import EmbeddedRedis
+from proxy.ledger import GrantSpec
 from proxy.money import to_micro
 from proxy.testing.upstream import DemoUpstream
 from proxy.webhooks import Webhooks, body_of, full_jitter, list_dead, replay_dead, sign, verify
@@ -267,8 +268,7 @@ async def test_auto_topup_is_granted_exactly_once_despite_redelivery(
             return None
         idem = body["data"]["idempotency_key"]
         amount = str(to_micro(body["data"]["amount_usd"]))
-        spec = {"id": f"grant_{idem}", "kind": "paid", "amount": amount, "idem": idem, "description": "top-up"}
-        await ledger.grant("acme", spec)
+        await ledger.grant("acme", GrantSpec("paid", int(amount), idem=idem, description="top-up", id=f"grant_{idem}"))
         requests_seen += 1
         return 500 if requests_seen == 1 else None
 
