@@ -8,6 +8,12 @@ Every script is safe to run twice (a call retried after its reply was lost): adm
 refuses a request id it has reserved already, settlement charges a request id once,
 grants and adjustments are keyed, and the rest are idempotent.
 
+Clocks: what money depends on (expiry of grants and reservations, periods of plan
+allocations, rate windows, tier day counts) is decided inside the scripts by Redis
+TIME, one clock for every instance. The host clock only schedules work (the watch
+pointer's due time, a reservation's next checkpoint) and dates reports: a host clock
+that is off makes the reaper look early or late, never decides a charge.
+
 Invariants, for every account at every moment (checked by `reconcile`):
   balance  == sum(ledger entry amounts) == sum(live grant remainders) - debt
   reserved == sum(open reservation amounts)

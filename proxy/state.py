@@ -19,7 +19,7 @@ from .upstream import Upstream
 
 
 class InFlight(Protocol):
-    """A request this instance holds a reservation for (relay.Meter)."""
+    """A request this instance holds a reservation for (meter.Meter)."""
 
     account_id: str
 
