@@ -106,8 +106,7 @@ class Proxy:
         journal.open()  # takes over the journals of proxies that died
         state = State(config, redis, ledger, KeyStore(redis), KeyCache(redis), catalog, upstream, journal)
         self.state = state
-        with contextlib.suppress(errors.StoreUnavailable):  # else the worker replays it later
-            await journal.replay(ledger.settle)
+        await journal.replay(ledger.settle)  # what Redis cannot take now, the worker replays later
         await self._listen("client", api.client_app(), config.server.host, config.server.port, state)
         if config.server.admin_token is not None:
             await self._listen("admin", admin.admin_app(), config.server.admin_host, config.server.admin_port, state)
@@ -158,8 +157,7 @@ class Proxy:
                 await asyncio.gather(*self.state.background, return_exceptions=True)
             await self.state.upstream.close()
             if self.state.journal is not None:
-                with contextlib.suppress(errors.StoreUnavailable):
-                    await self.state.journal.replay(self.state.ledger.settle)
+                await self.state.journal.replay(self.state.ledger.settle)
                 self.state.journal.close()  # what is left is replayed by the next start
             if self.webhooks is not None:
                 await self.webhooks.close()

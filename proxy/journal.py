@@ -117,16 +117,22 @@ class Journal:
                 await self.append(call)
         return len(calls)
 
-    async def replay(self, settle: Callable[[SettleCall], Awaitable[object]]) -> int:
-        """Apply journaled settlements until Redis fails again; returns how many applied."""
+    async def replay(self, settle: Callable[[SettleCall], Awaitable[object]]) -> bool:
+        """Apply journaled settlements; True when Redis took every one it could (False:
+        it is away again). A settlement Redis refuses for another reason stays journaled,
+        logged, and does not hold up the others."""
         if not self.pending:
-            return 0
-        applied = 0
+            return True
+        applied, store_up = 0, True
         for call in list(self.pending.values()):
             try:
                 await settle(call)
             except errors.StoreUnavailable:
+                store_up = False
                 break
+            except Exception:  # a bug, not an outage: keep it for an operator, go on
+                log.exception("journal_replay_failed", request_id=call.request_id, account_id=call.account_id)
+                continue
             del self.pending[call.request_id]
             applied += 1
         metrics.JOURNAL_PENDING.set(len(self.pending))
@@ -134,7 +140,7 @@ class Journal:
             async with self._lock:
                 await asyncio.to_thread(self._compact)
             log.info("journal_replayed", settlements=applied, left=len(self.pending))
-        return applied
+        return store_up
 
     def _compact(self) -> None:
         """Rewrite our file with what is still pending (atomically) and drop the orphans."""

@@ -69,10 +69,8 @@ class Worker:
         if self.ledger.tier_generation == 0:  # Redis was away when the config was loaded
             await self.ledger.claim_tier_generation()
         await self._notice_new_server()
-        if self.journal is not None and len(self.journal):
-            await self.journal.replay(self.ledger.settle)
-            if len(self.journal):
-                raise errors.StoreUnavailable("journaled settlements still wait for Redis")
+        if self.journal is not None and not await self.journal.replay(self.ledger.settle):
+            raise errors.StoreUnavailable("journaled settlements still wait for Redis")
         visited = 0
         for shard in range(keyspace.WATCH_SHARDS):
             due = await self.due_accounts(shard)

@@ -62,3 +62,20 @@ async def test_a_live_proxys_journal_is_left_alone(tmp_path: Path) -> None:
     third = Journal(tmp_path)
     third.open()  # now it is an orphan: adopted
     assert list(third.pending) == ["req_1"]
+
+
+async def test_a_settlement_redis_refuses_does_not_hold_up_the_others(start_proxy: Any, make_config: Any) -> None:
+    config = make_config()
+    running = await start_proxy(config=config)
+    await running.account("acme", "10")
+    await running.state.redis.hset(keyspace.account("acme", "keys"), "key_1", "active")
+    journal = running.state.journal
+    assert journal is not None
+    good = await admitted(running, "req_good")
+    poison = SettleCall("acme", "gpt-4o", "req_poison", Decimal("NaN"), 1, {})  # a bug's record, not an outage
+    await journal.append(poison)
+    await journal.append(good)
+    assert await journal.replay(running.state.ledger.settle)  # Redis took what it could
+    assert list(journal.pending) == ["req_poison"]  # kept for an operator
+    usage = [e for e in await entries(running.state.redis, "acme") if e["type"] == "usage"]
+    assert [e["request_id"] for e in usage] == ["req_good"]
