@@ -66,7 +66,10 @@ def _logging() -> None:
 
 @pytest.fixture(scope="session")
 async def redis_server(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[EmbeddedRedis]:
-    server = EmbeddedRedis(tmp_path_factory.mktemp("redis"), binary=suite_server())
+    # `appendfsync no`: the tests are about logic, not disks. Nothing waits on an fsync (a
+    # fresh clone's disk, busy with the install, stalled `everysec` writes past the 2 s
+    # timeout), and a SIGKILL still loses no acknowledged write: it is in the page cache.
+    server = EmbeddedRedis(tmp_path_factory.mktemp("redis"), binary=suite_server(), appendfsync="no")
     await server.start()
     yield server
     server.stop()

@@ -18,7 +18,7 @@ from proxy.embedded import EmbeddedRedis
 from proxy.testing.upstream import DemoUpstream
 
 from .conftest import Running
-from .helpers import entries, wait_for
+from .helpers import entries, suite_server, wait_for
 
 
 def metric(name: str, **labels: str) -> float:
@@ -82,8 +82,9 @@ async def test_usage_beyond_the_reservation_is_charged_flagged_and_counted(
 @pytest.fixture
 async def own_redis(tmp_path: Path) -> AsyncIterator[EmbeddedRedis]:
     """A Redis of this test's own, to kill and restart. A SIGKILL loses nothing it
-    acknowledged (its AOF writes sit in the page cache) unless the test takes it away."""
-    server = EmbeddedRedis(tmp_path / "redis")
+    acknowledged (its AOF writes sit in the page cache) unless the test takes it away;
+    it never fsyncs, so no write waits on a busy disk (see conftest.redis_server)."""
+    server = EmbeddedRedis(tmp_path / "redis", binary=suite_server(), appendfsync="no")
     await server.start()
     yield server
     server.stop()
