@@ -14,9 +14,6 @@ PREFIX = "mp"
 WATCH_SHARDS = 16
 ACCOUNT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:@-]{0,127}$")
 
-# The order is the KEYS order every script expects (see lua/lib/base.lua).
-ACCOUNT_PARTS = ("acct", "grants", "live", "resv", "ledger", "outbox", "keys", "reaped", "idem", "rl")
-
 
 def valid_account_id(account_id: str) -> bool:
     return bool(ACCOUNT_ID.match(account_id))
@@ -26,11 +23,10 @@ def account(account_id: str, part: str) -> str:
     return f"{PREFIX}:{{{account_id}}}:{part}"
 
 
-def script_keys(account_id: str, model: str = "") -> list[str]:
-    """KEYS for every script: the account's keys plus its per-model rate window."""
-    keys = [account(account_id, part) for part in ACCOUNT_PARTS]
-    keys.append(account(account_id, f"rl:{model}"))
-    return keys
+def account_keys(account_id: str, model: str, names: tuple[str, ...]) -> list[str]:
+    """A script's KEYS by the names its header declares (lua/lib/base.lua): the account's
+    keys, `rlm` being its rate window for `model`."""
+    return [account(account_id, f"rl:{model}" if name == "rlm" else name) for name in names]
 
 
 def api_key(key_hash: str) -> str:

@@ -24,7 +24,7 @@ from . import keyspace
 from .resp import Packed, RespClient
 from .scripts import Script
 
-PACKED_CACHE = 100_000  # (account, model) pairs whose KEYS stay packed
+PACKED_CACHE = 100_000  # (account, model, script keys) whose KEYS stay packed
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,7 +40,7 @@ class Invocation:
     watch_due: int | None = None  # also register the account with the reaper (admission)
 
     def keys(self) -> list[str]:
-        return [*keyspace.script_keys(self.account_id, self.model), *self.extra_keys]
+        return [*keyspace.account_keys(self.account_id, self.model, self.script.keys), *self.extra_keys]
 
     def watch(self) -> tuple[str, dict[str, int]]:
         """The watch pointer written before the script: a reservation can never exist
@@ -58,11 +58,11 @@ class ScriptRunner(Protocol):
 @dataclass
 class LeanRunner:
     client: RespClient
-    _keys: dict[tuple[str, str], Packed] = field(default_factory=dict)
+    _keys: dict[tuple[str, str, tuple[str, ...]], Packed] = field(default_factory=dict)
     _contexts: dict[bytes, Packed] = field(default_factory=dict)
 
     async def run(self, call: Invocation) -> Any:
-        keys = self._packed_keys(call.account_id, call.model)
+        keys = self._packed_keys(call.account_id, call.model, call.script.keys)
         context = self._contexts.get(call.context) or self._pack_context(call.context)
         numkeys = keys.arity + len(call.extra_keys)
         script = ("EVALSHA", call.script.sha, numkeys, keys, *call.extra_keys, context, *call.args)
@@ -78,13 +78,14 @@ class LeanRunner:
     async def load(self, script: Script) -> None:
         await self.client.call("SCRIPT", "LOAD", script.source)
 
-    def _packed_keys(self, account_id: str, model: str) -> Packed:
-        """The KEYS of an (account, model), packed once (resp.Packed)."""
-        packed = self._keys.get((account_id, model))
+    def _packed_keys(self, account_id: str, model: str, names: tuple[str, ...]) -> Packed:
+        """A script's KEYS for an (account, model), packed once (resp.Packed)."""
+        packed = self._keys.get((account_id, model, names))
         if packed is None:
             if len(self._keys) >= PACKED_CACHE:
                 self._keys.clear()
-            packed = self._keys[(account_id, model)] = Packed(*keyspace.script_keys(account_id, model))
+            packed = Packed(*keyspace.account_keys(account_id, model, names))
+            self._keys[(account_id, model, names)] = packed
         return packed
 
     def _pack_context(self, context: bytes) -> Packed:

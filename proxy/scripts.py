@@ -33,6 +33,7 @@ LIB = ("base", "account", "calendar", "plans", "grants", "charges", "events", "t
 ACCOUNT_SCRIPTS = ("admit", "settle", "grant", "void", "reap", "touch", "account", "extend", "adjust")
 SETTLED_TTL_MS = 30 * 86_400_000  # a settled request id is remembered (duplicates) this long
 _REPLY = re.compile(r"^-- reply(?: (\w+))?:(.*)$", re.MULTILINE)
+_KEYS = re.compile(r"^-- keys:(.*)$", re.MULTILINE)
 _LUA_LINE = re.compile(r"user_script:(\d+)")
 
 
@@ -50,6 +51,8 @@ class Script:
     sha: str
     parts: tuple[tuple[int, str], ...]  # (first line in `source`, file it came from)
     replies: dict[str | None, tuple[str, ...]]  # reply kind -> value names
+    keys: tuple[str, ...] = ()  # the account's keys it takes, by name (keyspace.account_keys)
+    extra_keys: tuple[str, ...] = ()  # keys the caller adds for the call (`+name`: settle's marker)
 
     def decode(self, raw: list[Any]) -> Reply:
         code = str(raw[0]) if None not in self.replies else None
@@ -70,18 +73,31 @@ class Script:
 
 def _load(name: str, lib: bool = True) -> Script:
     lua = resources.files("proxy") / "lua"
-    files = [*(f"lib/{part}.lua" for part in LIB)] if lib else []
-    files.append(f"{name}.lua")
-    parts, texts, line = [], [], 1
-    for path in files:
-        text = (lua / path).read_text().rstrip("\n") + "\n"
+    own = (lua / f"{name}.lua").read_text().rstrip("\n") + "\n"
+    declared = _KEYS.search(own)
+    names = tuple(declared.group(1).split()) if declared else ()
+    keys = tuple(n for n in names if not n.startswith("+"))
+    extra = tuple(n[1:] for n in names if n.startswith("+"))
+    texts = [(_key_table((*keys, *extra)), "(KEYS, from the script's `-- keys:` line)")] if lib else []
+    texts += (
+        [((lua / f"lib/{part}.lua").read_text().rstrip("\n") + "\n", f"lib/{part}.lua") for part in LIB] if lib else []
+    )
+    texts.append((own, f"{name}.lua"))
+    parts, line = [], 1
+    for text, path in texts:
         parts.append((line, path))
-        texts.append(text)
         line += text.count("\n")
-    source = "".join(texts)
-    own = texts[-1]
+    source = "".join(text for text, _ in texts)
     replies = {m.group(1): tuple(m.group(2).split()) for m in _REPLY.finditer(own)}
-    return Script(name, source, hashlib.sha1(source.encode()).hexdigest(), tuple(parts), replies)
+    sha = hashlib.sha1(source.encode()).hexdigest()
+    return Script(name, source, sha, tuple(parts), replies, keys, extra)
+
+
+def _key_table(names: tuple[str, ...]) -> str:
+    """`K`, the script's KEYS by name; any other name is an error, never a nil key."""
+    fields = ", ".join(f"{n} = KEYS[{i}]" for i, n in enumerate(names, 1))
+    guard = "function(_, name) error('this script did not declare KEYS `' .. name .. '`') end"
+    return f"local K = setmetatable({{{fields}}}, {{__index = {guard}}})\n"
 
 
 SCRIPTS = {name: _load(name) for name in ACCOUNT_SCRIPTS} | {"watch": _load("watch", lib=False)}

@@ -27,6 +27,7 @@ from proxy.configfile import parse_config
 from proxy.ledger import GrantSpec
 from proxy.pool import GatedCluster
 from proxy.reconcile import reconcile
+from proxy.scripts import SCRIPTS
 from proxy.testing.upstream import DemoUpstream
 from proxy.webhooks import Webhooks, list_dead, replay_dead
 from proxy.worker import Worker
@@ -96,7 +97,7 @@ async def test_cluster_has_three_masters_and_the_accounts_one_each(
     homes = {cluster.get_node_from_key(keyspace.account(a, "acct")).port for a in ACCOUNTS}
     assert homes == set(redis_cluster.ports)
     for account_id in ACCOUNTS:  # every key of an account in one slot
-        slots = {cluster.keyslot(key) for key in keyspace.script_keys(account_id, "gpt-4o")}
+        slots = {cluster.keyslot(key) for key in keyspace.account_keys(account_id, "gpt-4o", SCRIPTS["admit"].keys)}
         assert len(slots) == 1
 
 

@@ -1,7 +1,8 @@
 -- account.lua: create or update an account's settings (not its money).
--- KEYS: see lib/base.lua.  ARGV (after ctx, clock offset): 3 'create' | 'update',
+-- ARGV (after ctx, clock offset): 3 'create' | 'update',
 -- 4 JSON of fields to set (string values; '' deletes the field), 5 a token unique to
 -- this create call (a retry of it returns the account it made, not 'exists').
+-- keys: acct grants live resv ledger outbox
 -- reply ok: fields
 -- reply exists:
 -- reply no_account:

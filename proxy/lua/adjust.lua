@@ -2,8 +2,9 @@
 -- A positive amount settles overage debt (e.g. once it has been invoiced and paid); it
 -- cannot exceed the debt: credit is added with a grant. A negative amount is a charge,
 -- drawn from live grants like usage, the rest becoming debt.
--- KEYS: see lib/base.lua.  ARGV (after ctx, clock offset): 3 JSON {amount (signed micro-USD
+-- ARGV (after ctx, clock offset): 3 JSON {amount (signed micro-USD
 -- string), description, idem}.
+-- keys: acct grants live resv ledger outbox idem
 -- reply ok: ledger_id
 -- reply exists: ledger_id
 -- reply no_account:

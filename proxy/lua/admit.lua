@@ -1,11 +1,12 @@
 -- admit.lua: the ONE admission script of a metered request.
 -- Checks the key and account, runs lazy grant bookkeeping, derives the tier, checks
 -- RPM/TPM in a rolling minute (1 s buckets) and reserves the worst-case cost.
--- KEYS: see lib/base.lua.  ARGV (after ctx, clock offset):
+-- ARGV (after ctx, clock offset):
 --   3 request id   4 key id   5 model   6 prompt cost (micro-USD, rounded up)
 --   7 output cost at max tokens (micro-USD, rounded up)
 --   8 output price per token in pico-USD (clamp mode; 0 = cannot clamp)
 --   9 prompt tokens (estimate)   10 max output tokens (all choices)   11 choices (n)
+-- keys: acct grants live resv ledger outbox keys rl rlm
 -- Replies (scripts.py decodes them by these names; every reply ends with `events`):
 -- reply ok: reserved balance available tier rpm rpm_left rpm_reset_ms tpm tpm_left tpm_reset_ms clamp downgrade_to
 -- reply insufficient: available needed tier rpm rpm_left rpm_reset_ms tpm tpm_left tpm_reset_ms

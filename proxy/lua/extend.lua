@@ -2,9 +2,10 @@
 -- each reservation's expiry, so the reaper (which closes reservations of dead proxies)
 -- leaves it alone, and records what a stream has delivered so far, so a proxy killed
 -- mid-stream still charges it (reap.lua).
--- KEYS: see lib/base.lua.  ARGV (after ctx, clock offset): 3.. groups of four: request id,
+-- ARGV (after ctx, clock offset): 3.. groups of four: request id,
 -- exact cost so far (whole micro-USD, fine units as in settle.lua), usage JSON so far
 -- ('' = no progress to record, only extend).
+-- keys: acct resv
 -- reply: extended
 local now = now_ms()
 local extended = 0

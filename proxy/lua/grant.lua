@@ -1,9 +1,10 @@
 -- grant.lua: add a credit grant (paid or promotional), idempotent by idempotency key.
 -- A grant effective now is activated at once (ledger `grant` entry, pays overage
 -- debt first); a future one waits as `pending` and is activated lazily by refresh().
--- KEYS: see lib/base.lua.  ARGV (after ctx, clock offset): 3 grant JSON {id, kind, amount
+-- ARGV (after ctx, clock offset): 3 grant JSON {id, kind, amount
 -- (micro-USD string), priority, effective_at (ms, 0 = now), expires_at (ms, 0 =
 -- never), description, idem, cost_basis}.
+-- keys: acct grants live resv ledger outbox idem
 -- reply created: grant
 -- reply exists: grant
 -- reply no_account:

@@ -3,9 +3,10 @@
 -- before its proxy stopped refreshing it) is charged that, as an estimated `usage`
 -- entry; one without is a zero-amount `release` entry. Either way the reservation is
 -- kept in `reaped` so a settlement that still arrives charges exactly the rest.
--- KEYS: see lib/base.lua.  ARGV (after ctx, clock offset): 3 '1' to reap, '0' to only
+-- ARGV (after ctx, clock offset): 3 '1' to reap, '0' to only
 -- report (after a Redis outage, while proxies replay their journals), 4.. request ids
 -- not to reap (settlements this proxy holds in its journal).
+-- keys: acct grants live resv ledger outbox reaped
 -- reply: closed next_expiry_ms outbox
 -- (next_expiry_ms: the earliest remaining expiry, 0 = none; outbox: events waiting)
 local now = now_ms()

@@ -7,18 +7,18 @@
 -- what the reaper charged from the request's last checkpoint. A reservation Redis does
 -- not know (lost in a failover) is charged too, flagged `unreserved`. Only a request
 -- marked settled is a duplicate.
--- KEYS: see lib/base.lua, plus 12: the request's settled marker (string: ledger entry id).
 -- ARGV (after ctx, clock offset):
 --   3 request id   4 exact cost, whole micro-USD   5 exact cost, fraction in fine units
 --   (1e-15 micro-USD)   6 real tokens (input + output)   7 entry JSON from the proxy
 --   (model, key_id, usage, estimated, ...)
+-- keys: acct grants live resv ledger outbox reaped rl rlm +done
 -- Replies (scripts.py decodes them by these names; every reply ends with `events`):
 -- reply ok: charged balance ledger_id reserved
 -- reply duplicate: ledger_id
 -- (reserved: the reservation it closed, -1 when Redis knew none)
 local req_id, whole, fine, real_tokens = ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
 local entry = cjson.decode(ARGV[7])
-local marker = KEYS[12]
+local marker = K.done  -- the request's settled marker (string: its ledger entry id)
 
 local done = redis.call('GET', marker)
 if done then return reply({'duplicate', done}) end

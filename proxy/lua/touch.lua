@@ -1,6 +1,7 @@
 -- touch.lua: read an account's balance after lazy bookkeeping (due grants activated,
 -- lapsed ones expired, plan allocation granted) and the tier derived.
--- KEYS: see lib/base.lua.  ARGV: ctx, clock offset, 3 key id to check ('' = admin read).
+-- ARGV: ctx, clock offset, 3 key id to check ('' = admin read).
+-- keys: acct grants live resv ledger outbox keys
 -- reply ok: fields grants rpm tpm overage_room
 -- reply no_account:
 -- reply revoked:

@@ -1,5 +1,6 @@
 -- void.lua: void (refund) a grant's remainder; voiding twice is a no-op.
--- KEYS: see lib/base.lua.  ARGV (after ctx, clock offset): 3 grant id, 4 reason.
+-- ARGV (after ctx, clock offset): 3 grant id, 4 reason.
+-- keys: acct grants live resv ledger outbox
 -- reply voided: grant
 -- reply noop: grant
 -- reply not_found:

@@ -4,23 +4,23 @@
 -- Redis TIME. Lua numbers are doubles, exact below 2^53: money is written back with
 -- fmt() (never tostring, which prints 1e+15) and kept as strings inside JSON.
 --
--- Every script receives the same KEYS, all in one hash slot ({account id}):
---   1 acct    hash   account fields (balance, reserved, debt, carry, lifetime_*, plan, ...)
---   2 grants  hash   grant id -> grant JSON (every grant ever made)
---   3 live    set    ids of pending/active/expiring grants
---   4 resv    hash   request id -> open reservation JSON
---   5 ledger  stream append-only entries, field "e" = entry JSON
---   6 outbox  list   webhook events not yet delivered
---   7 keys    hash   api key id -> "active" | "revoked"
---   8 reaped  hash   request id -> reservation JSON closed by the reaper
---   9 idem    hash   grant idempotency key -> grant id
---  10 rl      hash   rate window of the account, fields r:<sec> / t:<sec>
---  11 rlm     hash   rate window of the account for one model
+-- Each script names the KEYS it takes in its header (`-- keys: acct grants ...`), all in
+-- the account's hash slot ({account id}); scripts.py prepends `K`, by those names, and a
+-- name a script did not declare is an error, not a nil key:
+--   acct    hash   account fields (balance, reserved, debt, carry, lifetime_*, plan, ...)
+--   grants  hash   grant id -> grant JSON (every grant ever made)
+--   live    set    ids of pending/active/expiring grants
+--   resv    hash   request id -> open reservation JSON
+--   ledger  stream append-only entries, field "e" = entry JSON
+--   outbox  list   webhook events not yet delivered
+--   keys    hash   api key id -> "active" | "revoked"
+--   reaped  hash   request id -> reservation JSON closed by the reaper
+--   idem    hash   grant idempotency key -> grant id
+--   rl      hash   rate window of the account, fields r:<sec> / t:<sec>
+--   rlm     hash   rate window of the account for one model
+--   +done   string a settled request's marker (a key the caller adds for the call)
 -- ARGV[1] is the context JSON built once per config (scripts.py: context), ARGV[2] a
 -- clock offset in ms (0 in production, moved forward by tests).
-local K = {acct = KEYS[1], grants = KEYS[2], live = KEYS[3], resv = KEYS[4],
-           ledger = KEYS[5], outbox = KEYS[6], keys = KEYS[7], reaped = KEYS[8],
-           idem = KEYS[9], rl = KEYS[10], rlm = KEYS[11]}
 local CTX = cjson.decode(ARGV[1])
 -- tiers and plans arrive as JSON strings inside the context: most calls need neither,
 -- and decoding them into tables is most of the cost of a context
