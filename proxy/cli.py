@@ -29,12 +29,9 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import orjson
-
-from . import configfile, errors, logs
+from . import commands, configfile, errors, logs
 from .config import Config
 from .embedded import DataDirInUse, port_file
-from .schemas import loads
 
 if TYPE_CHECKING:  # the service stack is imported only by the commands that use it
     from .service import Service
@@ -162,154 +159,6 @@ async def _admin(args: Any, config: Config, url: str, cluster: bool) -> int:
         await redis.aclose()
 
 
-def emit(data: Any) -> int:
-    print(orjson.dumps(data, option=orjson.OPT_INDENT_2).decode())
-    return 0
-
-
-def account_body(args: Any) -> dict[str, Any]:
-    """The PATCH body the flags describe (the same fields as the admin API)."""
-    body = loads(args.json) if args.json else {}
-    body.update(dict.fromkeys(args.clear or (), None))
-    flags = {"plan": args.plan, "overage_limit_usd": args.overage_limit, "status": args.status}
-    body.update({name: value for name, value in flags.items() if value is not None})
-    limits = {name: value for name, value in (("rpm", args.rpm), ("tpm", args.tpm)) if value is not None}
-    if limits:
-        body["rate_limits"] = limits
-    topup = (
-        ("threshold_usd", args.auto_topup_threshold),
-        ("amount_usd", args.auto_topup_amount),
-        ("target_usd", args.auto_topup_target),
-    )
-    if any(value is not None for _, value in topup):
-        body["auto_topup"] = {name: value for name, value in topup if value is not None}
-    if args.metadata is not None:
-        body["metadata"] = loads(args.metadata)
-    if args.low_balance_thresholds is not None:
-        body["low_balance_thresholds_usd"] = [t.strip() for t in args.low_balance_thresholds.split(",") if t.strip()]
-    return body
-
-
-async def accounts_create(svc: Service, args: Any) -> int:
-    return emit(await svc.create_account({"id": args.account, **account_body(args)}))
-
-
-async def accounts_get(svc: Service, args: Any) -> int:
-    return emit(await svc.get_account(args.account))
-
-
-async def accounts_update(svc: Service, args: Any) -> int:
-    return emit(await svc.update_account(args.account, account_body(args)))
-
-
-async def accounts_list(svc: Service, args: Any) -> int:
-    return emit(await svc.list_accounts())
-
-
-async def keys_create(svc: Service, args: Any) -> int:
-    body: dict[str, Any] = {"name": args.name}
-    if args.allowed_models is not None:
-        body["allowed_models"] = [m.strip() for m in args.allowed_models.split(",") if m.strip()]
-    return emit(await svc.create_key(args.account, body))
-
-
-async def keys_revoke(svc: Service, args: Any) -> int:
-    return emit(await svc.revoke_key(args.key_id))
-
-
-async def keys_list(svc: Service, args: Any) -> int:
-    return emit(await svc.list_keys(args.account))
-
-
-async def credits_grant(svc: Service, args: Any) -> int:
-    names = ("kind", "priority", "effective_at", "expires_at", "description", "idempotency_key")
-    body = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
-    if args.cost_basis is not None:
-        body["per_unit_cost_basis"] = args.cost_basis
-    created, grant = await svc.grant(args.account, {"amount_usd": args.amount, **body})
-    if not created:
-        print("note: idempotency key already used; this is the existing grant", file=sys.stderr)
-    return emit(grant)
-
-
-async def credits_adjust(svc: Service, args: Any) -> int:
-    body = {"amount_usd": args.amount, "description": args.description}
-    if args.idempotency_key:
-        body["idempotency_key"] = args.idempotency_key
-    _, entry = await svc.adjust(args.account, body)
-    return emit(entry)
-
-
-async def credits_void(svc: Service, args: Any) -> int:
-    return emit(await svc.void(args.account, args.grant_id, {"reason": args.reason}))
-
-
-async def show_balance(svc: Service, args: Any) -> int:
-    return emit(await svc.balance(args.account))
-
-
-async def ledger_list(svc: Service, args: Any) -> int:
-    query = {"limit": args.limit, **({"cursor": args.cursor} if args.cursor else {})}
-    return emit(await svc.ledger_page(args.account, query))
-
-
-async def ledger_export(svc: Service, args: Any) -> int:
-    _, chunks = await svc.export_ledger(args.account, {"format": args.format})
-    try:
-        # newline="": CSV rows carry their own \r\n (RFC 4180). Blocking is fine: the CLI's
-        # loop runs nothing else
-        out = open(args.output, "w", newline="", encoding="utf-8") if args.output else sys.stdout  # noqa: ASYNC230
-    except OSError as exc:
-        print(f"error: cannot write {args.output}: {exc.strerror}", file=sys.stderr)
-        return 1
-    try:
-        async for chunk in chunks:
-            out.write(chunk)
-    finally:
-        if out is not sys.stdout:
-            out.close()
-    return 0
-
-
-async def show_usage(svc: Service, args: Any) -> int:
-    query = {"from": args.from_, "to": args.to, "group_by": args.group_by}
-    return emit(await svc.usage(args.account, {k: v for k, v in query.items() if v is not None}))
-
-
-async def run_reconcile(svc: Service, args: Any) -> int:
-    from .reconcile import reconcile
-
-    ids = await svc.ledger.account_ids()
-    drifts = await reconcile(svc.redis, svc.config, ids)
-    if not drifts:
-        print(f"ok: {len(ids)} accounts")
-        return 0
-    for drift in drifts:
-        print(f"drift: {drift}")
-    bad = sorted({d.account_id for d in drifts})
-    print(f"error: {len(bad)} of {len(ids)} accounts drift: {', '.join(bad)}", file=sys.stderr)
-    return 1
-
-
-async def dead_list(svc: Service, args: Any) -> int:
-    from .webhooks import list_dead
-
-    for event in await list_dead(svc.redis, args.account):
-        print(orjson.dumps(event).decode())
-    return 0
-
-
-async def dead_replay(svc: Service, args: Any) -> int:
-    from .webhooks import replay_dead
-
-    moved = await replay_dead(svc.ledger, args.account)
-    print(f"replayed {moved} event{'' if moved == 1 else 's'}")
-    return 0
-
-
-# -- the parser ----------------------------------------------------------------------
-
-
 def _common() -> argparse.ArgumentParser:
     # on every subcommand too, so `serve --config PATH` works; SUPPRESS keeps a value
     # given before the subcommand
@@ -346,27 +195,27 @@ def _account_flags(parser: argparse.ArgumentParser) -> None:
 
 def _add_account_commands(sub: Any) -> None:
     accounts = _group(sub, "accounts", "create, show and change accounts")
-    create = _leaf(accounts, "create", accounts_create, "create an account")
+    create = _leaf(accounts, "create", commands.accounts_create, "create an account")
     create.add_argument("account")
     _account_flags(create)
-    _leaf(accounts, "get", accounts_get, "show an account").add_argument("account")
-    update = _leaf(accounts, "update", accounts_update, "change an account's settings")
+    _leaf(accounts, "get", commands.accounts_get, "show an account").add_argument("account")
+    update = _leaf(accounts, "update", commands.accounts_update, "change an account's settings")
     update.add_argument("account")
     _account_flags(update)
-    _leaf(accounts, "list", accounts_list, "list account ids")
+    _leaf(accounts, "list", commands.accounts_list, "list account ids")
 
     keys = _group(sub, "keys", "API keys")
-    create = _leaf(keys, "create", keys_create, "create an API key (printed once)")
+    create = _leaf(keys, "create", commands.keys_create, "create an API key (printed once)")
     create.add_argument("account")
     create.add_argument("--name", default="")
     create.add_argument("--allowed-models", help="comma-separated; default: every model")
-    _leaf(keys, "revoke", keys_revoke, "revoke an API key").add_argument("key_id")
-    _leaf(keys, "list", keys_list, "list an account's keys").add_argument("account")
+    _leaf(keys, "revoke", commands.keys_revoke, "revoke an API key").add_argument("key_id")
+    _leaf(keys, "list", commands.keys_list, "list an account's keys").add_argument("account")
 
 
 def _add_money_commands(sub: Any) -> None:
     credits = _group(sub, "credits", "credit grants")
-    grant = _leaf(credits, "grant", credits_grant, "grant credits")
+    grant = _leaf(credits, "grant", commands.credits_grant, "grant credits")
     grant.add_argument("account")
     grant.add_argument("amount", help="USD, e.g. 12.50")
     grant.add_argument("--kind", choices=("paid", "promotional"), required=True)
@@ -376,39 +225,41 @@ def _add_money_commands(sub: Any) -> None:
     grant.add_argument("--description")
     grant.add_argument("--idempotency-key")
     grant.add_argument("--cost-basis", help="per-unit cost basis, e.g. 0.9")
-    adjust = _leaf(credits, "adjust", credits_adjust, "settle overage debt (+) or charge by hand (-)")
+    adjust = _leaf(credits, "adjust", commands.credits_adjust, "settle overage debt (+) or charge by hand (-)")
     adjust.add_argument("account")
     adjust.add_argument("amount", help="signed USD, e.g. 50 or -2.5")
     adjust.add_argument("--description", required=True)
     adjust.add_argument("--idempotency-key")
-    void = _leaf(credits, "void", credits_void, "void a grant's remainder")
+    void = _leaf(credits, "void", commands.credits_void, "void a grant's remainder")
     void.add_argument("account")
     void.add_argument("grant_id")
     void.add_argument("--reason", default="")
 
-    _leaf(sub, "balance", show_balance, "an account's balance").add_argument("account")
+    _leaf(sub, "balance", commands.show_balance, "an account's balance").add_argument("account")
 
     ledger = _group(sub, "ledger", "ledger entries")
-    page = _leaf(ledger, "list", ledger_list, "a page of entries, oldest first")
+    page = _leaf(ledger, "list", commands.ledger_list, "a page of entries, oldest first")
     page.add_argument("account")
     page.add_argument("--limit", type=int, default=100)
     page.add_argument("--cursor")
-    export = _leaf(ledger, "export", ledger_export, "every entry, as CSV or JSON lines")
+    export = _leaf(ledger, "export", commands.ledger_export, "every entry, as CSV or JSON lines")
     export.add_argument("account")
     export.add_argument("--format", choices=("csv", "jsonl"), default="jsonl")
     export.add_argument("--output", "-o", help="a file (default: stdout)")
 
-    usage = _leaf(sub, "usage", show_usage, "usage grouped by model and/or day")
+    usage = _leaf(sub, "usage", commands.show_usage, "usage grouped by model and/or day")
     usage.add_argument("account")
     usage.add_argument("--from", dest="from_", help="RFC 3339 (default: 30 days before --to)")
     usage.add_argument("--to", help="RFC 3339 (default: now)")
     usage.add_argument("--group-by", default="model", help="comma-separated: model, day, key")
 
-    _leaf(sub, "reconcile", run_reconcile, "check every account's ledger invariants")
+    _leaf(sub, "reconcile", commands.run_reconcile, "check every account's ledger invariants")
 
     dead = _group(_group(sub, "webhooks", "webhook delivery tools"), "dead", "events that failed every attempt")
-    _leaf(dead, "list", dead_list, "print dead events as JSON lines").add_argument("account", nargs="?")
-    _leaf(dead, "replay", dead_replay, "queue dead events for delivery again").add_argument("account", nargs="?")
+    _leaf(dead, "list", commands.dead_list, "print dead events as JSON lines").add_argument("account", nargs="?")
+    _leaf(dead, "replay", commands.dead_replay, "queue dead events for delivery again").add_argument(
+        "account", nargs="?"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:

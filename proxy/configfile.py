@@ -16,7 +16,8 @@ import yaml
 from pydantic import ValidationError
 
 from .catalog import price_of
-from .config import DEFER_REFERENCE_CHECKS, Config, Loc, format_loc, reference_errors
+from .config import DEFER_REFERENCE_CHECKS, Config
+from .configrefs import Loc, format_loc, reference_errors
 
 
 class ConfigError(Exception):

@@ -1,0 +1,161 @@
+"""The CLI's admin commands (`metering-proxy accounts|keys|credits|ledger|usage|reconcile|
+webhooks ...`): each one call to the service layer the admin API uses, its answer printed
+as JSON."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import orjson
+
+from .schemas import loads
+from .service import Service
+
+
+def emit(data: Any) -> int:
+    print(orjson.dumps(data, option=orjson.OPT_INDENT_2).decode())
+    return 0
+
+
+def account_body(args: Any) -> dict[str, Any]:
+    """The PATCH body the flags describe (the same fields as the admin API)."""
+    body = loads(args.json) if args.json else {}
+    body.update(dict.fromkeys(args.clear or (), None))
+    flags = {"plan": args.plan, "overage_limit_usd": args.overage_limit, "status": args.status}
+    body.update({name: value for name, value in flags.items() if value is not None})
+    limits = {name: value for name, value in (("rpm", args.rpm), ("tpm", args.tpm)) if value is not None}
+    if limits:
+        body["rate_limits"] = limits
+    topup = (
+        ("threshold_usd", args.auto_topup_threshold),
+        ("amount_usd", args.auto_topup_amount),
+        ("target_usd", args.auto_topup_target),
+    )
+    if any(value is not None for _, value in topup):
+        body["auto_topup"] = {name: value for name, value in topup if value is not None}
+    if args.metadata is not None:
+        body["metadata"] = loads(args.metadata)
+    if args.low_balance_thresholds is not None:
+        body["low_balance_thresholds_usd"] = [t.strip() for t in args.low_balance_thresholds.split(",") if t.strip()]
+    return body
+
+
+async def accounts_create(svc: Service, args: Any) -> int:
+    return emit(await svc.create_account({"id": args.account, **account_body(args)}))
+
+
+async def accounts_get(svc: Service, args: Any) -> int:
+    return emit(await svc.get_account(args.account))
+
+
+async def accounts_update(svc: Service, args: Any) -> int:
+    return emit(await svc.update_account(args.account, account_body(args)))
+
+
+async def accounts_list(svc: Service, args: Any) -> int:
+    return emit(await svc.list_accounts())
+
+
+async def keys_create(svc: Service, args: Any) -> int:
+    body: dict[str, Any] = {"name": args.name}
+    if args.allowed_models is not None:
+        body["allowed_models"] = [m.strip() for m in args.allowed_models.split(",") if m.strip()]
+    return emit(await svc.create_key(args.account, body))
+
+
+async def keys_revoke(svc: Service, args: Any) -> int:
+    return emit(await svc.revoke_key(args.key_id))
+
+
+async def keys_list(svc: Service, args: Any) -> int:
+    return emit(await svc.list_keys(args.account))
+
+
+async def credits_grant(svc: Service, args: Any) -> int:
+    names = ("kind", "priority", "effective_at", "expires_at", "description", "idempotency_key")
+    body = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+    if args.cost_basis is not None:
+        body["per_unit_cost_basis"] = args.cost_basis
+    created, grant = await svc.grant(args.account, {"amount_usd": args.amount, **body})
+    if not created:
+        print("note: idempotency key already used; this is the existing grant", file=sys.stderr)
+    return emit(grant)
+
+
+async def credits_adjust(svc: Service, args: Any) -> int:
+    body = {"amount_usd": args.amount, "description": args.description}
+    if args.idempotency_key:
+        body["idempotency_key"] = args.idempotency_key
+    _, entry = await svc.adjust(args.account, body)
+    return emit(entry)
+
+
+async def credits_void(svc: Service, args: Any) -> int:
+    return emit(await svc.void(args.account, args.grant_id, {"reason": args.reason}))
+
+
+async def show_balance(svc: Service, args: Any) -> int:
+    return emit(await svc.balance(args.account))
+
+
+async def ledger_list(svc: Service, args: Any) -> int:
+    query = {"limit": args.limit, **({"cursor": args.cursor} if args.cursor else {})}
+    return emit(await svc.ledger_page(args.account, query))
+
+
+async def ledger_export(svc: Service, args: Any) -> int:
+    _, chunks = await svc.export_ledger(args.account, {"format": args.format})
+    try:
+        # newline="": CSV rows carry their own \r\n (RFC 4180). Blocking is fine: the CLI's
+        # loop runs nothing else
+        out = open(args.output, "w", newline="", encoding="utf-8") if args.output else sys.stdout  # noqa: ASYNC230
+    except OSError as exc:
+        print(f"error: cannot write {args.output}: {exc.strerror}", file=sys.stderr)
+        return 1
+    try:
+        async for chunk in chunks:
+            out.write(chunk)
+    finally:
+        if out is not sys.stdout:
+            out.close()
+    return 0
+
+
+async def show_usage(svc: Service, args: Any) -> int:
+    query = {"from": args.from_, "to": args.to, "group_by": args.group_by}
+    return emit(await svc.usage(args.account, {k: v for k, v in query.items() if v is not None}))
+
+
+async def run_reconcile(svc: Service, args: Any) -> int:
+    from .reconcile import reconcile
+
+    ids = await svc.ledger.account_ids()
+    drifts = await reconcile(svc.redis, svc.config, ids)
+    if not drifts:
+        print(f"ok: {len(ids)} accounts")
+        return 0
+    for drift in drifts:
+        print(f"drift: {drift}")
+    bad = sorted({d.account_id for d in drifts})
+    print(f"error: {len(bad)} of {len(ids)} accounts drift: {', '.join(bad)}", file=sys.stderr)
+    return 1
+
+
+async def dead_list(svc: Service, args: Any) -> int:
+    from .webhooks import list_dead
+
+    for event in await list_dead(svc.redis, args.account):
+        print(orjson.dumps(event).decode())
+    return 0
+
+
+async def dead_replay(svc: Service, args: Any) -> int:
+    from .webhooks import replay_dead
+
+    moved = await replay_dead(svc.ledger, args.account)
+    print(f"replayed {moved} event{'' if moved == 1 else 's'}")
+    return 0
+
+
+# -- the parser ----------------------------------------------------------------------
