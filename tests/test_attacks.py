@@ -9,9 +9,10 @@ Real parts only: the proxy on loopback, real Redis, the fake OpenAI upstream (wh
 knobs model what the real OpenAI bills: see `proxy/testing/upstream.py`), the openai SDK or
 raw aiohttp for what the SDK cannot send. No mocks, no sleeps.
 
-`finding N` tests FAIL on the code they were written against (marked `xfail(strict=True)`
-so the suite stays green; the fix flips them). The `REGRESSION TABLE` at the end holds:
-attacks that were tried and did not break anything, kept so they never do.
+The findings' tests failed on the code they were written against, each one a way past
+the promise ("before:" comments say what happened then); the fixes made them pass. The
+`REGRESSION TABLE` at the end holds attacks that were tried and broke nothing, kept so
+they never do.
 
 Prices (micro-USD per token): gpt-4o 2.5 in / 10 out, gpt-4o-mini 0.15 / 0.60,
 o3-mini 1.10 / 4.40, text-embedding-3-small 0.02 (tests/conftest.py).
@@ -74,7 +75,7 @@ async def test_a_completions_prompt_batch_cannot_overrun_a_balance(
     status, reply = await post(proxy, key, "completions", body)
     view = await proxy.balance("acme")
     print(f"reserved {reservation_of(proxy, 'completions', body)} micro; status {status}; balance {view.balance}")
-    # today: reserved ~1,300 micro (50 output tokens), served 100 x 50 = 5,000 output tokens
+    # before: reserved ~1,300 micro (50 output tokens), served 100 x 50 = 5,000 output tokens
     # ($0.05), balance -$0.048
     assert status != 200 or len(reply["choices"]) == 100  # served: 100 prompts, 100 choices
     assert view.reserved == 0
@@ -97,7 +98,7 @@ async def test_images_on_gpt_4o_mini_cannot_overrun_a_balance(
     status, _ = await post(proxy, key, "chat/completions", body)
     view = await proxy.balance("acme")
     print(f"reserved {reservation_of(proxy, 'chat', body)} micro; status {status}; balance {view.balance}")
-    # today (high): reserved 234 micro, charged 7,230: balance -$0.006230 (low: 20 vs 429)
+    # before (high): reserved 234 micro, charged 7,230: balance -$0.006230 (low: 20 vs 429)
     assert view.balance >= 0, f"balance went to {usd(view.balance)}"
 
 
@@ -115,7 +116,7 @@ async def test_a_background_response_is_charged_what_the_upstream_bills(proxy: R
     view = await proxy.balance("acme")
     billed = sum(u["input_tokens"] * Decimal("2.5") + u["output_tokens"] * 10 for u in upstream.deferred_usage)
     print(f"statuses {[s for s, _ in results]}; charged {200_000 - view.balance} micro; upstream bills {billed}")
-    # today: 5 x 200, charged 150 micro in all, the upstream bills 500,125 micro ($0.50)
+    # before: 5 x 200, charged 150 micro in all, the upstream bills 500,125 micro ($0.50)
     assert 200_000 - view.balance >= billed, "served below its cost"
     assert view.balance >= 0
 
@@ -140,7 +141,7 @@ async def test_a_dearer_tier_reported_than_asked_cannot_overrun_a_balance(
         if status != 200:
             break
     view = await running.balance("acme")
-    # today: reserved 10,048 micro at the standard price, charged 17,043 at priority: -$0.006995
+    # before: reserved 10,048 micro at the standard price, charged 17,043 at priority: -$0.006995
     assert view.balance >= 0, f"balance went to {usd(view.balance)}"
 
 
@@ -158,7 +159,7 @@ async def test_the_cap_reaches_a_provider_that_reads_only_max_tokens(start_proxy
     sent = upstream.requests[-1].body
     view = await running.balance("acme")
     print(f"sent { ({k: v for k, v in sent.items() if 'max' in k}) }; balance {view.balance}")
-    # today: sent {max_completion_tokens: 5} only; 16,384 tokens charged, balance -$0.0088
+    # before: sent {max_completion_tokens: 5} only; 16,384 tokens charged, balance -$0.0088
     assert sent.get("max_tokens") == 5
     assert view.balance >= 0, f"balance went to {usd(view.balance)}"
 
@@ -179,7 +180,7 @@ async def test_clamp_mode_reserves_a_predictions_tokens(start_proxy: Any, upstre
     view = await running.balance("acme")
     print(f"status {status}; balance {view.balance}")
     assert status in (200, 402)  # served within the balance, or the prediction alone does not fit
-    # today: clamped to 95 tokens, 95 + ~3,000 rejected prediction tokens charged: -$0.029975
+    # before: clamped to 95 tokens, 95 + ~3,000 rejected prediction tokens charged: -$0.029975
     assert view.balance >= 0, f"balance went to {usd(view.balance)}"
 
 
@@ -205,7 +206,7 @@ async def test_an_interrupted_reasoning_stream_is_charged_its_reasoning(
     (entry,) = await usage_entries(redis)
     billed = 10 * Decimal("1.1") + 905 * Decimal("4.4")  # what OpenAI bills: 3,993 micro
     print(f"charged {charged(entry)} micro (estimated={entry['estimated']}); upstream bills {billed}")
-    # today: charged 55 micro, estimated
+    # before: charged 55 micro, estimated
     assert charged(entry) >= billed
 
 
@@ -261,7 +262,7 @@ async def test_encrypted_reasoning_passed_back_is_reserved(proxy: Running, upstr
     status, _ = await post(proxy, key, "responses", body)
     view = await proxy.balance("acme")
     print(f"reserved {reservation_of(proxy, 'responses', body)} micro; status {status}; balance {view.balance}")
-    # today: reserved 115 micro, charged 8,822: balance -$0.007822
+    # before: reserved 115 micro, charged 8,822: balance -$0.007822
     assert view.balance >= 0, f"balance went to {usd(view.balance)}"
 
 
@@ -289,7 +290,7 @@ async def test_a_stray_text_key_does_not_hide_an_uncountable_part(
     status, _ = await post(running, key, "chat/completions", body)
     view = await running.balance("acme")
     print(f"reserved {reservation_of(running, 'chat', body)} micro; status {status}; balance {view.balance}")
-    # today: reserved ~100 micro, charged 125,050: balance -$0.115 (without the key: 402)
+    # before: reserved ~100 micro, charged 125,050: balance -$0.115 (without the key: 402)
     assert view.balance >= 0, f"balance went to {usd(view.balance)}"
 
 
@@ -306,7 +307,7 @@ async def test_an_unpriced_service_tier_is_not_forwarded_at_the_standard_price(
     status, reply = await post(proxy, key, "chat/completions", {"model": "gpt-4o", "messages": USER,
                                                                  "service_tier": "priority"})  # fmt: skip
     forwarded = upstream.requests[-1].body.get("service_tier") if upstream.requests else None
-    # today: 200, forwarded as priority, charged at the standard price
+    # before: 200, forwarded as priority, charged at the standard price
     assert (status == 400 and reply["error"]["param"] == "service_tier") or forwarded != "priority"
 
 
@@ -340,7 +341,7 @@ async def test_a_funded_account_cannot_opt_into_free_downgrades(start_proxy: Any
     view = await running.balance("acme")
     served = status == 200 and len(reply["choices"]) == 128
     print(f"status {status}; forwarded {[r.body['model'] for r in upstream.requests]}; balance {usd(view.balance)}")
-    # today: 128 x 1,000 gpt-4o-mini tokens ($0.077 of upstream cost) served free; balance $20
+    # before: 128 x 1,000 gpt-4o-mini tokens ($0.077 of upstream cost) served free; balance $20
     assert not served or view.balance < 20_000_000, "served free while the account could pay"
 
 
