@@ -30,7 +30,7 @@ from .journal import Journal
 from .keys import KeyCache, KeyStore
 from .ledger import Checkpoint, Ledger
 from .resp import RespClient
-from .state import STATE, State
+from .state import STATE, InFlight, State
 from .upstream import Upstream
 from .webhooks import Webhooks
 from .worker import Worker
@@ -202,17 +202,21 @@ class Proxy:
             full = time.monotonic() - last_full >= self.config.billing.reservation_ttl_s / 3
             if full:
                 last_full = time.monotonic()
-            by_account: dict[str, list[Checkpoint]] = {}
+            by_account: dict[str, list[tuple[InFlight, Checkpoint]]] = {}
             for meter in list(self.state.inflight.values()):
                 point = meter.checkpoint(changed_only=not full)
                 if point is not None:
-                    by_account.setdefault(meter.account_id, []).append(point)
-            await asyncio.gather(*(self._extend(a, points) for a, points in by_account.items()))
+                    by_account.setdefault(meter.account_id, []).append((meter, point))
+            await asyncio.gather(*(self._extend(a, sent) for a, sent in by_account.items()))
 
-    async def _extend(self, account_id: str, points: list[Checkpoint]) -> None:
+    async def _extend(self, account_id: str, sent: list[tuple[InFlight, Checkpoint]]) -> None:
         assert self.state is not None
-        with contextlib.suppress(errors.StoreUnavailable):  # the next period tries again
-            await self.state.ledger.extend(account_id, points)
+        try:
+            await self.state.ledger.extend(account_id, [point for _, point in sent])
+        except errors.StoreUnavailable:
+            return  # not recorded: the next period sends these again
+        for meter, _ in sent:
+            meter.checkpointed()
 
     async def _watch_config(self) -> None:
         assert self.config_path is not None

@@ -53,7 +53,8 @@ class Meter:
     answered: bool = False  # the upstream accepted the request: its prompt is being billed
     prompt_exact: bool = True  # prompt_tokens is tiktoken's count (else an estimate of a huge prompt)
     output_bound: int = 0  # the output the upstream may write (the forwarded cap, all choices)
-    _checkpointed: tuple[bool, int] = (False, 0)  # (answered, output chars) last checkpointed
+    _checkpointed: tuple[bool, int] = (False, 0)  # (answered, output chars) Redis has recorded
+    _sending: tuple[bool, int] = (False, 0)  # the same, of the checkpoint on its way
 
     @property
     def downgraded(self) -> bool:
@@ -91,12 +92,16 @@ class Meter:
         chars = self.tap.output.chars if self.tap is not None else 0
         if changed_only and self._checkpointed == (self.answered, chars):
             return None
-        self._checkpointed = (self.answered, chars)
+        self._sending = (self.answered, chars)
         if not self.answered or self.downgraded:
             return Checkpoint(self.request_id)
         output = self.tap.output.count_so_far(self.route.encoding) if self.tap is not None else 0
         usage = Usage(input_tokens=self.prompt_tokens, output_tokens=output)
         return Checkpoint(self.request_id, self.cost(usage), usage.as_dict())
+
+    def checkpointed(self) -> None:
+        """Redis recorded the last checkpoint: until the request changes, none is due."""
+        self._checkpointed = self._sending
 
     def cost(self, usage: Usage) -> Decimal:
         """Exact, in micro-USD: at the tier the upstream reported, else the one asked for."""

@@ -25,6 +25,8 @@ class InFlight(Protocol):
 
     def checkpoint(self, *, changed_only: bool) -> Checkpoint | None: ...
 
+    def checkpointed(self) -> None: ...
+
 
 @dataclass
 class State:
