@@ -28,8 +28,14 @@ run: $(VENV)/.installed
 demo-upstream: $(VENV)/.installed
 	$(BIN)/metering-proxy demo-upstream --port 9999
 
+# The tests' files (Redis AOFs, journals, pytest's own captured output) live in memory:
+# on a busy disk (a fresh clone's install still flushing) every file write can stall for
+# seconds, and with it the test's event loop.
+TEST_TMPDIR ?= $(if $(wildcard /dev/shm/.),/dev/shm/metering-proxy-tests,$(or $(TMPDIR),/tmp)/metering-proxy-tests)
+
 test: $(VENV)/.installed-dev
-	$(BIN)/python -m pytest -q
+	mkdir -p $(TEST_TMPDIR)
+	TMPDIR=$(TEST_TMPDIR) $(BIN)/python -m pytest -q
 
 # The CI chaos run (tests/chaos.py), longer: SOAK_SECONDS=600 (default), CHAOS_SEED=1 (default)
 SOAK_SECONDS ?= 600

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import os
+import sys
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,6 +64,40 @@ def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
 @pytest.fixture(scope="session", autouse=True)
 def _logging() -> None:
     logs.setup("warning")
+
+
+# A hung test fails, with the stack of every task printed, instead of eating CI's time.
+TEST_DEADLINE_S = float(os.environ.get("METERING_TEST_DEADLINE_S", "240"))
+
+
+@pytest.fixture(autouse=True)
+async def _deadline(request: pytest.FixtureRequest) -> AsyncIterator[None]:
+    loop = asyncio.get_running_loop()
+    handle = loop.call_later(TEST_DEADLINE_S, _expire, request.node.name, getattr(request, "function", None))
+    yield
+    handle.cancel()
+
+
+def _awaiting(coro: Any) -> list[str]:
+    """Where a coroutine waits: each frame down its chain of awaits (a task's own stack stops at the top)."""
+    where = []
+    while coro is not None:
+        frame = getattr(coro, "cr_frame", None) or getattr(coro, "ag_frame", None) or getattr(coro, "gi_frame", None)
+        if frame is not None:
+            where.append(f"{Path(frame.f_code.co_filename).name}:{frame.f_lineno} {frame.f_code.co_name}")
+        coro = getattr(coro, "cr_await", None) or getattr(coro, "ag_await", None) or getattr(coro, "gi_yieldfrom", None)
+    return where
+
+
+def _expire(test: str, function: Any) -> None:
+    print(f"\n{test} is still running after {TEST_DEADLINE_S:.0f}s; its tasks:", file=sys.stderr)
+    tasks = asyncio.all_tasks()
+    for task in tasks:
+        print(f"{task.get_name()}: {' <- '.join(reversed(_awaiting(task.get_coro())))}", file=sys.stderr)
+    name = getattr(function, "__name__", None)
+    for task in tasks:  # only the test's own task: the session's servers serve the next tests
+        if name is not None and getattr(task.get_coro(), "__name__", None) == name:
+            task.cancel(f"{test} ran past its {TEST_DEADLINE_S:.0f}s deadline")
 
 
 @pytest.fixture(scope="session")

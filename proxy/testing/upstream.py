@@ -133,13 +133,20 @@ class DemoUpstream:
         self.fault_for: Callable[[RecordedRequest], Fault | None] | None = None
         self.served: list[str] = []  # x-request-ids of 2xx answers started on an open connection
         self._ids = itertools.count(1)
+        self._streaming: dict[int, web.Request] = {}  # streams in flight (by id: requests are unhashable)
         self._runner: web.AppRunner | None = None
         self.base_url = ""
 
     def reset(self) -> None:
+        """A clean upstream for the next test: the last test's streams end now (each a
+        broken stream to its proxy) and record nothing more here."""
+        for request in self._streaming.values():
+            if request.transport is not None:
+                request.transport.abort()
+        self._streaming.clear()
+        self.release.set()  # wakes streams held by the last test: they find themselves ended
         self.fault = Fault()
-        self.holding.clear()
-        self.release.clear()
+        self.holding, self.release = asyncio.Event(), asyncio.Event()
         self.requests.clear()
         self.stream_chunks_sent = 0
         self.chunks_by_request.clear()
@@ -269,9 +276,12 @@ class DemoUpstream:
         self._mark_served(request)
         request_id = request.headers.get("x-request-id", "")
         sent = 0  # this stream's own count: concurrent streams each cut at their own
+        self._streaming[id(request)] = request
         try:
             for name, data in events:
                 await self._send(resp, name, data, sent)
+                if id(request) not in self._streaming:  # ended by `reset` while it waited
+                    return resp  # the last test's: it must not touch this test's records
                 sent = self.stream_chunks_sent = sent + 1
                 self.chunks_by_request[request_id] = self.chunks_by_request.get(request_id, 0) + 1
             await resp.write_eof()
@@ -280,13 +290,14 @@ class DemoUpstream:
             # chunked body never terminates: the client sees an incomplete read.
             if request.transport is not None:
                 request.transport.close()
-        except ConnectionError:  # client went away mid-stream
-            self.client_disconnected = True
-        except asyncio.CancelledError:
-            self.client_disconnected = True
-            raise
+        except (ConnectionError, asyncio.CancelledError) as exc:  # client went away mid-stream
+            if id(request) in self._streaming:
+                self.client_disconnected = True
+            if isinstance(exc, asyncio.CancelledError):
+                raise
         finally:
-            self.stream_closed.set()
+            if self._streaming.pop(id(request), None) is not None:
+                self.stream_closed.set()
         return resp
 
     async def _send(self, resp: web.StreamResponse, name: str | None, data: Json | bytes, sent: int) -> None:
