@@ -293,16 +293,17 @@ def _next_change(info: ModelInfo, on: date) -> date | None:
     return min(starts, default=None)
 
 
-def models(provider_id: str = DEFAULT_PROVIDER, on: date | None = None) -> list[Entry | CatalogError]:
-    """Every model of a provider (not those it lends from others), as `lookup` gives them."""
+def models(provider_id: str = DEFAULT_PROVIDER, on: date | None = None) -> list[tuple[str, Entry | CatalogError]]:
+    """Every model of a provider (not those it lends from others) by catalog id, as
+    `lookup` gives it, or why it cannot be priced here."""
     owner = provider(provider_id)
     on = on or datetime.now(UTC).date()
-    found: list[Entry | CatalogError] = []
+    found: list[tuple[str, Entry | CatalogError]] = []
     for info in owner.models:
         try:
-            found.append(_entry(info, owner.id, None, on))
+            found.append((info.id, _entry(info, owner.id, None, on)))
         except CatalogError as exc:
-            found.append(CatalogError(f"{info.id}: {exc}"))
+            found.append((info.id, exc))
     return found
 
 
