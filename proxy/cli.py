@@ -116,8 +116,11 @@ def cmd_prices(args: argparse.Namespace) -> int:
             table = pricesheet.listing(args.provider or prices.DEFAULT_PROVIDER)
             lines = pricesheet.listing_text(table) if not args.json else [json.dumps(table, indent=2)]
         else:
-            has_config = args.config or os.environ.get("METERING_CONFIG") or config_path(args).exists()
-            sheet = pricesheet.show(args.model, args.provider, load(args) if has_config else None)
+            # a configured model as it is charged; with --provider (or no config) the catalog's entry
+            wanted = args.provider is None and (args.config or os.environ.get("METERING_CONFIG"))
+            sheet = pricesheet.show(
+                args.model, args.provider, load(args) if wanted or config_path(args).exists() else None
+            )
             lines = pricesheet.show_text(sheet) if not args.json else [json.dumps(sheet, indent=2)]
     except prices.CatalogError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -339,12 +339,14 @@ def resolve(data: Any) -> tuple[Any, list[tuple[Loc, str]]]:
         if isinstance(model.get("price"), str) and not wants_catalog(model["price"]):
             errors.append((("models", name, "price"), "must be a mapping of prices, or `catalog`"))
         elif wants_catalog(model.get("price")) and isinstance(model.get("upstream"), str):
-            provider_id = providers.get(model["upstream"].strip(), DEFAULT_PROVIDER)
-            if provider_id is not None:  # an unknown upstream or provider is reported once, where it is
-                try:
-                    models[name] = _filled(name, model, provider_id)
-                except CatalogError as exc:
-                    errors.append((("models", name, "price"), str(exc)))
+            upstream = model["upstream"].strip()
+            provider_id = providers.get(upstream, DEFAULT_PROVIDER)  # an unknown upstream is a reference error
+            try:
+                if provider_id is None:
+                    raise CatalogError(f"not priced from the catalog: upstream {upstream!r} has an unknown provider")
+                models[name] = _filled(name, model, provider_id)
+            except CatalogError as exc:
+                errors.append((("models", name, "price"), str(exc)))
     return {**data, "models": models}, errors
 
 
