@@ -10,6 +10,7 @@ import csv
 import io
 import json
 import socket
+from datetime import UTC, datetime
 from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
 from typing import Any
@@ -33,14 +34,15 @@ from .conftest import ADMIN_TOKEN, BASE_CONFIG, Running, deep_merge
 from .helpers import entries
 
 UPSTREAMS = {"openai": {"base_url": "https://api.openai.com/v1"},
-             "claude": {"base_url": "https://api.anthropic.com/v1", "provider": "anthropic"}}  # fmt: skip
+             "claude": {"base_url": "https://api.anthropic.com/v1", "provider": "anthropic"},
+             "deepseek": {"base_url": "https://api.deepseek.com/v1", "provider": "deepseek"}}  # fmt: skip
 
 
 def config_of(models: dict[str, Any], **extra: Any) -> Config:
     return parse_config(yaml.safe_dump({"upstreams": UPSTREAMS, "models": models, **extra}), env={})
 
 
-def genai_cost(model: str, provider: str, usage: Usage, tier: str | None = None) -> Decimal:
+def genai_cost(model: str, provider: str, usage: Usage, tier: str | None = None, at: datetime | None = None) -> Decimal:
     """genai-prices' own price of `usage`, in micro-USD (exact)."""
     theirs = genai_prices.Usage(
         input_tokens=usage.input_tokens,
@@ -50,7 +52,10 @@ def genai_cost(model: str, provider: str, usage: Usage, tier: str | None = None)
         output_audio_tokens=usage.audio_output_tokens,
     )
     context = {"service_tier": tier} if tier else None
-    return genai_prices.calc_price(theirs, model, provider_id=provider, price_context=context).total_price * MICRO
+    found = genai_prices.calc_price(
+        theirs, model, provider_id=provider, price_context=context, genai_request_timestamp=at
+    )
+    return found.total_price * MICRO
 
 
 USAGES = (
@@ -88,6 +93,17 @@ def test_catalog_prices_equal_genai_prices_own_figures(model: str, upstream: str
             assert genai_cost(model, provider, usage, tier) != genai_cost(model, provider, usage)  # a tier of its own
             reported = Usage(**{**usage.as_dict(), "service_tier": tier})  # the tier the upstream reports wins
             assert price.exact_cost(reported, None) == genai_cost(model, provider, usage, tier)
+
+
+def test_time_of_day_prices_are_charged_at_the_dearest_hour() -> None:
+    price = Catalog(
+        config_of({"chat": {"upstream": "deepseek", "upstream_model": "deepseek-chat", "price": "catalog"}})
+    )
+    usage = USAGES[1]
+    today = datetime.now(UTC).date()
+    hours = [datetime(today.year, today.month, today.day, h, 30, tzinfo=UTC) for h in range(24)]
+    theirs = [genai_cost("deepseek-chat", "deepseek", usage, at=at) for at in hours]
+    assert price.route("chat").price.exact_cost(usage) == max(theirs) > min(theirs)  # never below the catalog
 
 
 def test_the_context_window_comes_from_the_catalog_and_the_catalog_is_the_prices_source() -> None:
