@@ -117,10 +117,9 @@ def cmd_prices(args: argparse.Namespace) -> int:
             lines = pricesheet.listing_text(table) if not args.json else [json.dumps(table, indent=2)]
         else:
             # a configured model as it is charged; with --provider (or no config) the catalog's entry
-            wanted = args.provider is None and (args.config or os.environ.get("METERING_CONFIG"))
-            sheet = pricesheet.show(
-                args.model, args.provider, load(args) if wanted or config_path(args).exists() else None
-            )
+            given = args.config or os.environ.get("METERING_CONFIG") or config_path(args).exists()
+            config = load(args) if given and args.provider is None else None
+            sheet = pricesheet.show(args.model, args.provider, config)
             lines = pricesheet.show_text(sheet) if not args.json else [json.dumps(sheet, indent=2)]
     except prices.CatalogError as exc:
         print(f"error: {exc}", file=sys.stderr)

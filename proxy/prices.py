@@ -46,6 +46,7 @@ KINDS = (
 # genai-prices prices an unpriced kind as its parent kind (output unpriced: free)
 PARENT = {"cached_input": "input", "audio_input": "input", "audio_output": "output"}
 TIERS = ("priority", "flex")  # the catalog's `service_tier` variants that are OpenAI's tiers too
+SET_IT = "set its price in the config"
 
 PLACES = Decimal("0.000001")  # a config price has at most 6 decimal places (USD per 1M tokens)
 
@@ -140,12 +141,9 @@ def _entry(info: ModelInfo, provider_id: str, via: str | None, on: date) -> Entr
     base = _dearest(info, _candidates(info, at))
     if _plain(base, "input_mtok") is None:
         priced = ", ".join(k for k, v in vars(base).items() if v is not None)
-        how = (
-            f"prices {provider_id}/{info.id} by {priced}, not by input tokens"
-            if priced
-            else (f"has no price for {provider_id}/{info.id}")
-        )
-        raise CatalogError(f"{CATALOG} {how}: set its price in the config")
+        name = f"{provider_id}/{info.id}"
+        what = f"prices {name} by {priced}, not by input tokens" if priced else f"has no price for {name}"
+        raise CatalogError(f"{CATALOG} {what}: {SET_IT}")
     price: dict[str, Any] = {"source": "catalog"}
     price.update((ours, _text(_plain(base, key))) for ours, key in KINDS if _plain(base, key) is not None)
     cuts = _thresholds(base)
@@ -187,8 +185,8 @@ def _candidates(info: ModelInfo, at: datetime) -> list[ModelPrice]:
 
 
 def _dearest(info: ModelInfo, candidates: list[ModelPrice]) -> ModelPrice:
-    """One price per kind: the highest of the candidates (prices by time of day are
-    charged at the dearest hour: never below the catalog, at most one off-peak discount above it)."""
+    """One price per kind, the highest of the candidates: a price by time of day is
+    charged at the dearest hour, never below the catalog's price at any hour."""
     from genai_prices.types import ModelPrice
 
     if len(candidates) == 1:
@@ -196,7 +194,7 @@ def _dearest(info: ModelInfo, candidates: list[ModelPrice]) -> ModelPrice:
     keys = [frozenset(k for k, v in vars(c).items() if v is not None) for c in candidates]
     values = [v for c in candidates for v in vars(c).values() if v is not None]
     if len(set(keys)) > 1 or not all(isinstance(v, Decimal) for v in values):
-        raise CatalogError(f"{CATALOG} prices {info.id} by time of day in a way one price cannot hold: set its price")
+        raise CatalogError(f"{CATALOG} prices {info.id} by time of day in a way one price cannot hold: {SET_IT}")
     return ModelPrice(**{k: max(vars(c)[k] for c in candidates) for k in keys[0]})
 
 
@@ -249,7 +247,7 @@ def _check_precision(model_id: str, fields: Mapping[str, Any]) -> None:
         for item in nested:
             _check_precision(model_id, item)
         if key != "source" and isinstance(value, str) and Decimal(value) != Decimal(value).quantize(PLACES):
-            raise CatalogError(f"{CATALOG} prices {model_id} at {value}, finer than 1e-6 USD per 1M tokens: set it")
+            raise CatalogError(f"{CATALOG} prices {model_id} at {value}, finer than 1e-6 USD per 1M tokens: {SET_IT}")
 
 
 def _thresholds(prices: ModelPrice) -> list[int]:
@@ -325,13 +323,14 @@ def resolve(data: Any) -> tuple[Any, list[tuple[Loc, str]]]:
     providers: dict[str, str | None] = {}  # upstream -> provider id (None: unknown)
     for name, upstream in upstreams.items():
         chosen = upstream.get("provider") if isinstance(upstream, Mapping) else None
-        providers[name] = chosen.strip() if isinstance(chosen, str) and chosen.strip() else DEFAULT_PROVIDER
-        if providers[name] != DEFAULT_PROVIDER:
+        chosen = chosen.strip() if isinstance(chosen, str) and chosen.strip() else DEFAULT_PROVIDER
+        providers[str(name).strip()] = chosen
+        if chosen != DEFAULT_PROVIDER:
             try:
-                provider(str(providers[name]))
+                provider(chosen)
             except CatalogError as exc:
                 errors.append((("upstreams", name, "provider"), str(exc)))
-                providers[name] = None
+                providers[str(name).strip()] = None
     models = dict(data["models"])
     for name, model in models.items():
         if not isinstance(model, Mapping):
@@ -339,7 +338,7 @@ def resolve(data: Any) -> tuple[Any, list[tuple[Loc, str]]]:
         if isinstance(model.get("price"), str) and not wants_catalog(model["price"]):
             errors.append((("models", name, "price"), "must be a mapping of prices, or `catalog`"))
         elif wants_catalog(model.get("price")) and isinstance(model.get("upstream"), str):
-            upstream = model["upstream"].strip()
+            upstream = model["upstream"].strip()  # as validated: Text is stripped
             provider_id = providers.get(upstream, DEFAULT_PROVIDER)  # an unknown upstream is a reference error
             try:
                 if provider_id is None:
@@ -351,8 +350,8 @@ def resolve(data: Any) -> tuple[Any, list[tuple[Loc, str]]]:
 
 
 def _filled(name: str, model: Mapping[str, Any], provider_id: str) -> dict[str, Any]:
-    ref = model.get("upstream_model") if isinstance(model.get("upstream_model"), str) else None
-    entry = lookup((ref or "").strip() or name, provider_id)
+    ref = model.get("upstream_model")
+    entry = lookup(ref if isinstance(ref, str) and ref.strip() else name, provider_id)  # as Config.upstream_model
     overrides = model["price"] if isinstance(model["price"], Mapping) else {}
     filled = {**model, "price": merge(entry.price, overrides)}
     if model.get("max_input_tokens") in (None, "") and entry.max_input_tokens:

@@ -225,7 +225,7 @@ def test_every_catalog_model_converts_or_is_refused_with_a_reason() -> None:
     for provider in prices.snapshot().providers:
         for model_id, entry in prices.models(provider.id):
             if isinstance(entry, prices.CatalogError):
-                assert "set it" in str(entry) and prices.CATALOG in str(entry), (model_id, entry)
+                assert prices.SET_IT in str(entry) and prices.CATALOG in str(entry), (model_id, entry)
                 refused += 1
             else:
                 PriceConfig.model_validate(entry.price)
@@ -319,9 +319,10 @@ def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, s
 def test_prices_show_a_catalog_model(
     capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.chdir(tmp_path)  # no ./config.yaml: the catalog's own entries
+    monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("METERING_CONFIG", raising=False)
-    code, out, _ = run_cli(capsys, "prices", "show", "gpt-5.4", "--provider", "openai", "--config", "none.yaml")
+    Path("config.yaml").write_text("models: [not a config\n")  # --provider: the catalog's own entry, no config read
+    code, out, _ = run_cli(capsys, "prices", "show", "gpt-5.4", "--provider", "openai")
     assert code == 0
     lines = out.splitlines()
     assert lines[0].startswith(f'gpt-5.4 (not configured: the catalog\'s prices, no markup): {prices.CATALOG}, '
@@ -337,6 +338,7 @@ def test_prices_show_a_catalog_model(
     assert sheet["max_output_tokens"] is None and sheet["configured"] is False
     assert sheet["prices"]["default"]["long_context"][0] == {"above_input_tokens": 200_000, "input": "6",
         "cached_input": "0.6", "output": "22.5", "audio_input": "6", "audio_output": "22.5"}  # fmt: skip
+    Path("config.yaml").unlink()  # no config: the catalog's own entries
     code, _, err = run_cli(capsys, "prices", "show", "gpt-4oo")
     assert code == 1 and "no model 'gpt-4oo' under provider 'openai' (closest: gpt-4o" in err
 
