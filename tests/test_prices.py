@@ -10,6 +10,7 @@ import csv
 import io
 import json
 import socket
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
@@ -234,6 +235,15 @@ def test_every_catalog_model_converts_or_is_refused_with_a_reason() -> None:
 
 
 # -- through the proxy ----------------------------------------------------------------
+
+
+@pytest.fixture
+async def upstream(upstream_server: DemoUpstream) -> AsyncIterator[DemoUpstream]:
+    """conftest's, reset afterwards too: the next module's tests (test_ratelimits) take
+    the session's upstream as they find it."""
+    upstream_server.reset()
+    yield upstream_server
+    upstream_server.reset()
 
 
 async def test_a_request_is_charged_the_catalog_price_and_its_entry_names_it(
