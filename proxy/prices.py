@@ -11,7 +11,8 @@ Mapping (genai-prices key -> ours, USD per 1M tokens): input_mtok -> input,
 cache_read_mtok -> cached_input, output_mtok -> output, input_audio_mtok ->
 audio_input, output_audio_mtok -> audio_output; `service_tier` variants `priority` and
 `flex` -> `service_tiers`; tiered prices (a whole request past a prompt size) ->
-`long_context`; `context_window` -> `max_input_tokens`. The catalog has no output cap.
+`long_context`; `context_window` -> `max_input_tokens` (not an embedding model's: it
+bounds each input of a batch). The catalog has no output cap.
 What else it prices (cache writes, web searches, per-request fees, images) this proxy
 cannot meter: `Entry.unmetered` names it, and `config check` and `prices show` print it.
 Time-of-day prices (DeepSeek's peak and off-peak) are charged at the dearest of them.
@@ -65,7 +66,7 @@ class Entry:
     model_id: str  # the catalog's id of the model that matched
     name: str | None
     price: dict[str, Any]  # `price:` fields (decimal strings, USD per 1M tokens), source included
-    max_input_tokens: int | None  # the catalog's context window
+    max_input_tokens: int | None  # the catalog's context window (None for an embedding model)
     as_of: date  # the UTC date whose prices these are
     unmetered: dict[str, str] = field(default_factory=dict)  # price key -> price, not metered here
     via: str | None = None  # the provider whose model it is, when the asked one falls back to it
@@ -159,7 +160,9 @@ def _entry(info: ModelInfo, provider_id: str, via: str | None, on: date) -> Entr
         model_id=info.id,
         name=info.name,
         price=price,
-        max_input_tokens=info.context_window,
+        # an embedding model's window (the catalog prices it no output) bounds each of up to
+        # 2,048 inputs, not a request, whose prompt is their sum: it is no max_input_tokens
+        max_input_tokens=info.context_window if "output" in price else None,
         as_of=on,
         unmetered=_unmetered(base),
         via=via,

@@ -280,6 +280,18 @@ async def test_a_request_is_charged_the_catalog_price_and_its_entry_names_it(
     assert [r["price_source"] for r in rows if r["type"] == "usage"] == [prices.CATALOG, prices.CATALOG, ""]
 
 
+async def test_an_embedding_batch_longer_than_the_window_is_served(start_proxy: Any, upstream: DemoUpstream) -> None:
+    """The catalog's 8,192 of text-embedding-3-small is per input: a request of several
+    inputs may hold more (OpenAI takes up to 2,048 of them), so it is no max_input_tokens."""
+    running: Running = await start_proxy({"models": {"text-embedding-3-small": {"price": "catalog"}}})
+    assert running.state.catalog.route("text-embedding-3-small").context_window is None
+    key = await running.account("acme", "10")
+    upstream.fault.prompt_tokens = 12_000
+    await running.client(key).embeddings.create(model="text-embedding-3-small", input=["word " * 6000] * 2)
+    (entry,) = [e for e in await entries(running.state.redis, "acme") if e["type"] == "usage"]
+    assert entry["amount"] == "-240" and entry["price_source"] == prices.CATALOG  # 12,000 x 0.02 micro-USD
+
+
 def usd(micro: Decimal) -> str:
     whole = int(micro.to_integral_value(rounding=ROUND_HALF_UP))
     return f"{whole // 1_000_000}.{whole % 1_000_000:06d}"
