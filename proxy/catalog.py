@@ -18,6 +18,7 @@ from .config import Config, UpstreamConfig
 from .errors import InvalidRequest
 from .intake import ENDPOINTS, ClientRequest, Rewrite
 from .money import STANDARD, LongContext, Price, Rates, TierPrice, ceil_micro, pico
+from .prices import CATALOG
 
 PROMPT_MARGIN_TOKENS = 8
 DEFAULT_CHAT_CAP_FIELD = "max_completion_tokens"
@@ -58,6 +59,7 @@ class Route:
     images: prompts.ImageTokens  # the most one image costs
     max_tool_calls: int | None  # hosted-tool calls a request may make (None: hosted tools refused)
     reasoning: bool  # bills hidden reasoning as output: an interrupted stream cannot be counted
+    price_source: str | None = None  # the price catalog's version for `price: catalog` (None: the YAML's prices)
 
     def reservation(self, client: ClientRequest) -> Reservation:
         self._check_tier(client)
@@ -214,6 +216,7 @@ class Catalog:
                 images=_images(model, config.upstream_model(name)),
                 max_tool_calls=model.max_tool_calls,
                 reasoning=_reasons(model, config.upstream_model(name)),
+                price_source=CATALOG if model.price.source == "catalog" else None,
             )
 
     def route(self, model: str) -> Route:

@@ -4,6 +4,7 @@
     metering-proxy config check PATH                 validate a config file (exit 1 on errors)
     metering-proxy healthcheck                       exit 0 if the configured port answers /healthz
     metering-proxy demo-upstream                     a fake OpenAI upstream on 127.0.0.1:9999
+    metering-proxy prices show|list                  the price catalog: what a model costs
     metering-proxy accounts create|get|update|list   accounts (as the admin API)
     metering-proxy keys create|revoke|list           API keys
     metering-proxy credits grant|void                credit grants
@@ -103,6 +104,30 @@ def cmd_healthcheck(args: argparse.Namespace) -> int:
         return 1
 
 
+def cmd_prices(args: argparse.Namespace) -> int:
+    """`prices show MODEL` (a configured model as priced, else the catalog's entry) and
+    `prices list`: text, or JSON with --json. Reads no Redis and no network."""
+    import json
+
+    from . import prices, pricesheet
+
+    try:
+        if args.prices_command == "list":
+            table = pricesheet.listing(args.provider or prices.DEFAULT_PROVIDER)
+            lines = pricesheet.listing_text(table) if not args.json else [json.dumps(table, indent=2)]
+        else:
+            # a configured model as it is charged; with --provider (or no config) the catalog's entry
+            given = args.config or os.environ.get("METERING_CONFIG") or config_path(args).exists()
+            config = load(args) if given and args.provider is None else None
+            sheet = pricesheet.show(args.model, args.provider, config)
+            lines = pricesheet.show_text(sheet) if not args.json else [json.dumps(sheet, indent=2)]
+    except prices.CatalogError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print("\n".join(lines))
+    return 0
+
+
 def cmd_demo_upstream(args: argparse.Namespace) -> int:
     from .testing.upstream import main as demo_main
 
@@ -191,6 +216,18 @@ def _account_flags(parser: argparse.ArgumentParser) -> None:
     fields = ("plan", "overage_limit_usd", "auto_topup", "rate_limits", "metadata", "low_balance_thresholds_usd")
     parser.add_argument("--clear", action="append", choices=fields, help="set a field to null (repeatable)")
     parser.add_argument("--json", help="a JSON body as the admin API takes it; flags override it")
+
+
+def _add_price_commands(sub: Any) -> None:
+    group = _group(sub, "prices", "the price catalog (genai-prices, pinned): what a model costs")
+    show = group.add_parser("show", help="a model's prices, context window and output cap", parents=[_common()])
+    show.add_argument("model", help="a configured model, else a catalog model name")
+    show.add_argument("--provider", help="look MODEL up in the catalog under this provider (default: openai)")
+    listing = group.add_parser("list", help="a provider's catalog models and their main prices", parents=[_common()])
+    listing.add_argument("--provider", help="a genai-prices provider id (default: openai)")
+    for parser in (show, listing):
+        parser.add_argument("--json", action="store_true", help="print JSON")
+        parser.set_defaults(func=cmd_prices)
 
 
 def _add_account_commands(sub: Any) -> None:
@@ -288,6 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--port", type=int, default=9999)
     demo.set_defaults(func=cmd_demo_upstream)
 
+    _add_price_commands(sub)
     _add_account_commands(sub)
     _add_money_commands(sub)
     return parser

@@ -33,6 +33,7 @@ from pydantic import (
 
 from .configrefs import format_loc, reference_errors
 from .money import MAX_MICRO
+from .prices import resolve as resolve_catalog
 
 ONE_MICRO_USD = Decimal("0.000001")  # the smallest amount: config amounts have at most 6 places
 MAX_USD = (MAX_MICRO + 1) * ONE_MICRO_USD  # Lua numbers are doubles: amounts stay below 2^53 micro-USD
@@ -200,6 +201,7 @@ class UpstreamConfig(_Frozen):
     api_key: OptSecret = None  # None: no Authorization header upstream
     timeout_s: PosFloat = 600.0
     connect_timeout_s: PosFloat = 10.0
+    provider: Text = "openai"  # whose prices `price: catalog` takes (a genai-prices provider id)
 
 
 SERVICE_TIERS = ("priority", "flex", "scale")  # OpenAI's names; `auto`/`default` are the base price
@@ -248,8 +250,10 @@ ServiceTiers = Annotated[dict[str, TierPriceConfig], _EmptyOk, AfterValidator(_k
 
 
 class PriceConfig(_Frozen):
-    """USD per 1M tokens."""
+    """USD per 1M tokens. `source: catalog` (`price: catalog`): filled from the price
+    catalog before validation (prices.resolve), the fields given here over it."""
 
+    source: Literal["config", "catalog"] = "config"
     input: Amount
     cached_input: OptAmount = None  # None: priced at `input`
     output: OptAmount = None  # None: free (embeddings); catalog.price_of applies the defaults
@@ -382,6 +386,17 @@ class Config(_Frozen):
     default_plan: OptText = None  # plan given to new accounts
     webhooks: WebhooksConfig | None = None
     metrics: Annotated[MetricsConfig, _EmptyOk] = Field(default_factory=MetricsConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _fill_from_catalog(cls, data: Any, info: ValidationInfo) -> Any:
+        # configfile fills them itself, to report its errors with line numbers.
+        if info.context and info.context.get(DEFER_REFERENCE_CHECKS):
+            return data
+        data, errors = resolve_catalog(data)
+        if errors:
+            raise ValueError("; ".join(f"{format_loc(loc)}: {msg}" for loc, msg in errors))
+        return data
 
     @model_validator(mode="after")
     def _check_references(self, info: ValidationInfo) -> "Config":

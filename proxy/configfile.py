@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
+from . import prices
 from .catalog import price_of
 from .config import DEFER_REFERENCE_CHECKS, Config
 from .configrefs import Loc, format_loc, reference_errors
@@ -149,6 +150,13 @@ def _pydantic_problems(exc: ValidationError) -> list[tuple[Loc, str]]:
     return out
 
 
+def _not_under(reported: list[tuple[Loc, str]], problems: list[tuple[Loc, str]]) -> list[tuple[Loc, str]]:
+    """`problems` but those at or below a place already `reported` (a model the catalog
+    could not price is missing its prices too: one error says why)."""
+    places = [loc for loc, _ in reported]
+    return [(loc, msg) for loc, msg in problems if not any(loc[: len(p)] == p for p in places)]
+
+
 # --- entry points ------------------------------------------------------------------
 
 
@@ -157,11 +165,13 @@ def parse_config(text: str, env: Mapping[str, str] | None = None, source: str = 
     env = dict(os.environ) if env is None else env
     data, walker = _read_yaml(text, env, source)
     found = reference_errors(data)
+    data, unpriced = prices.resolve(data)
     config: Config | None = None
     try:
         config = Config.model_validate(data, context={DEFER_REFERENCE_CHECKS: True})
     except ValidationError as exc:
-        found = _pydantic_problems(exc) + found
+        found = _not_under(unpriced, _pydantic_problems(exc)) + found
+    found = unpriced + found
     problems = walker.problems + [(_line_for(loc, walker.lines), _fmt(loc, msg)) for loc, msg in found]
     if problems or config is None:
         problems.sort(key=lambda p: p[0])  # stable: file order, then discovery order
@@ -196,7 +206,7 @@ def check_main(path: str | Path) -> int:
             f"{n} {noun}{'' if n == 1 else 's'}" for n, noun in zip(counts, ("model", "upstream", "plan"), strict=True)
         )
     )
-    for line in explain_prices(config):
+    for line in explain_prices(config) + explain_catalog(config):
         print(line)
     return 0
 
@@ -208,3 +218,24 @@ def explain_prices(config: Config) -> list[str]:
         lines.append(f"  {name}:")
         lines += [f"    {line}" for line in price_of(model.price, config.markup_for(name)).describe()]
     return lines
+
+
+def explain_catalog(config: Config) -> list[str]:
+    """Which catalog version priced which models, and what of theirs is not metered."""
+    entries = {name: catalog_entry(config, name) for name, m in config.models.items() if m.price.source == "catalog"}
+    if not entries:
+        return []
+    as_of = next(iter(entries.values())).as_of
+    lines = [f"{prices.CATALOG} (bundled, never updated at run time; prices of {as_of}) priced:"]
+    for name, entry in entries.items():
+        via = f" (from {entry.via})" if entry.via else ""
+        change = f"; the catalog changes its price on {entry.next_change}: reload then" if entry.next_change else ""
+        lines.append(f"  {name}: {entry.provider}/{entry.model_id}{via}{change}")
+        if entry.unmetered:
+            lines.append("    not metered here: " + ", ".join(f"{k} {v}" for k, v in entry.unmetered.items()))
+    return lines
+
+
+def catalog_entry(config: Config, model: str) -> prices.Entry:
+    """The catalog entry a configured `price: catalog` model was priced from."""
+    return prices.lookup(config.upstream_model(model), config.upstreams[config.models[model].upstream].provider)

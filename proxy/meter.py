@@ -118,6 +118,8 @@ class Meter:
             entry["estimated"] = self.estimated
             if self.downgraded:
                 entry["downgraded_from"] = self.client.model
+            elif self.route.price_source:  # absent: the config's own prices
+                entry["price_source"] = self.route.price_source
         exact = Decimal(0) if usage is None or self.downgraded else self.cost(usage)
         real_tokens = usage.total_tokens if usage else 0
         return SettleCall(self.account_id, self.client.model, self.request_id, exact, real_tokens, entry)

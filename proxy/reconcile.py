@@ -53,6 +53,7 @@ CSV_COLUMNS = (
     "estimated",
     "downgraded_from",
     "description",
+    "price_source",
 )
 
 

@@ -103,6 +103,7 @@ _PASSED_THROUGH = (
     "usage",
     "estimated",
     "downgraded_from",
+    "price_source",  # the price catalog that priced it (`price: catalog`); absent: the config's prices
     "description",
     "reservation_exceeded",  # charged above its reservation (an upstream past its cap)
     "unreserved",  # Redis knew no reservation (lost in a failover): charged all the same

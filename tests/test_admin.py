@@ -333,7 +333,7 @@ async def test_ledger_export_over_http(proxy: Running) -> None:
     status, text = await raw_request(proxy, "GET", "/admin/v1/accounts/acme/ledger/export?format=csv", headers=auth)
     lines = text.splitlines()
     assert status == 200 and lines[0].startswith("id,created_at,type,amount_usd,balance_usd,grant_id")
-    assert ",grant,3.000000,3.000000,grant_" in lines[1] and lines[1].endswith('"a ""quoted"", comma"')
+    assert ",grant,3.000000,3.000000,grant_" in lines[1] and lines[1].endswith('"a ""quoted"", comma",')
     status, text = await raw_request(proxy, "GET", "/admin/v1/accounts/ghost/ledger/export", headers=auth)
     assert status == 404
 

@@ -116,9 +116,9 @@ async def test_ledger_export_csv_and_jsonl(cli: Cli, tmp_path: Path) -> None:
     header, row = target.read_bytes().decode().split("\r\n")[:2]
     assert header == (
         "id,created_at,type,amount_usd,balance_usd,grant_id,request_id,model,input_tokens,cached_input_tokens,"
-        "output_tokens,reasoning_tokens,estimated,downgraded_from,description"
+        "output_tokens,reasoning_tokens,estimated,downgraded_from,description,price_source"
     )
-    assert row == f'{entry["id"]},{entry["created_at"]},grant,3.000000,3.000000,{grant["id"]},,,,,,,,,"pack, large"'
+    assert row == f'{entry["id"]},{entry["created_at"]},grant,3.000000,3.000000,{grant["id"]},,,,,,,,,"pack, large",'
 
 
 async def test_embedded_redis_port_file(tmp_path: Path, redis_server: EmbeddedRedis, redis: Redis,

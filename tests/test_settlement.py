@@ -172,3 +172,33 @@ async def test_settlements_a_restarted_redis_lost_are_settled_again(
     view = await running.balance("acme")
     assert view.balance == 10_000_000 - 75 and view.reserved == 0
     assert not await reconcile.check_account(redis, "acme")
+
+
+async def test_a_journaled_settlement_keeps_its_price_source(
+    start_proxy: Any, upstream: DemoUpstream, own_redis: EmbeddedRedis
+) -> None:
+    """A catalog-priced charge settled through an outage: its line on disk and the entry
+    replayed from it still name the catalog that priced it."""
+    from proxy.prices import CATALOG
+
+    running = await start_proxy({"redis": {"url": own_redis.url}, "models": {"gpt-4o": {"price": "catalog"}}})
+    key = await running.account("acme", "10")
+    upstream.fault.output_tokens, upstream.fault.hold_after_chunks = 5, 2
+    stream = asyncio.ensure_future(running.client(key).chat.completions.create(
+        model="gpt-4o", messages=[{"role": "user", "content": "hi"}], stream=True))  # fmt: skip
+    await wait_for(upstream.holding.is_set, what="the stream held upstream")
+    assert own_redis.process is not None
+    own_redis.process.kill()  # Redis is gone before the stream settles
+    own_redis.process.wait()
+    upstream.release.set()
+    assert [c async for c in await stream]
+    journaled = running.state.journal
+    assert journaled is not None
+    await wait_for(lambda: len(journaled) == 1, what="the settlement journaled")
+    (line,) = journaled.path.read_bytes().splitlines()
+    assert journal._parse(line, journaled.path) == next(iter(journaled.pending.values()))  # as written, read back
+    assert journal._parse(line, journaled.path).entry["price_source"] == CATALOG  # type: ignore[union-attr]
+    await own_redis.start()
+    await wait_for(lambda: len(journaled) == 0, timeout_s=20, what="the journal replayed")
+    (entry,) = [e for e in await entries(running.state.redis, "acme") if e["type"] == "usage"]
+    assert entry["price_source"] == CATALOG and entry["amount"] == "-75"  # 10 x 2.50 + 5 x 10.00 micro-USD
