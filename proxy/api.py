@@ -1,4 +1,5 @@
-"""The client listener: metered OpenAI routes plus models, credits and health."""
+"""The client listener: metered OpenAI routes plus models, credits, the caller's own
+generations and usage, and health."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from aiohttp.web_protocol import RequestPayloadError
 from . import errors, relay, views
 from .intake import ENDPOINTS
 from .money import usd
+from .service import Service
 from .state import STATE
 
 log = structlog.get_logger("proxy.api")
@@ -56,6 +58,33 @@ async def credits(request: web.Request) -> web.Response:
         plan=view.fields.get("plan") or None,
         lifetime_paid_usd=usd(view.num("lifetime_paid")),
     )
+    return json_response(body, headers={"x-request-id": req_id})
+
+
+async def generation(request: web.Request) -> web.Response:
+    """One request of the caller's own account (generations.py); another account's id is
+    the same 404 as an unknown one: the lookup only ever reads the caller's keys."""
+    state = request.app[STATE]
+    req_id = relay.request_id()
+    try:
+        key = await state.keys.authenticate(request.headers.get("Authorization"))
+        body = await Service.of(state).generation(key.account_id, request.query, key.key_id)
+    except errors.ProxyError as err:
+        return relay.error_response(err, req_id)
+    return json_response(body, headers={"x-request-id": req_id})
+
+
+async def usage(request: web.Request) -> web.Response:
+    """The caller's own account's usage, in the admin route's shape (reports.py)."""
+    state = request.app[STATE]
+    req_id = relay.request_id()
+    try:
+        key = await state.keys.authenticate(request.headers.get("Authorization"))
+        if not await state.key_store.key_active(key):
+            raise errors.InvalidApiKey("Incorrect API key provided: the key was revoked.")
+        body = await Service.of(state).usage(key.account_id, request.query)
+    except errors.ProxyError as err:
+        return relay.error_response(err, req_id)
     return json_response(body, headers={"x-request-id": req_id})
 
 
@@ -104,5 +133,7 @@ def client_app() -> web.Application:
         app.router.add_post(path, functools.partial(relay.metered, endpoint=endpoint))
     app.router.add_get("/v1/models", list_models)
     app.router.add_get("/v1/credits", credits)
+    app.router.add_get("/v1/generation", generation)
+    app.router.add_get("/v1/usage", usage)
     app.router.add_get("/healthz", healthz)
     return app

@@ -118,6 +118,8 @@ class Meter:
             entry["estimated"] = self.estimated
             if self.downgraded:
                 entry["downgraded_from"] = self.client.model
+            if tier := usage.service_tier or self.client.service_tier:  # what it was priced at
+                entry["service_tier"] = tier
         exact = Decimal(0) if usage is None or self.downgraded else self.cost(usage)
         real_tokens = usage.total_tokens if usage else 0
         return SettleCall(self.account_id, self.client.model, self.request_id, exact, real_tokens, entry)

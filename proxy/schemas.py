@@ -243,6 +243,15 @@ class UsageQuery(_Request):
     group_by: Annotated[str, Field(pattern=r"^(model|day|key)(,(model|day|key)){0,2}$")] = "model"
 
 
+REQUEST_ID = r"^req_[A-Za-z0-9]{1,64}$"  # relay.request_id: "req_" and 24 hex digits
+
+
+class GenerationQuery(_Request):
+    """`GET /v1/generation?id=`: a request id from an `x-request-id` header."""
+
+    id: Annotated[str, Field(pattern=REQUEST_ID)]
+
+
 class ExportQuery(_Request):
     format: Literal["csv", "jsonl"] = "jsonl"
 

@@ -103,6 +103,7 @@ _PASSED_THROUGH = (
     "usage",
     "estimated",
     "downgraded_from",
+    "service_tier",  # the tier the upstream reported serving it at, else the one asked
     "description",
     "reservation_exceeded",  # charged above its reservation (an upstream past its cap)
     "unreserved",  # Redis knew no reservation (lost in a failover): charged all the same
