@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import time
+from collections.abc import Awaitable, Callable
 
 import orjson
 import structlog
@@ -14,9 +15,10 @@ from aiohttp.web_protocol import RequestPayloadError
 
 from . import errors, relay, views
 from .intake import ENDPOINTS
+from .keys import KeyRecord
 from .money import usd
 from .service import Service
-from .state import STATE
+from .state import STATE, State
 
 log = structlog.get_logger("proxy.api")
 
@@ -30,8 +32,7 @@ async def list_models(request: web.Request) -> web.Response:
     req_id = relay.request_id()
     try:
         key = await state.keys.authenticate(request.headers.get("Authorization"))
-        if not await state.key_store.key_active(key):
-            raise errors.InvalidApiKey("Incorrect API key provided: the key was revoked.")
+        await require_live(state, key)
     except errors.ProxyError as err:
         return relay.error_response(err, req_id)
     created = int(time.time())
@@ -61,31 +62,42 @@ async def credits(request: web.Request) -> web.Response:
     return json_response(body, headers={"x-request-id": req_id})
 
 
-async def generation(request: web.Request) -> web.Response:
-    """One request of the caller's own account (generations.py); another account's id is
-    the same 404 as an unknown one: the lookup only ever reads the caller's keys."""
+async def own(request: web.Request, read: Callable[[State, KeyRecord], Awaitable[object]]) -> web.Response:
+    """A read of the caller's own account: `read` gets its authenticated key; errors in
+    OpenAI's shape; `x-request-id` either way."""
     state = request.app[STATE]
     req_id = relay.request_id()
     try:
         key = await state.keys.authenticate(request.headers.get("Authorization"))
-        body = await Service.of(state).generation(key.account_id, request.query, key.key_id)
+        body = await read(state, key)
     except errors.ProxyError as err:
         return relay.error_response(err, req_id)
     return json_response(body, headers={"x-request-id": req_id})
+
+
+async def require_live(state: State, key: KeyRecord) -> None:
+    """Revocation, checked in Redis: the key cache alone may be a second behind."""
+    if not await state.key_store.key_active(key):
+        raise errors.InvalidApiKey("Incorrect API key provided: the key was revoked.")
+
+
+async def generation(request: web.Request) -> web.Response:
+    """One request of the caller's own account (generations.py); another account's id is
+    the same 404 as an unknown one: the lookup only ever reads the caller's keys (and
+    checks the key's revocation in the same call)."""
+    return await own(
+        request, lambda state, key: Service.of(state).generation(key.account_id, request.query, key.key_id)
+    )
 
 
 async def usage(request: web.Request) -> web.Response:
     """The caller's own account's usage, in the admin route's shape (reports.py)."""
-    state = request.app[STATE]
-    req_id = relay.request_id()
-    try:
-        key = await state.keys.authenticate(request.headers.get("Authorization"))
-        if not await state.key_store.key_active(key):
-            raise errors.InvalidApiKey("Incorrect API key provided: the key was revoked.")
-        body = await Service.of(state).usage(key.account_id, request.query)
-    except errors.ProxyError as err:
-        return relay.error_response(err, req_id)
-    return json_response(body, headers={"x-request-id": req_id})
+
+    async def read(state: State, key: KeyRecord) -> object:
+        await require_live(state, key)
+        return await Service.of(state).usage(key.account_id, request.query)
+
+    return await own(request, read)
 
 
 async def healthz(_: web.Request) -> web.Response:

@@ -246,9 +246,9 @@ class UsageQuery(_Request):
     from_: Time | None = Field(default=None, alias="from")
     to: Time | None = None
     # dimensions, comma-separated: model, day, key (the API key id), each at most once
-    group_by: Annotated[
-        str, Field(pattern=r"^(model|day|key)(,(model|day|key)){0,2}$"), AfterValidator(_distinct)
-    ] = "model"
+    group_by: Annotated[str, Field(pattern=r"^(model|day|key)(,(model|day|key)){0,2}$"), AfterValidator(_distinct)] = (
+        "model"
+    )
 
 
 REQUEST_ID = r"^req_[A-Za-z0-9]{1,64}$"  # relay.request_id: "req_" and 24 hex digits

@@ -3,15 +3,20 @@ event, parsed by the official SDK, and equal to the header and the ledger."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 import orjson
+import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from proxy import receipt
+from proxy.embedded import EmbeddedRedis
 from proxy.money import Usage, usd
 from proxy.relay import forwardable
 from proxy.sse import SSEParser
@@ -20,7 +25,7 @@ from proxy.upstream import Scrubber
 from proxy.usage import StreamTap
 
 from .conftest import UPSTREAM_KEY, Running
-from .helpers import entries
+from .helpers import entries, suite_server, wait_for
 
 MESSAGES = [{"role": "user", "content": "Tell me a story"}]
 
@@ -148,6 +153,56 @@ async def raw_stream(running: Running, key: str, endpoint: str, body: dict[str, 
                                 headers={"Authorization": f"Bearer {key}"}) as resp:  # fmt: skip
             assert resp.status == 200
             return await resp.read()
+
+
+@pytest.fixture
+async def own_redis(tmp_path: Path) -> AsyncIterator[EmbeddedRedis]:
+    """A Redis of this test's own, to kill and restart (as in test_settlement)."""
+    server = EmbeddedRedis(tmp_path / "redis", binary=suite_server(), appendfsync="no")
+    await server.start()
+    yield server
+    server.stop()
+
+
+async def test_a_cost_not_known_yet_is_left_out_and_shown_once_settled(
+    start_proxy: Any, upstream: DemoUpstream, own_redis: EmbeddedRedis
+) -> None:
+    """Redis dies after admission: the settlement waits in the journal, so neither the
+    header nor the body can say what will be charged; the generation says it later."""
+    running: Running = await start_proxy({"redis": {"url": own_redis.url}})
+    key = await running.account("acme", "10")
+    client = running.client(key)
+    upstream.fault.hold_after_chunks = 2
+    raw = await client.chat.completions.with_raw_response.create(
+        model="gpt-4o", messages=MESSAGES, stream=True, stream_options={"include_usage": True}
+    )
+    streamed = raw.headers["x-request-id"]
+    await asyncio.wait_for(upstream.holding.wait(), 10)
+    assert own_redis.process is not None
+    own_redis.process.kill()
+    own_redis.process.wait()
+    upstream.release.set()
+    chunks = [c async for c in raw.parse()]
+    assert chunks[-1].usage is not None and chunks[-1].usage.prompt_tokens == upstream.fault.prompt_tokens
+    assert "cost_usd" not in (chunks[-1].usage.model_extra or {})
+    journaled = running.state.journal
+    assert journaled is not None and len(journaled) == 1
+    await own_redis.start()  # back from its AOF
+    await wait_for(lambda: len(journaled) == 0, timeout_s=20, what="the journal replayed")
+    upstream.fault.hold_after_chunks, upstream.fault.delay_before_headers_s = None, 3  # time to kill Redis
+    answer = asyncio.ensure_future(client.chat.completions.with_raw_response.create(model="gpt-4o", messages=MESSAGES))
+    await wait_for(lambda: len(upstream.requests) == 2, what="the request admitted and forwarded")
+    own_redis.process.kill()
+    own_redis.process.wait()
+    plain = await answer
+    usage = plain.parse().usage
+    assert "x-metering-cost-usd" not in plain.headers
+    assert usage is not None and "cost_usd" not in (usage.model_extra or {})
+    await own_redis.start()
+    await wait_for(lambda: len(journaled) == 0, timeout_s=20, what="the journal replayed")
+    for request_id, cost in zip((streamed, plain.headers["x-request-id"]), await charged(running), strict=True):
+        found = await client.get("/generation", cast_to=object, options={"params": {"id": request_id}})
+        assert (found["status"], found["cost_usd"]) == ("settled", cost)
 
 
 def test_a_usage_chunk_that_is_not_the_end_goes_out_as_it_came() -> None:
