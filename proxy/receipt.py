@@ -32,7 +32,8 @@ from .usage import StreamTap
 
 FIELD = "cost_usd"
 _USAGE_KEY = re.compile(rb'"usage"\s*:\s*(?=\{)')
-_BRACES = re.compile(rb'"(?:[^"\\]|\\.)*"|[{}]')  # a JSON string (skipped whole) or a brace
+_TOKENS = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"|[{}\[\]]')  # a JSON string (skipped whole) or a bracket
+SCAN_LIMIT = 65_536  # bytes scanned for the usage object and what follows it
 
 
 def charged(settlement: Settlement | None) -> str | None:
@@ -78,34 +79,51 @@ def body(raw: bytes, parsed: Any, cost: str, endpoint: str, estimate: Usage | No
 
 
 def _splice_usage(raw: bytes, cost: str) -> bytes | None:
-    """`"cost_usd":"…"` appended to the body's one `usage` object; None when the body
-    has more than one `"usage"` (a nested object, or the word as a value)."""
-    if raw.count(b'"usage"') != 1 or not (key := _USAGE_KEY.match(raw, raw.find(b'"usage"'))):
+    """`"cost_usd":"…"` appended to the body's top-level `usage` object, found from the
+    end (where every endpoint puts it) and checked to be a member of the top-level
+    object; None when it is not (then the caller re-encodes)."""
+    at = raw.rfind(b'"usage"')
+    if at < 0 or _escaped(raw, at) or not (key := _USAGE_KEY.match(raw, at)):
         return None
-    return _append_member(raw, f'"{FIELD}":"{cost}"'.encode(), key.end())
+    close = _closing(raw, key.end())  # of the usage object
+    if close is None or _closing(raw, close + 1, depth=1) != len(raw.rstrip()) - 1:
+        return None  # the rest of the body does not close the top-level object: nested
+    return _insert(raw, close, f'"{FIELD}":"{cost}"'.encode())
 
 
-def _append_member(raw: bytes, member: bytes, start: int | None = None) -> bytes | None:
-    """`member` added last to the JSON object opening at `start` (None: the top-level
-    object, which ends the body)."""
-    if start is None:
-        stripped = raw.rstrip()
-        end = len(stripped) - 1 if stripped.endswith(b"}") else None
-    else:
-        end = _closing_brace(raw, start)
-    if end is None:
-        return None
-    at = len(raw[:end].rstrip())  # after the last member, before any whitespace
+def _append_member(raw: bytes, member: bytes) -> bytes | None:
+    """`member` added last to the top-level object (whose `}` ends the body)."""
+    end = len(raw.rstrip()) - 1
+    return _insert(raw, end, member) if raw[end : end + 1] == b"}" else None
+
+
+def _insert(raw: bytes, close: int, member: bytes) -> bytes:
+    """`member` added last to the object whose `}` is at `close`."""
+    at = close
+    while raw[at - 1 : at] in (b" ", b"\n", b"\r", b"\t"):  # after the last member, before its whitespace
+        at -= 1
     comma = b"" if raw[at - 1 : at] == b"{" else b","
-    return raw[:at] + comma + member + raw[at:]
+    view = memoryview(raw)
+    return b"".join((view[:at], comma, member, view[at:]))  # one copy of a body that may be megabytes
 
 
-def _closing_brace(raw: bytes, start: int) -> int | None:
-    depth = 0
-    for token in _BRACES.finditer(raw, start):
-        if token.group() == b"{":
+def _escaped(raw: bytes, at: int) -> bool:
+    """The quote at `at` is escaped (inside a string): an odd run of backslashes before it."""
+    run = 0
+    while at - run > 0 and raw[at - run - 1] == 0x5C:
+        run += 1
+    return run % 2 == 1
+
+
+def _closing(raw: bytes, start: int, depth: int = 0) -> int | None:
+    """Where the nesting open at `start` (`depth` levels, or the object starting there)
+    closes: the index of that `}` or `]`. None past SCAN_LIMIT bytes (the caller
+    re-encodes instead: the work stays bounded whatever the body)."""
+    for token in _TOKENS.finditer(raw, start, start + SCAN_LIMIT):
+        mark = token.group()
+        if mark in (b"{", b"["):
             depth += 1
-        elif token.group() == b"}":
+        elif mark in (b"}", b"]"):
             depth -= 1
             if depth == 0:
                 return token.start()

@@ -291,9 +291,16 @@ json_values = st.recursive(
 )
 @example(before={"x": {"usage": {}}}, usage={}, after={}, indent=None)  # a nested usage object too
 @example(before={"x": '"usage":{'}, usage={"details": {"a": "}"}}, after={}, indent=2)
+@example(before={}, usage={}, after={"y": {"usage": {"a": [1]}}}, indent=None)  # the last `"usage"` is nested
+@example(before={}, usage={"a": 1}, after={'say "usage': {}}, indent=None)  # and a key ending in it, escaped
+@example(before={}, usage={}, after={"service_tier": "usage"}, indent=2)  # and the word as a value
 def test_any_body_gets_exactly_its_usage_cost(
     before: dict[str, Any], usage: dict[str, Any], after: dict[str, Any], indent: int | None
 ) -> None:
     body = {**before, "usage": usage, **after}
     raw = json.dumps(body, indent=indent, ensure_ascii=False).encode()
-    assert spliced(raw) == {**body, "usage": {**usage, "cost_usd": COST}}
+    out = receipt.body(raw, orjson.loads(raw), COST, "chat", None)
+    assert orjson.loads(out) == {**body, "usage": {**usage, "cost_usd": COST}}
+    if raw.count(b'"usage"') == 1:  # the common case: spliced, every other byte as it came
+        member = b'"cost_usd":"0.001234"'
+        assert out.replace(b"," + member if b"," + member in out else member, b"", 1) == raw
