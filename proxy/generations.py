@@ -22,6 +22,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from .money import usd
+from .reports import TOKEN_FIELDS
 from .schemas import REQUEST_ID
 from .scripts import Lookup
 from .views import rfc3339
@@ -95,7 +96,7 @@ def _settled(account_id: str, request_id: str, e: dict[str, Any], ledger_id: str
         settled_at=rfc3339(e.get("ts")),
         status="released" if e["type"] == "release" else "settled",
         key_id=e.get("key_id"),
-        usage=e.get("usage"),
+        usage=_usage(e.get("usage")),
         cost_usd=usd(charged),
         estimated=bool(e.get("estimated")),
         reserved_usd=usd(int(e["reserved"])) if e.get("reserved") is not None else None,
@@ -113,7 +114,7 @@ def _reserved(account_id: str, request_id: str, r: dict[str, Any], *, open_: boo
     if open_:
         status, usage, cost, estimated = "in_progress", None, None, None
     elif r.get("charged") is not None:
-        status, usage, cost, estimated = "settled", (r.get("ck") or {}).get("u"), usd(int(r["charged"])), True
+        status, usage, cost, estimated = "settled", _usage((r.get("ck") or {}).get("u")), usd(int(r["charged"])), True
     else:
         status, usage, cost, estimated = "released", None, usd(0), False
     out = _base(
@@ -133,3 +134,12 @@ def _reserved(account_id: str, request_id: str, r: dict[str, Any], *, open_: boo
     if r.get("dg"):
         out["downgraded_from"] = r.get("model")
     return out
+
+
+def _usage(raw: dict[str, int] | None) -> dict[str, int] | None:
+    """In the order of `GenerationUsage` (Lua's JSON keeps none); audio counts when present."""
+    if raw is None:
+        return None
+    return {name: raw.get(name, 0) for name in TOKEN_FIELDS} | {
+        name: raw[name] for name in ("audio_input_tokens", "audio_output_tokens") if raw.get(name)
+    }
