@@ -241,7 +241,8 @@ def _distinct(dimensions: str) -> str:
 
 
 class UsageQuery(_Request):
-    """The range is [from, to); defaults: the 30 days up to now."""
+    """The range is [from, to); defaults: the 30 days up to now. `group_by` names each of
+    model, day (UTC) and key (the API key id) at most once."""
 
     from_: Time | None = Field(default=None, alias="from")
     to: Time | None = None
