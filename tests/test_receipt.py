@@ -5,13 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import aiohttp
 import orjson
-import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
@@ -25,7 +22,7 @@ from proxy.upstream import Scrubber
 from proxy.usage import StreamTap
 
 from .conftest import UPSTREAM_KEY, Running
-from .helpers import entries, suite_server, wait_for
+from .helpers import entries, wait_for
 
 MESSAGES = [{"role": "user", "content": "Tell me a story"}]
 
@@ -153,15 +150,6 @@ async def raw_stream(running: Running, key: str, endpoint: str, body: dict[str, 
                                 headers={"Authorization": f"Bearer {key}"}) as resp:  # fmt: skip
             assert resp.status == 200
             return await resp.read()
-
-
-@pytest.fixture
-async def own_redis(tmp_path: Path) -> AsyncIterator[EmbeddedRedis]:
-    """A Redis of this test's own, to kill and restart (as in test_settlement)."""
-    server = EmbeddedRedis(tmp_path / "redis", binary=suite_server(), appendfsync="no")
-    await server.start()
-    yield server
-    server.stop()
 
 
 async def test_a_cost_not_known_yet_is_left_out_and_shown_once_settled(

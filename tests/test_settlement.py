@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import shutil
-from collections.abc import AsyncIterator
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 import openai
-import pytest
 from prometheus_client import REGISTRY
 
 from proxy import journal, keyspace, reconcile
@@ -18,7 +16,7 @@ from proxy.embedded import EmbeddedRedis
 from proxy.testing.upstream import DemoUpstream
 
 from .conftest import Running
-from .helpers import entries, suite_server, wait_for
+from .helpers import entries, wait_for
 
 
 def metric(name: str, **labels: str) -> float:
@@ -77,17 +75,6 @@ async def test_usage_beyond_the_reservation_is_charged_flagged_and_counted(
     assert int(entry["reserved"]) < 500_050
     assert metric("metering_proxy_reservation_exceeded_total", model="gpt-4o") == before + 1
     assert not await reconcile.check_account(proxy.state.redis, "acme")
-
-
-@pytest.fixture
-async def own_redis(tmp_path: Path) -> AsyncIterator[EmbeddedRedis]:
-    """A Redis of this test's own, to kill and restart. A SIGKILL loses nothing it
-    acknowledged (its AOF writes sit in the page cache) unless the test takes it away;
-    it never fsyncs, so no write waits on a busy disk (see conftest.redis_server)."""
-    server = EmbeddedRedis(tmp_path / "redis", binary=suite_server(), appendfsync="no")
-    await server.start()
-    yield server
-    server.stop()
 
 
 async def test_streams_served_through_a_redis_outage_are_charged_once_it_returns(
