@@ -17,6 +17,7 @@ from redis.asyncio import RedisCluster
 
 from . import errors, metrics, openapi
 from .api import json_response, openai_errors
+from .generations import Generation
 from .openapi import PUBLIC, Operation
 from .schemas import (
     AccountCreate,
@@ -149,6 +150,10 @@ async def usage(request: web.Request) -> web.Response:
     return json_response(await _svc(request).usage(_id(request), request.query))
 
 
+async def generation(request: web.Request) -> web.Response:
+    return json_response(await _svc(request).generation(_id(request), {"id": _id(request, "request_id")}))
+
+
 async def openapi_json(request: web.Request) -> web.Response:
     return json_response(openapi.document(ROUTES))
 
@@ -216,7 +221,14 @@ ROUTES = (
         query=ExportQuery,
         content_type="text/csv, application/x-ndjson",
     ),
-    Operation("GET", f"{A}/usage", usage, "Usage grouped by model and/or day", query=UsageQuery),
+    Operation("GET", f"{A}/usage", usage, "Usage grouped by model, UTC day and/or API key", query=UsageQuery),
+    Operation(
+        "GET",
+        f"{A}/generations/{{request_id}}",
+        generation,
+        "One request (an x-request-id): status, model, usage and the cost charged",
+        response=Generation,
+    ),
     Operation("GET", "/admin/v1/openapi.json", openapi_json, "This document"),
     Operation("GET", "/healthz", healthz, "Liveness"),
     Operation("GET", "/readyz", readyz, "Readiness (Redis reachable)"),

@@ -1,9 +1,11 @@
-"""The client listener: metered OpenAI routes plus models, credits and health."""
+"""The client listener: metered OpenAI routes plus models, credits, the caller's own
+generations and usage, and health."""
 
 from __future__ import annotations
 
 import functools
 import time
+from collections.abc import Awaitable, Callable
 
 import orjson
 import structlog
@@ -13,8 +15,10 @@ from aiohttp.web_protocol import RequestPayloadError
 
 from . import errors, relay, views
 from .intake import ENDPOINTS
+from .keys import KeyRecord
 from .money import usd
-from .state import STATE
+from .service import Service
+from .state import STATE, State
 
 log = structlog.get_logger("proxy.api")
 
@@ -28,8 +32,7 @@ async def list_models(request: web.Request) -> web.Response:
     req_id = relay.request_id()
     try:
         key = await state.keys.authenticate(request.headers.get("Authorization"))
-        if not await state.key_store.key_active(key):
-            raise errors.InvalidApiKey("Incorrect API key provided: the key was revoked.")
+        await require_live(state, key)
     except errors.ProxyError as err:
         return relay.error_response(err, req_id)
     created = int(time.time())
@@ -57,6 +60,44 @@ async def credits(request: web.Request) -> web.Response:
         lifetime_paid_usd=usd(view.num("lifetime_paid")),
     )
     return json_response(body, headers={"x-request-id": req_id})
+
+
+async def own(request: web.Request, read: Callable[[State, KeyRecord], Awaitable[object]]) -> web.Response:
+    """A read of the caller's own account: `read` gets its authenticated key; errors in
+    OpenAI's shape; `x-request-id` either way."""
+    state = request.app[STATE]
+    req_id = relay.request_id()
+    try:
+        key = await state.keys.authenticate(request.headers.get("Authorization"))
+        body = await read(state, key)
+    except errors.ProxyError as err:
+        return relay.error_response(err, req_id)
+    return json_response(body, headers={"x-request-id": req_id})
+
+
+async def require_live(state: State, key: KeyRecord) -> None:
+    """Revocation, checked in Redis: the key cache alone may be a second behind."""
+    if not await state.key_store.key_active(key):
+        raise errors.InvalidApiKey("Incorrect API key provided: the key was revoked.")
+
+
+async def generation(request: web.Request) -> web.Response:
+    """One request of the caller's own account (generations.py); another account's id is
+    the same 404 as an unknown one: the lookup only ever reads the caller's keys (and
+    checks the key's revocation in the same call)."""
+    return await own(
+        request, lambda state, key: Service.of(state).generation(key.account_id, request.query, key.key_id)
+    )
+
+
+async def usage(request: web.Request) -> web.Response:
+    """The caller's own account's usage, in the admin route's shape (reports.py)."""
+
+    async def read(state: State, key: KeyRecord) -> object:
+        await require_live(state, key)
+        return await Service.of(state).usage(key.account_id, request.query)
+
+    return await own(request, read)
 
 
 async def healthz(_: web.Request) -> web.Response:
@@ -104,5 +145,7 @@ def client_app() -> web.Application:
         app.router.add_post(path, functools.partial(relay.metered, endpoint=endpoint))
     app.router.add_get("/v1/models", list_models)
     app.router.add_get("/v1/credits", credits)
+    app.router.add_get("/v1/generation", generation)
+    app.router.add_get("/v1/usage", usage)
     app.router.add_get("/healthz", healthz)
     return app

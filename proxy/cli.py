@@ -10,7 +10,8 @@
     metering-proxy credits grant|void                credit grants
     metering-proxy balance ACCOUNT                   balance and live grants
     metering-proxy ledger list|export ACCOUNT        ledger pages, CSV / JSON lines export
-    metering-proxy usage ACCOUNT                     usage grouped by model and/or day
+    metering-proxy usage ACCOUNT                     usage grouped by model, day and/or key
+    metering-proxy generations show ACCOUNT REQ_ID   one request: status, usage, cost charged
     metering-proxy reconcile                         check the ledger invariants (exit 1 on drift)
     metering-proxy webhooks dead list|replay         dead-lettered webhook events
 
@@ -284,11 +285,16 @@ def _add_money_commands(sub: Any) -> None:
     export.add_argument("--format", choices=("csv", "jsonl"), default="jsonl")
     export.add_argument("--output", "-o", help="a file (default: stdout)")
 
-    usage = _leaf(sub, "usage", commands.show_usage, "usage grouped by model and/or day")
+    usage = _leaf(sub, "usage", commands.show_usage, "usage grouped by model, day and/or key")
     usage.add_argument("account")
     usage.add_argument("--from", dest="from_", help="RFC 3339 (default: 30 days before --to)")
     usage.add_argument("--to", help="RFC 3339 (default: now)")
     usage.add_argument("--group-by", default="model", help="comma-separated: model, day, key")
+
+    generations = _group(sub, "generations", "one request, by its x-request-id")
+    show = _leaf(generations, "show", commands.generations_show, "status, model, usage and the cost charged")
+    show.add_argument("account")
+    show.add_argument("request_id", help="an x-request-id, e.g. req_0123456789abcdef01234567")
 
     _leaf(sub, "reconcile", commands.run_reconcile, "check every account's ledger invariants")
 

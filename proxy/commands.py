@@ -1,5 +1,5 @@
-"""The CLI's admin commands (`metering-proxy accounts|keys|credits|ledger|usage|reconcile|
-webhooks ...`): each one call to the service layer the admin API uses, its answer printed
+"""The CLI's admin commands (`metering-proxy accounts|keys|credits|ledger|usage|generations|
+reconcile|webhooks ...`): each one call to the service layer the admin API uses, its answer printed
 as JSON."""
 
 from __future__ import annotations
@@ -125,6 +125,10 @@ async def ledger_export(svc: Service, args: Any) -> int:
 async def show_usage(svc: Service, args: Any) -> int:
     query = {"from": args.from_, "to": args.to, "group_by": args.group_by}
     return emit(await svc.usage(args.account, {k: v for k, v in query.items() if v is not None}))
+
+
+async def generations_show(svc: Service, args: Any) -> int:
+    return emit(await svc.generation(args.account, {"id": args.request_id}))
 
 
 async def run_reconcile(svc: Service, args: Any) -> int:

@@ -72,5 +72,6 @@ def watch_shard_n(n: int) -> str:
 
 def settled(account_id: str, request_id: str) -> str:
     """A settled request's marker (its ledger entry id), kept for scripts.SETTLED_TTL_MS:
-    what tells a duplicate settlement from one whose reservation was lost."""
+    what tells a duplicate settlement from one whose reservation was lost, and where a
+    generation lookup finds the request's entry without a scan (generation.lua)."""
     return account(account_id, f"done:{request_id}")

@@ -41,7 +41,7 @@ from .durability import APPLIED, WRITES, Durability
 from .money import split_exact, usd
 from .resp import RespClient
 from .runner import Invocation, PoolRunner, ScriptRunner, runner_for
-from .scripts import SCRIPTS, AccountView, Admission, Reaped, Reply, Settlement
+from .scripts import SCRIPTS, AccountView, Admission, Lookup, Reaped, Reply, Settlement
 
 log = structlog.get_logger("proxy.ledger")
 
@@ -233,6 +233,12 @@ class Ledger:
         settlement = scripts.settlement(reply)
         _report_anomalies(call, settlement)
         return settlement
+
+    async def lookup(self, account_id: str, request_id: str, key_id: str = "") -> Lookup:
+        """One request as Redis knows it (generation.lua); `key_id` must be active when given."""
+        marker = keyspace.settled(account_id, request_id)
+        reply = await self._run("generation", account_id, request_id, key_id, extra_keys=(marker,))
+        return scripts.lookup(reply, account_id, request_id)
 
     # -- credits and accounts ----------------------------------------------------------
 

@@ -120,6 +120,8 @@ class Meter:
                 entry["downgraded_from"] = self.client.model
             elif self.route.price_source:  # absent: the config's own prices
                 entry["price_source"] = self.route.price_source
+            if tier := usage.service_tier or self.client.service_tier:  # what it was priced at
+                entry["service_tier"] = tier
         exact = Decimal(0) if usage is None or self.downgraded else self.cost(usage)
         real_tokens = usage.total_tokens if usage else 0
         return SettleCall(self.account_id, self.client.model, self.request_id, exact, real_tokens, entry)

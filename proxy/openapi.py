@@ -13,6 +13,7 @@ from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
 from . import keyspace
+from .schemas import REQUEST_ID
 
 PUBLIC = frozenset(("/healthz", "/readyz", "/metrics"))  # served without the admin token
 
@@ -28,6 +29,7 @@ class Operation:
     query: type[BaseModel] | None = None
     content_type: str = "application/json"
     idempotent: bool = False  # answers 200 with the original for a seen idempotency_key
+    response: type[BaseModel] | None = None  # the success body's shape, where one is declared
 
     @property
     def public(self) -> bool:
@@ -54,14 +56,19 @@ ERROR_SCHEMA = {
 
 
 # account ids become Redis hash tags: the service refuses any other shape with a 400
-PATH_SCHEMAS = {"account_id": {"type": "string", "pattern": keyspace.ACCOUNT_ID.pattern}}
+PATH_SCHEMAS = {
+    "account_id": {"type": "string", "pattern": keyspace.ACCOUNT_ID.pattern},
+    "request_id": {"type": "string", "pattern": REQUEST_ID},  # an x-request-id
+}
 
 
 def document(routes: tuple[Operation, ...]) -> dict[str, Any]:
     """OpenAPI 3.1 from the route table and the pydantic request models."""
     models = {r.body for r in routes if r.body} | {r.query for r in routes if r.query}
+    shapes = {r.response for r in routes if r.response}
     refs, top = models_json_schema(
-        [(m, "validation") for m in sorted(models, key=lambda m: m.__name__)],
+        [(m, "validation") for m in sorted(models, key=lambda m: m.__name__)]
+        + [(m, "serialization") for m in sorted(shapes, key=lambda m: m.__name__)],
         ref_template="#/components/schemas/{model}",
     )
     schemas = {**top.get("$defs", {}), "Error": ERROR_SCHEMA}
@@ -92,9 +99,10 @@ def _operation(route: Operation, refs: dict[Any, Any]) -> dict[str, Any]:
             {"name": name, "in": "query", "required": name in schema.get("required", ()), "schema": prop}
             for name, prop in schema["properties"].items()
         ]
+    shape = refs[(route.response, "serialization")] if route.response else {}
     success = {
         "description": route.summary,
-        "content": {kind: {"schema": {}} for kind in route.content_type.split(", ")},
+        "content": {kind: {"schema": shape} for kind in route.content_type.split(", ")},
     }
     op: dict[str, Any] = {
         "operationId": route.handler.__name__,

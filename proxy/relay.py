@@ -24,7 +24,7 @@ import structlog
 from aiohttp import web
 from aiohttp.web_protocol import RequestPayloadError
 
-from . import errors, intake, metrics
+from . import errors, intake, metrics, receipt
 from .meter import Meter
 from .money import usd
 from .scripts import Settlement
@@ -198,8 +198,9 @@ async def relay_body(upstream: UpstreamResponse, meter: Meter, started: float) -
     settlement = await meter.settle()
     headers = {**passthrough_headers(upstream.headers), **our_headers(meter)}
     if settlement is not None and not settlement.duplicate:  # a retried settle knows no figures
-        headers["x-metering-cost-usd"] = usd(settlement.cost)
+        headers["x-metering-cost-usd"] = cost = usd(settlement.cost)
         headers["x-metering-balance-usd"] = usd(settlement.balance)
+        body = receipt.body(body, parsed, cost, meter.client.endpoint, meter.usage if meter.estimated else None)
     return web.Response(status=upstream.status, body=meter.state.upstream.scrub(body), headers=headers)
 
 
@@ -224,7 +225,7 @@ async def relay_stream(
         return response
     parser, scrub = SSEParser(), meter.state.upstream.scrub
     tap = meter.tap = StreamTap(meter.client.endpoint, meter.client.wants_usage)
-    held = b""  # the final event: sent once the request is settled (read-your-writes)
+    held: list[Event] = []  # the stream's end: sent once settled (read-your-writes), with the cost
     first = True
     broken = gone = False
     try:
@@ -232,8 +233,7 @@ async def relay_stream(
             if first:
                 meter.timing["ttft_ms"] = observe(metrics.TTFT_SECONDS, meter, started)
                 first = False
-            out, final = forwardable(parser.feed(chunk), tap, scrub)
-            held += final
+            out = forwardable(parser.feed(chunk), tap, scrub, held)
             if out and not await write(response, out):
                 gone = True
                 break
@@ -247,31 +247,42 @@ async def relay_stream(
         meter.timing["upstream_ms"] = observe(metrics.UPSTREAM_SECONDS, meter, started)
     if not (gone or broken or tap.finished):  # upstream EOF: a last event may lack its blank line
         events, rest = parser.finish()
-        out, final = forwardable(events, tap, scrub)
-        held += final
+        out = forwardable(events, tap, scrub, held)
+        if not tap.finished:  # no end after all: what was held goes out as it came
+            out, held = out + scrub(b"".join(e.raw for e in held)), []
         gone = bool(out + rest) and not await write(response, out + scrub(rest))
     if not (tap.finished or gone):
         broken = True
-        gone = not await write(response, data_event(STREAM_INTERRUPTED))
+        lost_end, held = scrub(b"".join(e.raw for e in held)), []
+        gone = not await write(response, lost_end + data_event(STREAM_INTERRUPTED))
     meter.outcome = "client disconnected" if gone else ("upstream stream broken" if broken else "ok")
     meter.charge(tap.usage, tap.output)
     if not gone:
-        await meter.settle()  # before the client sees the end: its next balance read includes this
-        if not held or await write(response, held):
+        settlement = await meter.settle()  # before the client sees the end: its next balance read includes it
+        estimate = meter.usage if meter.estimated else None
+        tail = scrub(receipt.stream_tail(held, tap, receipt.charged(settlement), estimate))
+        if not tail or await write(response, tail):
             with contextlib.suppress(*CLIENT_GONE):
                 await response.write_eof()
     return response
 
 
-def forwardable(events: list[Event], tap: StreamTap, scrub: Scrubber) -> tuple[bytes, bytes]:
-    """Bytes to send now, and the stream's final event(s), held back until settlement;
-    whole events, so `scrub` sees every secret whole however the network split it."""
+def forwardable(events: list[Event], tap: StreamTap, scrub: Scrubber, held: list[Event]) -> bytes:
+    """Bytes to send now; the stream's end (its usage event and what follows) goes to
+    `held`, sent once settled. Whole events, so `scrub` sees every secret whole however
+    the network split it."""
     now: list[bytes] = []
-    final: list[bytes] = []
     for event in events:
-        if tap.forward(event):
-            (final if tap.finished else now).append(event.raw)
-    return scrub(b"".join(now)), scrub(b"".join(final))
+        if not tap.forward(event):
+            continue
+        if tap.finished or event is tap.usage_event or (held and not event.data):
+            held.append(event)
+            continue
+        if held:  # a usage chunk that was not the end after all: it goes as it came
+            now += [e.raw for e in held]
+            held.clear()
+        now.append(event.raw)
+    return scrub(b"".join(now))
 
 
 def observe(histogram: Any, meter: Meter, started: float) -> float:

@@ -234,13 +234,31 @@ class LedgerQuery(_Request):
     cursor: Annotated[str, Field(pattern=r"^\d{1,19}-\d{1,19}$")] | None = None
 
 
+def _distinct(dimensions: str) -> str:
+    if len(set(dimensions.split(","))) != len(dimensions.split(",")):
+        raise ValueError("each of model, day and key may appear once")
+    return dimensions
+
+
 class UsageQuery(_Request):
-    """The range is [from, to); defaults: the 30 days up to now."""
+    """The range is [from, to); defaults: the 30 days up to now. `group_by` names each of
+    model, day (UTC) and key (the API key id) at most once."""
 
     from_: Time | None = Field(default=None, alias="from")
     to: Time | None = None
-    # dimensions, comma-separated: model, day, key (the API key id)
-    group_by: Annotated[str, Field(pattern=r"^(model|day|key)(,(model|day|key)){0,2}$")] = "model"
+    # dimensions, comma-separated: model, day, key (the API key id), each at most once
+    group_by: Annotated[str, Field(pattern=r"^(model|day|key)(,(model|day|key)){0,2}$"), AfterValidator(_distinct)] = (
+        "model"
+    )
+
+
+REQUEST_ID = r"^req_[A-Za-z0-9]{1,64}$"  # relay.request_id: "req_" and 24 hex digits
+
+
+class GenerationQuery(_Request):
+    """`GET /v1/generation?id=`: a request id from an `x-request-id` header."""
+
+    id: Annotated[str, Field(pattern=REQUEST_ID)]
 
 
 class ExportQuery(_Request):

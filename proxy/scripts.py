@@ -10,7 +10,7 @@ error names its real place. A script's header states its replies, one line per k
 
 and `Script.decode` maps a reply onto those names (checking its length); every reply
 ends with `events`, the number of webhook events it raised. The typed values below
-(Admission, Settlement, AccountView, Reaped) are built from those names, here and only
+(Admission, Settlement, AccountView, Reaped, Lookup) are built from those names, here and only
 here: nothing else indexes into a script's reply.
 """
 
@@ -30,7 +30,9 @@ from .money import FINE, MAX_MICRO, UNLIMITED_MICRO, to_micro, usd
 from .ratelimits import RateFigures, go_duration, retry_headers
 
 LIB = ("base", "account", "calendar", "plans", "grants", "charges", "events", "tiers")
-ACCOUNT_SCRIPTS = ("admit", "settle", "grant", "void", "reap", "touch", "account", "extend", "adjust")
+ACCOUNT_SCRIPTS = (
+    "admit", "settle", "grant", "void", "reap", "touch", "account", "extend", "adjust", "generation",
+)  # fmt: skip
 SETTLED_TTL_MS = 30 * 86_400_000  # a settled request id is remembered (duplicates) this long
 _REPLY = re.compile(r"^-- reply(?: (\w+))?:(.*)$", re.MULTILINE)
 _KEYS = re.compile(r"^-- keys:(.*)$", re.MULTILINE)
@@ -300,6 +302,30 @@ class Reaped:
 def reaped(reply: Reply) -> Reaped:
     v = reply.values
     return Reaped(int(v["closed"]), int(v["next_expiry_ms"]), int(v["outbox"]))
+
+
+@dataclass(frozen=True, slots=True)
+class Lookup:
+    """Where Redis knows a request from (generation.lua): `settled` (its ledger entry),
+    `open` (its reservation) or `reaped` (its reservation, closed by the reaper)."""
+
+    found: str
+    record: dict[str, Any]  # the ledger entry or the reservation, as the scripts wrote it
+    ledger_id: str | None = None
+
+
+def lookup(reply: Reply, account_id: str, request_id: str) -> Lookup:
+    """generation.lua's reply; an unknown request is the same 404 whoever asks."""
+    v = reply.values
+    if reply.code == "revoked":
+        raise errors.InvalidApiKey("Incorrect API key provided: the key was revoked.")
+    if reply.code == "no_account":
+        raise errors.NotFound(f"No account {account_id!r}.")
+    if reply.code == "unknown":
+        raise errors.NotFound(f"No generation with id {request_id!r}.", param="id")
+    if reply.code == "settled":
+        return Lookup("settled", orjson.loads(v["entry"]), str(v["ledger_id"]))
+    return Lookup(str(reply.code), orjson.loads(v["reservation"]))
 
 
 def pairs(flat: list[str]) -> dict[str, str]:

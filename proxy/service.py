@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 from redis.asyncio import Redis
 
-from . import errors, keyspace, reconcile, reports, views
+from . import errors, generations, keyspace, reconcile, reports, views
 from .config import Config
 from .keys import KeyStore
 from .ledger import GrantSpec, Ledger, read_entries, read_entry
@@ -28,6 +28,7 @@ from .schemas import (
     AdjustmentCreate,
     AutoTopup,
     ExportQuery,
+    GenerationQuery,
     GrantCreate,
     GrantVoid,
     KeyCreate,
@@ -199,8 +200,15 @@ class Service:
         await self._require(account_id)
         return EXPORT_TYPES[q.format], reconcile.export(self.redis, account_id, q.format)
 
+    async def generation(self, account_id: str, query: Body, key_id: str = "") -> dict[str, Any]:
+        """One request of the account (`query`: {id}; generations.py); 404 for an id it
+        never made. With `key_id` (the client API), that key must still be active."""
+        q = parse(GenerationQuery, query)
+        found = await self.ledger.lookup(checked_id(account_id), q.id, key_id)
+        return generations.generation(account_id, q.id, found)
+
     async def usage(self, account_id: str, query: Body) -> dict[str, Any]:
-        """Usage entries in [from, to), grouped by model and/or UTC day."""
+        """Usage entries in [from, to), grouped by model, UTC day and/or API key."""
         q = parse(UsageQuery, query)
         await self._require(account_id)
         end = q.to if q.to is not None else now_ms()

@@ -91,6 +91,12 @@ class StreamTap:
         self.finished = False  # saw [DONE] or the final Responses event
         self.error: str | None = None
         self.service_tier: str | None = None  # as the upstream reported it in any chunk
+        # the event that carries the usage the client sees (the usage-only chunk it asked
+        # for, or the final Responses event) and its JSON: the relay writes the charged
+        # cost into it once the request is settled (receipt.py)
+        self.usage_event: Event | None = None
+        self.usage_payload: dict[str, Any] | None = None
+        self.first_chunk: dict[str, Any] | None = None  # a chat/completions stream's first chunk
 
     def forward(self, event: Event) -> bool:
         """Observe one event; False when the client must not see it."""
@@ -107,11 +113,13 @@ class StreamTap:
         if not isinstance(payload, dict):
             return True
         if self.responses:
-            self._responses_event(payload)
+            self._responses_event(event, payload)
             return True
-        return self._chat_event(payload)
+        return self._chat_event(event, payload)
 
-    def _chat_event(self, payload: dict[str, Any]) -> bool:
+    def _chat_event(self, event: Event, payload: dict[str, Any]) -> bool:
+        if self.first_chunk is None:
+            self.first_chunk = payload
         if "error" in payload:
             self.error = str(payload.get("error"))[:500]
         for choice in payload.get("choices") or ():
@@ -121,8 +129,12 @@ class StreamTap:
         raw_usage = payload.get("usage")
         if raw_usage:
             self.usage = usage_from(raw_usage, self.service_tier)
+            if payload.get("choices"):
+                return True
             # the usage-only chunk we forced on: shown only to clients that asked
-            return self.client_wants_usage or bool(payload.get("choices"))
+            if self.client_wants_usage:
+                self.usage_event, self.usage_payload = event, payload
+            return self.client_wants_usage
         return True
 
     def _collect_choice(self, choice: dict[str, Any]) -> None:
@@ -143,13 +155,14 @@ class StreamTap:
                     if isinstance(function.get(name), str):
                         self.output.add(function[name])
 
-    def _responses_event(self, payload: dict[str, Any]) -> None:
+    def _responses_event(self, event: Event, payload: dict[str, Any]) -> None:
         kind = payload.get("type")
         if kind in FINAL_RESPONSE_EVENTS:
             self.finished = True
             response = payload.get("response")
             if isinstance(response, dict):
                 self.usage = usage_from(response.get("usage"), service_tier_of(response))
+                self.usage_event, self.usage_payload = event, payload
         elif isinstance(kind, str) and kind.endswith(".delta"):
             delta = payload.get("delta")
             if isinstance(delta, str):

@@ -104,6 +104,7 @@ _PASSED_THROUGH = (
     "estimated",
     "downgraded_from",
     "price_source",  # the price catalog that priced it (`price: catalog`); absent: the config's prices
+    "service_tier",  # the tier the upstream reported serving it at, else the one asked
     "description",
     "reservation_exceeded",  # charged above its reservation (an upstream past its cap)
     "unreserved",  # Redis knew no reservation (lost in a failover): charged all the same

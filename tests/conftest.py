@@ -119,6 +119,17 @@ async def redis(redis_server: EmbeddedRedis) -> AsyncIterator[Redis]:
     await client.aclose()
 
 
+@pytest.fixture
+async def own_redis(tmp_path: Path) -> AsyncIterator[EmbeddedRedis]:
+    """A Redis of this test's own, to kill and restart. A SIGKILL loses nothing it
+    acknowledged (its AOF writes sit in the page cache) unless the test takes it away;
+    it never fsyncs, so no write waits on a busy disk (see redis_server)."""
+    server = EmbeddedRedis(tmp_path / "redis", binary=suite_server(), appendfsync="no")
+    await server.start()
+    yield server
+    server.stop()
+
+
 @pytest.fixture(scope="session")
 async def upstream_server() -> AsyncIterator[DemoUpstream]:
     server = DemoUpstream()

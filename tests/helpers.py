@@ -336,3 +336,12 @@ async def post(running: Running, key: str, endpoint: str, body: Any, raw: bytes 
                 return resp.status, orjson.loads(text)
             except orjson.JSONDecodeError:
                 return resp.status, text.decode()
+
+
+async def get(running: Running, key: str, path: str, params: dict[str, str] | None = None) -> tuple[int, Any]:
+    """A raw GET on the client listener (`path` after /v1): status and JSON body."""
+    async with aiohttp.ClientSession() as session:
+        async with session.get(f"{running.url}/v1/{path}", params=params,
+                               headers={"Authorization": f"Bearer {key}"}) as resp:  # fmt: skip
+            assert resp.headers["x-request-id"].startswith("req_")
+            return resp.status, await resp.json(content_type=None)

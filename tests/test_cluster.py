@@ -144,8 +144,13 @@ async def test_metered_chat_exact_cost_on_every_master(start_cluster_proxy: Star
         )
         chunks = [chunk async for chunk in stream]
         assert [c.usage.completion_tokens for c in chunks if c.usage is not None] == [6]
+        assert chunks[-1].usage is not None and chunks[-1].usage.model_extra["cost_usd"] == "0.000310"
         usage = [e for e in await entries(running.state.redis, account_id) if e["type"] == "usage"]
         assert [e["amount"] for e in usage] == ["-2070", "-310"]  # 100 * 2.50 + 6 * 10.00
+        found = await running.client(key).get(  # the settled marker and its entry, in the account's slot
+            "/generation", cast_to=object, options={"params": {"id": raw.headers["x-request-id"]}}
+        )
+        assert (found["status"], found["cost_usd"]) == ("settled", "0.002070")
         view = await running.balance(account_id)
         assert view.balance == 10_000_000 - 2070 - 310 and view.reserved == 0
     assert await reconcile(running.state.redis, running.state.config) == []

@@ -33,10 +33,9 @@ def test_a_secret_split_across_chunks_is_redacted_in_its_event(cut: int) -> None
         b'data: {"choices": [{"delta": {"content": "key AZKEY9f8e7d6c5b4a3!"}}]}\n\n'
     )
     parser, tap, scrub = SSEParser(), StreamTap("chat", False), Scrubber([ODD_KEY])
-    sent = b""
+    sent, held = b"", []
     for chunk in (stream[:cut], stream[cut:]):
-        now, final = forwardable(parser.feed(chunk), tap, scrub)
-        sent += now + final
+        sent += forwardable(parser.feed(chunk), tap, scrub, held)
     assert ODD_KEY.encode() not in sent and sent.count(b"[REDACTED]") == 1
     assert sent == stream.replace(ODD_KEY.encode(), b"[REDACTED]")
 

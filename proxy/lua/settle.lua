@@ -49,6 +49,7 @@ entry.type = entry.type or 'usage'  -- 'release' when nothing is charged
 entry.request_id = req_id
 if r then
   entry.reserved = r.amount
+  entry.admitted = r.admitted  -- when the request began (ms): its generation's created_at
 else
   entry.unreserved = true
 end

@@ -1,0 +1,26 @@
+-- generation.lua: one metered request of the account, as Redis knows it (reads only, so
+-- one atomic snapshot: a request settling meanwhile is seen before or after, never lost).
+-- Settled: the settled marker names its ledger entry (settle.lua). Running: its open
+-- reservation. Closed by the reaper and not settled since: the reservation as reaped.
+-- ARGV (after ctx, clock offset): 3 request id   4 key id to check ('' = admin read)
+-- keys: acct resv ledger reaped keys +done
+-- reply settled: ledger_id entry
+-- reply open: reservation
+-- reply reaped: reservation
+-- reply unknown:
+-- reply revoked:
+-- reply no_account:
+-- (entry, reservation: JSON as settle.lua and admit.lua/reap.lua wrote them)
+local req_id, key_id = ARGV[3], ARGV[4]
+if key_id ~= '' and redis.call('HGET', K.keys, key_id) ~= 'active' then return reply({'revoked'}) end
+if redis.call('EXISTS', K.acct) == 0 then return reply({'no_account'}) end
+local ledger_id = redis.call('GET', K.done)
+if ledger_id then
+  local rows = redis.call('XRANGE', K.ledger, ledger_id, ledger_id)
+  if rows[1] then return reply({'settled', ledger_id, rows[1][2][2]}) end
+end
+local open = redis.call('HGET', K.resv, req_id)
+if open then return reply({'open', open}) end
+local reaped = redis.call('HGET', K.reaped, req_id)
+if reaped then return reply({'reaped', reaped}) end
+return reply({'unknown'})
