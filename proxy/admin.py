@@ -15,19 +15,22 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 from redis.asyncio import RedisCluster
 
-from . import errors, metrics, openapi
+from . import errors, metrics, openapi, pages
 from .api import json_response, openai_errors
 from .openapi import PUBLIC, Operation
 from .schemas import (
     AccountCreate,
     AccountPatch,
+    AccountQuery,
     AdjustmentCreate,
+    DeadLetterQuery,
     ExportQuery,
     GrantCreate,
     GrantVoid,
     KeyCreate,
     LedgerQuery,
     UsageQuery,
+    WebhookReplay,
     loads,
 )
 from .service import Service
@@ -42,7 +45,7 @@ class StreamCut(Exception):
 
 @web.middleware
 async def require_admin_token(request: web.Request, handler: Handler) -> web.StreamResponse:
-    if request.path not in PUBLIC and not _authorized(request):
+    if request.path not in PUBLIC and not pages.serves(request) and not _authorized(request):
         raise errors.InvalidApiKey("A valid admin token is required (Authorization: Bearer <admin_token>).")
     try:
         return await handler(request)
@@ -77,7 +80,7 @@ def _id(request: web.Request, name: str = "account_id") -> str:
 
 
 async def list_accounts(request: web.Request) -> web.Response:
-    return json_response(await _svc(request).list_accounts())
+    return json_response(await _svc(request).list_accounts(request.query))
 
 
 async def create_account(request: web.Request) -> web.Response:
@@ -149,6 +152,18 @@ async def usage(request: web.Request) -> web.Response:
     return json_response(await _svc(request).usage(_id(request), request.query))
 
 
+async def account_webhooks(request: web.Request) -> web.Response:
+    return json_response(await _svc(request).account_webhooks(_id(request)))
+
+
+async def dead_letters(request: web.Request) -> web.Response:
+    return json_response(await _svc(request).dead_letters(request.query))
+
+
+async def replay_dead(request: web.Request) -> web.Response:
+    return json_response(await _svc(request).replay_dead(await _body(request)))
+
+
 async def openapi_json(request: web.Request) -> web.Response:
     return json_response(openapi.document(ROUTES))
 
@@ -179,7 +194,13 @@ async def prometheus(_: web.Request) -> web.Response:
 
 A = "/admin/v1/accounts/{account_id}"
 ROUTES = (
-    Operation("GET", "/admin/v1/accounts", list_accounts, "List account ids"),
+    Operation(
+        "GET",
+        "/admin/v1/accounts",
+        list_accounts,
+        "A page of accounts in id order (settings, tier, balance; no grants); `query` filters ids",
+        query=AccountQuery,
+    ),
     Operation("POST", "/admin/v1/accounts", create_account, "Create an account", 201, AccountCreate),
     Operation("GET", A, get_account, "Get an account: settings, tier, balance and grants"),
     Operation("PATCH", A, update_account, "Change an account's settings", body=AccountPatch),
@@ -217,6 +238,20 @@ ROUTES = (
         content_type="text/csv, application/x-ndjson",
     ),
     Operation("GET", f"{A}/usage", usage, "Usage grouped by model and/or day", query=UsageQuery),
+    Operation(
+        "GET",
+        f"{A}/webhooks",
+        account_webhooks,
+        "Webhook events waiting in the outbox, the latest delivery attempts, dead letters",
+    ),
+    Operation("GET", "/admin/v1/webhooks/dead", dead_letters, "Dead-lettered webhook events", query=DeadLetterQuery),
+    Operation(
+        "POST",
+        "/admin/v1/webhooks/dead/replay",
+        replay_dead,
+        "Send dead-lettered events again (one account's, or all)",
+        body=WebhookReplay,
+    ),
     Operation("GET", "/admin/v1/openapi.json", openapi_json, "This document"),
     Operation("GET", "/healthz", healthz, "Liveness"),
     Operation("GET", "/readyz", readyz, "Readiness (Redis reachable)"),
@@ -228,4 +263,5 @@ def admin_app() -> web.Application:
     app = web.Application(middlewares=[openai_errors, require_admin_token])
     for route in ROUTES:
         app.router.add_route(route.method, route.path, route.handler)
+    pages.add_page(app, "console", "/")  # the operator console; its API calls carry the token
     return app

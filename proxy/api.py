@@ -11,9 +11,11 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 from aiohttp.web_protocol import RequestPayloadError
 
-from . import errors, relay, views
+from . import errors, pages, relay, reports, views
 from .intake import ENDPOINTS
+from .keys import KeyRecord
 from .money import usd
+from .schemas import GenerationsQuery, parse
 from .state import STATE
 
 log = structlog.get_logger("proxy.api")
@@ -23,13 +25,20 @@ def json_response(data: object, status: int = 200, headers: dict[str, str] | Non
     return web.Response(body=orjson.dumps(data), status=status, content_type="application/json", headers=headers)
 
 
+async def active_key(request: web.Request) -> KeyRecord:
+    """The caller's key, refused once revoked (the cache may still hold it)."""
+    state = request.app[STATE]
+    key = await state.keys.authenticate(request.headers.get("Authorization"))
+    if not await state.key_store.key_active(key):
+        raise errors.InvalidApiKey("Incorrect API key provided: the key was revoked.")
+    return key
+
+
 async def list_models(request: web.Request) -> web.Response:
     state = request.app[STATE]
     req_id = relay.request_id()
     try:
-        key = await state.keys.authenticate(request.headers.get("Authorization"))
-        if not await state.key_store.key_active(key):
-            raise errors.InvalidApiKey("Incorrect API key provided: the key was revoked.")
+        key = await active_key(request)
     except errors.ProxyError as err:
         return relay.error_response(err, req_id)
     created = int(time.time())
@@ -57,6 +66,19 @@ async def credits(request: web.Request) -> web.Response:
         lifetime_paid_usd=usd(view.num("lifetime_paid")),
     )
     return json_response(body, headers={"x-request-id": req_id})
+
+
+async def generations(request: web.Request) -> web.Response:
+    """The caller's account's latest requests with their cost, newest first."""
+    state = request.app[STATE]
+    req_id = relay.request_id()
+    try:
+        key = await active_key(request)
+        q = parse(GenerationsQuery, request.query)
+        data, cursor = await reports.recent_requests(state.redis, key.account_id, q.limit, q.cursor)
+    except errors.ProxyError as err:
+        return relay.error_response(err, req_id)
+    return json_response({"object": "list", "data": data, "next_cursor": cursor}, headers={"x-request-id": req_id})
 
 
 async def healthz(_: web.Request) -> web.Response:
@@ -104,5 +126,11 @@ def client_app() -> web.Application:
         app.router.add_post(path, functools.partial(relay.metered, endpoint=endpoint))
     app.router.add_get("/v1/models", list_models)
     app.router.add_get("/v1/credits", credits)
+    app.router.add_get("/v1/generations", generations)
     app.router.add_get("/healthz", healthz)
+    pages.add_page(app, "usage", "/usage", guard=usage_page_on)
     return app
+
+
+def usage_page_on(request: web.Request) -> bool:
+    return request.app[STATE].config.server.usage_page

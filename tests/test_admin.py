@@ -53,7 +53,7 @@ async def test_admin_token_is_required(proxy: Running) -> None:
     for public in ("/healthz", "/readyz", "/metrics"):
         assert (await raw_request(proxy, "GET", public))[0] == 200
     status, body = await proxy.admin("GET", "/admin/v1/accounts")
-    assert status == 200 and body == {"object": "list", "data": []}
+    assert status == 200 and body == {"object": "list", "data": [], "next_cursor": None}
 
 
 async def test_create_account_and_duplicate(proxy: Running) -> None:
