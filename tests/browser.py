@@ -12,6 +12,7 @@ import os
 import re
 import shutil
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -22,13 +23,20 @@ TIMEOUT_MS = 10_000  # every wait on the DOM is bounded by this
 _HTTP_ERROR = re.compile(r"^Failed to load resource: the server responded with a status of (\d{3})")
 _CSP_PROBE = """
 document.addEventListener('securitypolicyviolation', (e) => {
-  console.error(`CSP violation: ${e.violatedDirective} blocked ${e.blockedURI || 'inline'} at ${e.sourceFile}:${e.lineNumber}`);
+  console.error(`CSP violation: ${e.violatedDirective} blocked ${e.blockedURI || 'inline'} at ${e.sourceFile}`);
 });
 """
 
 
+def shown(amount: str) -> str:
+    """The pages' money format (web/common/ui.js `usd`): at least 2 decimals, no trailing zeros."""
+    sign, digits = ("−", amount[1:]) if amount.startswith("-") else ("", amount)
+    whole, _, fraction = digits.partition(".")
+    return f"{sign}${int(whole):,}.{fraction.rstrip('0').ljust(2, '0')}"
+
+
 async def launch(playwright: Playwright) -> Browser:
-    assert os.path.exists(CHROMIUM), f"no Chromium at {CHROMIUM}: apt-get install chromium (see .ci/run)"
+    assert Path(CHROMIUM).exists(), f"no Chromium at {CHROMIUM}: apt-get install chromium (see .ci/run)"  # noqa: ASYNC240
     return await playwright.chromium.launch(executable_path=CHROMIUM, headless=True)
 
 
