@@ -62,7 +62,7 @@ async def test_usage_page_shows_balance_grants_and_requests(proxy: Running, cust
     # the latest requests, newest first, each with the cost the proxy charged
     rows = page.locator("#requests td[data-request-id]")
     await expect(rows).to_have_count(2)
-    for row, (request_id, model, cost) in zip(await rows.all(), reversed(served), strict=True):
+    for row, (request_id, _, _) in zip(await rows.all(), reversed(served), strict=True):
         await expect(row).to_have_text(request_id)
     for request_id, model, cost in served:
         line = page.locator("#requests tr", has=page.locator(f'td[data-request-id="{request_id}"]'))
