@@ -23,9 +23,9 @@ function axisLabel(value) {
  * oldest first (days without usage included, at zero).
  */
 export function dailyChart(points, { title = "Spend per day (UTC)" } = {}) {
-  const width = 720;
-  const height = 220;
-  const left = 52;
+  const width = 620;
+  const height = 230;
+  const left = 58;
   const right = 8;
   const top = 12;
   const bottom = 28;
@@ -78,9 +78,9 @@ export function dailyChart(points, { title = "Spend per day (UTC)" } = {}) {
 /** Spend per model. rows: [{model, cost_usd, requests}], dearest first. */
 export function modelChart(rows, { title = "Spend by model" } = {}) {
   if (!rows.length) return el("div", { class: "chart-empty" }, "No usage in this period.");
-  const width = 720;
-  const rowH = 30;
-  const labelW = 190;
+  const width = 460;
+  const rowH = 34;
+  const labelW = 140;
   const figureW = 150;
   const height = rows.length * rowH + 6;
   const plotW = width - labelW - figureW;
@@ -98,7 +98,7 @@ export function modelChart(rows, { title = "Spend by model" } = {}) {
     const value = usdNumber(row.cost_usd);
     const w = value > 0 ? Math.max(2, (plotW * value) / max) : 0;
     const name = row.model || "(none)";
-    chart.append(svg("text", { class: "label", x: 0, y: y + 16 }, name.length > 26 ? `${name.slice(0, 25)}…` : name));
+    chart.append(svg("text", { class: "label", x: 0, y: y + 17 }, name.length > 21 ? `${name.slice(0, 20)}…` : name));
     chart.append(svg("rect", { class: "track", x: labelW, y: y + 4, width: plotW, height: 16, rx: 3 }));
     const bar = svg("rect", {
       class: "bar",
@@ -113,7 +113,7 @@ export function modelChart(rows, { title = "Spend by model" } = {}) {
     bar.append(svg("title", {}, `${name}: ${usd(row.cost_usd)}, ${row.requests} requests`));
     chart.append(bar);
     chart.append(
-      svg("text", { class: "figure", x: width, y: y + 16, "text-anchor": "end" },
+      svg("text", { class: "figure", x: width, y: y + 17, "text-anchor": "end" },
         `${usd(row.cost_usd)} · ${row.requests} req`),
     );
   });

@@ -65,6 +65,16 @@ export function usd(amount) {
   return `${negative ? "−" : ""}$${groupThousands(String(BigInt(whole)))}.${decimals}`;
 }
 
+/** Every decimal the API gives (six): for columns of charges, so they line up. */
+export function usdExact(amount) {
+  if (amount === null || amount === undefined || amount === "") return "—";
+  const match = /^(-?)(\d+)\.(\d+)$/.exec(String(amount).trim());
+  if (!match) return usd(amount);
+  const [, sign, whole, fraction] = match;
+  const negative = sign === "-" && /[1-9]/.test(whole + fraction);
+  return `${negative ? "−" : ""}$${groupThousands(String(BigInt(whole)))}.${fraction}`;
+}
+
 /** Amount as a number, for chart geometry only (never for arithmetic on money). */
 export function usdNumber(amount) {
   const value = Number.parseFloat(amount);
@@ -74,6 +84,15 @@ export function usdNumber(amount) {
 export function count(value) {
   if (value === null || value === undefined) return "—";
   return groupThousands(String(value));
+}
+
+/** 20000000 -> "20M", 150000 -> "150k": for limits, where the digits do not matter. */
+export function compact(value) {
+  if (value === null || value === undefined) return "—";
+  for (const [size, unit] of [[1e9, "B"], [1e6, "M"], [1e4, "k"]]) {
+    if (value >= size && value % (size / 10) === 0) return `${value / size}${unit}`;
+  }
+  return count(value);
 }
 
 /** RFC 3339 UTC -> "2025-11-26 08:25 UTC" (the API's own clock, no locale guessing). */
@@ -113,7 +132,7 @@ export function badge(status) {
 
 export function amountCell(amount) {
   const negative = String(amount).startsWith("-");
-  return el("td", { class: ["num", negative ? "neg" : "pos"] }, usd(amount));
+  return el("td", { class: ["num", negative ? "neg" : "pos"], "data-amount": amount }, usdExact(amount));
 }
 
 // -- tables --------------------------------------------------------------------------

@@ -2,8 +2,8 @@
 // (/admin/v1/openapi.json), sent with the admin token from this tab's sessionStorage.
 
 import {
-  Api, ApiError, amountCell, badge, clear, count, download, el, errorBox, formValues, lastDays, query, table,
-  usd, when, whenLong,
+  Api, ApiError, amountCell, badge, clear, compact, count, download, el, errorBox, formValues, lastDays, query, table,
+  usd, usdExact, when, whenLong,
 } from "./ui.js";
 import { dailyChart, dayPoints, modelChart, modelRows } from "./charts.js";
 
@@ -268,17 +268,18 @@ function stat(label, value, hint, primary = false) {
 async function loadOverview(base, badges, stats, status) {
   try {
     const a = await api.get(base);
-    clear(badges, badge(a.status), " ", el("span", { class: "badge accent" }, `plan: ${a.plan ?? "none"}`), " ",
-      el("span", { class: "badge" }, `tier: ${a.tier ?? "—"}`));
+    clear(badges, badge(a.status), " ", el("span", { class: "badge accent" }, `plan: ${a.plan ?? "none"}`));
     const limits = a.rate_limits || {};
+    const overage = a.overage_limit_usd || a.overage_usd !== "0.000000";
     clear(
       stats,
-      stat("Balance", el("span", { id: "balance" }, usd(a.balance_usd)), "sum of the ledger", true),
-      stat("Available", a.available_usd === null ? "unlimited" : usd(a.available_usd), "balance − reserved + overage"),
-      stat("Reserved", usd(a.reserved_usd), "requests in flight"),
-      stat("Overage", usd(a.overage_usd), a.overage_limit_usd ? `limit ${a.overage_limit_usd === "unlimited" ? "unlimited" : usd(a.overage_limit_usd)}` : "no overage allowed"),
-      stat("Lifetime paid", usd(a.lifetime_paid_usd), a.first_payment_at ? `since ${when(a.first_payment_at).slice(0, 10)}` : "no payment yet"),
-      stat("Lifetime used", usd(a.lifetime_consumed_usd), `${count(limits.rpm)} rpm · ${count(limits.tpm)} tpm`),
+      stat("Balance", el("span", { id: "balance" }, usd(a.balance_usd)), "the sum of the ledger", true),
+      stat("Available", a.available_usd === null ? "unlimited" : usd(a.available_usd), "for new requests"),
+      stat("Reserved", usd(a.reserved_usd), "held by requests in flight"),
+      overage ? stat("Overage", usd(a.overage_usd), a.overage_limit_usd === "unlimited" ? "no limit" : `limit ${usd(a.overage_limit_usd)}`) : null,
+      stat("Lifetime paid", usd(a.lifetime_paid_usd), a.first_payment_at ? `first paid ${a.first_payment_at.slice(0, 10)}` : "no payment yet"),
+      stat("Lifetime used", usd(a.lifetime_consumed_usd), "charged for requests"),
+      stat("Rate tier", a.tier ?? "—", `${compact(limits.rpm)} rpm · ${compact(limits.tpm)} tpm${limits.override ? " (override)" : ""}`),
     );
     clear(status);
   } catch (err) {
@@ -305,7 +306,7 @@ function usageCard(base) {
       clear(total, `${count(requests)} requests`);
       clear(
         c.body,
-        el("div", { class: "grid-2" },
+        el("div", { class: "charts" },
           el("div", {}, el("h3", { class: "legend" }, "Spend per day (UTC)"), dailyChart(dayPoints(byDay.groups, days))),
           el("div", {}, el("h3", { class: "legend" }, "Spend by model"), modelChart(models))),
         el("div", { class: "subform" }, usageTable(models)),
@@ -327,7 +328,7 @@ function usageTable(models) {
       { head: "Cached", num: true, cell: (g) => count(g.cached_input_tokens) },
       { head: "Output", num: true, cell: (g) => count(g.output_tokens) },
       { head: "Reasoning", num: true, cell: (g) => count(g.reasoning_tokens) },
-      { head: "Cost", num: true, cell: (g) => el("td", { class: "num", "data-cost": g.cost_usd }, usd(g.cost_usd)) },
+      { head: "Cost", num: true, cell: (g) => el("td", { class: "num", "data-cost": g.cost_usd }, usdExact(g.cost_usd)) },
     ],
     models,
     "No usage in this period.",
@@ -634,18 +635,24 @@ function csvRow(entry) {
   return row.map(csvField).join(",");
 }
 
+function ledgerDetails(e) {
+  const note = e.description ?? (e.downgraded_from ? `downgraded from ${e.downgraded_from}` : null);
+  return el("td", { "data-request-id": e.request_id ?? null },
+    el("span", { class: "mono" }, e.request_id ?? e.grant_id ?? ""),
+    e.estimated ? [" ", el("span", { class: "badge warn" }, "estimated")] : null,
+    note ? el("div", { class: "dim" }, note) : null);
+}
+
 function ledgerTable(entries) {
   return table(
     [
       { head: "Time", cell: (e) => el("td", { class: "nowrap", "data-entry-id": e.id }, whenLong(e.created_at)) },
       { head: "Type", cell: (e) => el("span", { class: "badge" }, e.type) },
       { head: "Amount", num: true, cell: (e) => amountCell(e.amount_usd) },
-      { head: "Balance after", num: true, cell: (e) => usd(e.balance_usd) },
-      { head: "Model", cell: (e) => e.model ?? "" },
+      { head: "Balance after", num: true, cell: (e) => usdExact(e.balance_usd) },
+      { head: "Model", cell: (e) => e.model ?? "", cls: "nowrap" },
       { head: "Tokens", cell: tokensText, cls: "nowrap" },
-      { head: "Reference", cell: (e) => el("td", { class: "mono", "data-request-id": e.request_id ?? null },
-        e.request_id ?? e.grant_id ?? "", e.estimated ? el("span", { class: "badge warn" }, "estimated") : null) },
-      { head: "Description", cell: (e) => e.description ?? (e.downgraded_from ? `downgraded from ${e.downgraded_from}` : "") },
+      { head: "Details", cell: ledgerDetails },
     ],
     entries,
     "No ledger entries yet.",

@@ -3,7 +3,7 @@
 // this proxy does not serve (404 without a `not_found` code) says so and the rest works.
 
 import {
-  Api, ApiError, badge, clear, count, el, errorBox, lastDays, query, table, usd, when, whenLong,
+  Api, ApiError, badge, clear, compact, count, el, errorBox, lastDays, query, table, usd, usdExact, when, whenLong,
 } from "./ui.js";
 import { dailyChart, dayPoints, modelChart, modelRows } from "./charts.js";
 
@@ -30,7 +30,7 @@ function failed(err, box, what) {
     return;
   }
   if (unavailable(err)) {
-    clear(box, el("div", { class: "unavailable", "data-unavailable": what }, `${what} is not available on this proxy.`));
+    clear(box, el("div", { class: "unavailable", "data-unavailable": what }, `${what}: not available on this proxy.`));
     return;
   }
   if (!(err instanceof ApiError)) console.error(err); // a bug of ours: shown, and loud in the console
@@ -118,7 +118,7 @@ function showUsage(initial) {
       stat("Balance", el("span", { id: "balance" }, usd(credits.balance_usd)), "prepaid credit left", true),
       stat("Available now", credits.available_usd === null ? "unlimited" : usd(credits.available_usd), "balance − requests in flight"),
       stat("In flight", usd(credits.reserved_usd), "reserved for running requests"),
-      stat("Rate tier", credits.tier ?? "—", `${count(limits.rpm)} requests · ${count(limits.tpm)} tokens / min`),
+      stat("Rate tier", credits.tier ?? "—", `${compact(limits.rpm)} requests · ${compact(limits.tpm)} tokens a minute`),
       stat("Plan", credits.plan ?? "none", credits.lifetime_paid_usd ? `${usd(credits.lifetime_paid_usd)} paid to date` : null),
     );
     clear(grants.body, grantsTable(credits.grants || []));
@@ -153,7 +153,7 @@ function showUsage(initial) {
       clear(usage.note, `${count(models.reduce((sum, g) => sum + g.requests, 0))} requests`);
       clear(
         usage.body,
-        el("div", { class: "grid-2" },
+        el("div", { class: "charts" },
           el("div", {}, el("h3", { class: "legend" }, "Spend per day (UTC)"), dailyChart(dayPoints(byDay.groups, days))),
           el("div", {}, el("h3", { class: "legend" }, "Spend by model"), modelChart(models))),
       );
@@ -218,7 +218,7 @@ function keyView(k) {
         row("Spent in total", el("span", { id: "key-total" }, usd(spent.total))),
         row("Expires", k.expires_at ? when(k.expires_at) : "never"),
         row("Models", k.allowed_models ? k.allowed_models.join(", ") : "all"),
-        row("Rate limits", limits.rpm || limits.tpm ? `${count(limits.rpm ?? "—")} rpm · ${count(limits.tpm ?? "—")} tpm` : "the account's"))));
+        row("Rate limits", limits.rpm || limits.tpm ? `${compact(limits.rpm)} rpm · ${compact(limits.tpm)} tpm` : "the account's"))));
 }
 
 function tokens(usage) {
@@ -232,10 +232,10 @@ function requestsTable(generations) {
     [
       { head: "Time", cell: (g) => whenLong(g.created_at), cls: "nowrap" },
       { head: "Request", cell: (g) => el("td", { class: "mono", "data-request-id": g.id }, g.id) },
-      { head: "Model", cell: (g) => g.model ?? "" },
+      { head: "Model", cell: (g) => g.model ?? "", cls: "nowrap" },
       { head: "Tokens", cell: (g) => tokens(g.usage), cls: "nowrap" },
       { head: "Cost", num: true, cell: (g) => el("td", { class: "num", "data-cost": g.cost_usd },
-        usd(g.cost_usd), g.estimated ? el("span", { class: "badge warn" }, " estimated") : null) },
+        usdExact(g.cost_usd), g.estimated ? el("span", { class: "badge warn" }, " estimated") : null) },
     ],
     generations,
     "No requests yet.",
