@@ -93,6 +93,10 @@ class Admin:
             return data
 
 
+def grant(amount: str, kind: str, description: str, **more: str) -> dict[str, str]:
+    return {"amount_usd": amount, "kind": kind, "description": description, **more}
+
+
 async def seed(admin: Admin, client_url: str, upstream: DemoUpstream, clock: Clock) -> str:
     """Accounts with their history; returns the API key the usage page is shown for."""
     rng = random.Random(7)
@@ -108,34 +112,16 @@ async def seed(admin: Admin, client_url: str, upstream: DemoUpstream, clock: Clo
     }
     keys: dict[str, str] = {}
     for account_id, (plan, paid) in accounts.items():
+        base = f"/admin/v1/accounts/{account_id}"
         await admin("POST", "/admin/v1/accounts", {"id": account_id, "plan": plan})
         if paid:
-            body = {
-                "amount_usd": paid,
-                "kind": "paid",
-                "description": "Stripe invoice",
-                "idempotency_key": f"inv-{account_id}",
-            }
-            await admin("POST", f"/admin/v1/accounts/{account_id}/credits", body)
-        keys[account_id] = (await admin("POST", f"/admin/v1/accounts/{account_id}/keys", {"name": "production"}))["key"]
-    promo = {
-        "amount_usd": "15",
-        "kind": "promotional",
-        "description": "Launch promotion",
-        "expires_at": "2031-01-01T00:00:00Z",
-    }
-    await admin("POST", "/admin/v1/accounts/acme/credits", promo)
-    staging = await admin(
-        "POST", "/admin/v1/accounts/acme/keys", {"name": "staging", "allowed_models": ["gpt-4o-mini"]}
-    )
-    mistake = await admin(
-        "POST",
-        "/admin/v1/accounts/acme/credits",
-        {"amount_usd": "30", "kind": "paid", "description": "Duplicate invoice"},
-    )
-    await admin(
-        "POST", f"/admin/v1/accounts/acme/credits/{mistake['id']}/void", {"reason": "duplicate payment, refunded"}
-    )
+            await admin("POST", f"{base}/credits", grant(paid, "paid", "Stripe invoice", idempotency_key=account_id))
+        keys[account_id] = (await admin("POST", f"{base}/keys", {"name": "production"}))["key"]
+    acme = "/admin/v1/accounts/acme"
+    await admin("POST", f"{acme}/credits", grant("15", "promotional", "Launch", expires_at="2031-01-01T00:00:00Z"))
+    staging = await admin("POST", f"{acme}/keys", {"name": "staging", "allowed_models": ["gpt-4o-mini"]})
+    mistake = await admin("POST", f"{acme}/credits", grant("30", "paid", "Duplicate invoice"))
+    await admin("POST", f"{acme}/credits/{mistake['id']}/void", {"reason": "duplicate payment, refunded"})
 
     models = ["gpt-4o-mini", "gpt-4o-mini", "gpt-4o-mini", "gpt-4o", "gpt-4o", "o3-mini"]
     for day in range(DAYS if clock.on else 0, -1, -1):
@@ -218,9 +204,9 @@ async def main(out: Path) -> None:
         await receiver.start()
         receiver.fail_next = 2  # two events dead-lettered (max_attempts 1): the console shows them
         data = deep_merge(BASE_CONFIG, EXTRA)
+        hooks = hook_config(receiver, max_attempts=1, low_balance_thresholds_usd=["50", "10"])
         data = deep_merge(data, {"redis": {"url": url}, "data_dir": str(folder / "data"),
-                                 "upstreams": {"openai": {"base_url": upstream.base_url}},
-                                 **hook_config(receiver, max_attempts=1, low_balance_thresholds_usd=["50", "10"])})  # fmt: skip
+                                 "upstreams": {"openai": {"base_url": upstream.base_url}}, **hooks})  # fmt: skip
         proxy = Proxy(parse_config(yaml.safe_dump(data)))
         await proxy.start()
         try:
