@@ -323,6 +323,8 @@ async def read_entries(
 ) -> list[tuple[str, str]]:
     """Entries oldest first (or newest first), (stream id, entry JSON), from `low` to
     `high`: stream ids, inclusive ("(id" exclusive, as in XRANGE)."""
+    if high.startswith("(") and {int(n) for n in high[1:].split("-")} == {0}:
+        return []  # before the first possible id: Redis calls "(0-0" an invalid bound
     key = keyspace.account(account_id, "ledger")
     read = redis.xrevrange(key, high, low, limit) if newest_first else redis.xrange(key, low, high, limit)
     rows = cast(list[tuple[str, dict[str, str]]], await read)

@@ -24,7 +24,7 @@ from typing import Any
 import aiohttp
 import openai
 import yaml
-from playwright.async_api import Page, async_playwright
+from playwright.async_api import Browser, Page, async_playwright
 
 from proxy import logs
 from proxy.app import Proxy
@@ -164,29 +164,27 @@ async def shoot(page: Page, path: Path, full: bool = True) -> None:
     print("wrote", path.relative_to(ROOT) if path.is_relative_to(ROOT) else path)
 
 
+async def signed_in(browser: Browser, url: str, field: str, secret: str, ready: str) -> Watched:
+    watched = await Watched.open(browser)
+    await watched.page.goto(url)
+    await watched.page.fill(field, secret)
+    await watched.page.click("#signin button[type=submit]")
+    await watched.page.locator(ready).first.wait_for(timeout=TIMEOUT_MS)
+    return watched
+
+
 async def photograph(admin_url: str, client_url: str, key: str, out: Path) -> None:
     async with async_playwright() as playwright:
         browser = await launch(playwright)
-        console = await Watched.open(browser)
-        page = console.page
-        await page.goto(admin_url + "/")
-        await page.fill("#token", ADMIN_TOKEN)
-        await page.click("#signin button[type=submit]")
-        await page.locator("#accounts td[data-account-id]").first.wait_for(timeout=TIMEOUT_MS)
-        await shoot(page, out / "console-accounts.png")
-        await page.click('#accounts a[href="#/accounts/acme"]')
-        await page.locator("#ledger td[data-entry-id]").first.wait_for(timeout=TIMEOUT_MS)
-        await page.locator("#webhooks-attempts").wait_for(timeout=TIMEOUT_MS)
-        await shoot(page, out / "console-account.png")
+        console = await signed_in(browser, admin_url + "/", "#token", ADMIN_TOKEN, "#accounts td[data-account-id]")
+        await shoot(console.page, out / "console-accounts.png")
+        await console.page.click('#accounts a[href="#/accounts/acme"]')
+        await console.page.locator("#ledger td[data-entry-id]").first.wait_for(timeout=TIMEOUT_MS)
+        await console.page.locator("#webhooks-attempts").wait_for(timeout=TIMEOUT_MS)
+        await shoot(console.page, out / "console-account.png")
         console.assert_clean()
-
-        customer = await Watched.open(browser)
-        page = customer.page
-        await page.goto(client_url + "/usage")
-        await page.fill("#api-key", key)
-        await page.click("#signin button[type=submit]")
-        await page.locator("#requests td[data-request-id]").first.wait_for(timeout=TIMEOUT_MS)
-        await shoot(page, out / "usage-page.png")
+        customer = await signed_in(browser, client_url + "/usage", "#api-key", key, "#requests td[data-request-id]")
+        await shoot(customer.page, out / "usage-page.png")
         customer.assert_clean({("/v1/key", 404), ("/v1/usage", 404)})  # until issue 12's routes exist
         await browser.close()
 

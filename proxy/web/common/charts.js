@@ -18,6 +18,12 @@ function axisLabel(value) {
   return `$${Number(value.toPrecision(2))}`;
 }
 
+function chartRoot(kind, width, height, title) {
+  const root = svg("svg", { class: "chart", viewBox: `0 0 ${width} ${height}`, role: "img", "aria-label": title, "data-chart": kind });
+  root.append(svg("title", {}, title));
+  return root;
+}
+
 /**
  * Spend per day. points: [{day: "YYYY-MM-DD", cost_usd: "1.23", requests: 4}], one per day,
  * oldest first (days without usage included, at zero).
@@ -32,14 +38,7 @@ export function dailyChart(points, { title = "Spend per day (UTC)" } = {}) {
   const plotW = width - left - right;
   const plotH = height - top - bottom;
   const max = niceCeiling(Math.max(0, ...points.map((p) => usdNumber(p.cost_usd))));
-  const chart = svg("svg", {
-    class: "chart",
-    viewBox: `0 0 ${width} ${height}`,
-    role: "img",
-    "aria-label": title,
-    "data-chart": "daily",
-  });
-  chart.append(svg("title", {}, title));
+  const chart = chartRoot("daily", width, height, title);
   for (let tick = 0; tick <= 4; tick++) {
     const value = (max * tick) / 4;
     const y = top + plotH - (plotH * tick) / 4;
@@ -85,14 +84,7 @@ export function modelChart(rows, { title = "Spend by model" } = {}) {
   const height = rows.length * rowH + 6;
   const plotW = width - labelW - figureW;
   const max = Math.max(...rows.map((r) => usdNumber(r.cost_usd)), 0) || 1;
-  const chart = svg("svg", {
-    class: "chart",
-    viewBox: `0 0 ${width} ${height}`,
-    role: "img",
-    "aria-label": title,
-    "data-chart": "models",
-  });
-  chart.append(svg("title", {}, title));
+  const chart = chartRoot("models", width, height, title);
   rows.forEach((row, index) => {
     const y = index * rowH + 4;
     const value = usdNumber(row.cost_usd);

@@ -256,3 +256,36 @@ export function formValues(form) {
   }
   return out;
 }
+
+/**
+ * The sign-in card both pages open with: one secret field, checked by `check(secret)`
+ * (which throws an ApiError to refuse it) before anything is stored.
+ */
+export function signInCard({ title, intro, label, field, placeholder, submit, fine, message, check }) {
+  const input = el("input", {
+    id: field, type: "password", name: field, autocomplete: "off", spellcheck: "false", required: true, placeholder,
+  });
+  const button = el("button", { type: "submit", class: "primary" }, submit);
+  const status = el("div", { id: "signin-status" }, message ? el("div", { class: "notice" }, message) : null);
+  async function signIn(event) {
+    event.preventDefault();
+    const secret = input.value.trim();
+    if (!secret) return;
+    button.disabled = true;
+    try {
+      await check(secret);
+    } catch (err) {
+      clear(status, errorBox(err));
+    } finally {
+      button.disabled = false;
+    }
+  }
+  const card = el("div", { class: "signin" },
+    el("div", { class: "card" },
+      el("h1", {}, title),
+      el("p", {}, intro),
+      el("form", { id: "signin", on: { submit: signIn } }, el("label", { class: "field" }, el("span", {}, label), input), button),
+      status,
+      el("p", { class: "fine" }, fine)));
+  return { card, focus: () => input.focus() };
+}

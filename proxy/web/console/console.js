@@ -2,8 +2,8 @@
 // (/admin/v1/openapi.json), sent with the admin token from this tab's sessionStorage.
 
 import {
-  Api, ApiError, amountCell, badge, clear, compact, count, download, el, errorBox, formValues, lastDays, query, table,
-  usd, usdExact, when, whenLong,
+  Api, ApiError, amountCell, badge, clear, compact, count, download, el, errorBox, formValues, lastDays, query,
+  signInCard, table, usd, usdExact, when, whenLong,
 } from "./ui.js";
 import { dailyChart, dayPoints, modelChart, modelRows } from "./charts.js";
 
@@ -45,54 +45,23 @@ function failed(err, box) {
 
 function showSignIn(message) {
   chrome(false);
-  const input = el("input", {
-    id: "token", type: "password", name: "token", autocomplete: "off", spellcheck: "false", required: true,
+  const signIn = signInCard({
+    title: "Sign in to the console",
+    intro: "Accounts, credits, keys, usage and webhooks of this proxy.",
+    label: "Admin token",
+    field: "token",
     placeholder: "server.admin_token",
-  });
-  const button = el("button", { type: "submit", class: "primary" }, "Sign in");
-  const status = el("div", { id: "signin-status" }, message ? el("div", { class: "notice" }, message) : null);
-  const form = el(
-    "form",
-    { id: "signin", on: { submit: signIn } },
-    el("label", { class: "field" }, el("span", {}, "Admin token"), input),
-    button,
-  );
-  async function signIn(event) {
-    event.preventDefault();
-    const token = input.value.trim();
-    if (!token) return;
-    button.disabled = true;
-    try {
+    submit: "Sign in",
+    fine: "The token stays in this tab's session storage and is sent only as a bearer header to this admin listener.",
+    message,
+    async check(token) {
       await api.call("GET", "/admin/v1/accounts?limit=1", undefined, token);
       api.token = token;
       route();
-    } catch (err) {
-      clear(status, errorBox(err));
-    } finally {
-      button.disabled = false;
-    }
-  }
-  clear(
-    app,
-    el(
-      "div",
-      { class: "signin" },
-      el(
-        "div",
-        { class: "card" },
-        el("h1", {}, "Sign in to the console"),
-        el("p", {}, "Accounts, credits, keys, usage and webhooks of this proxy."),
-        form,
-        status,
-        el(
-          "p",
-          { class: "fine" },
-          "The token stays in this tab's session storage and is sent only as a bearer header to this admin listener.",
-        ),
-      ),
-    ),
-  );
-  input.focus();
+    },
+  });
+  clear(app, signIn.card);
+  signIn.focus();
 }
 
 function route() {

@@ -3,7 +3,8 @@
 // this proxy does not serve (404 without a `not_found` code) says so and the rest works.
 
 import {
-  Api, ApiError, badge, clear, compact, count, el, errorBox, lastDays, query, table, usd, usdExact, when, whenLong,
+  Api, ApiError, badge, clear, compact, count, el, errorBox, lastDays, query, signInCard, table, usd, usdExact, when,
+  whenLong,
 } from "./ui.js";
 import { dailyChart, dayPoints, modelChart, modelRows } from "./charts.js";
 
@@ -40,39 +41,23 @@ function failed(err, box, what) {
 function showSignIn(message) {
   document.getElementById("signout").hidden = true;
   document.getElementById("who").hidden = true;
-  const input = el("input", {
-    id: "api-key", type: "password", name: "key", autocomplete: "off", spellcheck: "false", required: true,
+  const signIn = signInCard({
+    title: "Your usage and credits",
+    intro: "Paste your API key to see your balance, your key's limit and spend, and your recent requests.",
+    label: "API key",
+    field: "api-key",
     placeholder: "sk-mp-…",
-  });
-  const button = el("button", { type: "submit", class: "primary" }, "Show my usage");
-  const status = el("div", { id: "signin-status" }, message ? el("div", { class: "notice" }, message) : null);
-  async function signIn(event) {
-    event.preventDefault();
-    const key = input.value.trim();
-    if (!key) return;
-    button.disabled = true;
-    try {
+    submit: "Show my usage",
+    fine: "The key stays in this tab's session storage and is sent only to this proxy, as a bearer header.",
+    message,
+    async check(key) {
       const credits = await api.call("GET", "/v1/credits", undefined, key);
       api.token = key;
       showUsage(credits);
-    } catch (err) {
-      clear(status, errorBox(err));
-    } finally {
-      button.disabled = false;
-    }
-  }
-  clear(
-    app,
-    el("div", { class: "signin" },
-      el("div", { class: "card" },
-        el("h1", {}, "Your usage and credits"),
-        el("p", {}, "Paste your API key to see your balance, your key's limit and spend, and your recent requests."),
-        el("form", { id: "signin", on: { submit: signIn } },
-          el("label", { class: "field" }, el("span", {}, "API key"), input), button),
-        status,
-        el("p", { class: "fine" }, "The key stays in this tab's session storage and is sent only to this proxy, as a bearer header."))),
-  );
-  input.focus();
+    },
+  });
+  clear(app, signIn.card);
+  signIn.focus();
 }
 
 function section(id, title) {
