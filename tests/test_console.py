@@ -49,7 +49,9 @@ async def test_console_sign_in_grant_key_spend_export_void_revoke(
 
     await sign_in(page, ADMIN_TOKEN)
     await expect(page.locator("#accounts td[data-account-id]")).to_have_count(2)
-    await expect(page.locator('#accounts td[data-account-id="globex"]')).to_be_visible()
+    globex = page.locator("#accounts tr", has=page.locator('td[data-account-id="globex"]'))
+    await expect(globex).to_contain_text("$3.00")  # its balance
+    await expect(globex).to_contain_text("free")  # its tier
     assert await page.evaluate(f"sessionStorage.getItem('{TOKEN_KEY}')") == ADMIN_TOKEN
     assert ADMIN_TOKEN not in page.url and await page.context.cookies() == []
     assert await page.evaluate("localStorage.length") == 0
@@ -65,6 +67,12 @@ async def test_console_sign_in_grant_key_spend_export_void_revoke(
     await page.click('#accounts a[href="#/accounts/acme"]')
     await expect(page.locator("#account-title")).to_have_text("acme")
     await expect(page.locator("#balance")).to_have_text("$0.00")
+
+    # a refused grant shows the API's own message and grants nothing
+    await page.fill("#grant-form [name=amount_usd]", "12.3456789")
+    await page.click("#grant-form button[type=submit]")
+    await expect(page.locator("#grants .error")).to_contain_text("amount_usd")
+    assert (await proxy.admin("GET", "/admin/v1/accounts/acme/grants"))[1]["grants"] == []
 
     # grant credits
     await page.fill("#grant-form [name=amount_usd]", "20")
@@ -148,7 +156,8 @@ async def test_console_sign_in_grant_key_spend_export_void_revoke(
     await expect(page.locator("#signin-status .notice")).to_contain_text("refused (401)")
     assert await page.evaluate("sessionStorage.length") == 0
     account = "/admin/v1/accounts/acme"
-    console.assert_clean({("/admin/v1/accounts", 401), *((account + p, 401) for p in ACCOUNT_PATHS)})
+    refused = {("/admin/v1/accounts", 401), (account + "/credits", 400)}
+    console.assert_clean(refused | {(account + p, 401) for p in ACCOUNT_PATHS})
 
 
 async def admin_text(running: Running, path: str) -> str:
