@@ -6,7 +6,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 CONFIG ?= config.example.yaml
 
-.PHONY: run demo-upstream test soak lint typecheck bench clean
+.PHONY: run demo-upstream test soak lint typecheck bench screenshots clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -53,6 +53,11 @@ typecheck: $(VENV)/.installed-dev
 # LITELLM=/path/to/litellm also measures LiteLLM's proxy (install litellm[proxy] in its own venv)
 bench: $(VENV)/.installed-dev
 	$(BIN)/python bench/bench.py $(if $(LITELLM),--litellm $(LITELLM),)
+
+# docs/console-*.png and docs/usage-page.png from a real proxy in headless Chromium
+# (apt-get install chromium; with libfaketime the charts show two weeks of history)
+screenshots: $(VENV)/.installed-dev
+	$(BIN)/python -m tests.screenshots --out docs
 
 clean:
 	rm -rf $(VENV) .metering-proxy .pytest_cache .ruff_cache .mypy_cache

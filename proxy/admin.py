@@ -15,20 +15,23 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 from redis.asyncio import RedisCluster
 
-from . import errors, metrics, openapi
+from . import errors, metrics, openapi, pages
 from .api import json_response, openai_errors
 from .generations import Generation
 from .openapi import PUBLIC, Operation
 from .schemas import (
     AccountCreate,
     AccountPatch,
+    AccountQuery,
     AdjustmentCreate,
+    DeadLetterQuery,
     ExportQuery,
     GrantCreate,
     GrantVoid,
     KeyCreate,
     LedgerQuery,
     UsageQuery,
+    WebhookReplay,
     loads,
 )
 from .service import Service
@@ -43,7 +46,7 @@ class StreamCut(Exception):
 
 @web.middleware
 async def require_admin_token(request: web.Request, handler: Handler) -> web.StreamResponse:
-    if request.path not in PUBLIC and not _authorized(request):
+    if request.path not in PUBLIC and not pages.serves(request) and not _authorized(request):
         raise errors.InvalidApiKey("A valid admin token is required (Authorization: Bearer <admin_token>).")
     try:
         return await handler(request)
@@ -78,7 +81,7 @@ def _id(request: web.Request, name: str = "account_id") -> str:
 
 
 async def list_accounts(request: web.Request) -> web.Response:
-    return json_response(await _svc(request).list_accounts())
+    return json_response(await _svc(request).list_accounts(request.query))
 
 
 async def create_account(request: web.Request) -> web.Response:
@@ -154,6 +157,18 @@ async def generation(request: web.Request) -> web.Response:
     return json_response(await _svc(request).generation(_id(request), {"id": _id(request, "request_id")}))
 
 
+async def account_webhooks(request: web.Request) -> web.Response:
+    return json_response(await _svc(request).account_webhooks(_id(request)))
+
+
+async def dead_letters(request: web.Request) -> web.Response:
+    return json_response(await _svc(request).dead_letters(request.query))
+
+
+async def replay_dead(request: web.Request) -> web.Response:
+    return json_response(await _svc(request).replay_dead(await _body(request)))
+
+
 async def openapi_json(request: web.Request) -> web.Response:
     return json_response(openapi.document(ROUTES))
 
@@ -184,7 +199,13 @@ async def prometheus(_: web.Request) -> web.Response:
 
 A = "/admin/v1/accounts/{account_id}"
 ROUTES = (
-    Operation("GET", "/admin/v1/accounts", list_accounts, "List account ids"),
+    Operation(
+        "GET",
+        "/admin/v1/accounts",
+        list_accounts,
+        "A page of accounts in id order (settings, tier, balance; no grants); `query` filters ids",
+        query=AccountQuery,
+    ),
     Operation("POST", "/admin/v1/accounts", create_account, "Create an account", 201, AccountCreate),
     Operation("GET", A, get_account, "Get an account: settings, tier, balance and grants"),
     Operation("PATCH", A, update_account, "Change an account's settings", body=AccountPatch),
@@ -229,6 +250,20 @@ ROUTES = (
         "One request (an x-request-id): status, model, usage and the cost charged",
         response=Generation,
     ),
+    Operation(
+        "GET",
+        f"{A}/webhooks",
+        account_webhooks,
+        "Webhook events waiting in the outbox, the latest delivery attempts, dead letters",
+    ),
+    Operation("GET", "/admin/v1/webhooks/dead", dead_letters, "Dead-lettered webhook events", query=DeadLetterQuery),
+    Operation(
+        "POST",
+        "/admin/v1/webhooks/dead/replay",
+        replay_dead,
+        "Send dead-lettered events again (one account's, or all)",
+        body=WebhookReplay,
+    ),
     Operation("GET", "/admin/v1/openapi.json", openapi_json, "This document"),
     Operation("GET", "/healthz", healthz, "Liveness"),
     Operation("GET", "/readyz", readyz, "Readiness (Redis reachable)"),
@@ -240,4 +275,5 @@ def admin_app() -> web.Application:
     app = web.Application(middlewares=[openai_errors, require_admin_token])
     for route in ROUTES:
         app.router.add_route(route.method, route.path, route.handler)
+    pages.add_page(app, "console", "/")  # the operator console; its API calls carry the token
     return app

@@ -13,10 +13,11 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 from aiohttp.web_protocol import RequestPayloadError
 
-from . import errors, relay, views
+from . import errors, pages, relay, reports, views
 from .intake import ENDPOINTS
 from .keys import KeyRecord
 from .money import usd
+from .schemas import GenerationsQuery, parse
 from .service import Service
 from .state import STATE, State
 
@@ -100,6 +101,18 @@ async def usage(request: web.Request) -> web.Response:
     return await own(request, read)
 
 
+async def generations(request: web.Request) -> web.Response:
+    """The caller's account's latest requests with their cost, newest first."""
+
+    async def read(state: State, key: KeyRecord) -> object:
+        await require_live(state, key)
+        q = parse(GenerationsQuery, request.query)
+        data, cursor = await reports.recent_requests(state.redis, key.account_id, q.limit, q.cursor)
+        return {"object": "list", "data": data, "next_cursor": cursor}
+
+    return await own(request, read)
+
+
 async def healthz(_: web.Request) -> web.Response:
     return json_response({"status": "ok"}, headers={"x-request-id": relay.request_id()})
 
@@ -147,5 +160,11 @@ def client_app() -> web.Application:
     app.router.add_get("/v1/credits", credits)
     app.router.add_get("/v1/generation", generation)
     app.router.add_get("/v1/usage", usage)
+    app.router.add_get("/v1/generations", generations)
     app.router.add_get("/healthz", healthz)
+    pages.add_page(app, "usage", "/usage", guard=usage_page_on)
     return app
+
+
+def usage_page_on(request: web.Request) -> bool:
+    return request.app[STATE].config.server.usage_page

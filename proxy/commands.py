@@ -54,7 +54,14 @@ async def accounts_update(svc: Service, args: Any) -> int:
 
 
 async def accounts_list(svc: Service, args: Any) -> int:
-    return emit(await svc.list_accounts())
+    listed: list[dict[str, Any]] = []
+    query: dict[str, Any] = {"limit": 200}
+    while True:  # every page: the CLI lists them all
+        page = await svc.list_accounts(query)
+        listed += page["data"]
+        if page["next_cursor"] is None:
+            return emit({"object": "list", "data": listed})
+        query["cursor"] = page["next_cursor"]
 
 
 async def keys_create(svc: Service, args: Any) -> int:

@@ -49,6 +49,11 @@ def delivery_lease(account_id: str) -> str:
     return account(account_id, "lease")
 
 
+def delivery_log(account_id: str) -> str:
+    """List of the account's latest webhook delivery attempts, newest first (capped)."""
+    return account(account_id, "deliveries")
+
+
 def dead_letters(account_id: str) -> str:
     """List of the account's events that failed every delivery attempt."""
     return account(account_id, "dead")

@@ -325,12 +325,15 @@ def _report_anomalies(call: SettleCall, settlement: Settlement) -> None:
 
 
 async def read_entries(
-    redis: Redis, account_id: str, *, low: str = "-", high: str = "+", limit: int = 100
+    redis: Redis, account_id: str, *, low: str = "-", high: str = "+", limit: int = 100, newest_first: bool = False
 ) -> list[tuple[str, str]]:
-    """Entries oldest first, (stream id, entry JSON), from `low` to `high`: stream ids,
-    inclusive ("(id" exclusive, as in XRANGE)."""
+    """Entries oldest first (or newest first), (stream id, entry JSON), from `low` to
+    `high`: stream ids, inclusive ("(id" exclusive, as in XRANGE)."""
+    if high.startswith("(") and {int(n) for n in high[1:].split("-")} == {0}:
+        return []  # before the first possible id: Redis calls "(0-0" an invalid bound
     key = keyspace.account(account_id, "ledger")
-    rows = cast(list[tuple[str, dict[str, str]]], await redis.xrange(key, low, high, limit))
+    read = redis.xrevrange(key, high, low, limit) if newest_first else redis.xrange(key, low, high, limit)
+    rows = cast(list[tuple[str, dict[str, str]]], await read)
     return [(entry_id, fields["e"]) for entry_id, fields in rows]
 
 

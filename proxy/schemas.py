@@ -228,10 +228,36 @@ class GrantVoid(_Request):
     reason: Annotated[str, Field(max_length=1000)] = ""
 
 
+Cursor = Annotated[str, Field(pattern=r"^\d{1,19}-\d{1,19}$")]  # a stream id: two numbers that fit 64 bits
+
+
 class LedgerQuery(_Request):
     limit: Annotated[int, Field(ge=1, le=1000)] = 100
-    # the previous page's next_cursor: a stream id, two numbers that must fit 64 bits
-    cursor: Annotated[str, Field(pattern=r"^\d{1,19}-\d{1,19}$")] | None = None
+    cursor: Cursor | None = None  # the previous page's next_cursor
+    order: Literal["asc", "desc"] = "asc"  # desc: newest first (the most recent page first)
+
+
+class GenerationsQuery(_Request):
+    """`/v1/generations`: the caller's latest requests, newest first."""
+
+    limit: Annotated[int, Field(ge=1, le=100)] = 20
+    cursor: Cursor | None = None  # the previous page's next_cursor
+
+
+class AccountQuery(_Request):
+    """A page of accounts by id, in id order; `query` keeps the ids containing it (any case)."""
+
+    query: Annotated[str, Field(max_length=128)] = ""
+    limit: Annotated[int, Field(ge=1, le=200)] = 50
+    cursor: AccountId | None = None  # the previous page's next_cursor (the last id it showed)
+
+
+class DeadLetterQuery(_Request):
+    account_id: AccountId | None = None  # absent: every account's
+
+
+class WebhookReplay(_Request):
+    account_id: AccountId | None = None  # absent: every account's dead letters
 
 
 def _distinct(dimensions: str) -> str:

@@ -8,6 +8,7 @@ amounts as decimal strings, times as RFC 3339 UTC.
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 import time
 from collections.abc import AsyncIterator, Mapping
@@ -17,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 from redis.asyncio import Redis
 
-from . import errors, generations, keyspace, reconcile, reports, views
+from . import errors, generations, keyspace, reconcile, reports, views, webhooks
 from .config import Config
 from .keys import KeyStore
 from .ledger import GrantSpec, Ledger, read_entries, read_entry
@@ -25,8 +26,10 @@ from .money import usd
 from .schemas import (
     AccountCreate,
     AccountPatch,
+    AccountQuery,
     AdjustmentCreate,
     AutoTopup,
+    DeadLetterQuery,
     ExportQuery,
     GenerationQuery,
     GrantCreate,
@@ -34,6 +37,7 @@ from .schemas import (
     KeyCreate,
     LedgerQuery,
     UsageQuery,
+    WebhookReplay,
     parse,
 )
 from .scripts import AccountView
@@ -75,8 +79,18 @@ class Service:
 
     # -- accounts ------------------------------------------------------------------
 
-    async def list_accounts(self) -> dict[str, Any]:
-        return {"object": "list", "data": await self.ledger.account_ids()}
+    async def list_accounts(self, query: Body | None = None) -> dict[str, Any]:
+        """A page of accounts in id order, each as `get_account` shows it but its grants."""
+        q = parse(AccountQuery, query)
+        needle = q.query.casefold()
+        ids = [a for a in await self.ledger.account_ids() if needle in a.casefold() and a > (q.cursor or "")]
+        page = ids[: q.limit]
+        shown = await asyncio.gather(*(self._touch(account_id) for account_id in page))
+        return {
+            "object": "list",
+            "data": [views.account_summary(a, view) for a, view in zip(page, shown, strict=True)],
+            "next_cursor": page[-1] if len(ids) > q.limit else None,
+        }
 
     async def create_account(self, body: Body) -> dict[str, Any]:
         req = parse(AccountCreate, body)
@@ -184,10 +198,15 @@ class Service:
     # -- history -------------------------------------------------------------------
 
     async def ledger_page(self, account_id: str, query: Body) -> dict[str, Any]:
-        """Oldest first; within a page, newest last. `next_cursor` is null on the last page."""
+        """Oldest first, newest last (`order=desc`: newest first, paging back in time).
+        `next_cursor` is null on the last page."""
         q = parse(LedgerQuery, query)
-        low = f"({q.cursor}" if q.cursor else "-"  # the cursor is exclusive
-        rows = await read_entries(self.redis, await self._require(account_id), low=low, limit=q.limit)
+        account_id = await self._require(account_id)
+        after = f"({q.cursor}" if q.cursor else None  # the cursor is exclusive
+        if q.order == "desc":
+            rows = await read_entries(self.redis, account_id, high=after or "+", limit=q.limit, newest_first=True)
+        else:
+            rows = await read_entries(self.redis, account_id, low=after or "-", limit=q.limit)
         return {
             "object": "list",
             "entries": [views.entry(account_id, entry_id, raw) for entry_id, raw in rows],
@@ -217,6 +236,21 @@ class Service:
             raise errors.InvalidRequest("`from` must be earlier than `to`.", param="from")
         dimensions = tuple(q.group_by.split(","))  # model, day and/or key (the API key id)
         return await reports.usage(self.redis, account_id, start, end, dimensions)
+
+    # -- webhooks ------------------------------------------------------------------
+
+    async def account_webhooks(self, account_id: str) -> dict[str, Any]:
+        """The account's outbox, latest delivery attempts and dead letters."""
+        return await webhooks.deliveries(self.redis, await self._require(account_id))
+
+    async def dead_letters(self, query: Body) -> dict[str, Any]:
+        q = parse(DeadLetterQuery, query)
+        return {"object": "list", "data": await webhooks.list_dead(self.redis, q.account_id)}
+
+    async def replay_dead(self, body: Body) -> dict[str, Any]:
+        """Dead letters back to their outboxes, retried from the first attempt."""
+        req = parse(WebhookReplay, body)
+        return {"object": "webhook_replay", "replayed": await webhooks.replay_dead(self.ledger, req.account_id)}
 
 
 def topup_setting(topup: AutoTopup) -> dict[str, str]:

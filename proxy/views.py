@@ -89,6 +89,11 @@ def account(account_id: str, view: AccountView) -> dict[str, Any]:
     }
 
 
+def account_summary(account_id: str, view: AccountView) -> dict[str, Any]:
+    """An account as listed: as `account` shows it, without its grants."""
+    return {name: value for name, value in account(account_id, view).items() if name != "grants"}
+
+
 def _overage(value: str | None) -> str | None:
     if not value:
         return None

@@ -17,8 +17,11 @@ micro-USD into a decimal USD string; the signature is
 `v1,base64(HMAC-SHA256(secret, f"{id}.{timestamp}.{body}"))`, once per configured secret
 (`secret` and `previous_secrets`), space-separated.
 
+Every attempt is also written to the account's delivery log (the latest `DELIVERY_LOG`,
+newest first), which the admin API shows beside the outbox and the dead letters.
+
 Public: `Webhooks(state).deliver / close`, `sign`, `verify`, `body_of`, `full_jitter`,
-`list_dead`, `replay_dead` (the CLI's `webhooks dead list|replay [ACCOUNT]`).
+`list_dead`, `replay_dead` (the CLI's `webhooks dead list|replay [ACCOUNT]`), `deliveries`.
 """
 
 from __future__ import annotations
@@ -54,6 +57,8 @@ BACKOFF_BASE_MS = 1_000
 BACKOFF_CAP_MS = 3_600_000
 MAX_PER_VISIT = 100  # events delivered per visit before yielding to other accounts
 CAS_ATTEMPTS = 5  # WATCH conflicts (a script RPUSHing meanwhile) before giving up a swap
+DELIVERY_LOG = 50  # attempts kept per account
+SHOWN_PENDING = 100  # outbox events `deliveries` shows, from the head
 _MICRO = re.compile(r"^-?\d+$")
 
 Backoff = Callable[[int], int]  # failed attempts so far -> ms to wait before the next
@@ -179,11 +184,13 @@ class Webhooks:
                 return self._now()
             error = await self._post(hooks, event)
             tries = int(event.get("tries") or 0) + 1
+            outcome = "delivered" if error is None else "dead" if tries >= hooks.max_attempts else "failed"
+            await self._log_attempt(account_id, event, tries, outcome, error)
             if error is None:
                 await redis.lrem(outbox, 1, raw)
                 metrics.WEBHOOK_DELIVERIES.labels(event_type, "success").inc()
                 continue
-            if tries >= hooks.max_attempts:
+            if outcome == "dead":
                 metrics.WEBHOOK_DELIVERIES.labels(event_type, "dead").inc()
                 log.warning("webhook_dead", account_id=account_id, event_id=event.get("id"), tries=tries, error=error)
                 await self._bury(account_id, raw, {**event, "tries": tries, "error": error, "dead_at": self._now()})
@@ -221,6 +228,16 @@ class Webhooks:
             return "timeout"
         except aiohttp.ClientError as exc:
             return type(exc).__name__
+
+    async def _log_attempt(
+        self, account_id: str, event: Mapping[str, Any], tries: int, outcome: str, error: str | None
+    ) -> None:
+        attempt = {"event_id": event["id"], "type": event["type"], "at": self._now(), "tries": tries}
+        log_key = keyspace.delivery_log(account_id)
+        pipe = self.state.redis.pipeline(transaction=False)
+        pipe.lpush(log_key, orjson.dumps({**attempt, "outcome": outcome, "error": error}))
+        pipe.ltrim(log_key, 0, DELIVERY_LOG - 1)
+        await pipe.execute()
 
     async def _swap_head(self, outbox: str, raw: str, replacement: str, grave: str | None = None) -> bool:
         """Replace the outbox head with `replacement` (or pop it and append that to
@@ -271,15 +288,44 @@ async def list_dead(redis: Redis, account_id: str | None = None) -> list[dict[st
     for acct in accounts:
         for raw in await redis.lrange(keyspace.dead_letters(acct), 0, -1):
             event = orjson.loads(raw)
-            shown: dict[str, Any] = {"account_id": acct, "id": event.get("id"), "type": event.get("type")}
-            if "data" in event and "ts" in event:
-                shown["timestamp"] = rfc3339(event["ts"])
-                shown["data"] = _usd_fields(event["data"])
-            else:
-                shown["raw"] = event.get("raw")
-            shown.update(tries=event.get("tries"), error=event.get("error"), dead_at=rfc3339(event.get("dead_at")))
-            out.append(shown)
+            out.append({**_shown(acct, event), "dead_at": rfc3339(event.get("dead_at"))})
     return out
+
+
+def _shown(account_id: str, event: Mapping[str, Any]) -> dict[str, Any]:
+    """An outbox or dead event as operators see it (amounts in USD)."""
+    shown: dict[str, Any] = {"account_id": account_id, "id": event.get("id"), "type": event.get("type")}
+    if isinstance(event.get("data"), dict) and "ts" in event:
+        shown["timestamp"] = rfc3339(event["ts"])
+        shown["data"] = _usd_fields(event["data"])
+    else:
+        shown["raw"] = event.get("raw", orjson.dumps(event).decode())
+    shown.update(tries=event.get("tries"), error=event.get("error"))
+    return shown
+
+
+async def deliveries(redis: Redis, account_id: str) -> dict[str, Any]:
+    """An account's webhooks: events waiting in its outbox (head first, with their next
+    attempt), its latest delivery attempts (newest first) and its dead letters."""
+    pending = []
+    for raw in map(_text, await redis.lrange(keyspace.outbox(account_id), 0, SHOWN_PENDING - 1)):
+        try:
+            event = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            event = None
+        if not isinstance(event, dict):
+            event = {"raw": raw}  # malformed: the worker buries it
+        pending.append({**_shown(account_id, event), "next_attempt_at": rfc3339(event.get("next_at"))})
+    attempts = []
+    for logged in await redis.lrange(keyspace.delivery_log(account_id), 0, -1):
+        attempt = orjson.loads(logged)
+        attempts.append({**attempt, "at": rfc3339(attempt["at"])})
+    return {
+        "account_id": account_id,
+        "pending": pending,
+        "attempts": attempts,
+        "dead": await list_dead(redis, account_id),
+    }
 
 
 async def replay_dead(ledger: Ledger, account_id: str | None = None) -> int:

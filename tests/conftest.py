@@ -208,6 +208,19 @@ async def start_proxy(redis: Redis, make_config: Callable[..., Config]) -> Async
         await asyncio.wait_for(proxy.stop(), 30)  # a hung shutdown fails the test, not CI
 
 
+@pytest.fixture(scope="session")
+async def browser() -> AsyncIterator[Any]:
+    """One headless Chromium for the session's page tests (tests/browser.py)."""
+    from playwright.async_api import async_playwright
+
+    from .browser import launch
+
+    async with async_playwright() as playwright:
+        chromium = await launch(playwright)
+        yield chromium
+        await chromium.close()
+
+
 @pytest.fixture
 async def proxy(start_proxy: Callable[..., Any]) -> Running:
     return await start_proxy()  # type: ignore[no-any-return]

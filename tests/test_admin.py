@@ -10,7 +10,7 @@ import aiohttp
 import openai
 import pytest
 
-from proxy import admin, keyspace, service
+from proxy import admin, keyspace, pages, service
 from proxy.testing.upstream import DemoUpstream
 
 from .conftest import Running
@@ -53,7 +53,7 @@ async def test_admin_token_is_required(proxy: Running) -> None:
     for public in ("/healthz", "/readyz", "/metrics"):
         assert (await raw_request(proxy, "GET", public))[0] == 200
     status, body = await proxy.admin("GET", "/admin/v1/accounts")
-    assert status == 200 and body == {"object": "list", "data": []}
+    assert status == 200 and body == {"object": "list", "data": [], "next_cursor": None}
 
 
 async def test_create_account_and_duplicate(proxy: Running) -> None:
@@ -69,7 +69,7 @@ async def test_create_account_and_duplicate(proxy: Running) -> None:
     assert status == 400 and "colour: unknown field" in body["error"]["message"]
     status, body = await proxy.admin("GET", "/admin/v1/accounts/nobody")
     assert status == 404 and body["error"]["code"] == "not_found"
-    assert (await proxy.admin("GET", "/admin/v1/accounts"))[1]["data"] == ["acme"]
+    assert [a["id"] for a in (await proxy.admin("GET", "/admin/v1/accounts"))[1]["data"]] == ["acme"]
 
 
 async def test_default_plan_applies_unless_null(start_proxy: Any) -> None:
@@ -228,6 +228,54 @@ async def test_ledger_cursor_walks_every_entry_once(proxy: Running, count: int) 
     assert (await proxy.admin("GET", "/admin/v1/accounts/acme/ledger?limit=0"))[0] == 400
 
 
+async def test_ledger_newest_first_pages_back_in_time(proxy: Running) -> None:
+    await new_account(proxy)
+    for i in range(7):
+        await grant(proxy, f"{i + 1}")
+    _, full = await proxy.admin("GET", "/admin/v1/accounts/acme/ledger?limit=1000")
+    seen: list[str] = []
+    cursor = ""
+    while True:
+        status, page = await proxy.admin("GET", f"/admin/v1/accounts/acme/ledger?order=desc&limit=3{cursor}")
+        assert status == 200 and len(page["entries"]) <= 3
+        seen += [e["id"] for e in page["entries"]]
+        if page["next_cursor"] is None:
+            break
+        cursor = f"&cursor={page['next_cursor']}"
+    assert seen == [e["id"] for e in reversed(full["entries"])] and len(seen) == 7
+    assert (await proxy.admin("GET", "/admin/v1/accounts/acme/ledger?order=sideways"))[0] == 400
+    for before_any in ("0-0", "00-000"):
+        _, empty = await proxy.admin("GET", f"/admin/v1/accounts/acme/ledger?order=desc&cursor={before_any}")
+        assert empty["entries"] == [] and empty["next_cursor"] is None
+
+
+async def test_accounts_listed_with_balances_searched_and_paged(proxy: Running) -> None:
+    for account_id in ("globex", "acme", "Acme-EU", "initech", "umbrella"):
+        await new_account(proxy, account_id)
+    await grant(proxy, "12.5", "acme")
+    status, page = await proxy.admin("GET", "/admin/v1/accounts?limit=2")
+    assert status == 200 and [a["id"] for a in page["data"]] == ["Acme-EU", "acme"] and page["next_cursor"] == "acme"
+    acme = page["data"][1]
+    assert (acme["balance_usd"], acme["available_usd"], acme["tier"], acme["status"]) == (
+        "12.500000", "12.500000", "free", "active")  # fmt: skip
+    assert "grants" not in acme and acme == {
+        k: v for k, v in (await proxy.admin("GET", "/admin/v1/accounts/acme"))[1].items() if k != "grants"
+    }
+    ids, cursor = [], ""
+    while True:
+        _, page = await proxy.admin("GET", f"/admin/v1/accounts?limit=2{cursor}")
+        ids += [a["id"] for a in page["data"]]
+        if page["next_cursor"] is None:
+            break
+        cursor = f"&cursor={page['next_cursor']}"
+    assert ids == ["Acme-EU", "acme", "globex", "initech", "umbrella"]
+    _, found = await proxy.admin("GET", "/admin/v1/accounts?query=ACM")
+    assert [a["id"] for a in found["data"]] == ["Acme-EU", "acme"] and found["next_cursor"] is None
+    assert (await proxy.admin("GET", "/admin/v1/accounts?query=zzz"))[1]["data"] == []
+    for bad in ("limit=0", "limit=201", "cursor=no%20spaces", "colour=red"):
+        assert (await proxy.admin("GET", f"/admin/v1/accounts?{bad}"))[0] == 400, bad
+
+
 async def test_usage_grouped_by_model(proxy: Running, upstream: DemoUpstream) -> None:
     await new_account(proxy)
     await grant(proxy, "10")
@@ -263,7 +311,8 @@ async def test_usage_grouped_by_model(proxy: Running, upstream: DemoUpstream) ->
 async def test_openapi_lists_every_route(proxy: Running) -> None:
     status, doc = await proxy.admin("GET", "/admin/v1/openapi.json")
     assert status == 200 and doc["openapi"].startswith("3.1")
-    routes = [(r.method, r.resource.canonical) for r in admin.admin_app().router.routes() if r.method != "HEAD"]
+    api = [r for r in admin.admin_app().router.routes() if not (r.name or "").startswith(pages.ROUTE_PREFIX)]
+    routes = [(r.method, r.resource.canonical) for r in api if r.method != "HEAD"]
     assert len(routes) == len(admin.ROUTES)
     for method, path in routes:
         assert method.lower() in doc["paths"][path], (method, path)

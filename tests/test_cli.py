@@ -55,7 +55,7 @@ async def test_accounts_keys_credits_round_trip(cli: Cli) -> None:
     created = await cli.json("accounts", "create", "acme", "--metadata", '{"crm": "c_9"}', "--overage-limit", "1.5")
     assert created["id"] == "acme" and created["metadata"] == {"crm": "c_9"}
     assert created["overage_limit_usd"] == "1.500000"
-    assert (await cli.json("accounts", "list"))["data"] == ["acme"]
+    assert [a["id"] for a in (await cli.json("accounts", "list"))["data"]] == ["acme"]
     updated = await cli.json("accounts", "update", "acme", "--plan", "pro", "--rpm", "7", "--status", "suspended")
     assert updated["plan"] == "pro" and updated["rate_limits"]["rpm"] == 7 and updated["status"] == "suspended"
     cleared = await cli.json("accounts", "update", "acme", "--clear", "plan", "--clear", "rate_limits")

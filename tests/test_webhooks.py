@@ -19,7 +19,7 @@ import pytest
 import yaml
 from prometheus_client import REGISTRY
 
-from proxy import keyspace
+from proxy import keyspace, webhooks
 from proxy.cli import main as cli_main
 from proxy.embedded import EmbeddedRedis
 from proxy.ledger import GrantSpec
@@ -360,6 +360,48 @@ async def test_dead_letter_after_max_attempts_then_replay(
     await drain(worker, running, max_ticks=1)
     assert [a.status for a in receiver.attempts] == [500, 500, 500, 204]
     assert await replay_dead(running.state.ledger) == 0
+
+
+async def test_admin_api_shows_outbox_attempts_dead_letters_and_replays(
+    start_proxy: StartProxy, receiver: Receiver, make_worker: Callable[..., Worker], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What the console's webhooks card reads: the outbox with each event's next attempt,
+    the latest attempts newest first (capped), the dead letters, and a replay over HTTP."""
+    monkeypatch.setattr(webhooks, "DELIVERY_LOG", 3)
+    running = await start_hooked(start_proxy, receiver)
+    worker = make_worker(running)  # retries due at once, one attempt per tick
+    receiver.fail_next = 3
+    await running.account("acme", "10")
+    path = "/admin/v1/accounts/acme/webhooks"
+    status, hooks = await running.admin("GET", path)
+    assert status == 200 and hooks["attempts"] == [] and hooks["dead"] == []
+    [pending] = hooks["pending"]
+    assert (pending["type"], pending["tries"], pending["next_attempt_at"]) == ("credits.granted", 0, None)
+
+    await worker.tick()  # one failed attempt: the event waits for its next
+    _, hooks = await running.admin("GET", path)
+    [pending] = hooks["pending"]
+    assert pending["tries"] == 1 and pending["error"] == "HTTP 500" and pending["next_attempt_at"].endswith("Z")
+    [attempt] = hooks["attempts"]
+    assert attempt["event_id"] == pending["id"] and (attempt["outcome"], attempt["tries"]) == ("failed", 1)
+
+    await drain(worker, running, max_ticks=2)
+    _, hooks = await running.admin("GET", path)
+    assert hooks["pending"] == [] and [d["id"] for d in hooks["dead"]] == [pending["id"]]
+    assert [(a["outcome"], a["tries"]) for a in hooks["attempts"]] == [("dead", 3), ("failed", 2), ("failed", 1)]
+    _, listed = await running.admin("GET", "/admin/v1/webhooks/dead")
+    assert listed["data"] == hooks["dead"] == await list_dead(running.state.redis)
+    assert (await running.admin("GET", "/admin/v1/webhooks/dead?account_id=other"))[1]["data"] == []
+    assert (await running.admin("GET", "/admin/v1/webhooks/dead?account_id=no%20spaces"))[0] == 400
+    assert (await running.admin("GET", "/admin/v1/accounts/nobody/webhooks"))[0] == 404
+
+    status, replayed = await running.admin("POST", "/admin/v1/webhooks/dead/replay", {"account_id": "acme"})
+    assert status == 200 and replayed == {"object": "webhook_replay", "replayed": 1}
+    await drain(worker, running, max_ticks=1)
+    _, hooks = await running.admin("GET", path)
+    assert hooks["dead"] == [] and hooks["pending"] == []
+    assert [a["outcome"] for a in hooks["attempts"]] == ["delivered", "dead", "failed"]  # the latest 3
+    assert (await running.admin("POST", "/admin/v1/webhooks/dead/replay", {}))[1]["replayed"] == 0
 
 
 async def test_a_held_lease_keeps_other_instances_out(
