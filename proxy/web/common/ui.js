@@ -186,7 +186,7 @@ export class Api {
     else sessionStorage.removeItem(this.storageKey);
   }
 
-  async call(method, path, body, token = this.token) {
+  async call(method, path, body, token = this.token, raw = false) {
     const headers = { Authorization: `Bearer ${token}` };
     if (body !== undefined) headers["Content-Type"] = "application/json";
     let response;
@@ -203,6 +203,7 @@ export class Api {
       throw new ApiError(0, `The proxy did not answer (${err.message}).`, "network");
     }
     const text = await response.text();
+    if (raw && response.ok) return text;
     let data = null;
     try {
       data = text ? JSON.parse(text) : null;
@@ -219,6 +220,11 @@ export class Api {
 
   get(path) {
     return this.call("GET", path);
+  }
+
+  /** The body as text (e.g. the ledger's CSV export), errors as for JSON calls. */
+  getText(path) {
+    return this.call("GET", path, undefined, this.token, true);
   }
 }
 

@@ -10,14 +10,8 @@ import { dailyChart, dayPoints, modelChart, modelRows } from "./charts.js";
 const api = new Api("metering-proxy.admin-token");
 const app = document.getElementById("app");
 const LEDGER_PAGE = 25;
-const EXPORT_PAGE = 1000;
 const USAGE_DAYS = 30;
 const LIVE_GRANT = new Set(["pending", "active", "expiring"]);
-// the columns of the admin API's own CSV export (reconcile.CSV_COLUMNS)
-const CSV_COLUMNS = [
-  "id", "created_at", "type", "amount_usd", "balance_usd", "grant_id", "request_id", "model", "input_tokens",
-  "cached_input_tokens", "output_tokens", "reasoning_tokens", "estimated", "downgraded_from", "description",
-];
 
 // -- frame and sign-in -----------------------------------------------------------------
 
@@ -567,17 +561,13 @@ function ledgerCard(base, accountId) {
 
   async function exportCsv() {
     exportButton.disabled = true;
-    const lines = [CSV_COLUMNS.join(",")];
-    let next = null;
+    clear(exportStatus, "Exporting…");
     try {
-      do {
-        const result = await api.get(`${base}/ledger${query({ order: "asc", limit: EXPORT_PAGE, cursor: next })}`);
-        for (const entry of result.entries) lines.push(csvRow(entry));
-        next = result.next_cursor;
-        clear(exportStatus, `${count(lines.length - 1)} entries…`);
-      } while (next);
-      download(`ledger-${accountId}.csv`, `${lines.join("\r\n")}\r\n`, "text/csv");
-      clear(exportStatus, `Exported ${count(lines.length - 1)} entries.`);
+      // the server's own export: the same columns and figures as the CLI's and the API's
+      const csv = await api.getText(`${base}/ledger/export${query({ format: "csv" })}`);
+      const entries = csv.split("\r\n").length - 2; // less the header and the final line end
+      download(`ledger-${accountId}.csv`, csv, "text/csv");
+      clear(exportStatus, `Exported ${count(entries)} entries.`);
     } catch (err) {
       clear(exportStatus);
       failed(err, c.status);
@@ -586,22 +576,6 @@ function ledgerCard(base, accountId) {
     }
   }
   return { node: c.node, load: () => page(true) };
-}
-
-function csvField(value) {
-  if (value === null || value === undefined) return "";
-  const text = String(value);
-  return /[",\r\n]/.test(text) ? `"${text.replaceAll('"', '""')}"` : text;
-}
-
-function csvRow(entry) {
-  const usage = entry.usage || {};
-  const row = CSV_COLUMNS.map((name) => {
-    if (name.endsWith("_tokens")) return usage[name];
-    if (name === "estimated") return entry.estimated === undefined ? null : String(entry.estimated);
-    return entry[name];
-  });
-  return row.map(csvField).join(",");
 }
 
 function ledgerDetails(e) {
