@@ -17,6 +17,7 @@ from redis.asyncio import RedisCluster
 
 from . import errors, metrics, openapi
 from .api import json_response, openai_errors
+from .gauges import StoreGauges
 from .openapi import PUBLIC, Operation
 from .schemas import (
     AccountCreate,
@@ -169,7 +170,11 @@ async def readyz(request: web.Request) -> web.Response:
     return json_response({"status": "ready"})
 
 
-async def prometheus(_: web.Request) -> web.Response:
+GAUGES = web.AppKey("gauges", StoreGauges)
+
+
+async def prometheus(request: web.Request) -> web.Response:
+    await request.app[GAUGES].refresh(request.app[STATE])
     body, content_type = metrics.render()
     return web.Response(body=body, headers={"content-type": content_type})
 
@@ -226,6 +231,7 @@ ROUTES = (
 
 def admin_app() -> web.Application:
     app = web.Application(middlewares=[openai_errors, require_admin_token])
+    app[GAUGES] = StoreGauges()
     for route in ROUTES:
         app.router.add_route(route.method, route.path, route.handler)
     return app

@@ -11,7 +11,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 from aiohttp.web_protocol import RequestPayloadError
 
-from . import errors, relay, views
+from . import errors, metrics, relay, views
 from .intake import ENDPOINTS
 from .money import usd
 from .state import STATE
@@ -71,6 +71,7 @@ async def openai_errors(request: web.Request, handler: Handler) -> web.StreamRes
     except errors.ProxyError as err:
         return relay.error_response(err, relay.request_id())
     except errors.REDIS_DOWN:  # a Redis call outside the ledger (a key's status, ...)
+        metrics.child(metrics.REDIS_ERRORS, "other").inc()
         down = errors.StoreUnavailable("The metering store is unavailable.")
         return relay.error_response(down, relay.request_id())
     except RequestPayloadError as exc:  # an undecodable body (admin handlers read it themselves)

@@ -30,6 +30,7 @@ from .journal import Journal
 from .keys import KeyCache, KeyStore
 from .ledger import Checkpoint, Ledger
 from .resp import RespClient
+from .scripts import SCRIPTS
 from .state import STATE, InFlight, State
 from .upstream import Upstream
 from .webhooks import Webhooks
@@ -80,6 +81,7 @@ class Proxy:
     async def start(self) -> State:
         config = self.config
         logs.REDACTOR.use(config.secrets())
+        metrics.configure(config.metrics.created_series, config.models, SCRIPTS)
         if config.redis is None:
             # a billing store: every acknowledged write on disk (fsyncs are grouped per event-loop turn)
             self.embedded = EmbeddedRedis(config.data_dir / "redis", appendfsync="always")
@@ -185,6 +187,7 @@ class Proxy:
             await self.state.ledger.claim_tier_generation()
         logs.REDACTOR.use(config.secrets())
         self.state.upstream.scrub.use(config.secrets())
+        metrics.configure(config.metrics.created_series, config.models, SCRIPTS)
         metrics.CONFIG_RELOADS.labels("success").inc()
         log.info("config_reloaded", path=str(self.config_path))
         return True

@@ -368,6 +368,7 @@ class WebhooksConfig(_Frozen):
 
 class MetricsConfig(_Frozen):
     per_account_labels: bool = False
+    created_series: bool = False  # prometheus_client's `_created` series (off: half the series)
 
 
 class Config(_Frozen):

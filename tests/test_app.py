@@ -107,7 +107,7 @@ async def test_health_ready_and_metrics(proxy: Any, upstream: DemoUpstream) -> N
                  "metering_proxy_spend_usd_total", "metering_proxy_redis_script_duration_seconds"):  # fmt: skip
         assert name in text
     assert 'route="/v1/chat/completions"' in text
-    assert 'metering_proxy_account_spend_usd_total{account="acme"}' not in text  # opt-in only
+    assert 'metering_proxy_account_spend_usd_total{account_id="acme"}' not in text  # opt-in only
 
 
 async def test_per_account_spend_series_when_enabled(start_proxy: Any, upstream: DemoUpstream) -> None:
@@ -117,7 +117,7 @@ async def test_per_account_spend_series_when_enabled(start_proxy: Any, upstream:
     async with aiohttp.ClientSession() as session:
         async with session.get(f"{running.admin_url}/metrics") as resp:
             text = await resp.text()
-    assert 'metering_proxy_account_spend_usd_total{account="acct-labelled"}' in text
+    assert 'metering_proxy_account_spend_usd_total{account_id="acct-labelled"}' in text
 
 
 async def test_sighup_reloads_a_running_proxy(
