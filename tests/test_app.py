@@ -93,6 +93,39 @@ async def test_logs_never_show_keys_or_secrets(proxy: Any, upstream: DemoUpstrea
     assert "[REDACTED]" in text
 
 
+async def test_refused_requests_are_logged_with_account_key_and_model(proxy: Any, upstream: DemoUpstream) -> None:
+    import orjson
+
+    from .helpers import CHAT, post
+
+    broke = await proxy.account("broke", usd=None)
+    limited = await proxy.account("limited", "10", rl_rpm="1")
+    record, narrow = await proxy.state.key_store.create_key("limited", name="narrow", allowed_models=["gpt-4o"])
+    sink = io.StringIO()
+    logs.setup("info", stream=sink)
+    try:
+        assert (await post(proxy, broke, "chat/completions", {**CHAT, "model": "gpt-9"}))[0] == 400
+        assert (await post(proxy, broke, "chat/completions", CHAT))[0] == 402
+        assert (await post(proxy, narrow, "chat/completions", CHAT))[0] == 403
+        assert (await post(proxy, limited, "chat/completions", CHAT))[0] == 200
+        assert (await post(proxy, limited, "chat/completions", CHAT))[0] == 429
+        assert (await post(proxy, "sk-unknown-key-123456", "chat/completions", CHAT))[0] == 401
+    finally:
+        logs.setup("warning")
+    lines = [orjson.loads(line) for line in sink.getvalue().splitlines()]
+    seen = [(e["status"], e.get("account_id"), e.get("key_id") is not None, e["model"], e.get("reason"))
+            for e in lines if e["event"] == "request"]  # fmt: skip
+    assert seen == [
+        (400, "broke", True, "gpt-9", "model_not_found"),
+        (402, "broke", True, "gpt-4o-mini", "insufficient_quota"),
+        (403, "limited", True, "gpt-4o-mini", "model_not_allowed"),
+        (200, "limited", True, "gpt-4o-mini", None),
+        (429, "limited", True, "gpt-4o-mini", "rate_limit_exceeded"),
+        (401, None, False, "none", "invalid_api_key"),
+    ]
+    assert [e["key_id"] for e in lines if e.get("status") == 403] == [record.key_id]
+
+
 async def test_health_ready_and_metrics(proxy: Any, upstream: DemoUpstream) -> None:
     key = await proxy.account("acme", "10")
     await proxy.client(key).chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "x"}])
