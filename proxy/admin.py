@@ -159,6 +159,8 @@ async def healthz(_: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
+    if request.app[STATE].draining:  # load balancers stop sending; requests in flight finish
+        return json_response({"status": "draining"}, status=503)
     redis = request.app[STATE].redis
     try:
         await redis.ping()

@@ -140,6 +140,7 @@ class ServerConfig(_Frozen):
     max_body_bytes: PosInt = 10 * 1024 * 1024
     keepalive_timeout_s: PosFloat = 75.0  # a connection with no request in progress is closed after this
     header_timeout_s: PosFloat = 10.0  # a request head must arrive whole this long after its first byte
+    shutdown_timeout_s: PosFloat = 25.0  # after SIGTERM, requests in flight get this long to finish
 
     @model_validator(mode="after")
     def _distinct_ports(self) -> "ServerConfig":
