@@ -293,7 +293,7 @@ async def test_reconcile_and_cli_on_busy_books(
     capsys.readouterr()
     assert await asyncio.to_thread(cli_main, ["--config", str(path), "reconcile"]) == 0
     assert capsys.readouterr().out.strip() == f"ok: {len(ACCOUNTS)} accounts"
-    assert await asyncio.to_thread(cli_main, ["--config", str(path), "ledger", "list", "acme"]) == 0
+    assert await asyncio.to_thread(cli_main, ["--config", str(path), "ledger", "list", "acme", "--json"]) == 0
     page = orjson.loads(capsys.readouterr().out)
     assert [e["type"] for e in page["entries"]] == ["grant", "usage", "usage", "usage"]
 

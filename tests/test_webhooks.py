@@ -344,9 +344,8 @@ async def test_dead_letter_after_max_attempts_then_replay(
     config_file.write_text(yaml.safe_dump(deep_merge(BASE_CONFIG, {"redis": {"url": redis_server.url}})))
     cli = ["--config", str(config_file), "webhooks", "dead"]
     capsys.readouterr()  # drop the log lines so far
-    assert await asyncio.to_thread(cli_main, [*cli, "list"]) == 0
-    [line] = capsys.readouterr().out.splitlines()
-    assert orjson.loads(line) == dead
+    assert await asyncio.to_thread(cli_main, [*cli, "list", "--json"]) == 0
+    assert orjson.loads(capsys.readouterr().out)["data"] == [dead]
 
     assert await asyncio.to_thread(cli_main, [*cli, "replay", "acme"]) == 0
     assert capsys.readouterr().out == "replayed 1 event\n"
