@@ -71,7 +71,10 @@ async def keys_create(svc: Service, args: Any) -> int:
     body: dict[str, Any] = {"name": args.name}
     if args.allowed_models is not None:
         body["allowed_models"] = [m.strip() for m in args.allowed_models.split(",") if m.strip()]
-    return emit(await svc.create_key(args.account, body))
+    created = await svc.create_key(args.account, body)
+    if not output.JSON.get():
+        print("note: the key is shown this once (only its hash is stored): keep it now", file=sys.stderr)
+    return emit(created)
 
 
 async def keys_revoke(svc: Service, args: Any) -> int:
