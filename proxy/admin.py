@@ -226,7 +226,7 @@ ROUTES = (
     Operation("GET", f"{A}/usage", usage, "Usage grouped by model and/or day", query=UsageQuery),
     Operation("GET", "/admin/v1/openapi.json", openapi_json, "This document"),
     Operation("GET", "/healthz", healthz, "Liveness"),
-    Operation("GET", "/readyz", readyz, "Readiness (Redis reachable)"),
+    Operation("GET", "/readyz", readyz, "Readiness: Redis reachable and not draining (503 otherwise)"),
     Operation("GET", "/metrics", prometheus, "Prometheus metrics", content_type="text/plain"),
 )
 
