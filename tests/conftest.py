@@ -25,7 +25,7 @@ from proxy.ledger import GrantSpec
 from proxy.state import State
 from proxy.testing.upstream import DemoUpstream
 
-from .helpers import suite_server
+from .helpers import Receiver, suite_server
 
 ADMIN_TOKEN = "test-admin-token-123"
 UPSTREAM_KEY = "sk-upstream-secret-abcdef123456"
@@ -159,6 +159,15 @@ async def start_proxy(redis: Redis, make_config: Callable[..., Config]) -> Async
     yield start
     for proxy in started:
         await asyncio.wait_for(proxy.stop(), 30)  # a hung shutdown fails the test, not CI
+
+
+@pytest.fixture
+async def receiver() -> AsyncIterator[Receiver]:
+    """The operator's webhook endpoint, on loopback (helpers.Receiver)."""
+    server = Receiver()
+    await server.start()
+    yield server
+    await server.stop()
 
 
 @pytest.fixture

@@ -18,7 +18,7 @@ import os
 import re
 import shutil
 import subprocess
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -160,14 +160,6 @@ def scrape_config(tmp_path: Path, admin_port: int) -> Path:
     path = tmp_path / "prometheus.yml"
     path.write_text(yaml.safe_dump(config))
     return path
-
-
-@pytest.fixture
-async def receiver() -> AsyncIterator[Receiver]:
-    server = Receiver()
-    await server.start()
-    yield server
-    await server.stop()
 
 
 def spawn_prometheus(tmp_path: Path, admin_port: int) -> tuple[subprocess.Popen[bytes], str]:

@@ -34,14 +34,6 @@ from .helpers import Receiver, hook_config, new_secret, pause_background_worker
 StartProxy = Callable[..., Awaitable[Running]]
 
 
-@pytest.fixture
-async def receiver() -> AsyncIterator[Receiver]:
-    server = Receiver()
-    await server.start()
-    yield server
-    await server.stop()
-
-
 async def start_hooked(start_proxy: StartProxy, receiver: Receiver, **overrides: Any) -> Running:
     running = await start_proxy(hook_config(receiver, **overrides))
     await pause_background_worker(running)
