@@ -1,12 +1,14 @@
 # metering-proxy: `make run` starts the proxy, `make test` runs the tests.
-# Both create the virtualenv (.venv) and install what they need on a fresh machine.
+# Both create the virtualenv (.venv) and install what they need on a fresh machine;
+# `make install` only installs (then `source .venv/bin/activate` puts metering-proxy on PATH).
 
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
-CONFIG ?= config.example.yaml
+CONFIG ?= config.yaml
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: run demo-upstream test soak lint typecheck bench screenshots clean
+.PHONY: install run demo-upstream test soak lint typecheck bench screenshots clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -20,9 +22,17 @@ $(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $@ $(VENV)/.installed
 
+# The config `make run` serves and the CLI reads by default (./config.yaml): a copy of
+# the example the first time, yours to edit afterwards (git ignores it).
+config.yaml:
+	cp config.example.yaml $@
+
+install: $(VENV)/.installed config.yaml
+	@echo "installed: run 'source $(BIN)/activate' to put metering-proxy on PATH"
+
 # Without OPENAI_API_KEY the proxy serves from a built-in fake OpenAI (--demo) and
 # prints a funded demo key; with it, requests go to the real OpenAI.
-run: $(VENV)/.installed
+run: $(VENV)/.installed $(CONFIG)
 	$(BIN)/metering-proxy --config $(CONFIG) serve $(if $(OPENAI_API_KEY),,--demo)
 
 demo-upstream: $(VENV)/.installed

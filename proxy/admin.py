@@ -17,6 +17,7 @@ from redis.asyncio import RedisCluster
 
 from . import errors, metrics, openapi, pages
 from .api import json_response, openai_errors
+from .gauges import StoreGauges
 from .generations import Generation
 from .openapi import PUBLIC, Operation
 from .schemas import (
@@ -178,6 +179,8 @@ async def healthz(_: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
+    if request.app[STATE].draining:  # load balancers stop sending; requests in flight finish
+        return json_response({"status": "draining"}, status=503)
     redis = request.app[STATE].redis
     try:
         await redis.ping()
@@ -189,7 +192,11 @@ async def readyz(request: web.Request) -> web.Response:
     return json_response({"status": "ready"})
 
 
-async def prometheus(_: web.Request) -> web.Response:
+GAUGES = web.AppKey("gauges", StoreGauges)
+
+
+async def prometheus(request: web.Request) -> web.Response:
+    await request.app[GAUGES].refresh(request.app[STATE])
     body, content_type = metrics.render()
     return web.Response(body=body, headers={"content-type": content_type})
 
@@ -266,13 +273,14 @@ ROUTES = (
     ),
     Operation("GET", "/admin/v1/openapi.json", openapi_json, "This document"),
     Operation("GET", "/healthz", healthz, "Liveness"),
-    Operation("GET", "/readyz", readyz, "Readiness (Redis reachable)"),
+    Operation("GET", "/readyz", readyz, "Readiness: Redis reachable and not draining (503 otherwise)"),
     Operation("GET", "/metrics", prometheus, "Prometheus metrics", content_type="text/plain"),
 )
 
 
 def admin_app() -> web.Application:
     app = web.Application(middlewares=[openai_errors, require_admin_token])
+    app[GAUGES] = StoreGauges()
     for route in ROUTES:
         app.router.add_route(route.method, route.path, route.handler)
     pages.add_page(app, "console", "/")  # the operator console; its API calls carry the token

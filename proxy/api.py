@@ -13,7 +13,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 from aiohttp.web_protocol import RequestPayloadError
 
-from . import errors, pages, relay, reports, views
+from . import errors, metrics, pages, relay, reports, views
 from .intake import ENDPOINTS
 from .keys import KeyRecord
 from .money import usd
@@ -125,6 +125,7 @@ async def openai_errors(request: web.Request, handler: Handler) -> web.StreamRes
     except errors.ProxyError as err:
         return relay.error_response(err, relay.request_id())
     except errors.REDIS_DOWN:  # a Redis call outside the ledger (a key's status, ...)
+        metrics.child(metrics.REDIS_ERRORS, "other").inc()
         down = errors.StoreUnavailable("The metering store is unavailable.")
         return relay.error_response(down, relay.request_id())
     except RequestPayloadError as exc:  # an undecodable body (admin handlers read it themselves)

@@ -30,6 +30,7 @@ from .journal import Journal
 from .keys import KeyCache, KeyStore
 from .ledger import Checkpoint, Ledger
 from .resp import RespClient
+from .scripts import SCRIPTS
 from .state import STATE, InFlight, State
 from .upstream import Upstream
 from .webhooks import Webhooks
@@ -71,7 +72,7 @@ class Proxy:
         self.state: State | None = None
         self.webhooks: Webhooks | None = None
         self.worker: Worker | None = None
-        self.runners: list[web.AppRunner] = []
+        self.runners: dict[str, web.AppRunner] = {}
         self.worker_task: asyncio.Task[None] | None = None
         self.loops: list[asyncio.Task[None]] = []  # cancelled at stop: checkpoints, config watcher
         self.ports: dict[str, int] = {}
@@ -80,6 +81,7 @@ class Proxy:
     async def start(self) -> State:
         config = self.config
         logs.REDACTOR.use(config.secrets())
+        metrics.configure(config.metrics.created_series, config.models, SCRIPTS)
         if config.redis is None:
             # a billing store: every acknowledged write on disk (fsyncs are grouped per event-loop turn)
             self.embedded = EmbeddedRedis(config.data_dir / "redis", appendfsync="always")
@@ -133,14 +135,26 @@ class Proxy:
             access_log=None,
             handle_signals=False,
             lingering_time=1.0,
+            shutdown_timeout=server.shutdown_timeout_s,
         )
         await runner.setup()
         site = web.TCPSite(runner, host, port, reuse_address=True)
         await site.start()
-        self.runners.append(runner)
+        self.runners[name] = runner
         self.ports[name] = runner.addresses[0][1]  # the bound port, when asked for port 0
 
     async def stop(self) -> None:
+        """Drain, then stop: the client listener takes no new connection (idle keep-alive
+        ones are closed), the requests in flight, streams included, get
+        `server.shutdown_timeout_s` to finish and are settled (past it they are cut and
+        charged for what was relayed); meanwhile checkpoints go on and /readyz says
+        `draining`. Then the background work, the admin listener and Redis."""
+        if self.state is not None:
+            self.state.draining = True
+            timeout_s = self.config.server.shutdown_timeout_s
+            log.info("draining", requests_in_flight=len(self.state.inflight), timeout_s=timeout_s)
+        if "client" in self.runners:  # first: the admin listener's /readyz and /metrics stay up
+            await self.runners["client"].cleanup()  # waits for in-flight requests and their settlements
         if self.worker is not None:
             self.worker.stop()  # lets a delivery in flight finish and release its lease
         for task in self.loops:
@@ -150,8 +164,9 @@ class Proxy:
             _, pending = await asyncio.wait(tasks, timeout=5)
             for task in pending:
                 task.cancel()
-        for runner in self.runners:
-            await runner.cleanup()  # waits for in-flight requests and their settlements
+        for name, runner in self.runners.items():
+            if name != "client":
+                await runner.cleanup()
         if self.state is not None:
             if self.state.background:
                 await asyncio.gather(*self.state.background, return_exceptions=True)
@@ -185,6 +200,7 @@ class Proxy:
             await self.state.ledger.claim_tier_generation()
         logs.REDACTOR.use(config.secrets())
         self.state.upstream.scrub.use(config.secrets())
+        metrics.configure(config.metrics.created_series, config.models, SCRIPTS)
         metrics.CONFIG_RELOADS.labels("success").inc()
         log.info("config_reloaded", path=str(self.config_path))
         return True

@@ -1,7 +1,9 @@
 """The `metering-proxy` command line.
 
     metering-proxy serve [--demo]                    run the proxy
-    metering-proxy config check PATH                 validate a config file (exit 1 on errors)
+    metering-proxy config check [PATH]               validate a config file (exit 1 on errors), warn
+    metering-proxy config diff OLD NEW               what loading NEW in place of OLD would change
+    metering-proxy config schema                     the JSON Schema of the YAML file
     metering-proxy healthcheck                       exit 0 if the configured port answers /healthz
     metering-proxy demo-upstream                     a fake OpenAI upstream on 127.0.0.1:9999
     metering-proxy prices show|list                  the price catalog: what a model costs
@@ -15,10 +17,15 @@
     metering-proxy reconcile                         check the ledger invariants (exit 1 on drift)
     metering-proxy webhooks dead list|replay         dead-lettered webhook events
 
-Every command takes `--config PATH` (default `$METERING_CONFIG`, then ./config.yaml).
-The admin commands print JSON (money as decimal strings) and talk to Redis directly
-through the same service layer as the admin API: `redis.url` from the config or, with
-an embedded Redis, the port the running proxy recorded in `data_dir/redis/port`.
+Every command takes `--config PATH` (default `$METERING_CONFIG`, then ./config.yaml)
+and `--json`: output is a readable table by default, the admin API's JSON (money as
+decimal strings) with `--json`. The admin commands talk to Redis directly through the
+same service layer as the admin API: `redis.url` from the config or, with an embedded
+Redis, the port the running proxy recorded in `data_dir/redis/port`.
+
+Exit codes: 0 done; 1 refused or found wrong (an error, a drift, an invalid config);
+2 a bad command line; 3 Redis unreachable (nothing was checked or changed); 130
+interrupted; 141 the reader of the output went away (`| head`).
 """
 
 from __future__ import annotations
@@ -31,7 +38,9 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import commands, configfile, errors, logs
+import orjson
+
+from . import commands, configfile, configtools, errors, logs, output
 from .config import Config
 from .embedded import DataDirInUse, port_file
 
@@ -39,10 +48,15 @@ if TYPE_CHECKING:  # the service stack is imported only by the commands that use
     from .service import Service
 
 Action = Callable[["Service", Any], Awaitable[int]]
+EXIT_FAILED, EXIT_UNREACHABLE, EXIT_INTERRUPTED, EXIT_PIPE = 1, 3, 130, 141
 
 
 class Unreachable(Exception):
     """No Redis to talk to: no redis.url and no running proxy's embedded Redis."""
+
+
+class Unusable(Exception):
+    """The config cannot be read or is invalid (said on stderr already): exit 1."""
 
 
 def config_path(args: argparse.Namespace) -> Path:
@@ -50,13 +64,20 @@ def config_path(args: argparse.Namespace) -> Path:
 
 
 def load(args: argparse.Namespace) -> Config:
+    path = config_path(args)
+    if not path.exists():
+        output.error(
+            f"no config file {path}: pass --config PATH, set METERING_CONFIG, "
+            "or start from the example (cp config.example.yaml config.yaml)"
+        )
+        raise Unusable(path)
     try:
-        return configfile.load_config(config_path(args))
+        return configfile.load_config(path)
     except configfile.ConfigError as exc:
-        print(f"{config_path(args)}: invalid config", file=sys.stderr)
+        print(f"{path}: invalid config", file=sys.stderr)
         for line in exc.errors:
             print(f"  {line}", file=sys.stderr)
-        raise SystemExit(1) from None
+        raise Unusable(path) from None
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -86,7 +107,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_config_check(args: argparse.Namespace) -> int:
-    return configfile.check_main(args.path or config_path(args))
+    return configtools.check(args.path or config_path(args))
+
+
+def cmd_config_diff(args: argparse.Namespace) -> int:
+    return configtools.diff(args.old, args.new)
+
+
+def cmd_config_schema(args: argparse.Namespace) -> int:
+    print(orjson.dumps(configtools.schema(), option=orjson.OPT_INDENT_2).decode())
+    return 0
 
 
 def cmd_healthcheck(args: argparse.Namespace) -> int:
@@ -99,10 +129,14 @@ def cmd_healthcheck(args: argparse.Namespace) -> int:
     url = f"http://{f'[{host}]' if ':' in host else host}:{server.port}/healthz"
     try:
         with urllib.request.urlopen(url, timeout=args.timeout) as resp:
-            return 0 if resp.status == 200 else 1
+            healthy, problem = resp.status == 200, f"HTTP {resp.status}"
     except OSError as exc:
-        print(f"unhealthy: {url}: {exc}", file=sys.stderr)
-        return 1
+        healthy, problem = False, str(exc)
+    if output.JSON.get():
+        output.emit({"healthy": healthy, "url": url, **({} if healthy else {"error": problem})})
+    elif not healthy:
+        print(f"unhealthy: {url}: {problem}", file=sys.stderr)
+    return 0 if healthy else EXIT_FAILED
 
 
 def cmd_prices(args: argparse.Namespace) -> int:
@@ -159,8 +193,8 @@ def cmd_admin(args: argparse.Namespace) -> int:
     try:
         url, cluster = redis_target(config)
     except Unreachable as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+        output.error(str(exc))
+        return EXIT_UNREACHABLE
     return asyncio.run(_admin(args, config, url, cluster))
 
 
@@ -176,11 +210,12 @@ async def _admin(args: Any, config: Config, url: str, cluster: bool) -> int:
         return int(await args.action(Service(redis, config, ledger, KeyStore(redis)), args))
     except errors.REDIS_DOWN + (errors.StoreUnavailable,):
         where = "redis.url" if config.redis else "the embedded Redis"
-        print(f"error: cannot reach Redis ({where}): start the proxy first or set redis.url", file=sys.stderr)
-        return 1
+        output.error(f"cannot reach Redis ({where}): start the proxy first or set redis.url")
+        return EXIT_UNREACHABLE
     except errors.ProxyError as err:
-        print(err.to_body().decode(), file=sys.stderr)
-        return 1
+        said = ", ".join(f"{name}: {value}" for name, value in (("code", err.code), ("param", err.param)) if value)
+        output.error(f"{err.message}{f' ({said})' if said else ''}", err.to_body())
+        return EXIT_FAILED
     finally:
         await redis.aclose()
 
@@ -190,6 +225,7 @@ def _common() -> argparse.ArgumentParser:
     # given before the subcommand
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--config", default=argparse.SUPPRESS, help="config file")
+    common.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print JSON, for scripts")
     return common
 
 
@@ -216,7 +252,7 @@ def _account_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--low-balance-thresholds", help='USD amounts, comma-separated ("5,1")')
     fields = ("plan", "overage_limit_usd", "auto_topup", "rate_limits", "metadata", "low_balance_thresholds_usd")
     parser.add_argument("--clear", action="append", choices=fields, help="set a field to null (repeatable)")
-    parser.add_argument("--json", help="a JSON body as the admin API takes it; flags override it")
+    parser.add_argument("--body", help="a JSON body as the admin API takes it; flags override it")
 
 
 def _add_price_commands(sub: Any) -> None:
@@ -240,7 +276,7 @@ def _add_account_commands(sub: Any) -> None:
     update = _leaf(accounts, "update", commands.accounts_update, "change an account's settings")
     update.add_argument("account")
     _account_flags(update)
-    _leaf(accounts, "list", commands.accounts_list, "list account ids")
+    _leaf(accounts, "list", commands.accounts_list, "list accounts with their balances")
 
     keys = _group(sub, "keys", "API keys")
     create = _leaf(keys, "create", commands.keys_create, "create an API key (printed once)")
@@ -299,7 +335,7 @@ def _add_money_commands(sub: Any) -> None:
     _leaf(sub, "reconcile", commands.run_reconcile, "check every account's ledger invariants")
 
     dead = _group(_group(sub, "webhooks", "webhook delivery tools"), "dead", "events that failed every attempt")
-    _leaf(dead, "list", commands.dead_list, "print dead events as JSON lines").add_argument("account", nargs="?")
+    _leaf(dead, "list", commands.dead_list, "list dead events").add_argument("account", nargs="?")
     _leaf(dead, "replay", commands.dead_replay, "queue dead events for delivery again").add_argument(
         "account", nargs="?"
     )
@@ -308,6 +344,7 @@ def _add_money_commands(sub: Any) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="metering-proxy", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", help="config file (default $METERING_CONFIG, then ./config.yaml)")
+    parser.add_argument("--json", action="store_true", help="print JSON, for scripts (default: tables)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="run the proxy", parents=[_common()])
@@ -318,9 +355,15 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(func=cmd_serve)
 
     config = _group(sub, "config", "configuration tools")
-    check = config.add_parser("check", help="validate a config file", parents=[_common()])
-    check.add_argument("path", nargs="?")
+    check = config.add_parser("check", help="validate a config file and warn", parents=[_common()])
+    check.add_argument("path", nargs="?", help="default: --config")
     check.set_defaults(func=cmd_config_check)
+    diff = config.add_parser("diff", help="what loading NEW in place of OLD would change", parents=[_common()])
+    diff.add_argument("old")
+    diff.add_argument("new")
+    diff.set_defaults(func=cmd_config_diff)
+    schema = config.add_parser("schema", help="print the JSON Schema of the config file", parents=[_common()])
+    schema.set_defaults(func=cmd_config_schema)
 
     health = sub.add_parser("healthcheck", help="exit 0 if this config's proxy answers /healthz", parents=[_common()])
     health.add_argument("--timeout", type=float, default=2.0)
@@ -339,4 +382,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args: Any = build_parser().parse_args(argv)
-    return int(args.func(args))
+    output.JSON.set(bool(args.json))
+    try:
+        return int(args.func(args))
+    except Unusable:
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # `| head` stopped reading: not an error of ours. Point stdout at /dev/null so the
+        # interpreter's last flush at exit finds nowhere to fail.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_PIPE

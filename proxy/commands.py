@@ -1,26 +1,26 @@
 """The CLI's admin commands (`metering-proxy accounts|keys|credits|ledger|usage|generations|
 reconcile|webhooks ...`): each one call to the service layer the admin API uses, its answer printed
-as JSON."""
+by `output.emit` (a table, or the API's JSON with `--json`)."""
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from typing import Any
 
-import orjson
-
+from . import keyspace, output
+from .output import emit
 from .schemas import loads
 from .service import Service
 
-
-def emit(data: Any) -> int:
-    print(orjson.dumps(data, option=orjson.OPT_INDENT_2).decode())
-    return 0
+ACCOUNT_COLUMNS = ("id", "status", "plan", "tier", "balance_usd", "available_usd", "reserved_usd", "overage_usd")
+ENTRY_COLUMNS = ("id", "created_at", "type", "amount_usd", "balance_usd", "model", "request_id", "grant_id")
+DEAD_COLUMNS = ("account_id", "id", "type", "tries", "error", "dead_at")
 
 
 def account_body(args: Any) -> dict[str, Any]:
     """The PATCH body the flags describe (the same fields as the admin API)."""
-    body = loads(args.json) if args.json else {}
+    body = loads(args.body) if args.body else {}
     body.update(dict.fromkeys(args.clear or (), None))
     flags = {"plan": args.plan, "overage_limit_usd": args.overage_limit, "status": args.status}
     body.update({name: value for name, value in flags.items() if value is not None})
@@ -54,13 +54,14 @@ async def accounts_update(svc: Service, args: Any) -> int:
 
 
 async def accounts_list(svc: Service, args: Any) -> int:
+    """Every account with its balance, a page of summaries at a time (lazy expiry and allocations apply)."""
     listed: list[dict[str, Any]] = []
     query: dict[str, Any] = {"limit": 200}
     while True:  # every page: the CLI lists them all
         page = await svc.list_accounts(query)
         listed += page["data"]
         if page["next_cursor"] is None:
-            return emit({"object": "list", "data": listed})
+            return emit({"object": "list", "data": listed}, ACCOUNT_COLUMNS)
         query["cursor"] = page["next_cursor"]
 
 
@@ -68,7 +69,10 @@ async def keys_create(svc: Service, args: Any) -> int:
     body: dict[str, Any] = {"name": args.name}
     if args.allowed_models is not None:
         body["allowed_models"] = [m.strip() for m in args.allowed_models.split(",") if m.strip()]
-    return emit(await svc.create_key(args.account, body))
+    created = await svc.create_key(args.account, body)
+    if not output.JSON.get():
+        print("note: the key is shown this once (only its hash is stored): keep it now", file=sys.stderr)
+    return emit(created)
 
 
 async def keys_revoke(svc: Service, args: Any) -> int:
@@ -108,7 +112,7 @@ async def show_balance(svc: Service, args: Any) -> int:
 
 async def ledger_list(svc: Service, args: Any) -> int:
     query = {"limit": args.limit, **({"cursor": args.cursor} if args.cursor else {})}
-    return emit(await svc.ledger_page(args.account, query))
+    return emit(await svc.ledger_page(args.account, query), ENTRY_COLUMNS)
 
 
 async def ledger_export(svc: Service, args: Any) -> int:
@@ -120,9 +124,12 @@ async def ledger_export(svc: Service, args: Any) -> int:
     except OSError as exc:
         print(f"error: cannot write {args.output}: {exc.strerror}", file=sys.stderr)
         return 1
+    total = int(await svc.redis.xlen(keyspace.account(args.account, "ledger")))
     try:
-        async for chunk in chunks:
-            out.write(chunk)
+        with output.progress("export", total) as bar:
+            async for chunk in chunks:
+                output.write(chunk, out)
+                bar.advance(chunk.count("\n"))  # entries (a multi-line CSV field overcounts: a bar)
     finally:
         if out is not sys.stdout:
             out.close()
@@ -142,31 +149,31 @@ async def run_reconcile(svc: Service, args: Any) -> int:
     from .reconcile import reconcile
 
     ids = await svc.ledger.account_ids()
-    drifts = await reconcile(svc.redis, svc.config, ids)
-    if not drifts:
-        print(f"ok: {len(ids)} accounts")
-        return 0
-    for drift in drifts:
-        print(f"drift: {drift}")
+    with output.progress("reconcile", len(ids)) as bar:
+        drifts = await reconcile(svc.redis, svc.config, ids, checked=bar.advance)
     bad = sorted({d.account_id for d in drifts})
-    print(f"error: {len(bad)} of {len(ids)} accounts drift: {', '.join(bad)}", file=sys.stderr)
-    return 1
+    if output.JSON.get():
+        result = {"ok": not drifts, "accounts": len(ids), "drifting": bad}
+        emit({**result, "drifts": [dataclasses.asdict(d) for d in drifts]})
+    elif not drifts:
+        print(f"ok: {len(ids)} accounts")
+    else:
+        print("".join(f"drift: {drift}\n" for drift in drifts), end="")
+        print(f"error: {len(bad)} of {len(ids)} accounts drift: {', '.join(bad)}", file=sys.stderr)
+    return 1 if drifts else 0
 
 
 async def dead_list(svc: Service, args: Any) -> int:
     from .webhooks import list_dead
 
-    for event in await list_dead(svc.redis, args.account):
-        print(orjson.dumps(event).decode())
-    return 0
+    return emit({"object": "list", "data": await list_dead(svc.redis, args.account)}, DEAD_COLUMNS)
 
 
 async def dead_replay(svc: Service, args: Any) -> int:
     from .webhooks import replay_dead
 
     moved = await replay_dead(svc.ledger, args.account)
+    if output.JSON.get():
+        return emit({"replayed": moved})
     print(f"replayed {moved} event{'' if moved == 1 else 's'}")
     return 0
-
-
-# -- the parser ----------------------------------------------------------------------

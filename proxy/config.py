@@ -142,6 +142,7 @@ class ServerConfig(_Frozen):
     keepalive_timeout_s: PosFloat = 75.0  # a connection with no request in progress is closed after this
     header_timeout_s: PosFloat = 10.0  # a request head must arrive whole this long after its first byte
     usage_page: bool = True  # the customer usage page at /usage on the client listener (pages.py)
+    shutdown_timeout_s: PosFloat = 25.0  # after SIGTERM, requests in flight get this long to finish
 
     @model_validator(mode="after")
     def _distinct_ports(self) -> "ServerConfig":
@@ -373,6 +374,7 @@ class WebhooksConfig(_Frozen):
 
 class MetricsConfig(_Frozen):
     per_account_labels: bool = False
+    created_series: bool = False  # prometheus_client's `_created` series (off: half the series)
 
 
 class Config(_Frozen):

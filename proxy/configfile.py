@@ -3,12 +3,13 @@
 `parse_config`/`load_config` compose the YAML into nodes (to keep line numbers), expand
 `${VAR}` / `${VAR:-default}` in string scalars (an unset variable expands to ""),
 validate, and raise one `ConfigError` listing every problem as `path: message (line N)`.
+`read_config` also returns each path's line and every expansion (for `config check`).
 """
 
 import os
 import re
-import sys
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -54,12 +55,22 @@ def _expand(value: str, env: Mapping[str, str], on_error: Callable[[str], None])
     return _VAR.sub(sub, value)
 
 
+@dataclass(frozen=True)
+class Expansion:
+    """A string scalar that named variables: as written, and what it became."""
+
+    line: int
+    written: str
+    value: str
+
+
 class _Walker:
     """Expands env vars in string scalars and records the line of every path."""
 
     def __init__(self, env: Mapping[str, str]) -> None:
         self.env = env
         self.lines: dict[Loc, int] = {}
+        self.expansions: dict[Loc, Expansion] = {}
         self.problems: list[tuple[int, str]] = []
         self._done: set[int] = set()  # aliased nodes are expanded once
 
@@ -73,7 +84,9 @@ class _Walker:
             def report(msg: str) -> None:
                 self.problems.append((line, _fmt(path, msg)))
 
-            node.value = _expand(node.value, self.env, report)
+            written, node.value = node.value, _expand(node.value, self.env, report)
+            if "${" in written:
+                self.expansions[path] = Expansion(line, written, node.value)
         elif isinstance(node, yaml.SequenceNode):
             for i, item in enumerate(node.value):
                 self.lines[path + (i,)] = item.start_mark.line + 1
@@ -160,8 +173,20 @@ def _not_under(reported: list[tuple[Loc, str]], problems: list[tuple[Loc, str]])
 # --- entry points ------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Parsed:
+    config: Config
+    lines: Mapping[Loc, int] = field(default_factory=dict)  # each path's line in the file
+    expansions: Mapping[Loc, Expansion] = field(default_factory=dict)
+
+
 def parse_config(text: str, env: Mapping[str, str] | None = None, source: str = "<string>") -> Config:
     """Parse YAML text into a Config; `env` defaults to a snapshot of os.environ."""
+    return parse_detailed(text, env, source).config
+
+
+def parse_detailed(text: str, env: Mapping[str, str] | None = None, source: str = "<string>") -> Parsed:
+    """`parse_config`, with the lines and the expansions the file had."""
     env = dict(os.environ) if env is None else env
     data, walker = _read_yaml(text, env, source)
     found = reference_errors(data)
@@ -176,39 +201,20 @@ def parse_config(text: str, env: Mapping[str, str] | None = None, source: str = 
     if problems or config is None:
         problems.sort(key=lambda p: p[0])  # stable: file order, then discovery order
         raise ConfigError([f"{msg} (line {line})" for line, msg in problems], source)
-    return config
+    return Parsed(config, walker.lines, walker.expansions)
 
 
 def load_config(path: str | Path, env: Mapping[str, str] | None = None) -> Config:
+    return read_config(path, env).config
+
+
+def read_config(path: str | Path, env: Mapping[str, str] | None = None) -> Parsed:
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError([f"{path}: cannot read config: {exc}"], str(path)) from exc
-    return parse_config(text, env, source=str(path))
-
-
-def check_main(path: str | Path) -> int:
-    """`metering-proxy config check PATH`: 0 if valid, else 1 with every error."""
-    try:
-        config = load_config(path)
-    except ConfigError as exc:
-        for line in exc.errors:
-            print(line, file=sys.stderr)
-        return 1
-    disabled = config.server.admin_disabled_reason
-    if disabled:  # a visible choice, not a silent one
-        print(f"warning: the admin listener is disabled: {disabled}", file=sys.stderr)
-    counts = (len(config.models), len(config.upstreams), len(config.plans))
-    print(
-        "ok: "
-        + ", ".join(
-            f"{n} {noun}{'' if n == 1 else 's'}" for n, noun in zip(counts, ("model", "upstream", "plan"), strict=True)
-        )
-    )
-    for line in explain_prices(config) + explain_catalog(config):
-        print(line)
-    return 0
+    return parse_detailed(text, env, source=str(path))
 
 
 def explain_prices(config: Config) -> list[str]:

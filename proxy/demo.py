@@ -46,6 +46,7 @@ class Demo:
             f"  curl -s http://127.0.0.1:{port}/v1/chat/completions -H 'Authorization: Bearer {key}' \\\n"
             f"    -H 'content-type: application/json' \\\n"
             f'    -d \'{{"model": "gpt-4o-mini", "messages": [{{"role": "user", "content": "Hi"}}]}}\' -i\n\n'
-            f"  curl -s http://127.0.0.1:{port}/v1/credits -H 'Authorization: Bearer {key}'\n",
+            f"  curl -s http://127.0.0.1:{port}/v1/credits -H 'Authorization: Bearer {key}'\n\n"
+            "  in another terminal: source .venv/bin/activate && metering-proxy accounts list\n",
             flush=True,
         )

@@ -18,7 +18,7 @@ from typing import Any
 import orjson
 from redis.asyncio import Redis
 
-from . import errors, keyspace
+from . import errors, keyspace, metrics
 
 KEY_PREFIX = "sk-mp-"
 POSITIVE_TTL_S = 60.0
@@ -85,6 +85,7 @@ class KeyCache:
         try:
             raw = await self.redis.get(keyspace.api_key(key_hash))
         except errors.STORE_DOWN as exc:
+            metrics.child(metrics.REDIS_ERRORS, "key_lookup").inc()
             raise errors.StoreUnavailable("The metering store is unavailable.") from exc
         record = KeyRecord.from_json(raw) if raw else None
         entry = (record, now + (POSITIVE_TTL_S if record else NEGATIVE_TTL_S))

@@ -160,6 +160,7 @@ class Ledger:
                 await self.watch(account_id, 0)
             return reply
         except errors.STORE_DOWN as exc:
+            metrics.child(metrics.REDIS_ERRORS, name).inc()
             raise errors.StoreUnavailable("The metering store is unavailable; nothing was charged.") from exc
         except redis_errors.ResponseError as exc:  # a Lua error: name its real file and line
             raise redis_errors.ResponseError(SCRIPTS[name].describe(str(exc))) from exc

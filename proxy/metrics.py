@@ -1,11 +1,33 @@
-"""Prometheus metrics with the contract's names, served on the admin listener."""
+"""Prometheus metrics with the contract's names, served on the admin listener.
+
+No `_created` series unless `metrics.created_series` asks for them (they double the
+series count and dashboards never read them). Label values a client chooses are
+bounded: a model label is a configured model's name, `other` or `none` (`model_label`).
+The store-wide gauges (outbox, dead letters, worker lag) are read from Redis at scrape
+time by `gauges.py`.
+"""
 
 from __future__ import annotations
 
 import functools
+import platform
+from collections.abc import Collection, Iterable
 from typing import Any
 
-from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    disable_created_metrics,
+    enable_created_metrics,
+    generate_latest,
+)
+
+from . import __version__
+
+disable_created_metrics()  # type: ignore[no-untyped-call]  # until configure() says otherwise
 
 _LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
@@ -27,13 +49,27 @@ TTFT_SECONDS = Histogram(
 )
 TOKENS = Counter("metering_proxy_tokens", "Metered tokens.", ["model", "kind"])
 SPEND_USD = Counter("metering_proxy_spend_usd", "Metered spend in USD.", ["model"])
-REJECTIONS = Counter("metering_proxy_rejections", "Requests refused before forwarding.", ["reason"])
+OVERHEAD_SECONDS = Histogram(
+    "metering_proxy_overhead_seconds",
+    "What the proxy added to a forwarded request: its whole duration minus the upstream call's.",
+    ["route"],
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+)
+REJECTIONS = Counter(
+    "metering_proxy_rejections", "Requests refused before forwarding (model: see model_label).", ["reason", "model"]
+)
 RESERVATIONS_OPEN = Gauge("metering_proxy_reservations_open", "Reservations this instance holds open.")
 REDIS_SCRIPT_SECONDS = Histogram(
     "metering_proxy_redis_script_duration_seconds",
     "One Lua script call, round trip included.",
     ["script"],
     buckets=(0.0002, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 2),
+)
+REDIS_ERRORS = Counter(
+    "metering_proxy_redis_errors",
+    "Redis calls that failed (down, timed out, loading, read-only, no free connection): "
+    "a script's name, key_lookup or other.",
+    ["operation"],
 )
 REDIS_POOL_WAIT_SECONDS = Histogram(
     "metering_proxy_redis_pool_wait_seconds",
@@ -62,8 +98,45 @@ SETTLEMENTS_JOURNALED = Counter(
 )
 JOURNAL_PENDING = Gauge("metering_proxy_journal_pending", "Settlements in this instance's journal, not yet in Redis.")
 ACCOUNT_SPEND_USD = Counter(
-    "metering_proxy_account_spend_usd", "Spend per account (only with metrics.per_account_labels).", ["account"]
+    "metering_proxy_account_spend_usd", "Spend per account (only with metrics.per_account_labels).", ["account_id"]
 )
+# store-wide, the same on every instance (read from Redis at scrape time: gauges.py)
+WEBHOOK_OUTBOX = Gauge(
+    "metering_proxy_webhook_outbox_events", "Webhook events waiting for delivery, all accounts (store-wide)."
+)
+WEBHOOK_DEAD_LETTERS = Gauge(
+    "metering_proxy_webhook_dead_letters",
+    "Webhook events that failed every attempt, all accounts (store-wide; `webhooks dead list|replay`).",
+)
+WORKER_OVERDUE_SECONDS = Gauge(
+    "metering_proxy_worker_overdue_seconds",
+    "How long past due the most overdue account waits for a worker visit "
+    "(a lapsed reservation to release, events to deliver); store-wide.",
+)
+BUILD = Info("metering_proxy_build", "The running build.")
+BUILD.info({"version": __version__, "python": platform.python_version()})
+NO_MODEL, OTHER_MODEL = "none", "other"
+
+
+def model_label(model: str | None, configured: Collection[str]) -> str:
+    """A model as a label value: a configured name, else `other` (asked for, unknown
+    here), or `none` (not read: the request was refused before its body was)."""
+    if model is None:
+        return NO_MODEL
+    return model if model in configured else OTHER_MODEL
+
+
+def configure(created_series: bool, models: Iterable[str], scripts: Iterable[str]) -> None:
+    """At start and on reload: `_created` series on or off, and the series an alert
+    reads with `increase()` created at zero (a counter born at 1 shows no increase)."""
+    (enable_created_metrics if created_series else disable_created_metrics)()  # type: ignore[no-untyped-call]
+    for outcome in ("success", "error"):
+        CONFIG_RELOADS.labels(outcome)
+    for name in (*scripts, "key_lookup", "other"):
+        REDIS_ERRORS.labels(name)
+    for model in models:
+        RESERVATION_EXCEEDED.labels(model)
+        USAGE_ESTIMATED.labels(model)
 
 
 @functools.lru_cache(maxsize=4096)

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import csv
 import io
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -77,8 +77,11 @@ class Snapshot:
     last_entry: str | None
 
 
-async def reconcile(redis: Redis, config: Config, accounts: Iterable[str] | None = None) -> list[Drift]:
-    """Every drift of every account (or of `accounts`); empty when the books balance."""
+async def reconcile(
+    redis: Redis, config: Config, accounts: Iterable[str] | None = None, checked: Callable[[], None] | None = None
+) -> list[Drift]:
+    """Every drift of every account (or of `accounts`); empty when the books balance.
+    `checked` is called after each account (a progress bar)."""
     ids = sorted(map(str, await redis.smembers(keyspace.ACCOUNTS))) if accounts is None else list(accounts)
     drifts: list[Drift] = []
     waiting = journal.pending_on_disk(config.data_dir / "journal")
@@ -86,6 +89,8 @@ async def reconcile(redis: Redis, config: Config, accounts: Iterable[str] | None
         drifts.append(Drift("*", "the settlement journal is empty (Redis has every settlement)", "0", str(waiting)))
     for account_id in ids:
         drifts += await check_account(redis, account_id)
+        if checked is not None:
+            checked()
     return drifts
 
 

@@ -48,6 +48,23 @@ STREAM_INTERRUPTED = orjson.dumps(
 )
 
 
+@dataclasses.dataclass
+class Known:
+    """What a request showed of itself before it was refused: its log line says who
+    (account, key) and what (the model asked for) as far as admission got."""
+
+    account_id: str | None = None
+    key_id: str | None = None
+    model: str | None = None
+
+    def fields(self) -> dict[str, str]:
+        shown = {"account_id": self.account_id, "key_id": self.key_id, "model": self.model}
+        return {name: value[:MAX_LOGGED_MODEL] for name, value in shown.items() if value is not None}
+
+
+MAX_LOGGED_MODEL = 200  # a client's string, logged as given but not without end
+
+
 def request_id() -> str:
     return "req_" + secrets.token_hex(12)
 
@@ -80,16 +97,17 @@ async def metered(request: web.Request, endpoint: str) -> web.StreamResponse:
     state = request.app[STATE]
     req_id = request_id()
     started = time.perf_counter()
-    model = "-"
+    known = Known()
     try:
-        meter = await admit(state, request, endpoint, req_id)
+        meter = await admit(state, request, endpoint, req_id, known)
         model = meter.client.model
     except errors.ProxyError as err:
-        metrics.REJECTIONS.labels(type(err).__name__ if err.code is None else err.code).inc()
+        label = metrics.model_label(known.model, state.config.models)
+        metrics.child(metrics.REJECTIONS, type(err).__name__ if err.code is None else err.code, label).inc()
         response: web.StreamResponse = error_response(err, req_id)
         if isinstance(err, errors.BodyTooLarge):
             response.force_close()  # the unread rest of the body makes the connection unusable
-        access_log(request, req_id, model, response.status, started, None, reason=err.code)
+        access_log(request, req_id, label, response.status, started, None, reason=err.code, known=known)
         return response
     status = 499  # what the log says if the handler is cancelled mid-flight
     try:
@@ -104,9 +122,11 @@ async def metered(request: web.Request, endpoint: str) -> web.StreamResponse:
         access_log(request, req_id, model, status, started, meter, settlement=settlement)
 
 
-async def admit(state: State, request: web.Request, endpoint: str, req_id: str) -> Meter:
+async def admit(state: State, request: web.Request, endpoint: str, req_id: str, known: Known) -> Meter:
     key = await state.keys.authenticate(request.headers.get("Authorization"))
+    known.account_id, known.key_id = key.account_id, key.key_id
     client = intake.parse(endpoint, await read_body(request, state.config.server.max_body_bytes))
+    known.model = client.model
     route = state.catalog.route(client.model)
     if not key.allows(client.model):
         raise errors.PermissionDenied(
@@ -311,6 +331,7 @@ def access_log(
     *,
     reason: str | None = None,
     settlement: Settlement | None = None,
+    known: Known | None = None,
 ) -> None:
     """One line per request, and the request metrics. Never a key or a secret."""
     elapsed = time.perf_counter() - started
@@ -326,8 +347,13 @@ def access_log(
     }
     if reason:
         fields["reason"] = reason
+    if known is not None:
+        fields.update(known.fields())
     if meter is not None:
         fields.update(account_id=meter.account_id, key_id=meter.key_id, outcome=meter.outcome, **meter.timing)
+        if "upstream_ms" in meter.timing:  # forwarded: what the proxy itself added
+            overhead = max(0.0, elapsed - meter.timing["upstream_ms"] / 1000)
+            metrics.child(metrics.OVERHEAD_SECONDS, route).observe(overhead)
         if meter.usage is not None:
             fields.update(meter.usage.as_dict(), estimated=meter.estimated)
             record_usage(meter)

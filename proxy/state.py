@@ -41,6 +41,7 @@ class State:
     background: set[asyncio.Task[Any]] = field(default_factory=set)
     # request id -> the request: reservations this instance holds (checkpointed by app.py)
     inflight: dict[str, InFlight] = field(default_factory=dict)
+    draining: bool = False  # stopping: /readyz answers 503, the client listener takes no new connection
 
     def use_config(self, config: Config, catalog: Catalog) -> None:
         """Swap in a reloaded config; requests in flight keep the objects they hold."""

@@ -27,7 +27,7 @@ from proxy.ledger import GrantSpec
 from proxy.state import State
 from proxy.testing.upstream import DemoUpstream
 
-from .helpers import suite_server
+from .helpers import Receiver, suite_server
 
 ADMIN_TOKEN = "test-admin-token-123"
 UPSTREAM_KEY = "sk-upstream-secret-abcdef123456"
@@ -219,6 +219,15 @@ async def browser() -> AsyncIterator[Any]:
         chromium = await launch(playwright)
         yield chromium
         await chromium.close()
+
+
+@pytest.fixture
+async def receiver() -> AsyncIterator[Receiver]:
+    """The operator's webhook endpoint, on loopback (helpers.Receiver)."""
+    server = Receiver()
+    await server.start()
+    yield server
+    await server.stop()
 
 
 @pytest.fixture

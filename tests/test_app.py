@@ -93,6 +93,39 @@ async def test_logs_never_show_keys_or_secrets(proxy: Any, upstream: DemoUpstrea
     assert "[REDACTED]" in text
 
 
+async def test_refused_requests_are_logged_with_account_key_and_model(proxy: Any, upstream: DemoUpstream) -> None:
+    import orjson
+
+    from .helpers import CHAT, post
+
+    broke = await proxy.account("broke", usd=None)
+    limited = await proxy.account("limited", "10", rl_rpm="1")
+    record, narrow = await proxy.state.key_store.create_key("limited", name="narrow", allowed_models=["gpt-4o"])
+    sink = io.StringIO()
+    logs.setup("info", stream=sink)
+    try:
+        assert (await post(proxy, broke, "chat/completions", {**CHAT, "model": "gpt-9"}))[0] == 400
+        assert (await post(proxy, broke, "chat/completions", CHAT))[0] == 402
+        assert (await post(proxy, narrow, "chat/completions", CHAT))[0] == 403
+        assert (await post(proxy, limited, "chat/completions", CHAT))[0] == 200
+        assert (await post(proxy, limited, "chat/completions", CHAT))[0] == 429
+        assert (await post(proxy, "sk-unknown-key-123456", "chat/completions", CHAT))[0] == 401
+    finally:
+        logs.setup("warning")
+    lines = [orjson.loads(line) for line in sink.getvalue().splitlines()]
+    seen = [(e["status"], e.get("account_id"), e.get("key_id") is not None, e["model"], e.get("reason"))
+            for e in lines if e["event"] == "request"]  # fmt: skip
+    assert seen == [
+        (400, "broke", True, "gpt-9", "model_not_found"),
+        (402, "broke", True, "gpt-4o-mini", "insufficient_quota"),
+        (403, "limited", True, "gpt-4o-mini", "model_not_allowed"),
+        (200, "limited", True, "gpt-4o-mini", None),
+        (429, "limited", True, "gpt-4o-mini", "rate_limit_exceeded"),
+        (401, None, False, "none", "invalid_api_key"),
+    ]
+    assert [e["key_id"] for e in lines if e.get("status") == 403] == [record.key_id]
+
+
 async def test_health_ready_and_metrics(proxy: Any, upstream: DemoUpstream) -> None:
     key = await proxy.account("acme", "10")
     await proxy.client(key).chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "x"}])
@@ -107,7 +140,7 @@ async def test_health_ready_and_metrics(proxy: Any, upstream: DemoUpstream) -> N
                  "metering_proxy_spend_usd_total", "metering_proxy_redis_script_duration_seconds"):  # fmt: skip
         assert name in text
     assert 'route="/v1/chat/completions"' in text
-    assert 'metering_proxy_account_spend_usd_total{account="acme"}' not in text  # opt-in only
+    assert 'metering_proxy_account_spend_usd_total{account_id="acme"}' not in text  # opt-in only
 
 
 async def test_per_account_spend_series_when_enabled(start_proxy: Any, upstream: DemoUpstream) -> None:
@@ -117,7 +150,7 @@ async def test_per_account_spend_series_when_enabled(start_proxy: Any, upstream:
     async with aiohttp.ClientSession() as session:
         async with session.get(f"{running.admin_url}/metrics") as resp:
             text = await resp.text()
-    assert 'metering_proxy_account_spend_usd_total{account="acct-labelled"}' in text
+    assert 'metering_proxy_account_spend_usd_total{account_id="acct-labelled"}' in text
 
 
 async def test_sighup_reloads_a_running_proxy(

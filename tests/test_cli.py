@@ -41,7 +41,7 @@ class Cli:
         return code, out, err
 
     async def json(self, *argv: str) -> Any:
-        code, out, err = await self.run(*argv)
+        code, out, err = await self.run(*argv, "--json")
         assert code == 0, err
         return json.loads(out)
 
@@ -71,7 +71,9 @@ async def test_accounts_keys_credits_round_trip(cli: Cli) -> None:
 
     grant = await cli.json("credits", "grant", "acme", "12.5", "--kind", "paid", "--idempotency-key", "inv-1")
     assert grant["amount_usd"] == "12.500000" and grant["status"] == "active"
-    code, out, err = await cli.run("credits", "grant", "acme", "12.5", "--kind", "paid", "--idempotency-key", "inv-1")
+    code, out, err = await cli.run(
+        "credits", "grant", "acme", "12.5", "--kind", "paid", "--idempotency-key", "inv-1", "--json"
+    )
     assert code == 0 and json.loads(out) == grant and "existing grant" in err
     promo = await cli.json("credits", "grant", "acme", "2", "--kind", "promotional", "--expires-at", "2999-01-01")
     assert promo["expires_at"] == "2999-01-01T00:00:00.000Z"
@@ -90,10 +92,10 @@ async def test_accounts_keys_credits_round_trip(cli: Cli) -> None:
 
 
 async def test_errors_exit_1_with_openai_shaped_json(cli: Cli) -> None:
-    code, out, err = await cli.run("balance", "ghost")
+    code, out, err = await cli.run("balance", "ghost", "--json")
     assert code == 1 and out == "" and json.loads(err)["error"]["code"] == "not_found"
     await cli.json("accounts", "create", "acme")
-    code, _, err = await cli.run("credits", "grant", "acme", "0.0000001", "--kind", "paid")
+    code, _, err = await cli.run("credits", "grant", "acme", "0.0000001", "--kind", "paid", "--json")
     assert code == 1 and json.loads(err)["error"]["param"] == "amount_usd"
     code, _, err = await cli.run("accounts", "update", "acme", "--plan", "gold")
     assert code == 1 and "Unknown plan" in err
@@ -127,10 +129,10 @@ async def test_embedded_redis_port_file(tmp_path: Path, redis_server: EmbeddedRe
     path.write_text(yaml.safe_dump(deep_merge(BASE_CONFIG, {"data_dir": str(tmp_path / "data")})))
     cli = Cli(path, capsys)
     code, out, err = await cli.run("accounts", "list")
-    assert code == 1 and out == "" and "start the proxy first or set redis.url" in err
+    assert code == 3 and out == "" and "start the proxy first or set redis.url" in err
     (tmp_path / "data" / "redis").mkdir(parents=True)
     (tmp_path / "data" / "redis" / "port").write_text(f"{redis_server.port}\n")  # as a running proxy leaves it
-    assert (await cli.json("accounts", "list"))["data"] == []
+    assert (await cli.json("accounts", "list"))["data"] == []  # reached the embedded Redis
 
 
 async def test_embedded_server_records_and_removes_its_port(tmp_path: Path) -> None:
@@ -152,3 +154,103 @@ def test_config_flag_works_after_the_subcommand(tmp_path: Path) -> None:
 def test_config_check_still_works(config_file: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["config", "check", str(config_file)]) == 0
     assert capsys.readouterr().out.startswith("ok: 4 models")
+
+
+# -- for people: tables by default, --json for scripts, clear errors -----------------
+
+
+async def test_tables_by_default(cli: Cli) -> None:
+    await cli.json("accounts", "create", "acme", "--plan", "pro")
+    await cli.json("accounts", "create", "beta")
+    await cli.json("credits", "grant", "acme", "12.5", "--kind", "paid")
+    code, out, _ = await cli.run("accounts", "list")
+    header, acme, beta = out.splitlines()[-3:]
+    assert code == 0 and header.split() == ["ID", "STATUS", "PLAN", "TIER", "BALANCE_USD", "AVAILABLE_USD",
+                                            "RESERVED_USD", "OVERAGE_USD"]  # fmt: skip
+    assert acme.split()[:5] == ["acme", "active", "pro", "free", "12.500000"]
+    assert beta.split()[:5] == ["beta", "active", "-", "free", "0.000000"]
+    code, out, _ = await cli.run("balance", "acme")
+    lines = out.splitlines()
+    assert code == 0 and "balance_usd    12.500000" in lines and "grants:" in lines
+    code, out, _ = await cli.run("ledger", "list", "acme")
+    assert out.splitlines()[3].split()[:5] == ["ID", "CREATED_AT", "TYPE", "AMOUNT_USD", "BALANCE_USD"]
+    assert out.splitlines()[4].split()[2:5] == ["grant", "12.500000", "12.500000"]
+
+
+async def test_accounts_list_json_has_the_balances(cli: Cli) -> None:
+    await cli.json("accounts", "create", "acme")
+    await cli.json("credits", "grant", "acme", "2", "--kind", "promotional")
+    [row] = (await cli.json("accounts", "list"))["data"]
+    assert row == {"id": "acme", "status": "active", "plan": None, "tier": "free", "balance_usd": "2.000000",
+                   "available_usd": "2.000000", "reserved_usd": "0.000000", "overage_usd": "0.000000"}  # fmt: skip
+
+
+def test_every_command_takes_json() -> None:
+    """Every command that prints a result takes --json, before or after its name."""
+    import argparse
+
+    def leaves(parser: argparse.ArgumentParser, path: tuple[str, ...]) -> list[tuple[tuple[str, ...], Any]]:
+        [sub] = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)] or [None]
+        if sub is None:
+            return [(path, parser)]
+        return [leaf for name, child in sub.choices.items() for leaf in leaves(child, (*path, name))]
+
+    found = leaves(build_parser(), ())
+    servers = {("serve",), ("demo-upstream",)}  # they run until stopped and print logs
+    assert len(found) > 20
+    for path, parser in found:
+        if path not in servers:
+            assert "--json" in parser._option_string_actions, path
+    assert build_parser().parse_args(["--json", "reconcile"]).json is True
+    assert build_parser().parse_args(["reconcile", "--json"]).json is True
+
+
+async def test_errors_are_one_readable_line(cli: Cli) -> None:
+    code, out, err = await cli.run("balance", "ghost")
+    assert (code, out, err) == (1, "", "error: No account 'ghost'. (code: not_found)\n")
+    await cli.json("accounts", "create", "acme")
+    code, _, err = await cli.run("credits", "grant", "acme", "0.0000001", "--kind", "paid")
+    assert (code, err) == (
+        1,
+        "error: Invalid request: amount_usd: more precision than 1e-6 USD: '0.0000001' (param: amount_usd)\n",
+    )
+
+
+async def test_a_missing_config_file_says_what_to_do(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code = await asyncio.to_thread(main, ["--config", str(tmp_path / "nope.yaml"), "accounts", "list"])
+    err = capsys.readouterr().err
+    assert code == 1 and "no config file" in err and "cp config.example.yaml config.yaml" in err
+
+
+async def test_reconcile_json_and_exit_codes(cli: Cli, redis: Redis) -> None:
+    from proxy import keyspace
+
+    await cli.json("accounts", "create", "acme")
+    await cli.json("credits", "grant", "acme", "5", "--kind", "paid")
+    assert await cli.json("reconcile") == {"ok": True, "accounts": 1, "drifting": [], "drifts": []}
+    await redis.hincrby(keyspace.account("acme", "acct"), "balance", 1)
+    code, out, _ = await cli.run("reconcile", "--json")
+    report = json.loads(out)
+    assert code == 1 and report["ok"] is False and report["drifting"] == ["acme"]
+    assert report["drifts"][0] == {"account_id": "acme", "check": "balance == sum(ledger amounts)",
+                                   "expected": "5.000000", "found": "5.000001"}  # fmt: skip
+
+
+async def test_dead_letters_as_a_table(cli: Cli, redis: Redis) -> None:
+    from proxy import keyspace
+
+    dead = {"id": "evt_acme_1", "type": "credits.granted", "ts": 0, "data": {"amount_usd": "5000000"},
+            "tries": 8, "error": "HTTP 500", "dead_at": 1_700_000_000_000}  # fmt: skip
+    await redis.rpush(keyspace.dead_letters("acme"), json.dumps(dead))
+    await redis.sadd(keyspace.DEAD_LETTERS, "acme")
+    code, out, _ = await cli.run("webhooks", "dead", "list")
+    header, row = out.splitlines()[-2:]
+    assert code == 0 and header.split() == ["ACCOUNT_ID", "ID", "TYPE", "TRIES", "ERROR", "DEAD_AT"]
+    assert row.split() == ["acme", "evt_acme_1", "credits.granted", "8", "HTTP", "500", "2023-11-14T22:13:20.000Z"]
+    assert (await cli.json("webhooks", "dead", "replay")) == {"replayed": 1}
+
+
+async def test_healthcheck_json(cli: Cli, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = await cli.run("healthcheck", "--json", "--timeout", "0.5")  # nothing listens on port 0's
+    report = json.loads(out)
+    assert code == 1 and report["healthy"] is False and report["url"].endswith("/healthz") and report["error"]

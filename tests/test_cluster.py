@@ -20,7 +20,7 @@ import yaml
 from redis import exceptions as redis_errors
 from redis.asyncio import Redis, RedisCluster
 
-from proxy import keyspace
+from proxy import gauges, keyspace
 from proxy.app import Proxy, connect
 from proxy.cli import main as cli_main
 from proxy.configfile import parse_config
@@ -34,7 +34,7 @@ from proxy.worker import Worker
 
 from .cluster import LocalCluster, redis_cluster  # noqa: F401  (the session fixture)
 from .conftest import BASE_CONFIG, Running, deep_merge
-from .helpers import BURST, CHAT, Receiver, burst, entries, fresh_keys, hook_config, pause_background_worker
+from .helpers import BURST, CHAT, Receiver, burst, entries, fresh_keys, hook_config, pause_background_worker, scrape
 
 # slots of {gamma}, {delta}, {acme}: 2469, 9053, 11304 -> one account on each master
 ACCOUNTS = ("gamma", "delta", "acme")
@@ -230,7 +230,10 @@ async def test_reaper_releases_lapsed_reservations(start_cluster_proxy: StartPro
     assert await reconcile(running.state.redis, running.state.config) == []
 
 
-async def test_webhooks_retry_dead_letter_and_replay(start_cluster_proxy: StartProxy) -> None:
+async def test_webhooks_retry_dead_letter_and_replay(
+    start_cluster_proxy: StartProxy, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(gauges, "MIN_INTERVAL_S", 0.0)  # every scrape reads the cluster
     receiver = Receiver()
     await receiver.start()
     webhooks: Webhooks | None = None
@@ -242,6 +245,8 @@ async def test_webhooks_retry_dead_letter_and_replay(start_cluster_proxy: StartP
         redis = running.state.redis
         receiver.fail_next = 1  # one retry (a WATCH/MULTI head swap) for one of the accounts
         await open_accounts(running)
+        samples = await scrape(running.admin_url)  # the store-wide gauges, read across the masters
+        assert samples["metering_proxy_webhook_outbox_events"] == [({}, len(ACCOUNTS))]
         await drain_all(worker, redis)
         granted = receiver.delivered("credits.granted")
         assert sorted(b["data"]["account_id"] for b in granted) == sorted(ACCOUNTS)
@@ -252,6 +257,9 @@ async def test_webhooks_retry_dead_letter_and_replay(start_cluster_proxy: StartP
         await drain_all(worker, redis)
         [dead] = await list_dead(redis)
         assert dead["account_id"] == "delta" and dead["tries"] == 2
+        samples = await scrape(running.admin_url)
+        assert samples["metering_proxy_webhook_dead_letters"] == [({}, 1)]
+        assert samples["metering_proxy_webhook_outbox_events"] == [({}, 0)]
         assert await replay_dead(running.state.ledger) == 1
         await drain_all(worker, redis)
         assert await list_dead(redis) == []
@@ -298,7 +306,7 @@ async def test_reconcile_and_cli_on_busy_books(
     capsys.readouterr()
     assert await asyncio.to_thread(cli_main, ["--config", str(path), "reconcile"]) == 0
     assert capsys.readouterr().out.strip() == f"ok: {len(ACCOUNTS)} accounts"
-    assert await asyncio.to_thread(cli_main, ["--config", str(path), "ledger", "list", "acme"]) == 0
+    assert await asyncio.to_thread(cli_main, ["--config", str(path), "ledger", "list", "acme", "--json"]) == 0
     page = orjson.loads(capsys.readouterr().out)
     assert [e["type"] for e in page["entries"]] == ["grant", "usage", "usage", "usage"]
 

@@ -1,5 +1,5 @@
 """Tests for proxy.config (schema) and proxy.configfile (env expansion, line-numbered errors,
-check_main); most drive the schema through parse_config to check the errors users see."""
+configtools.check); most drive the schema through parse_config to check the errors users see."""
 
 from decimal import Decimal
 from pathlib import Path
@@ -8,7 +8,8 @@ import pytest
 from pydantic import ValidationError
 
 from proxy.config import Config
-from proxy.configfile import ConfigError, check_main, load_config, parse_config
+from proxy.configfile import ConfigError, load_config, parse_config
+from proxy.configtools import check
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "config.example.yaml"
 
@@ -285,17 +286,17 @@ def test_duplicate_key_reported() -> None:
     assert errors_of(text) == ["billing: duplicate key (line 8)"]
 
 
-def test_check_main_ok_for_example(capsys: pytest.CaptureFixture[str]) -> None:
-    assert check_main(EXAMPLE) == 0
+def test_check_ok_for_example(capsys: pytest.CaptureFixture[str]) -> None:
+    assert check(EXAMPLE) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[0] == "ok: 4 models, 1 upstream, 3 plans"
     assert "    priority: input 4.25, cached_input 2.125, output 17, audio_input 2.5, audio_output 10" in out
 
 
-def test_check_main_bad_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_check_bad_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = tmp_path / "bad.yaml"
     path.write_text(MINIMAL.replace("upstream: openai", "upstream: nope") + "x: 1\n")
-    assert check_main(path) == 1
+    assert check(path) == 1
     captured = capsys.readouterr()
     assert captured.out == ""
     assert captured.err.splitlines() == [
@@ -304,15 +305,15 @@ def test_check_main_bad_file(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     ]
 
 
-def test_check_main_missing_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert check_main(tmp_path / "absent.yaml") == 1
+def test_check_missing_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert check(tmp_path / "absent.yaml") == 1
     assert "cannot read config" in capsys.readouterr().err
 
 
 def test_an_empty_admin_token_is_a_visible_choice(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = tmp_path / "config.yaml"
     path.write_text(MINIMAL + "server: {admin_token: '${UNSET_ADMIN_TOKEN}'}\n")
-    assert check_main(path) == 0
+    assert check(path) == 0
     out, err = capsys.readouterr()
     assert out.startswith("ok: ") and "warning: the admin listener is disabled: server.admin_token is empty" in err
 

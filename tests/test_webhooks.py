@@ -34,14 +34,6 @@ from .helpers import Receiver, hook_config, new_secret, pause_background_worker
 StartProxy = Callable[..., Awaitable[Running]]
 
 
-@pytest.fixture
-async def receiver() -> AsyncIterator[Receiver]:
-    server = Receiver()
-    await server.start()
-    yield server
-    await server.stop()
-
-
 async def start_hooked(start_proxy: StartProxy, receiver: Receiver, **overrides: Any) -> Running:
     running = await start_proxy(hook_config(receiver, **overrides))
     await pause_background_worker(running)
@@ -344,9 +336,8 @@ async def test_dead_letter_after_max_attempts_then_replay(
     config_file.write_text(yaml.safe_dump(deep_merge(BASE_CONFIG, {"redis": {"url": redis_server.url}})))
     cli = ["--config", str(config_file), "webhooks", "dead"]
     capsys.readouterr()  # drop the log lines so far
-    assert await asyncio.to_thread(cli_main, [*cli, "list"]) == 0
-    [line] = capsys.readouterr().out.splitlines()
-    assert orjson.loads(line) == dead
+    assert await asyncio.to_thread(cli_main, [*cli, "list", "--json"]) == 0
+    assert orjson.loads(capsys.readouterr().out)["data"] == [dead]
 
     assert await asyncio.to_thread(cli_main, [*cli, "replay", "acme"]) == 0
     assert capsys.readouterr().out == "replayed 1 event\n"
@@ -556,6 +547,56 @@ async def test_a_new_account_has_crossed_nothing(start_proxy: StartProxy, receiv
     await running.account("acme", None)
     await running.balance("acme")
     assert await outbox(running) == []  # no low balance or depleted spam at signup
+
+
+def kinds(events: list[dict[str, Any]]) -> list[str]:
+    return [e["type"] for e in events]
+
+
+async def test_settings_on_an_unfunded_account_raise_nothing_until_it_is_funded_and_spends(
+    start_proxy: StartProxy, receiver: Receiver, upstream: DemoUpstream
+) -> None:
+    running = await start_hooked(start_proxy, receiver)
+    key = await running.account("acme", None)
+    patch = {"auto_topup": {"threshold_usd": "5", "amount_usd": "10"}, "low_balance_thresholds_usd": ["5", "2"]}
+    assert (await running.admin("PATCH", "/admin/v1/accounts/acme", patch))[0] == 200
+    await running.balance("acme")  # every check runs again: still nothing crossed, nobody to charge
+    assert await outbox(running) == []
+
+    await running.fund("acme", "10")
+    assert kinds(await outbox(running)) == ["credits.granted"]
+    await running.state.redis.delete(keyspace.outbox("acme"))
+    await spend(running, upstream, key, 2_200_000)  # 10 -> 4.499990: crosses 5, below the top-up threshold
+    assert kinds(await outbox(running)) == ["credit_balance.low", "auto_topup.requested"]
+
+
+async def test_a_threshold_set_above_the_balance_waits_for_a_crossing(
+    start_proxy: StartProxy, receiver: Receiver, upstream: DemoUpstream
+) -> None:
+    running = await start_hooked(start_proxy, receiver, low_balance_thresholds_usd=[])
+    key = await running.account("acme", "10")
+    await running.state.redis.delete(keyspace.outbox("acme"))
+    patch = {"low_balance_thresholds_usd": ["20"]}
+    assert (await running.admin("PATCH", "/admin/v1/accounts/acme", patch))[0] == 200
+    await spend(running, upstream, key, 400_000)  # 10 -> 8.999990: lower, but 20 was never crossed
+    assert await outbox(running) == []
+
+    await running.fund("acme", "15")  # 23.999990: above it, armed
+    await spend(running, upstream, key, 2_000_000)  # -> 18.999980: crosses 20
+    low = [e for e in await outbox(running) if e["type"] == "credit_balance.low"]
+    assert [(e["data"]["threshold_usd"], e["data"]["balance_usd"]) for e in low] == [("20000000", "18999980")]
+
+
+async def test_a_funded_account_below_its_new_top_up_threshold_is_topped_up_at_once(
+    start_proxy: StartProxy, receiver: Receiver, upstream: DemoUpstream
+) -> None:
+    running = await start_hooked(start_proxy, receiver, low_balance_thresholds_usd=[])
+    await running.account("acme", "3")
+    await running.state.redis.delete(keyspace.outbox("acme"))
+    patch = {"auto_topup": {"threshold_usd": "5", "amount_usd": "10"}}
+    assert (await running.admin("PATCH", "/admin/v1/accounts/acme", patch))[0] == 200
+    [event] = await outbox(running)
+    assert event["type"] == "auto_topup.requested" and event["data"]["amount_usd"] == "10000000"
 
 
 async def test_credit_expiring_at_admission_raises_events(

@@ -1,0 +1,150 @@
+"""SIGTERM on a real proxy process with streams in flight (what Kubernetes does on a
+rollout): it stops taking connections at once, says `draining` on /readyz, lets the
+streams finish and settles them, and exits 0; streams that outlive
+`server.shutdown_timeout_s` are cut and charged for what was relayed."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import openai
+import pytest
+from redis.asyncio import Redis
+
+from proxy import keyspace, reconcile
+from proxy.testing.upstream import DemoUpstream
+
+from .helpers import ChildConfig, child_config, entries, funded_key, spawn_proxy, wait_healthy
+
+HELD_AT = 2  # events each stream sends before the upstream holds it
+STREAMS = 3
+
+
+async def start(tmp_path: Path, upstream: DemoUpstream, redis_url: str, **server: Any) -> tuple[ChildConfig, Any]:
+    cfg = child_config(tmp_path, upstream.base_url, redis_url, {"server": server} if server else None)
+    process = spawn_proxy(cfg.path, tmp_path / "proxy.log")
+    try:
+        await wait_healthy(cfg.url, process)
+    except AssertionError:
+        process.kill()
+        raise AssertionError((tmp_path / "proxy.log").read_text()) from None
+    return cfg, process
+
+
+async def stream(client: openai.AsyncOpenAI) -> tuple[str, Any]:
+    chunks = await client.chat.completions.create(
+        model="gpt-4o-mini",
+        messages=[{"role": "user", "content": "hi"}],
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    text, usage = "", None
+    async for chunk in chunks:
+        text += "".join(c.delta.content or "" for c in chunk.choices)
+        usage = chunk.usage or usage
+    return text, usage
+
+
+async def held(upstream: DemoUpstream, count: int) -> None:
+    """Until `count` streams wait at the upstream's hold."""
+    deadline = asyncio.get_running_loop().time() + 15
+    while sum(1 for sent in upstream.chunks_by_request.values() if sent >= HELD_AT) < count:
+        assert asyncio.get_running_loop().time() < deadline, upstream.chunks_by_request
+        await asyncio.sleep(0.02)  # polling the upstream's state, bounded
+
+
+async def draining(cfg: ChildConfig) -> None:
+    """Until /readyz says draining and the client port refuses new connections."""
+    deadline = asyncio.get_running_loop().time() + 15
+    async with aiohttp.ClientSession() as session:
+        while True:
+            async with session.get(f"{cfg.admin_url}/readyz") as resp:
+                if resp.status == 503 and (await resp.json())["status"] == "draining":
+                    break
+            assert asyncio.get_running_loop().time() < deadline, "never draining"
+            await asyncio.sleep(0.02)  # polling a child process, bounded
+    while True:
+        try:
+            _, writer = await asyncio.open_connection("127.0.0.1", cfg.port)
+        except ConnectionRefusedError:
+            return
+        writer.close()
+        assert asyncio.get_running_loop().time() < deadline, "the client port still accepts"
+        await asyncio.sleep(0.02)
+
+
+async def exit_code(process: subprocess.Popen[bytes], timeout_s: float = 30) -> int:
+    return await asyncio.to_thread(process.wait, timeout_s)
+
+
+async def no_open_reservation(redis: Redis, account_id: str = "acme") -> None:
+    assert await redis.hgetall(keyspace.account(account_id, "resv")) == {}
+    assert await redis.hget(keyspace.account(account_id, "acct"), "reserved") == "0"
+    assert not await reconcile.check_account(redis, account_id)
+
+
+async def test_sigterm_drains_streams_in_flight_and_settles_them(
+    tmp_path: Path, upstream: DemoUpstream, redis: Redis, redis_server: Any
+) -> None:
+    upstream.fault.hold_after_chunks, upstream.fault.output_tokens = HELD_AT, 8
+    cfg, process = await start(tmp_path, upstream, redis_server.url)
+    try:
+        client = openai.AsyncOpenAI(
+            base_url=f"{cfg.url}/v1", api_key=await funded_key(redis, cfg.config), max_retries=0
+        )
+        streams = [asyncio.create_task(stream(client)) for _ in range(STREAMS)]
+        await held(upstream, STREAMS)
+
+        process.send_signal(signal.SIGTERM)
+        await draining(cfg)
+        late = openai.AsyncOpenAI(base_url=f"{cfg.url}/v1", api_key="sk-whoever-123456", max_retries=0)
+        with pytest.raises(openai.APIConnectionError):  # a new request finds the door shut
+            await late.models.list()
+        assert process.poll() is None and not any(s.done() for s in streams)  # still serving them
+
+        upstream.release.set()
+        results = await asyncio.gather(*streams)
+        assert await exit_code(process) == 0
+    finally:
+        upstream.release.set()
+        if process.poll() is None:
+            process.kill()
+    log = (tmp_path / "proxy.log").read_text()
+    assert '"event":"draining"' in log and '"requests_in_flight":3' in log
+
+    assert all(len(text) > 0 and usage.completion_tokens == 8 for text, usage in results)
+    usage_entries = [e for e in await entries(redis, "acme") if e["type"] == "usage"]
+    assert len(usage_entries) == STREAMS and not any(e.get("estimated") for e in usage_entries)
+    assert sorted(e["request_id"] for e in usage_entries) == sorted(upstream.chunks_by_request)
+    assert all(e["usage"]["output_tokens"] == 8 and int(e["amount"]) < 0 for e in usage_entries)  # what upstream said
+    await no_open_reservation(redis)
+
+
+async def test_streams_past_the_grace_period_are_cut_and_charged_for_what_was_relayed(
+    tmp_path: Path, upstream: DemoUpstream, redis: Redis, redis_server: Any
+) -> None:
+    upstream.fault.hold_after_chunks, upstream.fault.output_tokens = HELD_AT, 8
+    cfg, process = await start(tmp_path, upstream, redis_server.url, shutdown_timeout_s=0.5)
+    try:
+        client = openai.AsyncOpenAI(
+            base_url=f"{cfg.url}/v1", api_key=await funded_key(redis, cfg.config), max_retries=0
+        )
+        task = asyncio.create_task(stream(client))
+        await held(upstream, 1)
+        process.send_signal(signal.SIGTERM)  # and the upstream never goes on
+        assert await exit_code(process) == 0
+        with pytest.raises(openai.APIError):  # cut: the stream never ended
+            await task
+    finally:
+        upstream.release.set()
+        if process.poll() is None:
+            process.kill()
+    [entry] = [e for e in await entries(redis, "acme") if e["type"] == "usage"]
+    assert entry["estimated"] is True
+    assert entry["usage"]["output_tokens"] >= 1  # the deltas relayed before the cut, counted
+    await no_open_reservation(redis)
