@@ -13,7 +13,8 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 from aiohttp.web_protocol import RequestPayloadError
 
-from . import errors, metrics, pages, relay, reports, views
+from . import errors, metrics, pages, relay, views
+from .generations import recent
 from .intake import ENDPOINTS
 from .keys import KeyRecord
 from .money import usd
@@ -107,7 +108,7 @@ async def generations(request: web.Request) -> web.Response:
     async def read(state: State, key: KeyRecord) -> object:
         await require_live(state, key)
         q = parse(GenerationsQuery, request.query)
-        data, cursor = await reports.recent_requests(state.redis, key.account_id, q.limit, q.cursor)
+        data, cursor = await recent(state.redis, key.account_id, q.limit, q.cursor)
         return {"object": "list", "data": data, "next_cursor": cursor}
 
     return await own(request, read)

@@ -149,13 +149,13 @@ def cmd_prices(args: argparse.Namespace) -> int:
     try:
         if args.prices_command == "list":
             table = pricesheet.listing(args.provider or prices.DEFAULT_PROVIDER)
-            lines = pricesheet.listing_text(table) if not args.json else [json.dumps(table, indent=2)]
+            lines = pricesheet.listing_text(table) if not output.JSON.get() else [json.dumps(table, indent=2)]
         else:
             # a configured model as it is charged; with --provider (or no config) the catalog's entry
             given = args.config or os.environ.get("METERING_CONFIG") or config_path(args).exists()
             config = load(args) if given and args.provider is None else None
             sheet = pricesheet.show(args.model, args.provider, config)
-            lines = pricesheet.show_text(sheet) if not args.json else [json.dumps(sheet, indent=2)]
+            lines = pricesheet.show_text(sheet) if not output.JSON.get() else [json.dumps(sheet, indent=2)]
     except prices.CatalogError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -263,7 +263,6 @@ def _add_price_commands(sub: Any) -> None:
     listing = group.add_parser("list", help="a provider's catalog models and their main prices", parents=[_common()])
     listing.add_argument("--provider", help="a genai-prices provider id (default: openai)")
     for parser in (show, listing):
-        parser.add_argument("--json", action="store_true", help="print JSON")
         parser.set_defaults(func=cmd_prices)
 
 

@@ -175,4 +175,11 @@ def _shown(value: Any) -> str:
 def schema() -> dict[str, Any]:
     """The JSON Schema of the YAML file (draft 2020-12), for editors and linters."""
     document = Config.model_json_schema(mode="validation")
+    # `price: catalog`, the short form, becomes `{source: catalog}` before validation (prices.resolve)
+    document["$defs"]["ModelConfig"]["properties"]["price"] = {
+        "anyOf": [
+            {"const": "catalog", "description": "every price from the pinned catalog"},
+            {"$ref": "#/$defs/PriceConfig"},
+        ]
+    }
     return {"$schema": "https://json-schema.org/draft/2020-12/schema", **document}

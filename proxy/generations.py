@@ -19,8 +19,11 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
+import orjson
 from pydantic import BaseModel, ConfigDict, Field
+from redis.asyncio import Redis
 
+from .ledger import read_entries
 from .money import usd
 from .reports import TOKEN_FIELDS
 from .schemas import REQUEST_ID
@@ -78,6 +81,33 @@ def generation(account_id: str, request_id: str, found: Lookup) -> dict[str, Any
     if found.found == "settled":
         return _settled(account_id, request_id, found.record, found.ledger_id)
     return _reserved(account_id, request_id, found.record, open_=found.found == "open")
+
+
+SCAN_PAGE = 200
+SCAN_LIMIT = 5_000  # ledger entries read back at most for one page of requests
+
+
+async def recent(
+    redis: Redis, account_id: str, limit: int, before: str | None = None
+) -> tuple[list[dict[str, Any]], str | None]:
+    """The account's latest settled requests (`GET /v1/generations`), newest first, each
+    as `GET /v1/generation` shows it, and the cursor of the next page (None at the start
+    of the ledger). Reads back at most SCAN_LIMIT entries: an account whose ledger is
+    mostly grants gets short pages, never a slow one."""
+    found: list[dict[str, Any]] = []
+    high, scanned = f"({before}" if before else "+", 0
+    while len(found) < limit and scanned < SCAN_LIMIT:
+        rows = await read_entries(redis, account_id, high=high, limit=SCAN_PAGE, newest_first=True)
+        for entry_id, raw in rows:
+            high, scanned = f"({entry_id}", scanned + 1
+            entry = orjson.loads(raw)
+            if entry.get("type") == "usage" and entry.get("request_id"):
+                found.append(_settled(account_id, entry["request_id"], entry, entry_id))
+                if len(found) == limit:
+                    return found, entry_id
+        if len(rows) < SCAN_PAGE:
+            return found, None
+    return found, high[1:]
 
 
 def _base(account_id: str, request_id: str, **fields: Any) -> dict[str, Any]:

@@ -27,7 +27,8 @@ from proxy import prices
 from proxy.catalog import Catalog
 from proxy.cli import main
 from proxy.config import Config, PriceConfig
-from proxy.configfile import ConfigError, check_main, load_config, parse_config
+from proxy.configfile import ConfigError, load_config, parse_config
+from proxy.configtools import check as check_main
 from proxy.money import MICRO, Usage
 from proxy.testing.upstream import DemoUpstream
 

@@ -7,7 +7,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from proxy import reports
+from proxy import generations as listing
 
 from .conftest import Running
 
@@ -64,8 +64,8 @@ async def test_latest_requests_newest_first_paged_and_only_the_callers(proxy: Ru
 async def test_a_ledger_of_grants_gives_short_pages_that_still_reach_every_request(
     proxy: Running, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(reports, "SCAN_PAGE", 3)
-    monkeypatch.setattr(reports, "SCAN_LIMIT", 6)
+    monkeypatch.setattr(listing, "SCAN_PAGE", 3)
+    monkeypatch.setattr(listing, "SCAN_LIMIT", 6)
     key = await proxy.account("acme", "10")
     served = [await spend(proxy, key)]
     for _ in range(10):
