@@ -1,4 +1,4 @@
-"""The client listener: metered OpenAI routes plus models, credits and health."""
+"""The client listener: metered OpenAI routes plus models, credits, the caller's key and health."""
 
 from __future__ import annotations
 
@@ -13,8 +13,10 @@ from aiohttp.web_protocol import RequestPayloadError
 
 from . import errors, relay, views
 from .intake import ENDPOINTS
+from .keys import KeyRecord
 from .money import usd
-from .state import STATE
+from .scripts import KeyFigures
+from .state import STATE, State
 
 log = structlog.get_logger("proxy.api")
 
@@ -28,15 +30,14 @@ async def list_models(request: web.Request) -> web.Response:
     req_id = relay.request_id()
     try:
         key = await state.keys.authenticate(request.headers.get("Authorization"))
-        if not await state.key_store.key_active(key):
-            raise errors.InvalidApiKey("Incorrect API key provided: the key was revoked.")
+        own = await own_key(state, key)
     except errors.ProxyError as err:
         return relay.error_response(err, req_id)
     created = int(time.time())
     data = [
         {"id": name, "object": "model", "created": created, "owned_by": route.upstream_name}
         for name, route in state.catalog.routes.items()
-        if key.allows(name)
+        if key.allows(name) and own.allows(name)
     ]
     return json_response({"object": "list", "data": data}, headers={"x-request-id": req_id})
 
@@ -57,6 +58,25 @@ async def credits(request: web.Request) -> web.Response:
         lifetime_paid_usd=usd(view.num("lifetime_paid")),
     )
     return json_response(body, headers={"x-request-id": req_id})
+
+
+async def key_info(request: web.Request) -> web.Response:
+    """The caller's own key: its limit, spend, expiry, models and rate limits."""
+    state = request.app[STATE]
+    req_id = relay.request_id()
+    try:
+        key = await state.keys.authenticate(request.headers.get("Authorization"))
+        own = await own_key(state, key)
+    except errors.ProxyError as err:
+        return relay.error_response(err, req_id)
+    return json_response(views.api_key(key.account_id, own), headers={"x-request-id": req_id})
+
+
+async def own_key(state: State, key: KeyRecord) -> KeyFigures:
+    """The caller's key as its account's slot has it now (a 401 if revoked or expired)."""
+    [own] = await state.ledger.key_figures(key.account_id, [key.key_id])
+    own.usable()
+    return own
 
 
 async def healthz(_: web.Request) -> web.Response:
@@ -104,5 +124,6 @@ def client_app() -> web.Application:
         app.router.add_post(path, functools.partial(relay.metered, endpoint=endpoint))
     app.router.add_get("/v1/models", list_models)
     app.router.add_get("/v1/credits", credits)
+    app.router.add_get("/v1/key", key_info)
     app.router.add_get("/healthz", healthz)
     return app

@@ -148,7 +148,8 @@ class _Request(BaseModel):
 
 
 class RateLimits(_Request):
-    """A per-account override of the tier's limits; a null field clears that override."""
+    """Requests and tokens per rolling minute: an account's override of its tier's limits,
+    or an API key's own limits below its account's; a null field clears that limit."""
 
     rpm: PositiveInt | None = None
     tpm: PositiveInt | None = None
@@ -194,9 +195,23 @@ class AccountCreate(AccountPatch):
     id: AccountId
 
 
-class KeyCreate(_Request):
-    name: Annotated[str, Field(max_length=200)] = ""
+class KeyPatch(_Request):
+    """An API key's settings. Only the fields given change; null clears a field (every
+    model, no spend limit, a limit that never resets, never expires, the account's rate
+    limits). `allowed_models` must be configured models."""
+
+    name: Annotated[str, Field(max_length=200)] | None = None
     allowed_models: Annotated[list[str], Field(max_length=1000)] | None = None  # null: every model
+    limit_usd: NonNegativeUsd | None = None  # the most the key may spend per period, reservations included
+    limit_reset: Literal["daily", "weekly", "monthly"] | None = None  # UTC periods, weeks from Monday; null: never
+    expires_at: Time | None = None  # null: never; a past time expires the key at once
+    rate_limits: RateLimits | None = None  # below the account's; null: the account's apply
+
+
+class KeyCreate(KeyPatch):
+    """A new API key; `expires_at` must be in the future."""
+
+    name: Annotated[str, Field(max_length=200)] = ""
 
 
 class GrantCreate(_Request):

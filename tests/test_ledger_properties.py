@@ -106,14 +106,14 @@ class Scenario:
         elif kind == "checkpoint" and self.open:  # what the reaper charges if the proxy dies
             point = Checkpoint(self.open[op[1] % len(self.open)], _micro(op[2]), {"input_tokens": 1})
             await self.ledger.extend("acme", [point])
-        elif kind == "lose" and self.open:  # the reservation and its part of `reserved` vanish together
+        elif kind == "lose" and self.open:  # the reservation and its parts of `reserved` vanish together
             request_id = self.open[op[1] % len(self.open)]
             raw = await self.ledger.redis.hget(keyspace.account("acme", "resv"), request_id)
             if raw:
+                amount = -int(orjson.loads(raw)["amount"])
                 await self.ledger.redis.hdel(keyspace.account("acme", "resv"), request_id)
-                await self.ledger.redis.hincrby(
-                    keyspace.account("acme", "acct"), "reserved", -int(orjson.loads(raw)["amount"])
-                )
+                await self.ledger.redis.hincrby(keyspace.account("acme", "acct"), "reserved", amount)
+                await self.ledger.redis.hincrby(keyspace.account("acme", "kuse"), "r:key_p", amount)
         elif kind == "duplicate" and self.settled:  # a settlement replayed: charged once only
             request_id = self.settled[op[1] % len(self.settled)]
             before = await self.ledger.touch("acme")
