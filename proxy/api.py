@@ -16,7 +16,7 @@ from .intake import ENDPOINTS
 from .keys import KeyRecord
 from .money import usd
 from .scripts import KeyFigures
-from .state import STATE, State
+from .state import STATE
 
 log = structlog.get_logger("proxy.api")
 
@@ -29,8 +29,7 @@ async def list_models(request: web.Request) -> web.Response:
     state = request.app[STATE]
     req_id = relay.request_id()
     try:
-        key = await state.keys.authenticate(request.headers.get("Authorization"))
-        own = await own_key(state, key)
+        key, own = await own_key(request)
     except errors.ProxyError as err:
         return relay.error_response(err, req_id)
     created = int(time.time())
@@ -62,21 +61,22 @@ async def credits(request: web.Request) -> web.Response:
 
 async def key_info(request: web.Request) -> web.Response:
     """The caller's own key: its limit, spend, expiry, models and rate limits."""
-    state = request.app[STATE]
     req_id = relay.request_id()
     try:
-        key = await state.keys.authenticate(request.headers.get("Authorization"))
-        own = await own_key(state, key)
+        key, own = await own_key(request)
     except errors.ProxyError as err:
         return relay.error_response(err, req_id)
     return json_response(views.api_key(key.account_id, own), headers={"x-request-id": req_id})
 
 
-async def own_key(state: State, key: KeyRecord) -> KeyFigures:
-    """The caller's key as its account's slot has it now (a 401 if revoked or expired)."""
+async def own_key(request: web.Request) -> tuple[KeyRecord, KeyFigures]:
+    """The caller's key: its identity (cached) and its settings and spend as its account's
+    slot has them now (a 401 if revoked or expired)."""
+    state = request.app[STATE]
+    key = await state.keys.authenticate(request.headers.get("Authorization"))
     [own] = await state.ledger.key_figures(key.account_id, [key.key_id])
     own.usable()
-    return own
+    return key, own
 
 
 async def healthz(_: web.Request) -> web.Response:

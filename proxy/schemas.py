@@ -200,16 +200,28 @@ class KeyPatch(_Request):
     model, no spend limit, a limit that never resets, never expires, the account's rate
     limits). `allowed_models` must be configured models."""
 
-    name: Annotated[str, Field(max_length=200)] | None = None
-    allowed_models: Annotated[list[str], Field(max_length=1000)] | None = None  # null: every model
-    limit_usd: NonNegativeUsd | None = None  # the most the key may spend per period, reservations included
-    limit_reset: Literal["daily", "weekly", "monthly"] | None = None  # UTC periods, weeks from Monday; null: never
-    expires_at: Time | None = None  # null: never; a past time expires the key at once
-    rate_limits: RateLimits | None = None  # below the account's; null: the account's apply
+    name: Annotated[str | None, Field(max_length=200)] = None
+    allowed_models: Annotated[
+        list[str] | None, Field(max_length=1000, description="Configured models the key may use; null: every model")
+    ] = None
+    limit_usd: Annotated[
+        NonNegativeUsd | None,
+        Field(description="The most the key may spend in a period, its open reservations included; null: no limit"),
+    ] = None
+    limit_reset: Annotated[
+        Literal["daily", "weekly", "monthly"] | None,
+        Field(description="The limit's period: UTC calendar days, weeks from Monday, months; null: it never resets"),
+    ] = None
+    expires_at: Annotated[
+        Time | None, Field(description="When the key stops working (401); null: never. A past time expires it at once")
+    ] = None
+    rate_limits: Annotated[
+        RateLimits | None, Field(description="The key's own limits, below its account's; null: the account's apply")
+    ] = None
 
 
 class KeyCreate(KeyPatch):
-    """A new API key; `expires_at` must be in the future."""
+    """A new API key (shown once); `expires_at` must be in the future."""
 
     name: Annotated[str, Field(max_length=200)] = ""
 
