@@ -176,6 +176,11 @@ class KeyStore:
         await self.redis.delete(keyspace.api_key(meta["hash"]))
         return {"id": key_id, "account_id": meta["account_id"], "revoked": True}
 
+    async def key_active(self, record: KeyRecord) -> bool:
+        """The key's revocation status alone (api.own_key also checks its expiry, in Redis time)."""
+        status = await self.redis.hget(keyspace.account(record.account_id, "keys"), record.key_id)
+        return bool(status == "active")
+
     async def key_ids(self, account_id: str) -> list[str]:
         """The account's key ids, revoked ones too, in id order."""
         return sorted(map(str, await self.redis.hkeys(keyspace.account(account_id, "keys"))))
