@@ -226,7 +226,7 @@ def _key_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--expires-at", help="RFC 3339")
     parser.add_argument("--rpm", type=int, help="requests per minute, below the account's")
     parser.add_argument("--tpm", type=int, help="tokens per minute, below the account's")
-    parser.add_argument("--json", help="a JSON body as the admin API takes it; flags override it")
+    parser.add_argument("--body", help="a JSON body as the admin API takes it; flags override it")
 
 
 def _add_money_commands(sub: Any) -> None:

@@ -59,7 +59,7 @@ async def accounts_list(svc: Service, args: Any) -> int:
 
 def key_body(args: Any) -> dict[str, Any]:
     """The key settings the flags describe (the same fields as the admin API)."""
-    body = loads(args.json) if args.json else {}
+    body = loads(args.body) if args.body else {}
     body.update(dict.fromkeys(getattr(args, "clear", None) or (), None))
     flags = {"name": args.name, "limit_usd": args.limit, "limit_reset": args.limit_reset, "expires_at": args.expires_at}
     body.update({name: value for name, value in flags.items() if value is not None})

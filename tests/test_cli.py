@@ -112,6 +112,9 @@ async def test_keys_limits_expiry_and_rate_limits(cli: Cli) -> None:
     assert code == 1 and json.loads(err)["error"]["param"] == "limit_usd"
     code, _, err = await cli.run("keys", "create", "acme", "--expires-at", "2001-01-01")
     assert code == 1 and "in the future" in err
+    given = '{"limit_usd": "3", "limit_reset": "daily"}'
+    body = await cli.json("keys", "create", "acme", "--body", given, "--limit", "4")
+    assert body["limit_usd"] == "4.000000" and body["limit_reset"] == "daily"  # flags override the body
 
 
 async def test_errors_exit_1_with_openai_shaped_json(cli: Cli) -> None:
