@@ -30,6 +30,7 @@ from .schemas import (
     GrantCreate,
     GrantVoid,
     KeyCreate,
+    KeyPatch,
     LedgerQuery,
     UsageQuery,
     WebhookReplay,
@@ -103,6 +104,14 @@ async def create_key(request: web.Request) -> web.Response:
 
 async def list_keys(request: web.Request) -> web.Response:
     return json_response(await _svc(request).list_keys(_id(request)))
+
+
+async def get_key(request: web.Request) -> web.Response:
+    return json_response(await _svc(request).get_key(_id(request, "key_id")))
+
+
+async def update_key(request: web.Request) -> web.Response:
+    return json_response(await _svc(request).update_key(_id(request, "key_id"), await _body(request)))
 
 
 async def revoke_key(request: web.Request) -> web.Response:
@@ -205,6 +214,7 @@ async def prometheus(request: web.Request) -> web.Response:
 
 
 A = "/admin/v1/accounts/{account_id}"
+K = "/admin/v1/keys/{key_id}"
 ROUTES = (
     Operation(
         "GET",
@@ -217,8 +227,10 @@ ROUTES = (
     Operation("GET", A, get_account, "Get an account: settings, tier, balance and grants"),
     Operation("PATCH", A, update_account, "Change an account's settings", body=AccountPatch),
     Operation("POST", f"{A}/keys", create_key, "Create an API key (the key is shown once)", 201, KeyCreate),
-    Operation("GET", f"{A}/keys", list_keys, "List an account's API keys"),
-    Operation("DELETE", "/admin/v1/keys/{key_id}", revoke_key, "Revoke an API key"),
+    Operation("GET", f"{A}/keys", list_keys, "List an account's API keys with their limits and spend"),
+    Operation("GET", K, get_key, "An API key: its settings, spend limit and spend (total, day, week, month)"),
+    Operation("PATCH", K, update_key, "Change an API key's settings (at once, on every instance)", body=KeyPatch),
+    Operation("DELETE", K, revoke_key, "Revoke an API key"),
     Operation(
         "POST",
         f"{A}/credits",

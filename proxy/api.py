@@ -1,5 +1,5 @@
-"""The client listener: metered OpenAI routes plus models, credits, the caller's own
-generations and usage, and health."""
+"""The client listener: metered OpenAI routes plus models, credits, the caller's key, its
+account's generations and usage, and health."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from .intake import ENDPOINTS
 from .keys import KeyRecord
 from .money import usd
 from .schemas import GenerationsQuery, parse
+from .scripts import KeyFigures
 from .service import Service
 from .state import STATE, State
 
@@ -33,15 +34,14 @@ async def list_models(request: web.Request) -> web.Response:
     state = request.app[STATE]
     req_id = relay.request_id()
     try:
-        key = await state.keys.authenticate(request.headers.get("Authorization"))
-        await require_live(state, key)
+        key, figures = await own_key(request)
     except errors.ProxyError as err:
         return relay.error_response(err, req_id)
     created = int(time.time())
     data = [
         {"id": name, "object": "model", "created": created, "owned_by": route.upstream_name}
         for name, route in state.catalog.routes.items()
-        if key.allows(name)
+        if key.allows(name) and figures.allows(name)
     ]
     return json_response({"object": "list", "data": data}, headers={"x-request-id": req_id})
 
@@ -70,17 +70,11 @@ async def own(request: web.Request, read: Callable[[State, KeyRecord], Awaitable
     state = request.app[STATE]
     req_id = relay.request_id()
     try:
-        key = await state.keys.authenticate(request.headers.get("Authorization"))
+        key, _ = await own_key(request)  # a 401 once revoked or expired, on every route
         body = await read(state, key)
     except errors.ProxyError as err:
         return relay.error_response(err, req_id)
     return json_response(body, headers={"x-request-id": req_id})
-
-
-async def require_live(state: State, key: KeyRecord) -> None:
-    """Revocation, checked in Redis: the key cache alone may be a second behind."""
-    if not await state.key_store.key_active(key):
-        raise errors.InvalidApiKey("Incorrect API key provided: the key was revoked.")
 
 
 async def generation(request: web.Request) -> web.Response:
@@ -96,7 +90,6 @@ async def usage(request: web.Request) -> web.Response:
     """The caller's own account's usage, in the admin route's shape (reports.py)."""
 
     async def read(state: State, key: KeyRecord) -> object:
-        await require_live(state, key)
         return await Service.of(state).usage(key.account_id, request.query)
 
     return await own(request, read)
@@ -106,12 +99,31 @@ async def generations(request: web.Request) -> web.Response:
     """The caller's account's latest requests with their cost, newest first."""
 
     async def read(state: State, key: KeyRecord) -> object:
-        await require_live(state, key)
         q = parse(GenerationsQuery, request.query)
         data, cursor = await recent(state.redis, key.account_id, q.limit, q.cursor)
         return {"object": "list", "data": data, "next_cursor": cursor}
 
     return await own(request, read)
+
+
+async def key_info(request: web.Request) -> web.Response:
+    """The caller's own key: its limit, spend, expiry, models and rate limits."""
+    req_id = relay.request_id()
+    try:
+        key, figures = await own_key(request)
+    except errors.ProxyError as err:
+        return relay.error_response(err, req_id)
+    return json_response(views.api_key(key.account_id, figures), headers={"x-request-id": req_id})
+
+
+async def own_key(request: web.Request) -> tuple[KeyRecord, KeyFigures]:
+    """The caller's key: its identity (cached) and its settings and spend as its account's
+    slot has them now (a 401 if revoked or expired)."""
+    state = request.app[STATE]
+    key = await state.keys.authenticate(request.headers.get("Authorization"))
+    [figures] = await state.ledger.key_figures(key.account_id, [key.key_id])
+    figures.usable()
+    return key, figures
 
 
 async def healthz(_: web.Request) -> web.Response:
@@ -163,6 +175,7 @@ def client_app() -> web.Application:
     app.router.add_get("/v1/generation", generation)
     app.router.add_get("/v1/usage", usage)
     app.router.add_get("/v1/generations", generations)
+    app.router.add_get("/v1/key", key_info)
     app.router.add_get("/healthz", healthz)
     pages.add_page(app, "usage", "/usage", guard=usage_page_on)
     return app

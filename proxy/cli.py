@@ -8,7 +8,7 @@
     metering-proxy demo-upstream                     a fake OpenAI upstream on 127.0.0.1:9999
     metering-proxy prices show|list                  the price catalog: what a model costs
     metering-proxy accounts create|get|update|list   accounts (as the admin API)
-    metering-proxy keys create|revoke|list           API keys
+    metering-proxy keys create|update|show|list|revoke   API keys, their limits and spend
     metering-proxy credits grant|void                credit grants
     metering-proxy balance ACCOUNT                   balance and live grants
     metering-proxy ledger list|export ACCOUNT        ledger pages, CSV / JSON lines export
@@ -280,10 +280,26 @@ def _add_account_commands(sub: Any) -> None:
     keys = _group(sub, "keys", "API keys")
     create = _leaf(keys, "create", commands.keys_create, "create an API key (printed once)")
     create.add_argument("account")
-    create.add_argument("--name", default="")
-    create.add_argument("--allowed-models", help="comma-separated; default: every model")
+    _key_flags(create)
+    update = _leaf(keys, "update", commands.keys_update, "change an API key's settings (at once)")
+    update.add_argument("key_id")
+    _key_flags(update)
+    fields = ("allowed_models", "limit_usd", "limit_reset", "expires_at", "rate_limits")
+    update.add_argument("--clear", action="append", choices=fields, help="set a field to null (repeatable)")
+    _leaf(keys, "show", commands.keys_show, "an API key's settings, limit and spend").add_argument("key_id")
     _leaf(keys, "revoke", commands.keys_revoke, "revoke an API key").add_argument("key_id")
     _leaf(keys, "list", commands.keys_list, "list an account's keys").add_argument("account")
+
+
+def _key_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--name")
+    parser.add_argument("--allowed-models", help="comma-separated; default: every model")
+    parser.add_argument("--limit", help="USD the key may spend per period (reservations included)")
+    parser.add_argument("--limit-reset", choices=("daily", "weekly", "monthly"), help="UTC periods; default: never")
+    parser.add_argument("--expires-at", help="RFC 3339")
+    parser.add_argument("--rpm", type=int, help="requests per minute, below the account's")
+    parser.add_argument("--tpm", type=int, help="tokens per minute, below the account's")
+    parser.add_argument("--body", help="a JSON body as the admin API takes it; flags override it")
 
 
 def _add_money_commands(sub: Any) -> None:

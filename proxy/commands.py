@@ -65,14 +65,33 @@ async def accounts_list(svc: Service, args: Any) -> int:
         query["cursor"] = page["next_cursor"]
 
 
-async def keys_create(svc: Service, args: Any) -> int:
-    body: dict[str, Any] = {"name": args.name}
+def key_body(args: Any) -> dict[str, Any]:
+    """The key settings the flags describe (the same fields as the admin API)."""
+    body = loads(args.body) if args.body else {}
+    body.update(dict.fromkeys(getattr(args, "clear", None) or (), None))
+    flags = {"name": args.name, "limit_usd": args.limit, "limit_reset": args.limit_reset, "expires_at": args.expires_at}
+    body.update({name: value for name, value in flags.items() if value is not None})
     if args.allowed_models is not None:
         body["allowed_models"] = [m.strip() for m in args.allowed_models.split(",") if m.strip()]
-    created = await svc.create_key(args.account, body)
+    limits = {name: value for name, value in (("rpm", args.rpm), ("tpm", args.tpm)) if value is not None}
+    if limits:
+        body["rate_limits"] = limits
+    return body
+
+
+async def keys_create(svc: Service, args: Any) -> int:
+    created = await svc.create_key(args.account, key_body(args))
     if not output.JSON.get():
         print("note: the key is shown this once (only its hash is stored): keep it now", file=sys.stderr)
     return emit(created)
+
+
+async def keys_update(svc: Service, args: Any) -> int:
+    return emit(await svc.update_key(args.key_id, key_body(args)))
+
+
+async def keys_show(svc: Service, args: Any) -> int:
+    return emit(await svc.get_key(args.key_id))
 
 
 async def keys_revoke(svc: Service, args: Any) -> int:

@@ -3,7 +3,7 @@
     ProxyError
     ├── InvalidRequest          400 invalid_request_error
     ├── InvalidApiKey           401 invalid_api_key
-    ├── InsufficientQuota       402 insufficient_quota
+    ├── InsufficientQuota       402 insufficient_quota | key_limit_exceeded
     ├── PermissionDenied        403 model_not_allowed | account_suspended
     ├── NotFound                404
     ├── RequestTimeout          408 (the body trickled in too slowly)
@@ -76,6 +76,10 @@ class InsufficientQuota(ProxyError):
 class PermissionDenied(ProxyError):
     status = 403
     type = "invalid_request_error"
+
+
+def model_not_allowed(model: str) -> PermissionDenied:
+    return PermissionDenied(f"This API key may not use the model `{model}`.", param="model", code="model_not_allowed")
 
 
 class NotFound(ProxyError):

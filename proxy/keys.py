@@ -1,10 +1,12 @@
 """API keys: generated once, stored only as a SHA-256 hash, cached per process.
 
-The cache maps a key's hash to its (immutable) record, so a metered request needs no
-Redis call before admission. Revocation needs no cache invalidation: the admission
-script checks the key's status inside the account's slot, so a revoked key stops at
-once on every instance. Unknown keys are cached briefly so a flood of bad keys does
-not become a flood of Redis reads.
+The cache maps a key's hash to its (immutable) record, its identity only, so a metered
+request needs no Redis call before admission. Nothing a key's settings decide is
+trusted to the cache: its status and its settings (allowed models, spend limit,
+expiry, rate limits: `kset`, lib/keys.lua) live in the account's slot, where the
+admission script reads them, so a revocation or a changed setting applies at once on
+every instance. Unknown keys are cached briefly so a flood of bad keys does not become
+a flood of Redis reads.
 """
 
 from __future__ import annotations
@@ -13,12 +15,15 @@ import hashlib
 import secrets
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 from redis.asyncio import Redis
 
 from . import errors, keyspace, metrics
+
+if TYPE_CHECKING:
+    from .schemas import KeyPatch
 
 KEY_PREFIX = "sk-mp-"
 POSITIVE_TTL_S = 60.0
@@ -31,7 +36,9 @@ class KeyRecord:
     key_id: str
     account_id: str
     name: str
-    allowed_models: frozenset[str] | None  # None: every configured model
+    # None: every configured model. Only records written before keys had settings in the
+    # account's slot carry a list; admission checks the slot's (kset)
+    allowed_models: frozenset[str] | None
 
     def allows(self, model: str) -> bool:
         return self.allowed_models is None or model in self.allowed_models
@@ -43,6 +50,28 @@ class KeyRecord:
         return cls(
             data["key_id"], data["account_id"], data.get("name", ""), None if allowed is None else frozenset(allowed)
         )
+
+
+def stored_settings(req: KeyPatch) -> tuple[dict[str, Any], list[str]]:
+    """The `kset` fields (lib/keys.lua) the request sets, and those it clears (its nulls)."""
+    given = req.model_fields_set
+    fields: dict[str, Any] = {}
+    if "name" in given:
+        fields["name"] = req.name or ""
+    values: dict[str, Any] = {
+        "models": None if req.allowed_models is None else orjson.dumps(req.allowed_models).decode(),
+        "limit": None if req.limit_usd is None else str(req.limit_usd),  # micro-USD
+        "reset": req.limit_reset,
+        "exp": None if req.expires_at is None else str(req.expires_at),  # ms
+    }
+    names = {"models": "allowed_models", "limit": "limit_usd", "reset": "limit_reset", "exp": "expires_at"}
+    fields |= {field: values[field] for field, name in names.items() if name in given}
+    if "rate_limits" in given:
+        limits = req.rate_limits
+        for name in ("rpm", "tpm"):
+            if limits is None or name in limits.model_fields_set:
+                fields[name] = None if limits is None else getattr(limits, name)
+    return {k: v for k, v in fields.items() if v is not None}, sorted(k for k, v in fields.items() if v is None)
 
 
 def hash_key(key: str) -> str:
@@ -102,27 +131,41 @@ class KeyStore:
         self.redis = redis
 
     async def create_key(
-        self, account_id: str, name: str = "", allowed_models: list[str] | None = None
+        self,
+        account_id: str,
+        name: str = "",
+        allowed_models: list[str] | None = None,
+        settings: dict[str, Any] | None = None,
     ) -> tuple[KeyRecord, str]:
+        """A new key; `settings` as `stored_settings` makes them (limit, expiry, ...)."""
         if not await self.redis.exists(keyspace.account(account_id, "acct")):
             raise errors.NotFound(f"No account {account_id!r}.")
         key_id, secret = new_key()
         key_hash = hash_key(secret)
-        record = {
-            "key_id": key_id,
-            "account_id": account_id,
-            "name": name,
-            "allowed_models": allowed_models,
-            "created_at": int(time.time() * 1000),
-        }
+        created = int(time.time() * 1000)
+        stored = {"name": name, "created": str(created), **(settings or {})}
+        if allowed_models is not None:
+            stored["models"] = orjson.dumps(allowed_models).decode()
+        record = {"key_id": key_id, "account_id": account_id, "name": name, "created_at": created}
         raw = orjson.dumps(record)
-        # status first: a key record without an 'active' status is refused by admission
-        await self.redis.hset(keyspace.account(account_id, "keys"), key_id, "active")
+        # settings and status together, before the records authentication finds: a key is
+        # never usable without its settings
+        slot = self.redis.pipeline(transaction=True)
+        slot.hset(keyspace.account(account_id, "kset"), key_id, orjson.dumps(stored))
+        slot.hset(keyspace.account(account_id, "keys"), key_id, "active")
+        await slot.execute()
         pipe = self.redis.pipeline(transaction=False)
         pipe.set(keyspace.api_key(key_hash), raw)
         pipe.set(keyspace.key_id(key_id), orjson.dumps({"account_id": account_id, "hash": key_hash, **record}))
         await pipe.execute()
         return KeyRecord.from_json(raw), secret
+
+    async def account_of(self, key_id: str) -> str:
+        """The account a key id belongs to; NotFound for an unknown id."""
+        raw = await self.redis.get(keyspace.key_id(key_id))
+        if raw is None:
+            raise errors.NotFound(f"No key {key_id!r}.")
+        return str(orjson.loads(raw)["account_id"])
 
     async def revoke_key(self, key_id: str) -> dict[str, Any]:
         raw = await self.redis.get(keyspace.key_id(key_id))
@@ -134,26 +177,11 @@ class KeyStore:
         await self.redis.delete(keyspace.api_key(meta["hash"]))
         return {"id": key_id, "account_id": meta["account_id"], "revoked": True}
 
-    async def list_keys(self, account_id: str) -> list[dict[str, Any]]:
-        statuses = sorted((await self.redis.hgetall(keyspace.account(account_id, "keys"))).items())
-        # one round trip for every key's record; MGET would cross slots on a cluster
-        pipe = self.redis.pipeline(transaction=False)
-        for key_id, _ in statuses:
-            pipe.get(keyspace.key_id(str(key_id)))
-        records = await pipe.execute() if statuses else []
-        out = []
-        for (key_id, status), raw in zip(statuses, records, strict=True):
-            meta = orjson.loads(raw) if raw else {}
-            out.append(
-                {
-                    "id": key_id,
-                    "name": meta.get("name", ""),
-                    "status": status,
-                    "allowed_models": meta.get("allowed_models"),
-                }
-            )
-        return out
-
     async def key_active(self, record: KeyRecord) -> bool:
+        """The key's revocation status alone (api.own_key also checks its expiry, in Redis time)."""
         status = await self.redis.hget(keyspace.account(record.account_id, "keys"), record.key_id)
         return bool(status == "active")
+
+    async def key_ids(self, account_id: str) -> list[str]:
+        """The account's key ids, revoked ones too, in id order."""
+        return sorted(map(str, await self.redis.hkeys(keyspace.account(account_id, "keys"))))

@@ -29,6 +29,11 @@ def account_keys(account_id: str, model: str, names: tuple[str, ...]) -> list[st
     return [account(account_id, f"rl:{model}" if name == "rlm" else name) for name in names]
 
 
+def key_window(account_id: str, key_id: str) -> str:
+    """The rate window of one API key with limits of its own (admit.lua `rlk`)."""
+    return account(account_id, f"krl:{key_id}")
+
+
 def api_key(key_hash: str) -> str:
     """Key hash -> key record (JSON). Only the hash of a key is ever stored."""
     return f"{PREFIX}:key:{key_hash}"

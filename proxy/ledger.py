@@ -41,7 +41,7 @@ from .durability import APPLIED, WRITES, Durability
 from .money import split_exact, usd
 from .resp import RespClient
 from .runner import Invocation, PoolRunner, ScriptRunner, runner_for
-from .scripts import SCRIPTS, AccountView, Admission, Lookup, Reaped, Reply, Settlement
+from .scripts import SCRIPTS, AccountView, Admission, KeyFigures, Lookup, Reaped, Reply, Settlement
 
 log = structlog.get_logger("proxy.ledger")
 
@@ -223,14 +223,16 @@ class Ledger:
             choices,
             model=model,
             watch_due=due,
+            extra_keys=(keyspace.key_window(account_id, key_id),),
         )
         return scripts.admission(reply, model)
 
     async def settle(self, call: SettleCall) -> Settlement:
         whole, fine = split_exact(call.exact_cost)
         marker = keyspace.settled(call.account_id, call.request_id)
+        window = keyspace.key_window(call.account_id, str(call.entry.get("key_id") or ""))
         args = (call.request_id, whole, fine, call.real_tokens, orjson.dumps(call.entry))
-        reply = await self._run("settle", call.account_id, *args, model=call.model, extra_keys=(marker,))
+        reply = await self._run("settle", call.account_id, *args, model=call.model, extra_keys=(marker, window))
         settlement = scripts.settlement(reply)
         _report_anomalies(call, settlement)
         return settlement
@@ -269,6 +271,23 @@ class Ledger:
 
     async def touch(self, account_id: str, key_id: str = "") -> AccountView:
         return scripts.account_view(await self._run("touch", account_id, key_id), account_id)
+
+    # -- API keys' settings and spend (lib/keys.lua) ------------------------------------
+
+    async def update_key(
+        self, account_id: str, key_id: str, fields: dict[str, Any], cleared: Collection[str]
+    ) -> dict[str, Any]:
+        """Set and clear a key's settings (keys.stored_settings); returns them all."""
+        reply = await self._run("key", account_id, key_id, orjson.dumps(fields), orjson.dumps(sorted(cleared)))
+        if reply.code == "no_key":
+            raise errors.NotFound(f"No key {key_id!r}.")
+        return cast(dict[str, Any], orjson.loads(reply.values["settings"]))
+
+    async def key_figures(self, account_id: str, key_ids: Collection[str]) -> list[KeyFigures]:
+        """The keys' status, settings and spend, in the order given."""
+        if not key_ids:
+            return []
+        return scripts.key_figures(await self._run("keyinfo", account_id, *key_ids))
 
     async def account_ids(self) -> list[str]:
         return sorted(str(account) for account in await self.redis.smembers(keyspace.ACCOUNTS))

@@ -47,6 +47,12 @@ def usd(micro: int) -> str:
     return f"{sign}{whole}.{frac:06d}"
 
 
+def dollars(micro: int) -> str:
+    """Micro-USD for a sentence: at least cents, no trailing zeros past them ('1.00', '0.0125')."""
+    text = usd(micro)
+    return text[: max(text.index(".") + 3, len(text.rstrip("0")))]
+
+
 @dataclass(frozen=True, slots=True)
 class Usage:
     """Token usage as OpenAI reports it: input includes cached and audio input, output

@@ -11,6 +11,7 @@ moves money. For every account, from one consistent snapshot of its keys:
     the live set == the grants that are pending, active or expiring
     sum(exact costs) == sum(rounded charges) + carry, with |carry| <= 0.5 micro-USD
     a charge above its reservation is flagged `reservation_exceeded`
+    each API key: reserved == sum(its open reservations), spent == sum(its ledger charges)
 
 and for this proxy's data_dir: the settlement journal is empty (every settlement kept
 while Redis was away has reached it).
@@ -75,6 +76,7 @@ class Snapshot:
     grants: list[dict[str, Any]]
     live: set[str]
     last_entry: str | None
+    key_counters: dict[str, str]  # lib/keys.lua `kuse`: r:<key id> reserved, u:<key id> spend JSON
 
 
 async def reconcile(
@@ -115,6 +117,7 @@ async def check_account(redis: Redis, account_id: str) -> list[Drift]:
         _live_drift(account_id, snap),
         *_carry_drifts(account_id, books, _num(snap.fields, "carry")),
         *(Drift(account_id, "a charge above its reservation is flagged", "flag", i) for i in books.unflagged),
+        *_key_drifts(account_id, snap, books),
     ]
     return [d for d in drifts if d is not None]
 
@@ -127,10 +130,13 @@ class _Books:
     exact: int = 0  # sum of exact costs, FINE units
     rounded: int = 0  # sum of rounded charges, micro-USD
     unflagged: list[str] = field(default_factory=list)  # entries above their reservation, no flag
+    key_spend: dict[str, int] = field(default_factory=dict)  # API key id -> sum of its charges
 
     def add(self, entry_id: str, e: dict[str, Any]) -> None:
         amount = int(e["amount"])
         self.total += amount
+        if e.get("key_id") and amount:
+            self.key_spend[e["key_id"]] = self.key_spend.get(e["key_id"], 0) - amount
         if e.get("exact_micro") is None:
             return
         self.exact += int(e["exact_micro"]) * FINE + int(e.get("exact_fine") or 0)
@@ -152,6 +158,27 @@ def _carry_drifts(account_id: str, books: _Books, carry: int) -> list[Drift]:
     return drifts
 
 
+def _key_drifts(account_id: str, snap: Snapshot, books: _Books) -> list[Drift]:
+    """Each key's counters (lib/keys.lua) against its open reservations and its ledger entries."""
+    reserved: dict[str, int] = {}
+    for raw in snap.reservations:
+        r = orjson.loads(raw)
+        if r.get("kr"):
+            reserved[r["key"]] = reserved.get(r["key"], 0) + int(r["amount"])
+    counters = snap.key_counters
+    spent = {name[2:]: int(orjson.loads(raw).get("t") or 0) for name, raw in counters.items() if name[:2] == "u:"}
+    held = {name[2:]: int(raw) for name, raw in counters.items() if name[:2] == "r:"}
+    drifts = [
+        _money(account_id, f"key {k}: reserved == sum(its open reservations)", reserved.get(k, 0), held.get(k, 0))
+        for k in sorted(reserved.keys() | held.keys())
+    ]
+    drifts += [
+        _money(account_id, f"key {k}: spent == sum(its ledger charges)", books.key_spend.get(k, 0), spent.get(k, 0))
+        for k in sorted(books.key_spend.keys() | spent.keys())
+    ]
+    return [d for d in drifts if d is not None]
+
+
 async def _snapshot(redis: Redis, account_id: str) -> Snapshot:
     # one MULTI on one slot: the account's keys as of a single moment (on a Cluster
     # too: redis-py >= 6.2 runs a one-slot MULTI on the slot's node)
@@ -163,8 +190,9 @@ async def _snapshot(redis: Redis, account_id: str) -> Snapshot:
     # reply callback refuses; the raw command routes by its key just the same
     pipe.execute_command("SMEMBERS", keyspace.account(account_id, "live"))
     pipe.xrevrange(keyspace.account(account_id, "ledger"), "+", "-", count=1)
-    fields, resv, grants, live, last = await pipe.execute()
-    return Snapshot(fields, resv, [orjson.loads(g) for g in grants], set(live), last[0][0] if last else None)
+    pipe.hgetall(keyspace.account(account_id, "kuse"))
+    fields, resv, grants, live, last, kuse = await pipe.execute()
+    return Snapshot(fields, resv, [orjson.loads(g) for g in grants], set(live), last[0][0] if last else None, kuse)
 
 
 def _num(fields: dict[str, str], name: str) -> int:

@@ -128,10 +128,8 @@ async def admit(state: State, request: web.Request, endpoint: str, req_id: str, 
     client = intake.parse(endpoint, await read_body(request, state.config.server.max_body_bytes))
     known.model = client.model
     route = state.catalog.route(client.model)
-    if not key.allows(client.model):
-        raise errors.PermissionDenied(
-            f"This API key may not use the model `{client.model}`.", param="model", code="model_not_allowed"
-        )
+    if not key.allows(client.model):  # a record from before key settings; admission checks the rest
+        raise errors.model_not_allowed(client.model)
     reservation = route.reservation(client)
     # built before admitting: an unsendable body is a 400
     body = client.upstream_body(route.upstream_model, reservation.rewrite)

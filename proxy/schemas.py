@@ -148,7 +148,8 @@ class _Request(BaseModel):
 
 
 class RateLimits(_Request):
-    """A per-account override of the tier's limits; a null field clears that override."""
+    """Requests and tokens per rolling minute: an account's override of its tier's limits,
+    or an API key's own limits below its account's; a null field clears that limit."""
 
     rpm: PositiveInt | None = None
     tpm: PositiveInt | None = None
@@ -194,9 +195,35 @@ class AccountCreate(AccountPatch):
     id: AccountId
 
 
-class KeyCreate(_Request):
+class KeyPatch(_Request):
+    """An API key's settings. Only the fields given change; null clears a field (every
+    model, no spend limit, a limit that never resets, never expires, the account's rate
+    limits). `allowed_models` must be configured models."""
+
+    name: Annotated[str | None, Field(max_length=200)] = None
+    allowed_models: Annotated[
+        list[str] | None, Field(max_length=1000, description="Configured models the key may use; null: every model")
+    ] = None
+    limit_usd: Annotated[
+        NonNegativeUsd | None,
+        Field(description="The most the key may spend in a period, its open reservations included; null: no limit"),
+    ] = None
+    limit_reset: Annotated[
+        Literal["daily", "weekly", "monthly"] | None,
+        Field(description="The limit's period: UTC calendar days, weeks from Monday, months; null: it never resets"),
+    ] = None
+    expires_at: Annotated[
+        Time | None, Field(description="When the key stops working (401); null: never. A past time expires it at once")
+    ] = None
+    rate_limits: Annotated[
+        RateLimits | None, Field(description="The key's own limits, below its account's; null: the account's apply")
+    ] = None
+
+
+class KeyCreate(KeyPatch):
+    """A new API key (shown once); `expires_at` must be in the future."""
+
     name: Annotated[str, Field(max_length=200)] = ""
-    allowed_models: Annotated[list[str], Field(max_length=1000)] | None = None  # null: every model
 
 
 class GrantCreate(_Request):

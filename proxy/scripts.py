@@ -10,7 +10,7 @@ error names its real place. A script's header states its replies, one line per k
 
 and `Script.decode` maps a reply onto those names (checking its length); every reply
 ends with `events`, the number of webhook events it raised. The typed values below
-(Admission, Settlement, AccountView, Reaped, Lookup) are built from those names, here and only
+(Admission, Settlement, AccountView, Reaped, Lookup, KeyFigures) are built from those names, here and only
 here: nothing else indexes into a script's reply.
 """
 
@@ -26,12 +26,13 @@ import orjson
 
 from . import errors
 from .config import Config
-from .money import FINE, MAX_MICRO, UNLIMITED_MICRO, to_micro, usd
+from .money import FINE, MAX_MICRO, UNLIMITED_MICRO, dollars, to_micro, usd
 from .ratelimits import RateFigures, go_duration, retry_headers
+from .views import rfc3339
 
-LIB = ("base", "account", "calendar", "plans", "grants", "charges", "events", "tiers")
+LIB = ("base", "account", "calendar", "plans", "grants", "keys", "charges", "events", "tiers")
 ACCOUNT_SCRIPTS = (
-    "admit", "settle", "grant", "void", "reap", "touch", "account", "extend", "adjust", "generation",
+    "admit", "settle", "grant", "void", "reap", "touch", "account", "extend", "adjust", "generation", "key", "keyinfo",
 )  # fmt: skip
 SETTLED_TTL_MS = 30 * 86_400_000  # a settled request id is remembered (duplicates) this long
 _REPLY = re.compile(r"^-- reply(?: (\w+))?:(.*)$", re.MULTILINE)
@@ -194,6 +195,12 @@ def admission(reply: Reply, model: str) -> Admission:
         )
     if reply.code in ("no_account", "revoked"):
         raise errors.InvalidApiKey("Incorrect API key provided: the key was revoked or its account is gone.")
+    if reply.code == "expired":
+        raise _expired(v)
+    if reply.code == "model_not_allowed":
+        raise errors.model_not_allowed(model)
+    if reply.code == "key_limit":
+        raise _key_limit(v)
     if reply.code == "suspended":
         raise errors.PermissionDenied("This account is suspended.", code="account_suspended")
     if reply.code == "replayed":  # reserved by a first attempt whose reply was lost: the reaper releases it
@@ -207,21 +214,45 @@ def admission(reply: Reply, model: str) -> Admission:
     raise _rate_limited(reply, model)
 
 
+def _expired(v: dict[str, Any]) -> errors.InvalidApiKey:
+    return errors.InvalidApiKey(f"Incorrect API key provided: the key expired at {rfc3339(int(v['expires_at']))}.")
+
+
+PERIOD_NAMES = {"daily": "day", "weekly": "week", "monthly": "month"}
+
+
+def _key_limit(v: dict[str, Any]) -> errors.InsufficientQuota:
+    """The key's spend limit, not the balance, refuses the request: say which and when it resets."""
+    limit, spent, reserved, needed = (int(v[n]) for n in ("limit", "spent", "reserved", "needed"))
+    reset = str(v["reset"])
+    which = f"{reset} limit" if reset else "limit (all time)"
+    where = f"this {PERIOD_NAMES[reset]}" if reset else "in total"
+    when = f"It resets at {rfc3339(int(v['resets_at']))}." if reset else "It never resets."
+    return errors.InsufficientQuota(
+        f"This API key reached its {which} of ${dollars(limit)}: ${dollars(spent)} spent and "
+        f"${dollars(reserved)} reserved {where}; this request needs up to ${dollars(needed)}. {when}",
+        code="key_limit_exceeded",
+        headers=rate_figures(v).headers(),
+    )
+
+
 def _rate_limited(reply: Reply, model: str) -> errors.RateLimited:
     v = reply.values
-    kind = "requests" if reply.code == "rate_requests" else "tokens"
+    code = str(reply.code)
+    kind = "requests" if code.endswith("rate_requests") else "tokens"
     limit, used, requested, retry_ms = (int(v[n]) for n in ("limit", "used", "requested", "retry_ms"))
     unit = "requests per min (RPM)" if kind == "requests" else "tokens per min (TPM)"
+    scope = "this API key's limit" if code.startswith("key_") else f"tier {v['tier']}"
     rate = rate_figures(v)
     if requested > limit:  # can never fit: tell the SDK not to retry, as OpenAI does
         return errors.RateLimited(
-            f"Request too large for {model} on {unit} (tier {v['tier']}): Limit {limit}, Requested {requested}. "
+            f"Request too large for {model} on {unit} ({scope}): Limit {limit}, Requested {requested}. "
             "The input or output tokens must be reduced in order to run successfully.",
             type=kind,
             headers={**rate.headers(), "x-should-retry": "false"},
         )
     return errors.RateLimited(
-        f"Rate limit reached for {model} on {unit} (tier {v['tier']}): Limit {limit}, Used {used}, "
+        f"Rate limit reached for {model} on {unit} ({scope}): Limit {limit}, Used {used}, "
         f"Requested {requested}. Please try again in {go_duration(retry_ms)}.",
         type=kind,
         headers={**rate.headers(), **retry_headers(retry_ms)},
@@ -288,6 +319,8 @@ def account_view(reply: Reply, account_id: str) -> AccountView:
         raise errors.NotFound(f"No account {account_id!r}.")
     if reply.code == "revoked":
         raise errors.InvalidApiKey("Incorrect API key provided: the key was revoked.")
+    if reply.code == "expired":
+        raise _expired(v)
     grants = [orjson.loads(g) for g in v["grants"]]
     return AccountView(pairs(v["fields"]), grants, int(v["rpm"]), int(v["tpm"]), int(v["overage_room"]))
 
@@ -326,6 +359,65 @@ def lookup(reply: Reply, account_id: str, request_id: str) -> Lookup:
     if reply.code == "settled":
         return Lookup("settled", orjson.loads(v["entry"]), str(v["ledger_id"]))
     return Lookup(str(reply.code), orjson.loads(v["reservation"]))
+
+
+@dataclass(frozen=True, slots=True)
+class KeyFigures:
+    """An API key as keyinfo.lua reads it: status, settings (the `kset` JSON of
+    lib/keys.lua) and spend (micro-USD) from the counters settlement keeps."""
+
+    key_id: str
+    status: str  # active | revoked | '' (no such key)
+    settings: dict[str, Any]
+    reserved: int  # by the key's open requests
+    spend: dict[str, int]  # total, day, week, month (the current UTC periods)
+    resets_at: int  # ms: the end of the limit's period; 0 = never
+    expired: bool
+
+    @property
+    def limit(self) -> int | None:
+        raw = self.settings.get("limit")
+        return None if raw is None else int(raw)
+
+    @property
+    def limit_spent(self) -> int:
+        """What the limit counts: the spend of its period, else of all time."""
+        reset = self.settings.get("reset")
+        return self.spend[PERIOD_NAMES[reset]] if reset else self.spend["total"]
+
+    @property
+    def remaining(self) -> int | None:
+        """What a new request may still reserve under the limit (None: no limit)."""
+        limit = self.limit
+        return None if limit is None else max(0, limit - self.limit_spent - self.reserved)
+
+    @property
+    def allowed_models(self) -> list[str] | None:
+        raw = self.settings.get("models")
+        return None if raw is None else list(orjson.loads(raw))
+
+    def allows(self, model: str) -> bool:
+        allowed = self.allowed_models
+        return allowed is None or model in allowed
+
+    def usable(self) -> None:
+        """Raise the 401 a request with this key gets, if any."""
+        if self.status != "active":
+            raise errors.InvalidApiKey("Incorrect API key provided: the key was revoked.")
+        if self.expired:
+            raise _expired({"expires_at": self.settings["exp"]})
+
+
+def key_figures(reply: Reply) -> list[KeyFigures]:
+    out = []
+    for raw in reply.values["keys"]:
+        v = orjson.loads(raw)
+        spend = {name: int(v[name]) for name in ("total", "day", "week", "month")}
+        settings = orjson.loads(v["settings"])
+        out.append(
+            KeyFigures(v["id"], v["status"], settings, int(v["reserved"]), spend, int(v["resets_at"]), v["expired"])
+        )
+    return out
 
 
 def pairs(flat: list[str]) -> dict[str, str]:

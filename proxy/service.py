@@ -13,14 +13,14 @@ import secrets
 import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import orjson
 from redis.asyncio import Redis
 
 from . import errors, generations, keyspace, reconcile, reports, views, webhooks
 from .config import Config
-from .keys import KeyStore
+from .keys import KeyStore, stored_settings
 from .ledger import GrantSpec, Ledger, read_entries, read_entry
 from .money import usd
 from .schemas import (
@@ -35,6 +35,7 @@ from .schemas import (
     GrantCreate,
     GrantVoid,
     KeyCreate,
+    KeyPatch,
     LedgerQuery,
     UsageQuery,
     WebhookReplay,
@@ -46,6 +47,7 @@ if TYPE_CHECKING:
     from .state import State
 
 Body = Mapping[str, Any]
+KeyRequest = TypeVar("KeyRequest", bound=KeyPatch)
 DAY_MS = 86_400_000
 USAGE_DEFAULT_SPAN_MS = 30 * DAY_MS
 EXPORT_TYPES = {"csv": "text/csv; charset=utf-8", "jsonl": "application/x-ndjson"}
@@ -133,25 +135,40 @@ class Service:
     # -- keys ----------------------------------------------------------------------
 
     async def create_key(self, account_id: str, body: Body) -> dict[str, Any]:
-        req = parse(KeyCreate, body)
-        unknown = sorted(set(req.allowed_models or ()) - set(self.config.models))
-        if unknown:
-            raise errors.InvalidRequest(f"Unknown model(s): {', '.join(unknown)}.", param="allowed_models")
-        record, secret = await self.key_store.create_key(checked_id(account_id), req.name, req.allowed_models)
-        return {
-            "id": record.key_id,
-            "object": "api_key",
-            "account_id": account_id,
-            "name": record.name,
-            "allowed_models": req.allowed_models,
-            "key": secret,  # shown once: only its hash is stored
-        }
+        req = self._key_request(KeyCreate, body)
+        if req.expires_at is not None and req.expires_at <= now_ms():
+            raise errors.InvalidRequest("expires_at must be in the future.", param="expires_at")
+        fields, _ = stored_settings(req)
+        record, secret = await self.key_store.create_key(checked_id(account_id), req.name, settings=fields)
+        [figures] = await self.ledger.key_figures(account_id, [record.key_id])
+        return {**views.api_key(account_id, figures), "key": secret}  # shown once: only its hash is stored
+
+    async def update_key(self, key_id: str, body: Body) -> dict[str, Any]:
+        """Change a key's settings: the next request on any instance sees them."""
+        fields, cleared = stored_settings(self._key_request(KeyPatch, body))
+        account_id = await self.key_store.account_of(key_id)
+        await self.ledger.update_key(account_id, key_id, fields, cleared)
+        return await self.get_key(key_id)
+
+    async def get_key(self, key_id: str) -> dict[str, Any]:
+        account_id = await self.key_store.account_of(key_id)
+        [figures] = await self.ledger.key_figures(account_id, [key_id])
+        return views.api_key(account_id, figures)
 
     async def revoke_key(self, key_id: str) -> dict[str, Any]:
         return await self.key_store.revoke_key(key_id)
 
     async def list_keys(self, account_id: str) -> dict[str, Any]:
-        return {"object": "list", "data": await self.key_store.list_keys(await self._require(account_id))}
+        ids = await self.key_store.key_ids(await self._require(account_id))
+        figures = await self.ledger.key_figures(account_id, ids)
+        return {"object": "list", "data": [views.api_key(account_id, f) for f in figures]}
+
+    def _key_request(self, model: type[KeyRequest], body: Body) -> KeyRequest:
+        req = parse(model, body)
+        unknown = sorted(set(req.allowed_models or ()) - set(self.config.models))
+        if unknown:
+            raise errors.InvalidRequest(f"Unknown model(s): {', '.join(unknown)}.", param="allowed_models")
+        return req
 
     # -- credits -------------------------------------------------------------------
 

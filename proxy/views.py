@@ -1,4 +1,4 @@
-"""JSON shapes of the public API: balances, grants, ledger entries, usage.
+"""JSON shapes of the public API: balances, grants, API keys, ledger entries, usage.
 
 Amounts leave as decimal strings in USD, times as RFC 3339 UTC strings.
 """
@@ -6,12 +6,14 @@ Amounts leave as decimal strings in USD, times as RFC 3339 UTC strings.
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
 from .money import UNLIMITED_MICRO, exact_usd, usd
-from .scripts import AccountView
+
+if TYPE_CHECKING:  # scripts renders its errors' times with rfc3339
+    from .scripts import AccountView, KeyFigures
 
 
 def rfc3339(ms: int | str | None) -> str | None:
@@ -92,6 +94,33 @@ def account(account_id: str, view: AccountView) -> dict[str, Any]:
 def account_summary(account_id: str, view: AccountView) -> dict[str, Any]:
     """An account as listed: as `account` shows it, without its grants."""
     return {name: value for name, value in account(account_id, view).items() if name != "grants"}
+
+
+def api_key(account_id: str, key: KeyFigures) -> dict[str, Any]:
+    """A key as `GET /v1/key` and the admin API show it (OpenRouter's key shape, in USD strings)."""
+    s = key.settings
+    limit, remaining = key.limit, key.remaining
+    status = "expired" if key.status == "active" and key.expired else key.status
+    return {
+        "id": key.key_id,
+        "object": "api_key",
+        "account_id": account_id,
+        "name": s.get("name", ""),
+        "status": status,
+        "limit_usd": None if limit is None else usd(limit),
+        "limit_reset": s.get("reset"),
+        "limit_remaining_usd": None if remaining is None else usd(remaining),
+        "limit_resets_at": rfc3339(key.resets_at),
+        "reserved_usd": usd(key.reserved),
+        "usage_usd": {period: usd(key.spend[name]) for period, name in SPEND_PERIODS},
+        "expires_at": rfc3339(s.get("exp")),
+        "allowed_models": key.allowed_models,
+        "rate_limits": {"rpm": s.get("rpm"), "tpm": s.get("tpm")},
+        "created_at": rfc3339(s.get("created")),
+    }
+
+
+SPEND_PERIODS = (("total", "total"), ("daily", "day"), ("weekly", "week"), ("monthly", "month"))
 
 
 def _overage(value: str | None) -> str | None:

@@ -8,7 +8,7 @@ import copy
 import os
 import sys
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -160,10 +160,15 @@ class Running:
     state: State
     url: str
     admin_url: str
+    # closed at teardown, on the test's loop: a pooled socket the garbage collector closes
+    # later leaves the loop a stale registration, and a socket reusing its fd goes unread
+    clients: list[openai.AsyncOpenAI] = field(default_factory=list)
 
     def client(self, key: str, **kwargs: Any) -> openai.AsyncOpenAI:
         kwargs.setdefault("max_retries", 0)
-        return openai.AsyncOpenAI(base_url=f"{self.url}/v1", api_key=key, **kwargs)
+        client = openai.AsyncOpenAI(base_url=f"{self.url}/v1", api_key=key, **kwargs)
+        self.clients.append(client)
+        return client
 
     async def admin(self, method: str, path: str, json: Any = None, token: str = ADMIN_TOKEN) -> tuple[int, Any]:
         async with aiohttp.ClientSession() as session:
@@ -193,19 +198,22 @@ class Running:
 
 @pytest.fixture
 async def start_proxy(redis: Redis, make_config: Callable[..., Config]) -> AsyncIterator[Callable[..., Any]]:
-    started: list[Proxy] = []
+    started: list[Running] = []
 
     async def start(extra: dict[str, Any] | None = None, config: Config | None = None,
                     config_path: Path | None = None) -> Running:  # fmt: skip
         proxy = Proxy(config or make_config(extra), config_path)
         state = await proxy.start()
-        started.append(proxy)
-        return Running(proxy, state, f"http://127.0.0.1:{proxy.ports['client']}",
-                       f"http://127.0.0.1:{proxy.ports.get('admin', 0)}")  # fmt: skip
+        running = Running(proxy, state, f"http://127.0.0.1:{proxy.ports['client']}",
+                          f"http://127.0.0.1:{proxy.ports.get('admin', 0)}")  # fmt: skip
+        started.append(running)
+        return running
 
     yield start
-    for proxy in started:
-        await asyncio.wait_for(proxy.stop(), 30)  # a hung shutdown fails the test, not CI
+    for running in started:
+        for client in running.clients:
+            await client.close()
+        await asyncio.wait_for(running.proxy.stop(), 30)  # a hung shutdown fails the test, not CI
 
 
 @pytest.fixture(scope="session")

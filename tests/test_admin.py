@@ -10,7 +10,7 @@ import aiohttp
 import openai
 import pytest
 
-from proxy import admin, keyspace, pages, service
+from proxy import admin, keyspace, money, pages, service
 from proxy.testing.upstream import DemoUpstream
 
 from .conftest import Running
@@ -90,7 +90,11 @@ async def test_key_shown_once_works_and_revokes(proxy: Running, upstream: DemoUp
     completion = await proxy.client(key["key"]).chat.completions.create(model="gpt-4o-mini", **CHAT)
     assert completion.usage is not None
     status, listed = await proxy.admin("GET", "/admin/v1/accounts/acme/keys")
-    assert listed["data"] == [{"id": key["id"], "name": "ci", "status": "active", "allowed_models": None}]
+    (shown,) = listed["data"]
+    assert {name: shown[name] for name in ("id", "name", "status", "allowed_models", "limit_usd")} == {
+        "id": key["id"], "name": "ci", "status": "active", "allowed_models": None, "limit_usd": None}  # fmt: skip
+    spent = -sum(int(e["amount"]) for e in await entries(proxy.state.redis, "acme") if e.get("key_id") == key["id"])
+    assert "key" not in shown and spent > 0 and shown["usage_usd"]["total"] == money.usd(spent)
     for name in await proxy.state.redis.keys("*"):  # only the hash is stored
         kind = await proxy.state.redis.type(name)
         assert kind != "string" or key["key"] not in (await proxy.state.redis.get(name) or "")

@@ -91,6 +91,34 @@ async def test_accounts_keys_credits_round_trip(cli: Cli) -> None:
     assert usage["account_id"] == "acme" and usage["groups"] == []
 
 
+async def test_keys_limits_expiry_and_rate_limits(cli: Cli) -> None:
+    await cli.json("accounts", "create", "acme")
+    key = await cli.json("keys", "create", "acme", "--name", "ci", "--limit", "2.5", "--limit-reset", "weekly",
+                         "--expires-at", "2999-01-01", "--rpm", "5", "--allowed-models", "gpt-4o")  # fmt: skip
+    assert key["key"].startswith("sk-mp-") and key["limit_usd"] == "2.500000" and key["limit_reset"] == "weekly"
+    assert key["limit_remaining_usd"] == "2.500000" and key["expires_at"] == "2999-01-01T00:00:00.000Z"
+    assert key["rate_limits"] == {"rpm": 5, "tpm": None} and key["allowed_models"] == ["gpt-4o"]
+    updated = await cli.json("keys", "update", key["id"], "--limit", "1", "--tpm", "900", "--clear", "expires_at")
+    assert updated["limit_usd"] == "1.000000" and updated["limit_reset"] == "weekly"  # the rest is kept
+    assert updated["rate_limits"] == {"rpm": 5, "tpm": 900} and updated["expires_at"] is None
+    cleared = await cli.json("keys", "update", key["id"], "--clear", "limit_usd", "--clear", "rate_limits",
+                             "--clear", "allowed_models", "--name", "renamed")  # fmt: skip
+    assert cleared["limit_usd"] is None and cleared["limit_remaining_usd"] is None and cleared["name"] == "renamed"
+    assert cleared["rate_limits"] == {"rpm": None, "tpm": None} and cleared["allowed_models"] is None
+    shown = await cli.json("keys", "show", key["id"])
+    assert shown == cleared and shown["usage_usd"] == dict.fromkeys(("total", "daily", "weekly", "monthly"), "0.000000")
+    assert (await cli.json("keys", "list", "acme"))["data"] == [shown]
+    await cli.json("keys", "revoke", key["id"])
+    assert (await cli.json("keys", "show", key["id"]))["status"] == "revoked"
+    code, _, err = await cli.run("keys", "update", key["id"], "--limit", "-1")
+    assert code == 1 and json.loads(err)["error"]["param"] == "limit_usd"
+    code, _, err = await cli.run("keys", "create", "acme", "--expires-at", "2001-01-01")
+    assert code == 1 and "in the future" in err
+    given = '{"limit_usd": "3", "limit_reset": "daily"}'
+    body = await cli.json("keys", "create", "acme", "--body", given, "--limit", "4")
+    assert body["limit_usd"] == "4.000000" and body["limit_reset"] == "daily"  # flags override the body
+
+
 async def test_errors_exit_1_with_openai_shaped_json(cli: Cli) -> None:
     code, out, err = await cli.run("balance", "ghost", "--json")
     assert code == 1 and out == "" and json.loads(err)["error"]["code"] == "not_found"

@@ -208,6 +208,26 @@ async def test_402_and_rate_limit_429(start_cluster_proxy: StartProxy, upstream:
     assert (await running.balance("gamma")).reserved == 0
 
 
+async def test_a_keys_limit_rate_and_figures_on_every_master(start_cluster_proxy: StartProxy) -> None:
+    running = await start_cluster_proxy()
+    for account_id in ACCOUNTS:
+        await running.account(account_id, "10")
+        settings = {"limit_usd": "0.000100", "limit_reset": "daily", "rate_limits": {"rpm": 5}}
+        status, key = await running.admin("POST", f"/admin/v1/accounts/{account_id}/keys", settings)
+        assert status == 201, key
+        client = running.client(key["key"])  # gpt-4o, 5 tokens: reserves ~$0.00009, charges $0.000075
+        await client.chat.completions.create(model="gpt-4o", messages=MESSAGES, max_tokens=5)
+        with pytest.raises(openai.APIStatusError) as capped:
+            await client.chat.completions.create(model="gpt-4o", messages=MESSAGES, max_tokens=5)
+        assert capped.value.body["code"] == "key_limit_exceeded"  # type: ignore[index]
+        info = cast(dict[str, Any], await client.get("/key", cast_to=object))
+        assert info["usage_usd"]["daily"] == "0.000075" and info["limit_remaining_usd"] == "0.000025"
+        status, patched = await running.admin("PATCH", f"/admin/v1/keys/{key['id']}", {"limit_usd": None})
+        assert status == 200 and patched["limit_usd"] is None
+        await client.chat.completions.create(model="gpt-4o", messages=MESSAGES, max_tokens=5)
+    assert await reconcile(running.state.redis, running.state.config) == []
+
+
 async def test_reaper_releases_lapsed_reservations(start_cluster_proxy: StartProxy) -> None:
     running = await start_cluster_proxy()
     await pause_background_worker(running)

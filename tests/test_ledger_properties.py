@@ -1,6 +1,7 @@
 """Property-based: random sequences of grants, voids, expiries, admissions and
 settlements (some concurrent) on a real Redis keep the ledger's invariants after
-every step (proxy.reconcile checks them)."""
+every step (proxy.reconcile checks them), the API key's counters among them; and an
+admission never takes the key past its daily limit."""
 
 from __future__ import annotations
 
@@ -27,6 +28,8 @@ CONFIG = deep_merge(BASE_CONFIG, {
     "plans": {"metered": {"allocation": {"amount_usd": "1", "every": "day"}, "overage": {"limit_usd": "2"}}},
 })  # fmt: skip
 
+KEY_LIMIT = 1_500_000  # the key's daily limit: reached now and then, reset by a day's `advance`
+KEY_SETTINGS = {"limit": str(KEY_LIMIT), "reset": "daily"}
 grant = st.tuples(
     st.just("grant"),
     st.sampled_from(["paid", "promotional"]),
@@ -61,15 +64,18 @@ class Scenario:
         self.settled: list[str] = []
         self.count = 0
 
-    async def admit(self, reserve: int) -> None:
+    async def admit(self, reserve: int, alone: bool = True) -> None:
         self.count += 1
         request_id = f"req_{self.count}"
         try:
             await self.ledger.admit("acme", "key_p", "gpt-4o", request_id, prompt_cost=reserve, output_cost=0,
                                     output_pico=0, prompt_tokens=1, max_output_tokens=0, choices=1)  # fmt: skip
-        except errors.InsufficientQuota:
+        except errors.InsufficientQuota:  # the balance's or the key's limit
             return
         self.open.append(request_id)
+        if alone:  # (a concurrent settlement may charge above its reservation meanwhile)
+            [key] = await self.ledger.key_figures("acme", ["key_p"])
+            assert key.limit_spent + key.reserved <= KEY_LIMIT
 
     async def settle(self, index: int, milli: int) -> None:
         if self.open:
@@ -96,7 +102,9 @@ class Scenario:
         elif kind == "advance":
             self.ledger.clock_offset_ms += op[1]
         elif kind == "burst":  # concurrent admissions and settlements
-            await asyncio.gather(*(self.admit(r) for r in op[1]), *(self.settle(i, r) for i, r in enumerate(op[1])))
+            await asyncio.gather(
+                *(self.admit(r, alone=False) for r in op[1]), *(self.settle(i, r) for i, r in enumerate(op[1]))
+            )
         elif kind == "adjust":  # a positive adjustment may only settle debt: bound it by the debt
             amount = op[1] if op[1] < 0 else min(op[1], (await self.ledger.touch("acme")).num("debt"))
             if amount:
@@ -106,14 +114,14 @@ class Scenario:
         elif kind == "checkpoint" and self.open:  # what the reaper charges if the proxy dies
             point = Checkpoint(self.open[op[1] % len(self.open)], _micro(op[2]), {"input_tokens": 1})
             await self.ledger.extend("acme", [point])
-        elif kind == "lose" and self.open:  # the reservation and its part of `reserved` vanish together
+        elif kind == "lose" and self.open:  # the reservation and its parts of `reserved` vanish together
             request_id = self.open[op[1] % len(self.open)]
             raw = await self.ledger.redis.hget(keyspace.account("acme", "resv"), request_id)
             if raw:
+                amount = -int(orjson.loads(raw)["amount"])
                 await self.ledger.redis.hdel(keyspace.account("acme", "resv"), request_id)
-                await self.ledger.redis.hincrby(
-                    keyspace.account("acme", "acct"), "reserved", -int(orjson.loads(raw)["amount"])
-                )
+                await self.ledger.redis.hincrby(keyspace.account("acme", "acct"), "reserved", amount)
+                await self.ledger.redis.hincrby(keyspace.account("acme", "kuse"), "r:key_p", amount)
         elif kind == "duplicate" and self.settled:  # a settlement replayed: charged once only
             request_id = self.settled[op[1] % len(self.settled)]
             before = await self.ledger.touch("acme")
@@ -138,6 +146,7 @@ async def play(url: str, ops: list[tuple[Any, ...]]) -> None:
         ledger = Ledger(redis, parse_config(yaml.safe_dump(CONFIG)))
         await ledger.save_account("acme", {"plan": "metered"}, create=True)
         await redis.hset(keyspace.account("acme", "keys"), "key_p", "active")
+        await redis.hset(keyspace.account("acme", "kset"), "key_p", orjson.dumps(KEY_SETTINGS))
         scenario = Scenario(ledger)
         for step, op in enumerate(ops):
             await scenario.run(op)

@@ -98,7 +98,14 @@ async def test_each_invariant_is_checked(proxy: Running) -> None:
     await redis.hset(keyspace.account("acme", "grants"), broken["id"], orjson.dumps(broken))
     await redis.srem(keyspace.account("acme", "live"), broken["id"])
     await redis.sadd(keyspace.ACCOUNTS, "ghost")
-    checks = {(d.account_id, d.check.split(":")[0]) for d in await reconcile(redis, proxy.state.config)}
+    await redis.hincrby(keyspace.account("acme", "kuse"), "r:key_test", 1)
+    await redis.hset(keyspace.account("acme", "kuse"), "u:key_test", orjson.dumps({"t": "5"}))
+    drifts = await reconcile(redis, proxy.state.config)
+    assert {d.check for d in drifts if d.check.startswith("key ")} == {
+        "key key_test: reserved == sum(its open reservations)",
+        "key key_test: spent == sum(its ledger charges)",
+    }
+    checks = {(d.account_id, d.check.split(":")[0]) for d in drifts if not d.check.startswith("key ")}
     assert checks == {
         ("acme", "reserved == sum(open reservations)"),
         ("acme", "held == sum(expiring grant remaining)"),

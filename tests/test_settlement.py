@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import openai
+import orjson
 from prometheus_client import REGISTRY
 
 from proxy import journal, keyspace, reconcile
@@ -49,10 +50,11 @@ async def test_a_reservation_lost_behind_the_proxys_back_is_still_charged(
     )
     redis = proxy.state.redis
     await wait_for(lambda: bool(upstream.requests), what="the request reached the upstream")
-    (request_id, _), *_ = (await redis.hgetall(resv)).items()
+    (request_id, raw), *_ = (await redis.hgetall(resv)).items()
     # what a failover that lost the last second of writes leaves: no reservation, none reserved
     await redis.hdel(resv, request_id)
     await redis.hset(acct, "reserved", 0)
+    await redis.hdel(keyspace.account("acme", "kuse"), f"r:{orjson.loads(raw)['key']}")  # nor by its key
     await call
     (entry,) = [e for e in await entries(redis, "acme") if e["type"] == "usage"]
     assert entry["request_id"] == request_id and entry["unreserved"] is True

@@ -1,23 +1,32 @@
 -- admit.lua: the ONE admission script of a metered request.
--- Checks the key and account, runs lazy grant bookkeeping, derives the tier, checks
--- RPM/TPM in a rolling minute (1 s buckets) and reserves the worst-case cost.
+-- Checks the key (status, expiry, models) and account, runs lazy grant bookkeeping,
+-- derives the tier, checks RPM/TPM in a rolling minute (1 s buckets; the key's own
+-- limits in a window of its own) and reserves the worst-case cost against the balance
+-- and the key's spend limit (lib/keys.lua).
 -- ARGV (after ctx, clock offset):
 --   3 request id   4 key id   5 model   6 prompt cost (micro-USD, rounded up)
 --   7 output cost at max tokens (micro-USD, rounded up)
 --   8 output price per token in pico-USD (clamp mode; 0 = cannot clamp)
 --   9 prompt tokens (estimate)   10 max output tokens (all choices)   11 choices (n)
--- keys: acct grants live resv ledger outbox keys rl rlm
+-- keys: acct grants live resv ledger outbox keys rl rlm kset kuse +rlk
 -- Replies (scripts.py decodes them by these names; every reply ends with `events`):
 -- reply ok: reserved balance available tier rpm rpm_left rpm_reset_ms tpm tpm_left tpm_reset_ms clamp downgrade_to
 -- reply insufficient: available needed tier rpm rpm_left rpm_reset_ms tpm tpm_left tpm_reset_ms
 -- reply rate_requests: tier limit used requested retry_ms rpm rpm_left rpm_reset_ms tpm tpm_left tpm_reset_ms
 -- reply rate_tokens: tier limit used requested retry_ms rpm rpm_left rpm_reset_ms tpm tpm_left tpm_reset_ms
+-- reply key_rate_requests: tier limit used requested retry_ms rpm rpm_left rpm_reset_ms tpm tpm_left tpm_reset_ms
+-- reply key_rate_tokens: tier limit used requested retry_ms rpm rpm_left rpm_reset_ms tpm tpm_left tpm_reset_ms
+-- reply key_limit: limit spent reserved needed reset resets_at rpm rpm_left rpm_reset_ms tpm tpm_left tpm_reset_ms
 -- reply no_account:
 -- reply revoked:
+-- reply expired: expires_at
+-- reply model_not_allowed:
 -- reply suspended:
 -- reply replayed:
 -- (clamp: the lowered max tokens, 0 = unchanged; downgrade_to: '' = served as asked;
--- replayed: this request id is reserved already, by an attempt whose reply was lost)
+-- replayed: this request id is reserved already, by an attempt whose reply was lost;
+-- key_limit: the key's limit and its spend and reservations in the period of `reset`
+-- ('' = all time) ending at resets_at (ms, 0 = never))
 local req_id, key_id, model = ARGV[3], ARGV[4], ARGV[5]
 local prompt_cost, output_cost, out_pico = tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8])
 local prompt_tokens, max_out, n = tonumber(ARGV[9]), tonumber(ARGV[10]), tonumber(ARGV[11])
@@ -25,10 +34,14 @@ local prompt_tokens, max_out, n = tonumber(ARGV[9]), tonumber(ARGV[10]), tonumbe
 if next(acct()) == nil then return reply({'no_account'}) end
 -- a call retried after its reply was lost: the first one reserved already
 if redis.call('HEXISTS', K.resv, req_id) == 1 then return reply({'replayed'}) end
-if redis.call('HGET', K.keys, key_id) ~= 'active' then return reply({'revoked'}) end
-if acct_get('status') == 'suspended' then return reply({'suspended'}) end
-
 local now = now_ms()
+local key = key_settings(key_id)
+local refusal = key_refusal(key_id, key, now)
+if refusal == 'revoked' then return reply({'revoked'}) end
+if refusal then return reply({'expired', key.exp}) end
+if acct_get('status') == 'suspended' then return reply({'suspended'}) end
+if not key_allows(key, model) then return reply({'model_not_allowed'}) end
+
 local now_s = math.floor(now / 1000)
 if refresh(now) then balance_events(now) end  -- e.g. credit expired: the billing system hears of it
 local tier, rpm, tpm, model_rpm, model_tpm = derive_tier(now)
@@ -80,10 +93,23 @@ end
 
 local tokens = prompt_tokens + max_out
 local used, buckets = window(K.rl)
+local per_key = key.rpm ~= nil or key.tpm ~= nil  -- the key's own limits, below the account's
+local kused, kbuckets = {r = 0, t = 0}, {r = {}, t = {}}
+if per_key then kused, kbuckets = window(K.rlk) end
 
+-- The headers' figures: the account's, or the key's where they bind tighter.
 local function figures(admitted_tokens, admitted_requests)
-  return {rpm, math.max(0, rpm - used.r - admitted_requests), reset_ms(buckets.r, admitted_requests),
-          tpm, math.max(0, tpm - used.t - admitted_tokens), reset_ms(buckets.t, admitted_tokens)}
+  local out = {rpm, math.max(0, rpm - used.r - admitted_requests), reset_ms(buckets.r, admitted_requests),
+               tpm, math.max(0, tpm - used.t - admitted_tokens), reset_ms(buckets.t, admitted_tokens)}
+  if key.rpm and key.rpm - kused.r - admitted_requests < out[2] then
+    out[1], out[2] = key.rpm, math.max(0, key.rpm - kused.r - admitted_requests)
+    out[3] = reset_ms(kbuckets.r, admitted_requests)
+  end
+  if key.tpm and key.tpm - kused.t - admitted_tokens < out[5] then
+    out[4], out[5] = key.tpm, math.max(0, key.tpm - kused.t - admitted_tokens)
+    out[6] = reset_ms(kbuckets.t, admitted_tokens)
+  end
+  return out
 end
 
 local function reject(code, limit, used_now, requested, kind_buckets)
@@ -104,18 +130,29 @@ if per_model then
     return reject('rate_tokens', model_tpm, mused.t, tokens, mbuckets.t)
   end
 end
+if key.rpm and kused.r + 1 > key.rpm then return reject('key_rate_requests', key.rpm, kused.r, 1, kbuckets.r) end
+if key.tpm and kused.t + tokens > key.tpm then
+  return reject('key_rate_tokens', key.tpm, kused.t, tokens, kbuckets.t)
+end
 
 local avail = available()
 local reserve = prompt_cost + output_cost
+-- A key with a limit reserves at most the room its period has left: the budget is the
+-- tighter of that and the account's available balance.
+local key_spent, key_resets, budget = 0, 0, avail
+if key.limit then
+  key_spent, key_resets = key_period_spend(key_id, key, now)
+  budget = math.min(avail, tonumber(key.limit) - key_spent - key_reserved(key_id))
+end
 local clamp, downgrade = 0, ''
-if reserve > avail then
+if reserve > budget then
   local per_choice = out_pico * n
   local affordable = 0
-  if CTX.mode == 'clamp' and per_choice > 0 and avail > prompt_cost then
-    affordable = math.floor((avail - prompt_cost) * 1000000 / per_choice)
+  if CTX.mode == 'clamp' and per_choice > 0 and budget > prompt_cost then
+    affordable = math.floor((budget - prompt_cost) * 1000000 / per_choice)
     if affordable * n >= max_out then affordable = math.floor(max_out / n) - 1 end
     -- doubles lose a little above 2^53 / 1e6: step down until it really fits
-    while affordable > 0 and prompt_cost + math.ceil(affordable * per_choice / 1000000) > avail do
+    while affordable > 0 and prompt_cost + math.ceil(affordable * per_choice / 1000000) > budget do
       affordable = affordable - 1
     end
   end
@@ -128,6 +165,10 @@ if reserve > avail then
          and avail < prompt_cost then  -- exhausted: not even the prompt fits (a big ask alone is a 402)
     downgrade = plan.downgrade_to
     reserve = 0
+  elseif budget < avail then  -- the key's limit refuses it, not the balance
+    local out = {'key_limit', key.limit, key_spent, key_reserved(key_id), reserve, key.reset or '', key_resets}
+    for _, v in ipairs(figures(0, 0)) do out[#out + 1] = v end
+    return reply(out)
   else
     local out = {'insufficient', avail, reserve, tier}
     for _, v in ipairs(figures(0, 0)) do out[#out + 1] = v end
@@ -143,10 +184,16 @@ if per_model then
   redis.call('HINCRBY', K.rlm, 't:' .. now_s, tokens)
   redis.call('PEXPIRE', K.rlm, 61000)
 end
+if per_key then
+  redis.call('HINCRBY', K.rlk, 'r:' .. now_s, 1)
+  redis.call('HINCRBY', K.rlk, 't:' .. now_s, tokens)
+  redis.call('PEXPIRE', K.rlk, 61000)
+end
 redis.call('HSET', K.resv, req_id, cjson.encode({
-  amount = fmt(reserve), admitted = now, sec = now_s, tokens = tokens, pm = per_model,
-  key = key_id, model = model, exp = now + CTX.ttl_ms, dg = downgrade}))
+  amount = fmt(reserve), admitted = now, sec = now_s, tokens = tokens, pm = per_model, pk = per_key,
+  key = key_id, model = model, exp = now + CTX.ttl_ms, dg = downgrade, kr = reserve > 0}))
 acct_incr('reserved', fmt(reserve))
+if reserve > 0 then redis.call('HINCRBY', K.kuse, 'r:' .. key_id, fmt(reserve)) end
 local out = {'ok', reserve, acct_num('balance'), avail - reserve, tier}
 for _, v in ipairs(figures(tokens, 1)) do out[#out + 1] = v end
 out[#out + 1] = clamp

@@ -2,11 +2,13 @@
 -- One with a checkpoint (lua/extend.lua: what a stream had delivered, at most a second
 -- before its proxy stopped refreshing it) is charged that, as an estimated `usage`
 -- entry; one without is a zero-amount `release` entry. Either way the reservation is
--- kept in `reaped` so a settlement that still arrives charges exactly the rest.
+-- kept in `reaped` so a settlement that still arrives charges exactly the rest. The API
+-- key's reservation is released here and what is charged counts in its spend; a late
+-- settlement counts only the rest (lib/keys.lua).
 -- ARGV (after ctx, clock offset): 3 '1' to reap, '0' to only
 -- report (after a Redis outage, while proxies replay their journals), 4.. request ids
 -- not to reap (settlements this proxy holds in its journal).
--- keys: acct grants live resv ledger outbox reaped
+-- keys: acct grants live resv ledger outbox reaped kuse
 -- reply: closed next_expiry_ms outbox
 -- (next_expiry_ms: the earliest remaining expiry, 0 = none; outbox: events waiting)
 local now = now_ms()
@@ -20,6 +22,7 @@ for i = 1, #flat, 2 do
   if reaping and r.exp <= now and not spared[req_id] then
     redis.call('HDEL', K.resv, req_id)
     acct_incr('reserved', fmt(-tonumber(r.amount)))
+    key_release(r)
     if r.ck then
       local entry = {type = 'usage', request_id = req_id, model = r.model, key_id = r.key, usage = r.ck.u,
                      estimated = true, reserved = r.amount,

@@ -2,7 +2,8 @@
 -- Releases the reservation, charges the exact cost (lib/charges.lua charge: half-up with the
 -- account's carried remainder, drawn from the grants live at admission, the rest
 -- becoming overage debt), appends the usage entry, marks the request settled, updates
--- lifetime figures, corrects the TPM window to real tokens and raises balance events.
+-- lifetime figures and the API key's spend (its reservation released, the charge counted:
+-- lib/keys.lua), corrects the TPM windows to real tokens and raises balance events.
 -- A reservation the reaper released is still charged: in full, or the difference to
 -- what the reaper charged from the request's last checkpoint. A reservation Redis does
 -- not know (lost in a failover) is charged too, flagged `unreserved`. Only a request
@@ -11,7 +12,7 @@
 --   3 request id   4 exact cost, whole micro-USD   5 exact cost, fraction in fine units
 --   (1e-15 micro-USD)   6 real tokens (input + output)   7 entry JSON from the proxy
 --   (model, key_id, usage, estimated, ...)
--- keys: acct grants live resv ledger outbox reaped rl rlm +done
+-- keys: acct grants live resv ledger outbox reaped rl rlm kuse +done +rlk
 -- Replies (scripts.py decodes them by these names; every reply ends with `events`):
 -- reply ok: charged balance ledger_id reserved
 -- reply duplicate: ledger_id
@@ -30,6 +31,7 @@ if raw then
   redis.call('HDEL', K.resv, req_id)
   r = cjson.decode(raw)
   acct_incr('reserved', fmt(-tonumber(r.amount)))
+  key_release(r)
 else
   -- released by the reaper (its proxy was presumed dead): charge what it has not yet
   raw = redis.call('HGET', K.reaped, req_id)
@@ -47,6 +49,7 @@ end
 
 entry.type = entry.type or 'usage'  -- 'release' when nothing is charged
 entry.request_id = req_id
+entry.key_id = entry.key_id or (r and r.key)  -- whose spend it counts in
 if r then
   entry.reserved = r.amount
   entry.admitted = r.admitted  -- when the request began (ms): its generation's created_at
@@ -63,7 +66,10 @@ local now_s = math.floor(now / 1000)
 if r and r.sec > now_s - 60 then
   local delta = real_tokens - r.tokens
   local field = 't:' .. fmt(r.sec)
-  for _, key in ipairs(r.pm and {K.rl, K.rlm} or {K.rl}) do
+  local windows = {K.rl}
+  if r.pm then windows[#windows + 1] = K.rlm end
+  if r.pk then windows[#windows + 1] = K.rlk end
+  for _, key in ipairs(windows) do
     if redis.call('HINCRBY', key, field, delta) < 0 then redis.call('HSET', key, field, 0) end
   end
 end

@@ -18,6 +18,9 @@
 --   idem    hash   grant idempotency key -> grant id
 --   rl      hash   rate window of the account, fields r:<sec> / t:<sec>
 --   rlm     hash   rate window of the account for one model
+--   kset    hash   api key id -> its settings JSON (lib/keys.lua)
+--   kuse    hash   api keys' reservations and spend (lib/keys.lua)
+--   +rlk    hash   rate window of one api key with limits of its own
 --   +done   string a settled request's marker (a key the caller adds for the call)
 -- ARGV[1] is the context JSON built once per config (scripts.py: context), ARGV[2] a
 -- clock offset in ms (0 in production, moved forward by tests).

@@ -73,7 +73,8 @@ end
 -- micro-USD. Drawn from the grants live at `at`; the rest becomes overage debt. A
 -- negative charge is credited back (credit_back). Appends `entry` with amount, the exact
 -- cost (exact_micro, exact_fine) and the draws; a charge above `limit` (its reservation)
--- is flagged `reservation_exceeded`. Returns the charge, entry id, balance.
+-- is flagged `reservation_exceeded`. The entry's API key (`key_id`) counts it in its
+-- spend (lib/keys.lua). Returns the charge, entry id, balance.
 local function charge(whole, fine, at, entry, now, earlier_draws, limit)
   local carry = acct_num('carry') + fine
   local charged = whole
@@ -94,6 +95,7 @@ local function charge(whole, fine, at, entry, now, earlier_draws, limit)
     recompute_next_change(now)  -- a grant given back may be live again
   end
   if charged ~= 0 then acct_incr('lifetime_consumed', fmt(charged)) end
+  key_charged(entry.key_id, -entry.amount, now)
   local id, balance = ledger_add(entry, now)
   return charged, id, balance
 end
