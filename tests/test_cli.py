@@ -110,7 +110,7 @@ async def test_keys_limits_expiry_and_rate_limits(cli: Cli) -> None:
     assert (await cli.json("keys", "list", "acme"))["data"] == [shown]
     await cli.json("keys", "revoke", key["id"])
     assert (await cli.json("keys", "show", key["id"]))["status"] == "revoked"
-    code, _, err = await cli.run("keys", "update", key["id"], "--limit", "-1")
+    code, _, err = await cli.run("keys", "update", key["id"], "--limit", "-1", "--json")
     assert code == 1 and json.loads(err)["error"]["param"] == "limit_usd"
     code, _, err = await cli.run("keys", "create", "acme", "--expires-at", "2001-01-01")
     assert code == 1 and "in the future" in err
