@@ -137,17 +137,22 @@ async def test_stream_responses_carry_rate_headers(start_proxy: Any) -> None:
 
 
 async def test_sdk_honours_retry_after(start_proxy: Any) -> None:
-    """The SDK retries a 429 after its retry-after-ms: the window is moved to its last
-    second (Redis time runs ahead), so the wait is real and short."""
+    """The SDK retries a 429 after its retry-after-ms: Redis time is moved ahead to 1.5 s
+    before the minute's requests leave the window, so the wait is real and short."""
     running = await start_proxy(TIERS)
     key = await running.account("acme", "1")
+    redis = running.state.redis
+    first_second = (await redis.time())[0]  # the requests' oldest second is this one or the next
     for _ in range(3):
         await chat(running, key)  # the minute's 3 requests
-    running.state.ledger.clock_offset_ms += 59_000  # 1 s before they leave the window
+    seconds, micros = await redis.time()
+    now_ms = seconds * 1000 + micros // 1000
+    # the window drops a second 60 s after it began: leave this test 1.5 s of real time
+    running.state.ledger.clock_offset_ms += first_second * 1000 + 58_500 - now_ms
     with pytest.raises(openai.RateLimitError) as caught:
         await chat(running, key)
     retry_ms = int(caught.value.response.headers["retry-after-ms"])
-    assert 0 < retry_ms <= 1_500
+    assert 0 < retry_ms <= 2_500
     started = asyncio.get_running_loop().time()
     completion = await running.client(key, max_retries=2).chat.completions.create(
         model="gpt-4o-mini", messages=MESSAGES, max_tokens=10
