@@ -264,11 +264,13 @@ async def relay_stream(
             upstream.close()  # stop the upstream generating what nobody will pay for
         meter.timing["upstream_ms"] = observe(metrics.UPSTREAM_SECONDS, meter, started)
     if not (gone or broken or tap.finished):  # upstream EOF: a last event may lack its blank line
-        events, rest = parser.finish()
+        # an unfinished last event is dropped: clients discard it (WHATWG), and the error
+        # event written after it would run into its bytes (openai-python fails to parse)
+        events, _ = parser.finish()
         out = forwardable(events, tap, scrub, held)
         if not tap.finished:  # no end after all: what was held goes out as it came
             out, held = out + scrub(b"".join(e.raw for e in held)), []
-        gone = bool(out + rest) and not await write(response, out + scrub(rest))
+        gone = bool(out) and not await write(response, out)
     if not (tap.finished or gone):
         broken = True
         lost_end, held = scrub(b"".join(e.raw for e in held)), []

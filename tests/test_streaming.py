@@ -95,6 +95,21 @@ async def test_upstream_cut_mid_stream_charges_an_estimate(proxy: Running, upstr
     assert (await proxy.balance("acme")).reserved == 0
 
 
+async def test_a_stream_ending_mid_event_fails_cleanly_in_the_sdk(proxy: Running, upstream: DemoUpstream) -> None:
+    """An upstream body that ends cleanly inside an event: the client gets our error event
+    on its own, not run into the unfinished bytes (which openai-python would fail to parse)."""
+    key = await proxy.account("acme", "10")
+    upstream.fault.output_tokens, upstream.fault.end_mid_event_after = 50, 3
+    client = proxy.client(key)
+    for usage in ({}, {"stream_options": {"include_usage": True}}):
+        stream = await client.chat.completions.create(model="gpt-4o", messages=MESSAGES, stream=True, **usage)
+        with pytest.raises(openai.APIError, match="ended unexpectedly"):
+            [chunk async for chunk in stream]
+    charges = [e for e in await entries(proxy.state.redis, "acme") if e["type"] == "usage"]
+    assert len(charges) == 2 and all(e["estimated"] is True and int(e["amount"]) < 0 for e in charges)
+    assert (await proxy.balance("acme")).reserved == 0
+
+
 async def test_client_disconnect_mid_stream(proxy: Running, upstream: DemoUpstream) -> None:
     key = await proxy.account("acme", "10")
     upstream.fault.output_tokens, upstream.fault.chunk_delay_s = 200, 0.02

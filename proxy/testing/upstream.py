@@ -53,6 +53,9 @@ class Fault:
     audio_completion_tokens: int = 0  # added on top of visible tokens in completion_tokens
     service_tier: str | None = None  # reported as the tier that served the request
     cut_after_chunks: int | None = None  # stream: drop the connection after this many data events
+    # stream: after this many events, half of the next one, then a clean end of the body
+    # (a server that closed mid-event; clients discard the unfinished event)
+    end_mid_event_after: int | None = None
     chunk_delay_s: float = 0.0  # sleep between stream events
     hold_after_chunks: int | None = None  # stream: wait for `DemoUpstream.release` after this many events
     delay_before_headers_s: float = 0.0  # sleep before answering at all
@@ -116,6 +119,10 @@ _ACTIVE: contextvars.ContextVar[Fault | None] = contextvars.ContextVar("demo_ups
 
 class _Cut(Exception):
     """Raised by the SSE writer once fault.cut_after_chunks events went out."""
+
+
+class _EndMidEvent(Exception):
+    """Raised by the SSE writer once fault.end_mid_event_after events went out."""
 
 
 class DemoUpstream:
@@ -285,6 +292,8 @@ class DemoUpstream:
                 sent = self.stream_chunks_sent = sent + 1
                 self.chunks_by_request[request_id] = self.chunks_by_request.get(request_id, 0) + 1
             await resp.write_eof()
+        except _EndMidEvent:
+            await resp.write_eof()
         except _Cut:
             # Close (not abort) so already-written bytes are flushed first, but the
             # chunked body never terminates: the client sees an incomplete read.
@@ -311,7 +320,11 @@ class DemoUpstream:
             await self.release.wait()
         payload = data if isinstance(data, bytes) else orjson.dumps(data)
         head = f"event: {name}\n".encode() if name else b""
-        await resp.write(head + b"data: " + payload + b"\n\n")
+        frame = head + b"data: " + payload + b"\n\n"
+        if f.end_mid_event_after is not None and sent >= f.end_mid_event_after:
+            await resp.write(frame[: len(frame) // 2])
+            raise _EndMidEvent
+        await resp.write(frame)
 
     def _mid_stream_error(self, i: int, n: int) -> bool:
         return self.active.stream_error_event and i == n // 2
