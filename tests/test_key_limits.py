@@ -336,3 +336,20 @@ async def test_an_unknown_key_is_a_404(proxy: Running) -> None:
     for method, body in (("GET", None), ("PATCH", {"name": "x"}), ("DELETE", None)):
         status, refused = await proxy.admin(method, "/admin/v1/keys/key_nope", body)
         assert status == 404 and refused["error"]["code"] == "not_found"
+
+
+async def test_a_downgrade_never_serves_a_model_the_key_may_not_use(start_proxy: Any, upstream: DemoUpstream) -> None:
+    """An exhausted account on a plan that downgrades: a key limited to gpt-4o gets the
+    402, not gpt-4o-mini (the plan's target) for free; a key that allows it is served."""
+    running = await start_proxy({"plans": {"free": {"on_exhausted": {"downgrade_to": "gpt-4o-mini"}}}})
+    await running.account("acme", None, plan="free")
+    narrow = await capped_key(running, allowed_models=["gpt-4o"])
+    served = len(upstream.requests)
+    with pytest.raises(openai.APIStatusError) as refused:
+        await running.client(narrow["key"]).chat.completions.create(**CHAT)
+    assert refused.value.status_code == 402 and refused.value.body["code"] == "insufficient_quota"  # type: ignore[index]
+    assert len(upstream.requests) == served  # nothing reached the upstream
+    wide = await capped_key(running, allowed_models=["gpt-4o", "gpt-4o-mini"])
+    raw = await running.client(wide["key"]).chat.completions.with_raw_response.create(**CHAT)
+    assert raw.headers["x-metering-downgraded-from"] == "gpt-4o"
+    assert upstream.requests[-1].body["model"] == "gpt-4o-mini"

@@ -162,7 +162,8 @@ if reserve > budget then
     reserve = prompt_cost + math.ceil(affordable * per_choice / 1000000)
     tokens = prompt_tokens + affordable * n
   elseif plan and plan.downgrade_to and plan.downgrade_to ~= '' and plan.downgrade_to ~= model
-         and avail < prompt_cost then  -- exhausted: not even the prompt fits (a big ask alone is a 402)
+         and avail < prompt_cost  -- exhausted: not even the prompt fits (a big ask alone is a 402)
+         and key_allows(key, plan.downgrade_to) then  -- never a model the key may not use
     downgrade = plan.downgrade_to
     reserve = 0
   elseif budget < avail then  -- the key's limit refuses it, not the balance
