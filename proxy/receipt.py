@@ -33,6 +33,7 @@ from .usage import StreamTap
 FIELD = "cost_usd"
 _USAGE_KEY = re.compile(rb'"usage"\s*:\s*(?=\{)')
 _TOKENS = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"|[{}\[\]]')  # a JSON string (skipped whole) or a bracket
+_UNICODE_ESCAPE = re.compile(rb"(?<!\\)(?:\\\\)*\\u")  # a `\uXXXX` escape (not an escaped backslash, then `u`)
 SCAN_LIMIT = 65_536  # bytes scanned for the usage object and what follows it
 
 
@@ -88,6 +89,8 @@ def _splice_usage(raw: bytes, cost: str) -> bytes | None:
     close = _closing(raw, key.end())  # of the usage object
     if close is None or _closing(raw, close + 1, depth=1) != len(raw.rstrip()) - 1:
         return None  # the rest of the body does not close the top-level object: nested
+    if _UNICODE_ESCAPE.search(raw, close, len(raw)):  # may spell a later `usage` member, the one parsers keep
+        return None
     return _insert(raw, close, f'"{FIELD}":"{cost}"'.encode())
 
 

@@ -246,6 +246,10 @@ def test_bodies_that_cannot_be_spliced_are_reencoded_correctly() -> None:
     assert spliced(orjson.dumps(chained))["usage"]["cost_usd"] == COST
     assert orjson.dumps(chained).count(b"cost_usd") == 1
     assert spliced(orjson.dumps({**CHAT, "usage": {}}))["usage"] == {"cost_usd": COST}
+    # a second `usage` member after it, its name spelled with an escape: the last one
+    # counts (for every JSON parser the SDK may use), and the cost goes there
+    shadowed = orjson.dumps(CHAT)[:-1] + b',"\\u0075sage":{"prompt_tokens":3}}'
+    assert spliced(shadowed)["usage"] == {"prompt_tokens": 3, "cost_usd": COST}
     assert receipt.body(b"[1, 2]", [1, 2], COST, "chat", None) == b"[1, 2]"  # not an object: untouched
     assert receipt.body(b"not json", None, COST, "chat", None) == b"not json"
 
