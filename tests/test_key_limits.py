@@ -353,3 +353,38 @@ async def test_a_downgrade_never_serves_a_model_the_key_may_not_use(start_proxy:
     raw = await running.client(wide["key"]).chat.completions.with_raw_response.create(**CHAT)
     assert raw.headers["x-metering-downgraded-from"] == "gpt-4o"
     assert upstream.requests[-1].body["model"] == "gpt-4o-mini"
+
+
+async def test_a_late_settlement_gives_back_to_the_period_it_was_charged_in(redis: Any, make_config: Any) -> None:
+    """The reaper charged a checkpoint just before a daily boundary; the late settlement,
+    just after it, gives part back: that is yesterday's money, so today's spend does not
+    go negative and the key still has only its limit to spend today."""
+    ledger = Ledger(redis, make_config())
+    await ledger.save_account("acme", {}, create=True)
+    from proxy.keys import KeyStore
+    from proxy.ledger import GrantSpec
+
+    await ledger.grant("acme", GrantSpec("paid", 10_000_000))
+    record, _ = await KeyStore(redis).create_key("acme", settings={"limit": "600", "reset": "daily"})
+
+    async def admit(request_id: str, amount: int) -> None:
+        await ledger.admit("acme", record.key_id, "gpt-4o", request_id, prompt_cost=amount, output_cost=0,
+                           output_pico=0, prompt_tokens=1, max_output_tokens=0, choices=1)  # fmt: skip
+
+    seconds, micros = await redis.time()
+    now = int(seconds) * 1000 + int(micros) // 1000
+    boundary = next_boundary(now, "daily")
+    ledger.clock_offset_ms = boundary - now - (ledger.config.billing.reservation_ttl_s + 5) * 1000
+    await admit("req_a", 500)
+    await ledger.extend("acme", [Checkpoint("req_a", Decimal(500), {"input_tokens": 1})])
+    ledger.clock_offset_ms = boundary - now - 2_000  # the reaper charges the checkpoint, 2 s before midnight
+    assert (await ledger.reap("acme")).closed == 1
+    ledger.clock_offset_ms = boundary - now + 2_000  # the late settlement: 400 back, 2 s after
+    await ledger.settle(SettleCall("acme", "gpt-4o", "req_a", Decimal(100), 1, {"key_id": record.key_id}))
+    [figures] = await ledger.key_figures("acme", [record.key_id])
+    assert figures.spend["total"] == 100 and figures.spend["day"] == 0 and figures.remaining == 600
+    with pytest.raises(Exception) as refused:  # before: 1,000 fitted under the 600 daily limit
+        await admit("req_b", 601)
+    assert getattr(refused.value, "code", None) == "key_limit_exceeded"
+    await admit("req_c", 600)
+    assert not await reconcile.check_account(redis, "acme")

@@ -28,7 +28,7 @@ for i = 1, #flat, 2 do
                      estimated = true, reserved = r.amount,
                      description = 'proxy stopped mid-request; charged up to its last checkpoint'}
       local charged = charge(tonumber(r.ck.w), tonumber(r.ck.f), r.admitted, entry, now, nil, tonumber(r.amount))
-      r.charged, r.cw, r.cf, r.draws = fmt(charged), r.ck.w, r.ck.f, entry.draws
+      r.charged, r.cw, r.cf, r.draws, r.rt = fmt(charged), r.ck.w, r.ck.f, entry.draws, now
       charged_any = true
     else
       ledger_add({type = 'release', amount = 0, request_id = req_id, model = r.model,

@@ -58,7 +58,7 @@ else
 end
 -- a charge above its reservation (an upstream that ignored its cap) is flagged
 local limit = (r and not r.charged) and tonumber(r.amount) or nil
-local charged, id, balance = charge(whole, fine, r and r.admitted or now, entry, now, earlier_draws, limit)
+local charged, id, balance = charge(whole, fine, r and r.admitted or now, entry, now, earlier_draws, limit, r and r.rt)
 redis.call('SET', marker, id, 'PX', CTX.settled_ttl_ms)
 
 -- TPM counted the worst case at admission; correct its bucket to the real tokens.

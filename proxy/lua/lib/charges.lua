@@ -74,8 +74,9 @@ end
 -- negative charge is credited back (credit_back). Appends `entry` with amount, the exact
 -- cost (exact_micro, exact_fine) and the draws; a charge above `limit` (its reservation)
 -- is flagged `reservation_exceeded`. The entry's API key (`key_id`) counts it in its
--- spend (lib/keys.lua). Returns the charge, entry id, balance.
-local function charge(whole, fine, at, entry, now, earlier_draws, limit)
+-- spend (lib/keys.lua; `counted_at`: when the charge this corrects was counted). Returns
+-- the charge, entry id, balance.
+local function charge(whole, fine, at, entry, now, earlier_draws, limit, counted_at)
   local carry = acct_num('carry') + fine
   local charged = whole
   if carry >= CTX.fine / 2 then charged = whole + 1; carry = carry - CTX.fine end
@@ -95,7 +96,7 @@ local function charge(whole, fine, at, entry, now, earlier_draws, limit)
     recompute_next_change(now)  -- a grant given back may be live again
   end
   if charged ~= 0 then acct_incr('lifetime_consumed', fmt(charged)) end
-  key_charged(entry.key_id, -entry.amount, now)
+  key_charged(entry.key_id, -entry.amount, now, counted_at)
   local id, balance = ledger_add(entry, now)
   return charged, id, balance
 end

@@ -54,15 +54,19 @@ local function key_period_spend(kid, s, now)
   return spent_in(u, every, now), ends
 end
 
--- A charge (negative: money given back) counted in the key's spend at `now`.
-local function key_charged(kid, amount, now)
+-- A charge (negative: money given back) counted in the key's spend at `now`. Money given
+-- back for a charge counted at `counted_at` (ms) leaves a period that began since then
+-- alone: that charge counted in a period now over.
+local function key_charged(kid, amount, now, counted_at)
   if type(kid) ~= 'string' or amount == 0 then return end
   local u = key_spend(kid)
   u.t = fmt(num(u.t) + amount)
   for _, every in ipairs(SPEND_PERIODS) do
     local p, id = string.sub(every, 1, 1), period(every, now)
-    u[p .. 'u'] = fmt((u[p] == id and num(u[p .. 'u']) or 0) + amount)
-    u[p] = id
+    if amount > 0 or not counted_at or period(every, counted_at) == id then
+      u[p .. 'u'] = fmt((u[p] == id and num(u[p .. 'u']) or 0) + amount)
+      u[p] = id
+    end
   end
   redis.call('HSET', K.kuse, 'u:' .. kid, cjson.encode(u))
 end
