@@ -20,6 +20,7 @@ USD, the amount this request was charged (the same as `x-metering-cost-usd`).
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Any
 
@@ -70,13 +71,22 @@ def body(raw: bytes, parsed: Any, cost: str, endpoint: str, estimate: Usage | No
         ours = wire_usage(endpoint, estimate, cost)
         if "usage" not in parsed and (spliced := _append_member(raw, b'"usage":' + orjson.dumps(ours))):
             return spliced
-        return orjson.dumps({**parsed, "usage": ours})
+        return _dumps({**parsed, "usage": ours})
     usage = parsed.get("usage")
     if not isinstance(usage, dict):
         return raw
     if FIELD not in usage and (spliced := _splice_usage(raw, cost)):
         return spliced
-    return orjson.dumps({**parsed, "usage": {**usage, FIELD: cost}})
+    return _dumps({**parsed, "usage": {**usage, FIELD: cost}})
+
+
+def _dumps(obj: Any) -> bytes:
+    """orjson, else Python's json for what only it writes: a lone surrogate, in a body only
+    Python's json read (usage.loads)."""
+    try:
+        return orjson.dumps(obj)
+    except orjson.JSONEncodeError:
+        return json.dumps(obj, separators=(",", ":")).encode()
 
 
 def _splice_usage(raw: bytes, cost: str) -> bytes | None:
@@ -139,10 +149,10 @@ def stream_tail(held: list[Event], tap: StreamTap, cost: str | None, estimate: U
     out: list[bytes] = []
     for event in held:
         if cost is not None and event is tap.usage_event and tap.usage_payload is not None:
-            out.append(data_event(orjson.dumps(_with_cost(tap, tap.usage_payload, cost, estimate)), event.event))
+            out.append(data_event(_dumps(_with_cost(tap, tap.usage_payload, cost, estimate)), event.event))
             continue
         if cost is not None and estimate is not None and event.data == b"[DONE]" and tap.client_wants_usage:
-            out.append(data_event(orjson.dumps(_usage_chunk(tap, cost, estimate))))
+            out.append(data_event(_dumps(_usage_chunk(tap, cost, estimate))))
         out.append(event.raw)
     return b"".join(out)
 

@@ -31,7 +31,7 @@ from .scripts import Settlement
 from .sse import Event, SSEParser, data_event
 from .state import STATE, State
 from .upstream import Scrubber, UpstreamResponse, passthrough_headers
-from .usage import StreamTap, output_of_body, usage_from_body
+from .usage import StreamTap, loads, output_of_body, usage_from_body
 
 log = structlog.get_logger("proxy.access")
 BODY_TIMEOUT_S = 60
@@ -207,10 +207,7 @@ async def relay_body(upstream: UpstreamResponse, meter: Meter, started: float) -
         err = errors.UpstreamUnavailable("The upstream failed while answering; nothing was charged.")
         return error_response(err, meter.request_id)
     meter.timing["upstream_ms"] = observe(metrics.UPSTREAM_SECONDS, meter, started)
-    try:
-        parsed = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        parsed = None
+    parsed = loads(body)  # as openai-python will read it
     usage = usage_from_body(parsed)
     meter.charge(usage, None if usage is not None else output_of_body(parsed))
     settlement = await meter.settle()

@@ -14,6 +14,7 @@ the usage-only chunk from a client that did not ask for it.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import orjson
@@ -54,6 +55,19 @@ def usage_from(raw: Any, service_tier: str | None = None) -> Usage | None:
         audio_output_tokens=_detail(out, "audio_tokens", output_tokens),
         service_tier=service_tier,
     )
+
+
+def loads(raw: bytes) -> Any:
+    """Upstream JSON as openai-python reads it (Python's json): orjson, fast, else Python's
+    json for what only it takes (a lone surrogate escape: half an emoji); None if not JSON."""
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        pass
+    try:
+        return json.loads(raw)
+    except (ValueError, RecursionError):
+        return None
 
 
 def usage_from_body(body: Any) -> Usage | None:
@@ -106,10 +120,7 @@ class StreamTap:
         if data == b"[DONE]":
             self.finished = True
             return True
-        try:
-            payload = orjson.loads(data)
-        except orjson.JSONDecodeError:
-            return True
+        payload = loads(data)
         if not isinstance(payload, dict):
             return True
         if self.responses:

@@ -217,6 +217,21 @@ def test_a_secret_in_the_held_usage_event_is_scrubbed() -> None:
     assert UPSTREAM_KEY.encode() not in tail and b'"cost_usd":"0.000001"' in tail
 
 
+def test_a_final_responses_event_only_pythons_json_reads_ends_the_stream_with_its_cost() -> None:
+    """Half an emoji (a lone surrogate escape) in the output text of `response.completed`:
+    openai-python reads the event, so the tap does too: the stream ended, its usage is
+    charged and the event goes out with the cost, still readable by Python's json."""
+    tap, held = StreamTap("responses", client_wants_usage=True), []
+    final = (b'{"type":"response.completed","response":{"output":[{"content":[{"text":"\\ud83d"}]}],'
+             b'"usage":{"input_tokens":3,"output_tokens":2}}}')  # fmt: skip
+    forwardable(SSEParser().feed(b"event: response.completed\ndata: " + final + b"\n\n"), tap, Scrubber(), held)
+    assert tap.finished and tap.usage is not None and tap.usage.output_tokens == 2
+    tail = receipt.stream_tail(held, tap, "0.000001", None)
+    event = json.loads(tail.split(b"data: ", 1)[1])
+    assert event["response"]["usage"]["cost_usd"] == "0.000001"
+    assert event["response"]["output"][0]["content"][0]["text"] == "\ud83d"
+
+
 # -- splicing bodies -------------------------------------------------------------------
 
 COST = "0.001234"
@@ -296,3 +311,19 @@ def test_any_body_gets_exactly_its_usage_cost(
     if raw.count(b'"usage"') == 1:  # the common case: spliced, every other byte as it came
         member = b'"cost_usd":"0.001234"'
         assert out.replace(b"," + member if b"," + member in out else member, b"", 1) == raw
+
+
+async def test_a_body_only_pythons_json_reads_is_charged_its_own_usage(proxy: Running, upstream: DemoUpstream) -> None:
+    """A lone surrogate escape in the reply text (half an emoji): openai-python's json
+    reads the body, so the proxy reads its usage too, instead of charging an estimate
+    with no output."""
+    key = await proxy.account("acme", "10")
+    upstream.fault.lone_surrogate, upstream.fault.output_tokens = True, 50
+    raw = await proxy.client(key).chat.completions.with_raw_response.create(
+        model="gpt-4o", messages=[{"role": "user", "content": "hi"}], max_tokens=50
+    )
+    reply = raw.parse()
+    assert reply.choices[0].message.content.startswith("\ud83d")  # type: ignore[union-attr]
+    (entry,) = [e for e in await entries(proxy.state.redis, "acme") if e["type"] == "usage"]
+    assert not entry["estimated"] and entry["usage"]["output_tokens"] == 50
+    assert reply.usage.cost_usd == raw.headers["x-metering-cost-usd"] == usd(-int(entry["amount"]))  # type: ignore[union-attr]

@@ -56,6 +56,9 @@ class Fault:
     # stream: after this many events, half of the next one, then a clean end of the body
     # (a server that closed mid-event; clients discard the unfinished event)
     end_mid_event_after: int | None = None
+    # a non-streamed chat reply whose text holds half an emoji, a lone UTF-16 surrogate
+    # escape (`\ud83d`): JSON that Python's json (openai-python) reads but orjson refuses
+    lone_surrogate: bool = False
     chunk_delay_s: float = 0.0  # sleep between stream events
     hold_after_chunks: int | None = None  # stream: wait for `DemoUpstream.release` after this many events
     delay_before_headers_s: float = 0.0  # sleep before answering at all
@@ -348,7 +351,10 @@ class DemoUpstream:
         message: Json = {"role": "assistant", "content": r.text, "refusal": None, "annotations": []}
         choice = {"message": message, "logprobs": None, "finish_reason": r.finish_reason}
         choices = [{"index": i, **choice} for i in range(r.copies)]
-        return _json(_with_usage({**base, "choices": choices}, r.usage))
+        reply = _json(_with_usage({**base, "choices": choices}, r.usage))
+        if self.active.lone_surrogate:
+            reply.body = bytes(reply.body).replace(b'"content":"', b'"content":"\\ud83d')  # type: ignore[arg-type]
+        return reply
 
     async def _completions(self, request: web.Request) -> web.StreamResponse:
         body = request[BODY_KEY]
