@@ -15,6 +15,7 @@ the usage-only chunk from a client that did not ask for it.
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 import orjson
@@ -24,8 +25,18 @@ from .sse import Event
 from .tokens import OutputCounter
 
 
+def _count(value: Any) -> int | None:
+    """A token count as openai-python reads it (pydantic's lax int: 10, 10.0, "10"; a
+    fraction rounded up, never below it); None when it is no count."""
+    if isinstance(value, str) and value.strip().isascii() and value.strip().isdigit() and len(value) <= 20:
+        value = int(value)
+    if isinstance(value, float) and math.isfinite(value) and abs(value) < 2**63:
+        value = math.ceil(value)
+    return value if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**63 else None
+
+
 def _int(value: Any) -> int:
-    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+    return _count(value) or 0
 
 
 def _detail(details: Any, name: str, limit: int) -> int:
@@ -38,14 +49,19 @@ def service_tier_of(obj: Any) -> str | None:
 
 
 def usage_from(raw: Any, service_tier: str | None = None) -> Usage | None:
+    """The usage reported, None when there is none: no input or output count it can read
+    (`{}` charged as zero tokens would be a free request; it is estimated instead)."""
     if not isinstance(raw, dict):
         return None
-    if "input_tokens" in raw or "output_tokens" in raw:
+    names = ("input_tokens", "output_tokens") if "input_tokens" in raw or "output_tokens" in raw else None
+    if names:
         inp, out = raw.get("input_tokens_details"), raw.get("output_tokens_details")
-        input_tokens, output_tokens = _int(raw.get("input_tokens")), _int(raw.get("output_tokens"))
     else:
+        names = ("prompt_tokens", "completion_tokens")
         inp, out = raw.get("prompt_tokens_details"), raw.get("completion_tokens_details")
-        input_tokens, output_tokens = _int(raw.get("prompt_tokens")), _int(raw.get("completion_tokens"))
+    if all(_count(raw.get(name)) is None for name in names):
+        return None
+    input_tokens, output_tokens = _int(raw.get(names[0])), _int(raw.get(names[1]))
     return Usage(
         input_tokens,
         _detail(inp, "cached_tokens", input_tokens),

@@ -17,8 +17,20 @@ def test_both_usage_shapes() -> None:
     responses = {"input_tokens": 10, "output_tokens": 7, "input_tokens_details": {"cached_tokens": 4},
                  "output_tokens_details": {"reasoning_tokens": 3}}  # fmt: skip
     assert usage_from(chat) == usage_from(responses) == Usage(10, 4, 7, 3)
-    assert usage_from({"prompt_tokens": -5, "completion_tokens": "x"}) == Usage(0, 0, 0, 0)
+    assert usage_from({"prompt_tokens": 0, "completion_tokens": 0}) == Usage(0, 0, 0, 0)
     assert usage_from(None) is None
+
+
+def test_counts_are_read_as_openai_python_reads_them_and_unreadable_usage_is_none() -> None:
+    """Counts written as 10.0 or "10" are what the SDK shows as 10 (pydantic's lax int):
+    they are charged, not read as 0. A usage with no readable count is no usage at all:
+    the request is charged our own count (an estimate), never served free."""
+    assert usage_from({"prompt_tokens": 10.0, "completion_tokens": "7"}) == Usage(10, 0, 7, 0)
+    assert usage_from({"input_tokens": 10.5, "output_tokens": 7}) == Usage(11, 0, 7, 0)  # never below it
+    for unreadable in ({}, {"total_tokens": 15}, {"prompt_tokens": -5, "completion_tokens": "x"},
+                       {"prompt_tokens": None, "completion_tokens": True}, {"input_tokens": float("nan")},
+                       {"prompt_tokens": "9" * 5000, "completion_tokens": 1e300}):  # fmt: skip
+        assert usage_from(unreadable) is None, unreadable
 
 
 def test_output_of_every_body_shape() -> None:
