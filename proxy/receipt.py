@@ -151,7 +151,7 @@ def stream_tail(held: list[Event], tap: StreamTap, cost: str | None, estimate: U
         if cost is not None and event is tap.usage_event and tap.usage_payload is not None:
             out.append(data_event(_dumps(_with_cost(tap, tap.usage_payload, cost, estimate)), event.event))
             continue
-        if cost is not None and estimate is not None and event.data == b"[DONE]" and tap.client_wants_usage:
+        if cost is not None and estimate is not None and event.data.startswith(b"[DONE]") and tap.client_wants_usage:
             out.append(data_event(_dumps(_usage_chunk(tap, cost, estimate))))
         out.append(event.raw)
     return b"".join(out)

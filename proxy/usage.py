@@ -133,7 +133,7 @@ class StreamTap:
         data = event.data
         if not data:
             return True
-        if data == b"[DONE]":
+        if data.startswith(b"[DONE]"):  # where openai-python stops
             self.finished = True
             return True
         payload = loads(data)

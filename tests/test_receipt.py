@@ -207,6 +207,16 @@ def test_a_usage_chunk_that_is_not_the_end_goes_out_as_it_came() -> None:
     assert forwardable(parser.feed(b"data: [DONE]\n\n"), tap, none, held) == b"" and len(held) == 1
 
 
+def test_the_end_is_where_openai_python_sees_it() -> None:
+    """openai-python stops at data that starts with [DONE] (`[DONE] `, `[DONE]x`): so does
+    the tap, and the usage chunk before it goes out with the cost, not as it came."""
+    tap, held = StreamTap("chat", client_wants_usage=True), []
+    usage_chunk = b'data: {"choices":[],"usage":{"prompt_tokens":1,"completion_tokens":1}}\n\n'
+    assert forwardable(SSEParser().feed(usage_chunk + b"data: [DONE] \n\n"), tap, Scrubber(), held) == b""
+    assert tap.finished and len(held) == 2
+    assert b'"cost_usd":"0.000001"' in receipt.stream_tail(held, tap, "0.000001", None)
+
+
 def test_a_secret_in_the_held_usage_event_is_scrubbed() -> None:
     """The rewritten usage event goes through the same redaction as every event."""
     scrub = Scrubber([UPSTREAM_KEY])
