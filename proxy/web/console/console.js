@@ -595,6 +595,7 @@ function ledgerTable(entries) {
       { head: "Balance after", num: true, cell: (e) => usdExact(e.balance_usd) },
       { head: "Model", cell: (e) => e.model ?? "", cls: "nowrap" },
       { head: "Tokens", cell: tokensText, cls: "nowrap" },
+      { head: "Key", cell: (e) => el("td", { class: "mono nowrap", "data-key-id": e.key_id ?? null }, e.key_id ?? "") },
       { head: "Details", cell: ledgerDetails },
     ],
     entries,
