@@ -110,7 +110,7 @@ async def test_keys_limits_expiry_and_rate_limits(cli: Cli) -> None:
     assert (await cli.json("keys", "list", "acme"))["data"] == [shown]
     await cli.json("keys", "revoke", key["id"])
     assert (await cli.json("keys", "show", key["id"]))["status"] == "revoked"
-    code, _, err = await cli.run("keys", "update", key["id"], "--limit", "-1")
+    code, _, err = await cli.run("keys", "update", key["id"], "--limit", "-1", "--json")
     assert code == 1 and json.loads(err)["error"]["param"] == "limit_usd"
     code, _, err = await cli.run("keys", "create", "acme", "--expires-at", "2001-01-01")
     assert code == 1 and "in the future" in err
@@ -202,7 +202,19 @@ async def test_tables_by_default(cli: Cli) -> None:
     assert code == 0 and "balance_usd    12.500000" in lines and "grants:" in lines
     code, out, _ = await cli.run("ledger", "list", "acme")
     assert out.splitlines()[3].split()[:5] == ["ID", "CREATED_AT", "TYPE", "AMOUNT_USD", "BALANCE_USD"]
+    assert out.splitlines()[3].split()[-2:] == ["KEY_ID", "GRANT_ID"]  # which key spent it
     assert out.splitlines()[4].split()[2:5] == ["grant", "12.500000", "12.500000"]
+    # keys: what a person compares across keys (no api_key/account columns, spend not cut off)
+    key = await cli.json(
+        "keys", "create", "acme", "--name", "ci", "--limit", "2", "--limit-reset", "daily", "--tpm", "40000"
+    )
+    code, out, _ = await cli.run("keys", "list", "acme")
+    header, row = out.splitlines()
+    assert code == 0 and header.split() == ["ID", "NAME", "STATUS", "LIMIT_USD", "LIMIT_RESET", "LIMIT_REMAINING_USD",
+                                            "USAGE_USD.TOTAL", "RESERVED_USD", "EXPIRES_AT", "ALLOWED_MODELS",
+                                            "RATE_LIMITS"]  # fmt: skip
+    assert row.split() == [key["id"], "ci", "active", "2.000000", "daily", "2.000000", "0.000000", "0.000000", "-",
+                           "-", "rpm=-", "tpm=40000"]  # fmt: skip
 
 
 async def test_accounts_list_json_has_the_balances(cli: Cli) -> None:
