@@ -110,7 +110,7 @@ async def test_console_sign_in_grant_key_spend_export_void_revoke(
     entry = page.locator("#ledger tr", has=page.locator(f'td[data-request-id="{request_id}"]'))
     await expect(entry.locator("td[data-amount]")).to_have_attribute("data-amount", "-" + cost)
     await expect(entry).to_contain_text("gpt-4o-mini")
-    await expect(entry.locator("td[data-key-id]")).to_have_attribute("data-key-id", key["id"])  # which key spent it
+    await expect(entry.locator("[data-key-id]")).to_have_attribute("data-key-id", key["id"])  # which key spent it
     await expect(page.locator("#usage td[data-cost]")).to_have_attribute("data-cost", cost)
     await expect(page.locator("#usage-total")).to_have_text("1 requests")
     await expect(page.locator('svg[data-chart="models"] rect[data-model="gpt-4o-mini"]')).to_have_attribute(

@@ -583,6 +583,7 @@ function ledgerDetails(e) {
   return el("td", { "data-request-id": e.request_id ?? null },
     el("span", { class: "mono" }, e.request_id ?? e.grant_id ?? ""),
     e.estimated ? [" ", el("span", { class: "badge warn" }, "estimated")] : null,
+    e.key_id ? el("div", { class: "dim mono", "data-key-id": e.key_id }, e.key_id) : null,
     note ? el("div", { class: "dim" }, note) : null);
 }
 
@@ -595,7 +596,6 @@ function ledgerTable(entries) {
       { head: "Balance after", num: true, cell: (e) => usdExact(e.balance_usd) },
       { head: "Model", cell: (e) => e.model ?? "", cls: "nowrap" },
       { head: "Tokens", cell: tokensText, cls: "nowrap" },
-      { head: "Key", cell: (e) => el("td", { class: "mono nowrap", "data-key-id": e.key_id ?? null }, e.key_id ?? "") },
       { head: "Details", cell: ledgerDetails },
     ],
     entries,
