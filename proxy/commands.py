@@ -132,7 +132,7 @@ async def show_balance(svc: Service, args: Any) -> int:
 
 
 async def ledger_list(svc: Service, args: Any) -> int:
-    query = {"limit": args.limit, **({"cursor": args.cursor} if args.cursor else {})}
+    query = {"limit": args.limit, "order": args.order, **({"cursor": args.cursor} if args.cursor else {})}
     return emit(await svc.ledger_page(args.account, query), ENTRY_COLUMNS)
 
 
