@@ -63,9 +63,11 @@ async def test_usage_page_shows_balance_grants_and_requests(proxy: Running, cust
     await expect(rows).to_have_count(2)
     for row, (request_id, _, _) in zip(await rows.all(), reversed(served), strict=True):
         await expect(row).to_have_text(request_id)
+    _, keys = await proxy.admin("GET", "/admin/v1/accounts/acme/keys")
     for request_id, model, cost in served:
         line = page.locator("#requests tr", has=page.locator(f'td[data-request-id="{request_id}"]'))
         await expect(line).to_contain_text(model)
+        await expect(line.locator("td[data-key-id]")).to_have_attribute("data-key-id", keys["data"][0]["id"])
         await expect(line.locator("td[data-cost]")).to_have_attribute("data-cost", cost)
 
     # the tier's limits (conftest: 10,000 rpm, 100,000,000 tpm), shortened without changing them
@@ -75,7 +77,6 @@ async def test_usage_page_shows_balance_grants_and_requests(proxy: Running, cust
     await expect_lookup(page, served[0])
 
     # a key revoked meanwhile: the next refresh goes back to the sign-in, saying why
-    _, keys = await proxy.admin("GET", "/admin/v1/accounts/acme/keys")
     await proxy.admin("DELETE", f"/admin/v1/keys/{keys['data'][0]['id']}")
     await page.click("#refresh")
     await expect(page.locator("#signin-status .notice")).to_contain_text("(401)")
