@@ -117,6 +117,11 @@ async def test_console_sign_in_grant_key_spend_export_void_revoke(
         "data-cost", cost
     )
     await expect(page.locator("#balance")).to_have_text(shown(raw.headers["x-metering-balance-usd"]))
+    key_row = page.locator("#keys tr", has=page.locator(f'td[data-key-id="{key["id"]}"]'))
+    await expect(key_row).to_contain_text(f"{shown(cost)} total · {shown(cost)} this month")
+    await proxy.admin("PATCH", f"/admin/v1/keys/{key['id']}", {"limit_usd": "5", "limit_reset": "daily"})
+    await page.click("#refresh")  # a daily limit: the spend beside the total is today's
+    await expect(key_row).to_contain_text(f"{shown(cost)} total · {shown(cost)} today")
 
     # the secret is gone once the page is reloaded: only its hash was ever stored
     await page.reload()
@@ -144,7 +149,6 @@ async def test_console_sign_in_grant_key_spend_export_void_revoke(
     await expect(page.locator("#balance")).to_have_text("$0.00")
 
     # revoke the key: the proxy refuses it at once
-    key_row = page.locator("#keys tr", has=page.locator(f'td[data-key-id="{key["id"]}"]'))
     await key_row.get_by_role("button", name="Revoke…").click()
     await key_row.get_by_role("button", name="Revoke now").click()
     await expect(key_row.locator(".key-status")).to_have_text("revoked")
