@@ -167,12 +167,14 @@ class Proxy:
         for name, runner in self.runners.items():
             if name != "client":
                 await runner.cleanup()
+        left = 0  # settlements still in the journal: the next start on this data_dir replays them
         if self.state is not None:
             if self.state.background:
                 await asyncio.gather(*self.state.background, return_exceptions=True)
             await self.state.upstream.close()
             if self.state.journal is not None:
                 await self.state.journal.replay(self.state.ledger.settle)
+                left = len(self.state.journal.pending)
                 self.state.journal.close()  # what is left is replayed by the next start
             if self.webhooks is not None:
                 await self.webhooks.close()
@@ -181,6 +183,8 @@ class Proxy:
                 await self.state.ledger.fast.aclose()
         if self.embedded is not None:
             self.embedded.stop()
+        if self.state is not None:  # the operator's word that the drain is over (a rollout, Ctrl-C)
+            log.info("stopped", settlements_journaled=left)
 
     async def reload(self) -> bool:
         """Load the config file again; keep the old one if the new one is bad."""

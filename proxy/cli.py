@@ -327,10 +327,11 @@ def _add_money_commands(sub: Any) -> None:
     _leaf(sub, "balance", commands.show_balance, "an account's balance").add_argument("account")
 
     ledger = _group(sub, "ledger", "ledger entries")
-    page = _leaf(ledger, "list", commands.ledger_list, "a page of entries, oldest first")
+    page = _leaf(ledger, "list", commands.ledger_list, "a page of entries, oldest first (--order desc: newest first)")
     page.add_argument("account")
     page.add_argument("--limit", type=int, default=100)
     page.add_argument("--cursor")
+    page.add_argument("--order", choices=("asc", "desc"), default="asc")
     export = _leaf(ledger, "export", commands.ledger_export, "every entry, as CSV or JSON lines")
     export.add_argument("account")
     export.add_argument("--format", choices=("csv", "jsonl"), default="jsonl")

@@ -14,7 +14,9 @@ from .schemas import loads
 from .service import Service
 
 ACCOUNT_COLUMNS = ("id", "status", "plan", "tier", "balance_usd", "available_usd", "reserved_usd", "overage_usd")
-ENTRY_COLUMNS = ("id", "created_at", "type", "amount_usd", "balance_usd", "model", "request_id", "grant_id")
+ENTRY_COLUMNS = ("id", "created_at", "type", "amount_usd", "balance_usd", "model", "request_id", "key_id", "grant_id")
+KEY_COLUMNS = ("id", "name", "status", "limit_usd", "limit_reset", "limit_remaining_usd", "usage_usd.total",
+               "reserved_usd", "expires_at", "allowed_models", "rate_limits")  # fmt: skip
 DEAD_COLUMNS = ("account_id", "id", "type", "tries", "error", "dead_at")
 
 
@@ -99,7 +101,7 @@ async def keys_revoke(svc: Service, args: Any) -> int:
 
 
 async def keys_list(svc: Service, args: Any) -> int:
-    return emit(await svc.list_keys(args.account))
+    return emit(await svc.list_keys(args.account), KEY_COLUMNS)
 
 
 async def credits_grant(svc: Service, args: Any) -> int:
@@ -130,7 +132,7 @@ async def show_balance(svc: Service, args: Any) -> int:
 
 
 async def ledger_list(svc: Service, args: Any) -> int:
-    query = {"limit": args.limit, **({"cursor": args.cursor} if args.cursor else {})}
+    query = {"limit": args.limit, "order": args.order, **({"cursor": args.cursor} if args.cursor else {})}
     return emit(await svc.ledger_page(args.account, query), ENTRY_COLUMNS)
 
 

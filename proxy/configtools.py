@@ -19,7 +19,7 @@ from typing import Any
 import orjson
 from pydantic import BaseModel, SecretStr
 
-from . import output
+from . import output, pricesheet
 from .config import Config, PriceConfig
 from .configfile import ConfigError, Parsed, explain_catalog, explain_prices, read_config
 from .configrefs import Loc, format_loc
@@ -47,7 +47,7 @@ def check(path: str | Path) -> int:
                 "errors": [],
                 "warnings": found,
                 **counts,
-                "prices": explain_prices(config)[1:],
+                "prices": {name: pricesheet.show(name, config=config) for name in config.models},  # as `prices show`
                 "catalog": explain_catalog(config),
             }
         )

@@ -41,12 +41,18 @@ class Demo:
         await state.ledger.grant(DEMO_ACCOUNT, WELCOME)
         _, key = await state.key_store.create_key(DEMO_ACCOUNT, name="demo")
         port = proxy.ports["client"]
+        pages = ""
+        if proxy.config.server.usage_page:
+            pages += f"  usage page (sign in with the demo key): http://127.0.0.1:{port}/usage\n"
+        if "admin" in proxy.ports:  # an empty admin_token disables the admin listener
+            pages += f"  console (sign in with server.admin_token): http://127.0.0.1:{proxy.ports['admin']}/\n"
         print(
             f"\n  demo key (shown once): {key}\n\n"
             f"  curl -s http://127.0.0.1:{port}/v1/chat/completions -H 'Authorization: Bearer {key}' \\\n"
             f"    -H 'content-type: application/json' \\\n"
             f'    -d \'{{"model": "gpt-4o-mini", "messages": [{{"role": "user", "content": "Hi"}}]}}\' -i\n\n'
             f"  curl -s http://127.0.0.1:{port}/v1/credits -H 'Authorization: Bearer {key}'\n\n"
+            f"{pages}\n"
             "  in another terminal: source .venv/bin/activate && metering-proxy accounts list\n",
             flush=True,
         )

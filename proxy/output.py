@@ -78,11 +78,19 @@ def _flat(data: Mapping[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]
 
 
 def table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | None = None) -> str:
-    """Aligned columns with a header; every key any row has, in first-seen order."""
+    """Aligned columns with a header; every key any row has, in first-seen order. A chosen
+    column may name a nested field with dots (`usage_usd.total`)."""
     names = list(columns) if columns else list(dict.fromkeys(k for row in rows for k in row))
-    grid = [[name.upper() for name in names]] + [[cell(row.get(name)) for name in names] for row in rows]
+    grid = [[name.upper() for name in names]] + [[cell(_field(row, name)) for name in names] for row in rows]
     widths = [max(len(line[i]) for line in grid) for i in range(len(names))]
     return "".join("  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip() + "\n" for line in grid)
+
+
+def _field(row: Mapping[str, Any], name: str) -> Any:
+    value: Any = row
+    for part in name.split("."):
+        value = value.get(part) if isinstance(value, Mapping) else None
+    return value
 
 
 def cell(value: Any, wide: bool = False) -> str:

@@ -255,7 +255,8 @@ class GrantVoid(_Request):
     reason: Annotated[str, Field(max_length=1000)] = ""
 
 
-Cursor = Annotated[str, Field(pattern=r"^\d{1,19}-\d{1,19}$")]  # a stream id: two numbers that fit 64 bits
+CURSOR = r"^\d{1,19}-\d{1,19}$"  # a stream id: two numbers that fit 64 bits
+Cursor = Annotated[str, Field(pattern=CURSOR)]
 
 
 class LedgerQuery(_Request):
@@ -293,6 +294,9 @@ def _distinct(dimensions: str) -> str:
     return dimensions
 
 
+GROUP_BY = r"^(model|day|key)(,(model|day|key)){0,2}$"
+
+
 class UsageQuery(_Request):
     """The range is [from, to); defaults: the 30 days up to now. `group_by` names each of
     model, day (UTC) and key (the API key id) at most once."""
@@ -300,9 +304,7 @@ class UsageQuery(_Request):
     from_: Time | None = Field(default=None, alias="from")
     to: Time | None = None
     # dimensions, comma-separated: model, day, key (the API key id), each at most once
-    group_by: Annotated[str, Field(pattern=r"^(model|day|key)(,(model|day|key)){0,2}$"), AfterValidator(_distinct)] = (
-        "model"
-    )
+    group_by: Annotated[str, Field(pattern=GROUP_BY), AfterValidator(_distinct)] = "model"
 
 
 REQUEST_ID = r"^req_[A-Za-z0-9]{1,64}$"  # relay.request_id: "req_" and 24 hex digits
@@ -316,6 +318,15 @@ class GenerationQuery(_Request):
 
 class ExportQuery(_Request):
     format: Literal["csv", "jsonl"] = "jsonl"
+
+
+# what a value of each pattern looks like, said instead of the regular expression
+PATTERN_HINTS = {
+    keyspace.ACCOUNT_ID.pattern: "must be 1-128 letters, digits or _.:@- starting with a letter or digit",
+    CURSOR: "must be the next_cursor of the previous page",
+    GROUP_BY: "must be model, day or key, or several of them comma-separated (model,day)",
+    REQUEST_ID: "must be a request id: req_ and up to 64 letters or digits (the x-request-id header)",
+}
 
 
 def parse(model: type[M], data: Mapping[str, Any] | None) -> M:
@@ -347,6 +358,8 @@ def _problem(problem: Any) -> str:
         text = str(problem.get("ctx", {}).get("error", text))
     elif problem["type"] == "extra_forbidden":
         text = "unknown field"
+    elif problem["type"] == "string_pattern_mismatch":
+        text = PATTERN_HINTS.get(problem.get("ctx", {}).get("pattern"), text)
     return f"{loc}: {text}" if loc else text
 
 

@@ -116,7 +116,8 @@ async def seed(admin: Admin, client_url: str, upstream: DemoUpstream, clock: Clo
         await admin("POST", "/admin/v1/accounts", {"id": account_id, "plan": plan})
         if paid:
             await admin("POST", f"{base}/credits", grant(paid, "paid", "Stripe invoice", idempotency_key=account_id))
-        keys[account_id] = (await admin("POST", f"{base}/keys", {"name": "production"}))["key"]
+        limit = {"limit_usd": "25", "limit_reset": "monthly"} if account_id == "acme" else {}  # shown on the usage page
+        keys[account_id] = (await admin("POST", f"{base}/keys", {"name": "production", **limit}))["key"]
     acme = "/admin/v1/accounts/acme"
     await admin("POST", f"{acme}/credits", grant("15", "promotional", "Launch", expires_at="2031-01-01T00:00:00Z"))
     staging = await admin("POST", f"{acme}/keys", {"name": "staging", "allowed_models": ["gpt-4o-mini"]})
@@ -184,8 +185,14 @@ async def photograph(admin_url: str, client_url: str, key: str, out: Path) -> No
         await shoot(console.page, out / "console-account.png")
         console.assert_clean()
         customer = await signed_in(browser, client_url + "/usage", "#api-key", key, "#requests td[data-request-id]")
-        await shoot(customer.page, out / "usage-page.png")
-        customer.assert_clean({("/v1/key", 404), ("/v1/usage", 404)})  # until issue 12's routes exist
+        page = customer.page
+        await page.locator("#key-total").wait_for(timeout=TIMEOUT_MS)
+        await page.locator('#usage svg[data-chart="models"]').wait_for(timeout=TIMEOUT_MS)
+        await page.fill("#lookup-id", await page.locator("#requests td[data-request-id]").first.inner_text())
+        await page.click("#lookup button[type=submit]")
+        await page.locator("#lookup-result td[data-cost]").wait_for(timeout=TIMEOUT_MS)
+        await shoot(page, out / "usage-page.png")
+        customer.assert_clean()
         await browser.close()
 
 

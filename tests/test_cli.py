@@ -202,7 +202,24 @@ async def test_tables_by_default(cli: Cli) -> None:
     assert code == 0 and "balance_usd    12.500000" in lines and "grants:" in lines
     code, out, _ = await cli.run("ledger", "list", "acme")
     assert out.splitlines()[3].split()[:5] == ["ID", "CREATED_AT", "TYPE", "AMOUNT_USD", "BALANCE_USD"]
+    assert out.splitlines()[3].split()[-2:] == ["KEY_ID", "GRANT_ID"]  # which key spent it
+    await cli.json("credits", "grant", "acme", "1", "--kind", "promotional")
+    newest = await cli.json("ledger", "list", "acme", "--order", "desc", "--limit", "1")  # the latest first
+    assert [e["amount_usd"] for e in newest["entries"]] == ["1.000000"] and newest["next_cursor"]
+    older = await cli.json("ledger", "list", "acme", "--order", "desc", "--cursor", newest["next_cursor"])
+    assert [e["amount_usd"] for e in older["entries"]] == ["12.500000"]
     assert out.splitlines()[4].split()[2:5] == ["grant", "12.500000", "12.500000"]
+    # keys: what a person compares across keys (no api_key/account columns, spend not cut off)
+    key = await cli.json(
+        "keys", "create", "acme", "--name", "ci", "--limit", "2", "--limit-reset", "daily", "--tpm", "40000"
+    )
+    code, out, _ = await cli.run("keys", "list", "acme")
+    header, row = out.splitlines()
+    assert code == 0 and header.split() == ["ID", "NAME", "STATUS", "LIMIT_USD", "LIMIT_RESET", "LIMIT_REMAINING_USD",
+                                            "USAGE_USD.TOTAL", "RESERVED_USD", "EXPIRES_AT", "ALLOWED_MODELS",
+                                            "RATE_LIMITS"]  # fmt: skip
+    assert row.split() == [key["id"], "ci", "active", "2.000000", "daily", "2.000000", "0.000000", "0.000000", "-",
+                           "-", "rpm=-", "tpm=40000"]  # fmt: skip
 
 
 async def test_accounts_list_json_has_the_balances(cli: Cli) -> None:

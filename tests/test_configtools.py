@@ -61,7 +61,10 @@ def test_check_warns_about_suspicious_prices_and_empty_secrets(
     code, out, err = run(capsys, "config", "check", write(tmp_path, BASE + "server: {admin_token: t0ken}\n"), "--json")
     report = json.loads(out)
     assert code == 0 and err == "" and report["ok"] is True and report["warnings"] == []
-    assert report["models"] == 2 and any("gpt-4o" in line for line in report["prices"])
+    assert report["models"] == 2 and set(report["prices"]) == {"gpt-4o", "text-embedding-3-small"}
+    sheet = report["prices"]["gpt-4o"]  # each model's sheet as `prices show --json` prints it: for scripts
+    assert sheet["price_source"] == "config" and sheet["prices"]["default"]["input"] == "2.5"
+    assert sheet["prices"]["default"]["output"] == "10"
 
 
 def test_check_json_lists_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -67,6 +67,8 @@ async def test_console_sign_in_grant_key_spend_export_void_revoke(
     await page.click('#accounts a[href="#/accounts/acme"]')
     await expect(page.locator("#account-title")).to_have_text("acme")
     await expect(page.locator("#balance")).to_have_text("$0.00")
+    # the tier's limits (conftest: 10,000 rpm, 100,000,000 tpm), shortened without changing them
+    await expect(page.locator("#stats")).to_contain_text("10k rpm · 100M tpm")
 
     # a refused grant shows the API's own message and grants nothing
     await page.fill("#grant-form [name=amount_usd]", "12.3456789")
@@ -108,12 +110,18 @@ async def test_console_sign_in_grant_key_spend_export_void_revoke(
     entry = page.locator("#ledger tr", has=page.locator(f'td[data-request-id="{request_id}"]'))
     await expect(entry.locator("td[data-amount]")).to_have_attribute("data-amount", "-" + cost)
     await expect(entry).to_contain_text("gpt-4o-mini")
+    await expect(entry.locator("[data-key-id]")).to_have_attribute("data-key-id", key["id"])  # which key spent it
     await expect(page.locator("#usage td[data-cost]")).to_have_attribute("data-cost", cost)
     await expect(page.locator("#usage-total")).to_have_text("1 requests")
     await expect(page.locator('svg[data-chart="models"] rect[data-model="gpt-4o-mini"]')).to_have_attribute(
         "data-cost", cost
     )
     await expect(page.locator("#balance")).to_have_text(shown(raw.headers["x-metering-balance-usd"]))
+    key_row = page.locator("#keys tr", has=page.locator(f'td[data-key-id="{key["id"]}"]'))
+    await expect(key_row).to_contain_text(f"{shown(cost)} total · {shown(cost)} this month")
+    await proxy.admin("PATCH", f"/admin/v1/keys/{key['id']}", {"limit_usd": "5", "limit_reset": "daily"})
+    await page.click("#refresh")  # a daily limit: the spend beside the total is today's
+    await expect(key_row).to_contain_text(f"{shown(cost)} total · {shown(cost)} today")
 
     # the secret is gone once the page is reloaded: only its hash was ever stored
     await page.reload()
@@ -141,7 +149,6 @@ async def test_console_sign_in_grant_key_spend_export_void_revoke(
     await expect(page.locator("#balance")).to_have_text("$0.00")
 
     # revoke the key: the proxy refuses it at once
-    key_row = page.locator("#keys tr", has=page.locator(f'td[data-key-id="{key["id"]}"]'))
     await key_row.get_by_role("button", name="Revoke…").click()
     await key_row.get_by_role("button", name="Revoke now").click()
     await expect(key_row.locator(".key-status")).to_have_text("revoked")

@@ -111,6 +111,27 @@ def test_the_dashboard_reads_its_datasource_from_a_variable() -> None:
     assert len(titles) == len(set(titles)) and len(dashboard_queries()) >= 30
 
 
+# panel title -> the alert whose threshold it draws, so a page at 3 a.m. shows where it fires
+ALERT_LINES = {"5xx share": "MeteringProxyHigh5xxRate", "Worker lag": "MeteringProxyReservationsStuckOpen"}
+
+
+def test_panels_draw_their_alerts_thresholds_and_each_series_its_unit() -> None:
+    panels = {p["title"]: p for p in json.loads(DASHBOARD.read_text())["panels"]}
+    rules = yaml.safe_load((PROMETHEUS_DIR / "alerts.yml").read_text())["groups"][0]["rules"]
+    alerts = {rule["alert"]: rule["expr"] for rule in rules}
+    for title, alert in ALERT_LINES.items():
+        fires_above = float(re.findall(r"> ([0-9.]+)", alerts[alert])[0])  # the rule's first comparison
+        defaults = panels[title]["fieldConfig"]["defaults"]
+        assert [step["value"] for step in defaults["thresholds"]["steps"]] == [None, fires_above], title
+        assert defaults["custom"]["thresholdsStyle"]["mode"] != "off", title
+    # one panel, two units: the pool's waits in seconds, its exhausted calls per second
+    pool = panels["Redis connection pool"]
+    assert pool["fieldConfig"]["defaults"]["unit"] == "s" and [t["refId"] for t in pool["targets"]] == ["A", "B"]
+    [override] = pool["fieldConfig"]["overrides"]
+    assert override["matcher"] == {"id": "byFrameRefID", "options": "B"}
+    assert {"id": "unit", "value": "reqps"} in override["properties"]
+
+
 # -- a real Prometheus ---------------------------------------------------------------
 
 

@@ -116,6 +116,7 @@ async def test_sigterm_drains_streams_in_flight_and_settles_them(
             process.kill()
     log = (tmp_path / "proxy.log").read_text()
     assert '"event":"draining"' in log and '"requests_in_flight":3' in log
+    assert '"event":"stopped"' in log.splitlines()[-1] and '"settlements_journaled":0' in log  # the drain is over
 
     assert all(len(text) > 0 and usage.completion_tokens == 8 for text, usage in results)
     usage_entries = [e for e in await entries(redis, "acme") if e["type"] == "usage"]

@@ -86,13 +86,12 @@ export function count(value) {
   return groupThousands(String(value));
 }
 
-/** 20000000 -> "20M", 150000 -> "150k": for limits, where the digits do not matter. */
+/** 20000000 -> "20M", 150000 -> "150k", 40000 -> "40k", 1234000 -> "1,234,000": for limits,
+ * shortened from 10,000 up, and only where one decimal of the unit says the number exactly. */
 export function compact(value) {
   if (value === null || value === undefined) return "—";
-  for (const [size, unit] of [[1e9, "B"], [1e6, "M"], [1e4, "k"]]) {
-    if (value >= size && value % (size / 10) === 0) return `${value / size}${unit}`;
-  }
-  return count(value);
+  const [size, unit] = value >= 1e9 ? [1e9, "B"] : value >= 1e6 ? [1e6, "M"] : value >= 1e4 ? [1e3, "k"] : [0, ""];
+  return size && value % (size / 10) === 0 ? `${value / size}${unit}` : count(value);
 }
 
 /** RFC 3339 UTC -> "2025-11-26 08:25 UTC" (the API's own clock, no locale guessing). */

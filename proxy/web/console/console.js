@@ -484,7 +484,9 @@ function spendText(key) {
   const spent = key.usage_usd;
   if (spent === undefined || spent === null) return el("span", { class: "dim" }, "—");
   if (typeof spent !== "object") return usd(spent);
-  return `${usd(spent.total)} total · ${usd(spent.monthly)} this month`;
+  // beside the total, the period the key's limit counts (a month when it has none)
+  const [field, period] = { daily: ["daily", "today"], weekly: ["weekly", "this week"] }[key.limit_reset] ?? ["monthly", "this month"];
+  return `${usd(spent.total)} total · ${usd(spent[field])} ${period}`;
 }
 
 function keysTable(keys, status, changed) {
@@ -583,6 +585,7 @@ function ledgerDetails(e) {
   return el("td", { "data-request-id": e.request_id ?? null },
     el("span", { class: "mono" }, e.request_id ?? e.grant_id ?? ""),
     e.estimated ? [" ", el("span", { class: "badge warn" }, "estimated")] : null,
+    e.key_id ? el("div", { class: "dim mono", "data-key-id": e.key_id }, e.key_id) : null,
     note ? el("div", { class: "dim" }, note) : null);
 }
 

@@ -217,6 +217,7 @@ function requestsTable(generations) {
     [
       { head: "Time", cell: (g) => whenLong(g.created_at), cls: "nowrap" },
       { head: "Request", cell: (g) => el("td", { class: "mono", "data-request-id": g.id }, g.id) },
+      { head: "Key", cell: (g) => el("td", { class: "mono dim", "data-key-id": g.key_id ?? null }, g.key_id ?? "") },
       { head: "Model", cell: (g) => g.model ?? "", cls: "nowrap" },
       { head: "Tokens", cell: (g) => tokens(g.usage), cls: "nowrap" },
       { head: "Cost", num: true, cell: (g) => el("td", { class: "num", "data-cost": g.cost_usd },
