@@ -120,3 +120,40 @@ async def test_bad_usage_queries_are_400s_and_keys_must_be_live(proxy: Running, 
     await proxy.state.key_store.revoke_key(key_id)
     status, body = await get(proxy, key, "usage")
     assert status == 401 and body["error"]["code"] == "invalid_api_key"
+
+
+async def test_a_day_that_ended_is_read_once_and_today_stays_live(proxy: Running, upstream: DemoUpstream) -> None:
+    """Whole days before the ledger's latest entry can gain no entry: the first report
+    keeps their totals, later reports read those (not the entries), and today's new
+    requests show at once. A customer calling /v1/usage in a loop rescans one day at most."""
+    redis = proxy.state.redis
+    await proxy.state.ledger.save_account("acme", {}, create=True)
+    usage = {"input_tokens": 10, "cached_input_tokens": 0, "output_tokens": 2, "reasoning_tokens": 0}
+    for day in ("2024-03-01T08:00:00", "2024-03-02T08:00:00"):  # entries of two past days (ids are times)
+        ms = int(datetime.fromisoformat(day).replace(tzinfo=UTC).timestamp() * 1000)
+        entry = {"type": "usage", "model": "gpt-4o", "key_id": "key_old", "usage": usage, "amount": "-5"}
+        await redis.xadd(keyspace.account("acme", "ledger"), {"e": orjson.dumps(entry)}, id=f"{ms}-0")
+    await proxy.fund("acme", "10")
+    _, key = await proxy.state.key_store.create_key("acme")
+    client = proxy.client(key)
+    await client.chat.completions.create(model="gpt-4o", messages=MESSAGES)  # today
+    params = {"from": "2024-01-01", "group_by": "day,model"}
+    first = (await get(proxy, key, "usage", params))[1]["groups"]
+    assert first == await expected_groups(redis, "acme", "day,model") and len(first) == 3
+    kept = await redis.hgetall(keyspace.account("acme", "usage_days"))
+    # every whole day from the ledger's first to the one before its latest entry: two with usage
+    assert sorted(v for v in kept.values() if v != "[]") == sorted(
+        orjson.dumps([["gpt-4o", "key_old", 1, 10, 0, 2, 0, 5]]).decode() for _ in range(2)
+    )
+    today = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+    assert max(map(int, kept)) == int(today.timestamp() * 1000) - 86_400_000
+    assert min(map(int, kept)) == int(datetime(2024, 3, 1, tzinfo=UTC).timestamp() * 1000)  # not from 2024-01-01
+    # what is kept is what later reports read: a changed figure shows, a rescan would not
+    march_first = str(int(datetime(2024, 3, 1, tzinfo=UTC).timestamp() * 1000))
+    await redis.hset(keyspace.account("acme", "usage_days"), march_first,
+                     orjson.dumps([["gpt-4o", "key_old", 41, 10, 0, 2, 0, 5]]))  # fmt: skip
+    again = (await get(proxy, key, "usage", params))[1]["groups"]
+    assert [g["requests"] for g in again] == [41, 1, 1]
+    await client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)  # today: still live
+    latest = (await get(proxy, key, "usage", params))[1]["groups"]
+    assert [(g["model"], g["requests"]) for g in latest[2:]] == [("gpt-4o", 1), ("gpt-4o-mini", 1)]
