@@ -261,6 +261,11 @@ def start_litellm(binary: str, tmp: Path, upstream_url: str) -> tuple[subprocess
     return proc, port
 
 
+def ratio_text(values: list[float]) -> str:
+    """A CPU ratio; a smoke run's few requests may round to 0 clock ticks."""
+    return f"{spread(values)}x" if max(values) < 1e6 else "n/a"
+
+
 def med(rows: list[dict[str, Any]], name: str) -> float:
     return statistics.median(r[name] for r in rows)
 
@@ -289,7 +294,7 @@ def report(targets: list[Target], args: argparse.Namespace, redis_version: str) 
         ]
         for t in targets:
             rows, a_rows, b_rows = t.rows[stream], upstream.rows[stream], bare.rows[stream]
-            ratio = [r["cpu_us"] / b["cpu_us"] for r, b in zip(rows, b_rows, strict=True)]
+            ratio = [r["cpu_us"] / max(b["cpu_us"], 1e-9) for r, b in zip(rows, b_rows, strict=True)]
             added = [r["p50_c1"] - a["p50_c1"] for r, a in zip(rows, a_rows, strict=True)]
             cells = [
                 t.name,
@@ -298,7 +303,7 @@ def report(targets: list[Target], args: argparse.Namespace, redis_version: str) 
                 f"{med(rows, 'p50_c1'):.2f} / {med(rows, 'p99_c1'):.2f}",
                 f"{spread(added)} ms",
                 f"{med(rows, 'cpu_us'):.0f}",
-                f"{spread(ratio)}x",
+                ratio_text(ratio),
                 f"{peak_rss_mb(t.pid):.0f}" if t.pid else "",
             ]
             if stream:
