@@ -30,7 +30,7 @@ from .money import FINE, MAX_MICRO, UNLIMITED_MICRO, dollars, to_micro, usd
 from .ratelimits import RateFigures, go_duration, retry_headers
 from .views import rfc3339
 
-LIB = ("base", "account", "calendar", "plans", "grants", "keys", "charges", "events", "tiers")
+LIB = ("base", "account", "calendar", "plans", "grants", "keys", "charges", "events", "tiers", "windows")
 ACCOUNT_SCRIPTS = (
     "admit", "settle", "grant", "void", "reap", "touch", "account", "extend", "adjust", "generation", "key", "keyinfo",
 )  # fmt: skip
