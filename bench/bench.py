@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -200,9 +201,13 @@ class Target:
 async def measure(target: Target, args: argparse.Namespace, stream: bool, redis: Any) -> dict[str, Any]:
     await load(target.url, target.key, args.warmup, args.concurrency, stream)
     counts0, rcpu0 = await redis_counts(redis)
+    spy = profile(target, args, stream)
     cpu0, t0 = cpu_seconds(target.pid), time.perf_counter()
     busy = await load(target.url, target.key, args.requests, args.concurrency, stream)
     wall, cpu = time.perf_counter() - t0, cpu_seconds(target.pid) - cpu0
+    if spy is not None:
+        spy.send_signal(signal.SIGINT)
+        spy.wait(timeout=30)
     counts1, rcpu1 = await redis_counts(redis)
     one = Sample()
 
@@ -229,6 +234,32 @@ async def measure(target: Target, args: argparse.Namespace, stream: bool, redis:
         chunk_c1=1000 * statistics.median(one.per_chunk) if stream else 0.0,
     )
     return row
+
+
+def start_proxy(config_file: Path, log_level: str, procs: list[subprocess.Popen[bytes]]) -> subprocess.Popen[bytes]:
+    """The proxy, its log as in a container: unbuffered, into a pipe someone reads."""
+    proxy = subprocess.Popen(
+        [sys.executable, "-m", "proxy", "--config", str(config_file), "serve", "--log-level", log_level],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    procs.append(proxy)
+    procs.append(subprocess.Popen(["cat"], stdin=proxy.stdout, stdout=subprocess.DEVNULL))
+    return proxy
+
+
+def profile(target: Target, args: argparse.Namespace, stream: bool) -> subprocess.Popen[bytes] | None:
+    """py-spy on the proxy under load (--py-spy DIR: collapsed stacks, one file per mode)."""
+    if not (args.py_spy and target.metered):
+        return None
+    out = Path(args.py_spy) / f"proxy-{'stream' if stream else 'json'}.txt"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    spy = Path(sys.executable).parent / "py-spy"
+    argv = [str(spy), "record", "-p", str(target.pid), "-f", "raw", "-r", "400", "-o", str(out), "--nonblocking"]
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(0.5)  # attached before the load starts
+    return proc
 
 
 def start_litellm(binary: str, tmp: Path, upstream_url: str) -> tuple[subprocess.Popen[bytes], int]:
@@ -361,7 +392,7 @@ async def main(args: argparse.Namespace) -> None:
         example["rate_tiers"] = {"tiers": [{"name": "bench", "min_usd": "0", "rpm": 10**9, "tpm": 10**12}]}
         config_file = tmp / "config.yaml"
         config_file.write_text(yaml.safe_dump(example))
-        proxy = spawn("-m", "proxy", "--config", str(config_file), "serve", "--log-level", args.log_level)
+        proxy = start_proxy(config_file, args.log_level, procs)
         litellm = start_litellm(args.litellm, tmp, upstream_url) if args.litellm else None
         for url in (
             f"{upstream_url}/v1/models",
@@ -420,5 +451,6 @@ if __name__ == "__main__":
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--smoke", action="store_true", help="a few requests, one round, nothing written (CI)")
     parser.add_argument("--log-level", default="info", help="the proxy's (info: one access line per request)")
+    parser.add_argument("--py-spy", metavar="DIR", help="profile the proxy under load (py-spy, collapsed stacks)")
     parser.add_argument("--litellm", metavar="BIN", help="also measure LiteLLM's proxy (path to its `litellm` command)")
     asyncio.run(main(parser.parse_args()))

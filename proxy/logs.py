@@ -72,6 +72,22 @@ def _drop_meta(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMappi
     return event
 
 
+_STRUCTLOG_STDOUT = vars(structlog._output).get("stdout")  # PrintLogger's stand-in for the current sys.stdout
+
+
+class _LineLogger(structlog.PrintLogger):
+    """structlog's PrintLogger, one write per line: print() writes the line and its
+    newline apart, two syscalls per line on an unbuffered stdout (PYTHONUNBUFFERED)."""
+
+    def msg(self, message: str) -> None:
+        target = sys.stdout if self._file is _STRUCTLOG_STDOUT else self._file  # as print() picks it
+        with self._lock:
+            target.write(message + "\n")
+            target.flush()
+
+    log = debug = info = warn = warning = fatal = failure = err = error = critical = exception = msg
+
+
 def setup(level: str = "info", stream: Any = None) -> None:
     stream = stream or sys.stdout
     numeric = logging.getLevelName(level.upper())
@@ -83,7 +99,7 @@ def setup(level: str = "info", stream: Any = None) -> None:
     structlog.configure(
         processors=[structlog.contextvars.merge_contextvars, *shared, REDACTOR, _json()],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
-        logger_factory=structlog.PrintLoggerFactory(stream),
+        logger_factory=lambda *_: _LineLogger(stream),
         cache_logger_on_first_use=False,
     )
     _route_stdlib(numeric, stream, shared)

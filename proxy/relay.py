@@ -14,8 +14,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import secrets
 import time
+from collections.abc import Callable
 from typing import Any
 
 import aiohttp
@@ -107,7 +109,7 @@ async def metered(request: web.Request, endpoint: str) -> web.StreamResponse:
         response: web.StreamResponse = error_response(err, req_id)
         if isinstance(err, errors.BodyTooLarge):
             response.force_close()  # the unread rest of the body makes the connection unusable
-        access_log(request, req_id, label, response.status, started, None, reason=err.code, known=known)
+        after_response(access_log, request, req_id, label, response.status, started, None, reason=err.code, known=known)
         return response
     status = 499  # what the log says if the handler is cancelled mid-flight
     try:
@@ -119,7 +121,7 @@ async def metered(request: web.Request, endpoint: str) -> web.StreamResponse:
         raise
     finally:
         settlement = await meter.settle()
-        access_log(request, req_id, model, status, started, meter, settlement=settlement)
+        after_response(access_log, request, req_id, model, status, started, meter, settlement=settlement)
 
 
 async def admit(state: State, request: web.Request, endpoint: str, req_id: str, known: Known) -> Meter:
@@ -317,6 +319,13 @@ async def write(response: web.StreamResponse, data: bytes) -> bool:
     except CLIENT_GONE:
         return False
     return True
+
+
+def after_response(work: Callable[..., None], *args: Any, **kwargs: Any) -> None:
+    """Run `work` (the log line, the metrics) once the handler's answer has been written:
+    aiohttp writes a returned response before this task yields, so nothing that can
+    wait delays the client."""
+    asyncio.get_running_loop().call_soon(functools.partial(work, *args, **kwargs))
 
 
 def access_log(
