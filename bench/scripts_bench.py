@@ -15,6 +15,7 @@ import tempfile
 import time
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -54,17 +55,23 @@ async def main(args: argparse.Namespace) -> None:
 
         async def one(i: int) -> None:
             req = f"req_{i}"
+            await admit(req)
+            await settle(req)
+
+        async def admit(req: str) -> None:
             await ledger.admit("bench", key_id, "gpt-4o-mini", req, prompt_cost=10, output_cost=100,
                                output_pico=150_000, prompt_tokens=14, max_output_tokens=16, choices=1)  # fmt: skip
+
+        async def settle(req: str) -> None:
             entry = {"model": "gpt-4o-mini", "key_id": key_id, "usage": {"input_tokens": 14, "output_tokens": 16}}
             await ledger.settle(SettleCall("bench", "gpt-4o-mini", req, Decimal("11.7"), 30, entry))
 
-        async def batch(start: int, n: int) -> None:
+        async def batch(start: int, n: int, step: Any = one) -> None:
             queue = iter(range(start, start + n))
 
             async def worker() -> None:
                 for i in queue:
-                    await one(i)
+                    await (step(i) if step is one else step(f"req_{i}"))
 
             await asyncio.gather(*(worker() for _ in range(args.concurrency)))
 
@@ -78,6 +85,12 @@ async def main(args: argparse.Namespace) -> None:
         used = sum(float(cpu1[k]) - float(cpu0[k]) for k in ("used_cpu_user", "used_cpu_sys"))
         print(f"{args.requests} metered requests (admit + settle), concurrency {args.concurrency}: {wall:.1f} s")
         print(f"Redis server CPU per request: {1e6 * used / args.requests:.0f} us")
+        for name, step in (("admit", admit), ("settle", settle)):  # each script alone
+            calls0 = await redis.info("commandstats")
+            await batch(100_000, args.requests, step)
+            calls1 = await redis.info("commandstats")
+            us = sum(int(v["usec"]) for v in calls1.values()) - sum(int(v["usec"]) for v in calls0.values())
+            print(f"  {name}.lua alone: {us / args.requests:.0f} us per call (commandstats, scripts' own commands in)")
         for name, v in sorted(stats.items(), key=lambda kv: -int(kv[1]["usec"])):
             calls = int(v["calls"])
             print(f"  {name.removeprefix('cmdstat_'):14} {calls / args.requests:6.2f} per request"

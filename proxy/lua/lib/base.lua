@@ -31,11 +31,13 @@ local CTX, CLOCK_OFFSET = nil, 0
 -- and decoding them into tables is most of the cost of a context
 local TIERS, PLANS = nil, nil
 local function tiers()
-  TIERS = TIERS or cjson.decode(CTX.tiers)
+  TIERS = TIERS or CTX.decoded_tiers or cjson.decode(CTX.tiers)
+  CTX.decoded_tiers = TIERS  -- kept with a context later calls reuse (lib/call.lua)
   return TIERS
 end
 local function plans()
-  PLANS = PLANS or cjson.decode(CTX.plans)
+  PLANS = PLANS or CTX.decoded_plans or cjson.decode(CTX.plans)
+  CTX.decoded_plans = PLANS
   return PLANS
 end
 local UNLIMITED = nil  -- CTX.unlimited, micro-USD: "no limit", still exact in a double
