@@ -245,7 +245,8 @@ def start_proxy(config_file: Path, log_level: str, procs: list[subprocess.Popen[
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
     procs.append(proxy)
-    procs.append(subprocess.Popen(["cat"], stdin=proxy.stdout, stdout=subprocess.DEVNULL))
+    log = (config_file.parent / "proxy.log").open("wb")  # kept with the run's files
+    procs.append(subprocess.Popen(["cat"], stdin=proxy.stdout, stdout=log))
     return proxy
 
 
