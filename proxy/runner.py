@@ -71,11 +71,13 @@ class LeanRunner:
         try:
             return await self._run(call)
         except redis_errors.ResponseError as exc:
-            if not self.functions or not _no_functions(exc):
+            if not self.functions:
                 raise
-            if "not found" in str(exc).lower():
+            if _library_missing(exc):
                 raise redis_errors.NoScriptError(str(exc)) from exc  # the ledger loads, then calls again
-            self.functions = False  # Redis 6.2: scripts it is
+            if not _no_functions(exc):
+                raise
+            self.functions = False  # Redis 6.2, or FCALL not allowed: scripts it is
             return await self._run(call)
 
     async def _run(self, call: Invocation) -> Any:
@@ -96,14 +98,15 @@ class LeanRunner:
         return result
 
     async def load(self, script: Script) -> None:
-        if not (self.functions and script.function):
-            await self.client.call("SCRIPT", "LOAD", script.source)
-            return
-        try:
-            await self.client.call("FUNCTION", "LOAD", LIBRARY)
-        except redis_errors.ResponseError as exc:
-            if "already exists" not in str(exc):  # another instance loaded it first
-                raise
+        if self.functions and script.function:
+            try:
+                await self.client.call("FUNCTION", "LOAD", LIBRARY)
+                return
+            except redis_errors.ResponseError as exc:
+                if "already exists" in str(exc):  # another instance loaded it first
+                    return
+                self.functions = False  # functions refused (an ACL, a managed Redis): scripts it is
+        await self.client.call("SCRIPT", "LOAD", script.source)
 
     def _packed_keys(self, account_id: str, model: str, names: tuple[str, ...]) -> Packed:
         """A script's KEYS for an (account, model), packed once (resp.Packed)."""
@@ -171,11 +174,15 @@ class ClusterRunner:
         await self.redis.script_load(script.source)
 
 
+def _library_missing(exc: Exception) -> bool:
+    """FCALL found no such function: the library is not loaded (a restart, FUNCTION FLUSH)."""
+    return "function not found" in str(exc).lower()
+
+
 def _no_functions(exc: Exception) -> bool:
-    """FCALL refused: the library is not loaded (a restart, FUNCTION FLUSH) or this Redis
-    has no functions at all (6.2)."""
+    """FCALL itself refused: Redis 6.2 has no functions, or an ACL does not allow them."""
     text = str(exc).lower()
-    return "function not found" in text or ("unknown command" in text and "fcall" in text)
+    return "fcall" in text and ("unknown command" in text or "noperm" in text)
 
 
 def runner_for(redis: Redis, fast: RespClient | None) -> ScriptRunner:

@@ -52,22 +52,13 @@ async def test_the_hot_path_calls_functions_and_loads_them_again_after_a_flush(p
     assert (await ledger.touch("acme")).balance == 1_000_000 - 24
 
 
-@pytest.fixture
-async def redis_without_functions(tmp_path: Path) -> Any:
-    """A real Redis on which FCALL does not exist, as on Redis 6.2."""
+@pytest.fixture(params=["FCALL", "FUNCTION"])
+async def redis_without_functions(tmp_path: Path, request: pytest.FixtureRequest) -> Any:
+    """A real Redis on which FCALL does not exist (as on Redis 6.2), or FUNCTION (as where
+    a managed Redis or an ACL refuses to load functions)."""
     port = free_port()
-    argv = [
-        suite_server() or server_binary(),
-        "--port",
-        str(port),
-        "--save",
-        "",
-        "--dir",
-        str(tmp_path),
-        "--rename-command",
-        "FCALL",
-        "",
-    ]
+    binary = suite_server() or server_binary()
+    argv = [binary, "--port", str(port), "--save", "", "--dir", str(tmp_path), "--rename-command", request.param, ""]
     server = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # noqa: ASYNC220
     client = connect(f"redis://127.0.0.1:{port}/0")
 
