@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import re
 import signal
 import statistics
 import subprocess
@@ -179,7 +180,7 @@ async def redis_sample(redis: Any, url: str, run: Any, requests: int) -> dict[st
     for entry in entries:
         args = [a.decode() if isinstance(a, bytes) else str(a) for a in entry[3]]
         if args[0].lower() in ("evalsha", "eval", "fcall", "evalsha_ro", "fcall_ro"):
-            script = names.get(args[1], args[1][:12])
+            script = names.get(args[1]) or re.sub(r"_[0-9a-f]{16}$", "", args[1])[:12]  # another release's
             n, us = scripts.get(script, (0, 0))
             scripts[script] = (n + 1, us + int(entry[2]))
     return {
@@ -236,16 +237,38 @@ async def measure(target: Target, args: argparse.Namespace, stream: bool, redis:
     return row
 
 
-def start_proxy(config_file: Path, log_level: str, procs: list[subprocess.Popen[bytes]]) -> subprocess.Popen[bytes]:
-    """The proxy, its log as in a container: unbuffered, into a pipe someone reads."""
+def proxy_config(path: Path, redis_url: str, upstream_url: str, port: int) -> Path:
+    """config.example.yaml on this Redis and upstream, with rate tiers that never bind."""
+    example = yaml.safe_load((ROOT / "config.example.yaml").read_text())
+    example.update(redis={"url": redis_url}, data_dir=str(path.with_suffix(".data")))
+    example["server"].update(port=port, admin_port=free_port(), host="127.0.0.1")
+    example["upstreams"]["openai"].update(base_url=upstream_url + "/v1", api_key="sk-bench")
+    example["rate_tiers"] = {"tiers": [{"name": "bench", "min_usd": "0", "rpm": 10**9, "tpm": 10**12}]}
+    path.write_text(yaml.safe_dump(example))
+    return path
+
+
+async def funded_key(ledger: Ledger, account_id: str) -> str:
+    await ledger.save_account(account_id, {}, create=True)
+    await ledger.grant(account_id, GrantSpec("paid", 10**15, idem=account_id))
+    _, key = await KeyStore(ledger.redis).create_key(account_id)
+    return key
+
+
+def start_proxy(
+    config_file: Path, log_level: str, procs: list[subprocess.Popen[bytes]], tree: Path = ROOT
+) -> subprocess.Popen[bytes]:
+    """The proxy (the code in `tree`), its log as in a container: unbuffered, into a pipe
+    someone reads."""
     proxy = subprocess.Popen(
         [sys.executable, "-m", "proxy", "--config", str(config_file), "serve", "--log-level", log_level],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        env={**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(tree)},
+        cwd=tree,
     )
     procs.append(proxy)
-    log = (config_file.parent / "proxy.log").open("wb")  # kept with the run's files
+    log = config_file.with_suffix(".log").open("wb")  # kept with the run's files
     procs.append(subprocess.Popen(["cat"], stdin=proxy.stdout, stdout=log))
     return proxy
 
@@ -386,19 +409,19 @@ async def main(args: argparse.Namespace) -> None:
         passthrough = spawn(
             str(ROOT / "bench" / "passthrough.py"), "--port", str(pass_port), "--upstream", upstream_url + "/v1"
         )
-        example = yaml.safe_load((ROOT / "config.example.yaml").read_text())
-        example.update(redis={"url": redis_server.url}, data_dir=str(tmp / "data"))
-        example["server"].update(port=proxy_port, admin_port=free_port(), host="127.0.0.1")
-        example["upstreams"]["openai"].update(base_url=upstream_url + "/v1", api_key="sk-bench")
-        example["rate_tiers"] = {"tiers": [{"name": "bench", "min_usd": "0", "rpm": 10**9, "tpm": 10**12}]}
-        config_file = tmp / "config.yaml"
-        config_file.write_text(yaml.safe_dump(example))
+        config_file = proxy_config(tmp / "config.yaml", redis_server.url, upstream_url, proxy_port)
         proxy = start_proxy(config_file, args.log_level, procs)
+        compare = None
+        if args.compare:  # another checkout of the proxy, on the same load, its own account
+            compare_port = free_port()
+            compare_config = proxy_config(tmp / "compare.yaml", redis_server.url, upstream_url, compare_port)
+            compare = start_proxy(compare_config, args.log_level, procs, Path(args.compare))
         litellm = start_litellm(args.litellm, tmp, upstream_url) if args.litellm else None
         for url in (
             f"{upstream_url}/v1/models",
             f"http://127.0.0.1:{pass_port}/",
             f"http://127.0.0.1:{proxy_port}/healthz",
+            *([f"http://127.0.0.1:{compare_port}/healthz"] if compare else []),
         ):
             await wait_up(url)
         if litellm is not None:
@@ -410,15 +433,17 @@ async def main(args: argparse.Namespace) -> None:
         info = await redis.info("server")
         redis_version = f"{Path(server_binary()).name} {info.get('valkey_version') or info['redis_version']}"
         ledger = Ledger(redis, parse_config(config_file.read_text()))
-        await ledger.save_account("bench", {}, create=True)
-        await ledger.grant("bench", GrantSpec("paid", 10**15, idem="bench"))
-        _, key = await KeyStore(redis).create_key("bench")
+        key = await funded_key(ledger, "bench")
 
         targets = [
             Target("A upstream (direct)", upstream_url, upstream.pid, key),
             Target("B bare aiohttp pass-through", f"http://127.0.0.1:{pass_port}", passthrough.pid, key),
-            Target("C metering-proxy", f"http://127.0.0.1:{proxy_port}", proxy.pid, key, metered=True),
         ]
+        if compare is not None:
+            name = f"C0 metering-proxy ({Path(args.compare).name})"
+            compare_key = await funded_key(ledger, "bench-compare")
+            targets.append(Target(name, f"http://127.0.0.1:{compare_port}", compare.pid, compare_key, metered=True))
+        targets.append(Target("C metering-proxy", f"http://127.0.0.1:{proxy_port}", proxy.pid, key, metered=True))
         if litellm is not None:
             targets.append(Target("D LiteLLM proxy", f"http://127.0.0.1:{litellm[1]}", litellm[0].pid, LITELLM_KEY))
         for _ in range(args.rounds):
@@ -452,6 +477,9 @@ if __name__ == "__main__":
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--smoke", action="store_true", help="a few requests, one round, nothing written (CI)")
     parser.add_argument("--log-level", default="info", help="the proxy's (info: one access line per request)")
+    parser.add_argument("--compare", metavar="DIR", help="also measure the proxy of another checkout (e.g. main)")
     parser.add_argument("--py-spy", metavar="DIR", help="profile the proxy under load (py-spy, collapsed stacks)")
     parser.add_argument("--litellm", metavar="BIN", help="also measure LiteLLM's proxy (path to its `litellm` command)")
-    asyncio.run(main(parser.parse_args()))
+    parsed = parser.parse_args()
+    parsed.compare = parsed.compare and str(Path(parsed.compare).resolve())
+    asyncio.run(main(parsed))

@@ -26,7 +26,7 @@ import structlog
 from aiohttp import web
 from aiohttp.web_protocol import RequestPayloadError
 
-from . import errors, intake, metrics, receipt
+from . import errors, intake, logs, metrics, receipt
 from .meter import Meter
 from .money import usd
 from .scripts import Settlement
@@ -35,7 +35,7 @@ from .state import STATE, State
 from .upstream import Scrubber, UpstreamResponse, passthrough_headers
 from .usage import StreamTap, output_of_body, usage_from_body
 
-log = structlog.get_logger("proxy.access")
+log = structlog.get_logger(logs.ACCESS_LOGGER)
 BODY_TIMEOUT_S = 60
 CLIENT_GONE = (ConnectionResetError, aiohttp.ClientConnectionResetError)
 STREAM_INTERRUPTED = orjson.dumps(
