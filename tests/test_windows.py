@@ -97,7 +97,7 @@ async def test_running_sums_match_a_scan_of_the_minute(redis: Any, ops: list[tup
 
 
 async def test_a_window_written_before_the_sums_is_counted_whole(redis: Any) -> None:
-    """Buckets from an older release (no `_p`): the first admission counts them all."""
+    """Buckets from an older release (no `P:0`): the first admission counts them all."""
     ctx = CTX
     await redis.delete(KEY)
     await redis.hset(KEY, mapping={"r:100": 2, "t:100": 40, "r:130": 1, "t:130": 7, "r:30": 9, "t:30": 9})
@@ -138,3 +138,36 @@ async def test_admissions_age_out_after_a_minute_and_survive_clock_jumps(start_p
     assert await remaining() == "2"
     running.state.ledger.clock_offset_ms -= 3_600_000  # back: the hour-later admission still counts
     assert await remaining() == "1"
+
+
+# The window scan of the release before the sums (admit.lua's `window()`), verbatim but
+# for its arguments: during a rolling upgrade it reads the hashes this one writes.
+OLD_SCAN = """
+local key, now_s = KEYS[1], tonumber(ARGV[1])
+local flat = redis.call('HGETALL', key)
+local used = {r = 0, t = 0}
+local stale = {}
+for i = 1, #flat, 2 do
+  local kind, sec, v = string.sub(flat[i], 1, 1), tonumber(string.sub(flat[i], 3)), tonumber(flat[i + 1])
+  if sec <= now_s - 60 then
+    stale[#stale + 1] = flat[i]
+  else
+    used[kind] = used[kind] + v
+  end
+end
+if #stale > 0 then redis.call('HDEL', key, unpack(stale)) end
+redis.call('HINCRBY', key, 'r:' .. now_s, 1)
+redis.call('HINCRBY', key, 't:' .. now_s, 3)
+return {used.r, used.t}
+"""
+
+
+async def test_a_release_before_the_sums_reads_and_writes_the_same_windows(redis: Any) -> None:
+    await redis.delete(KEY)
+    await run(redis, CTX, "admit", 1_000, 5)
+    await run(redis, CTX, "admit", 1_010, 7)
+    assert await redis.eval(OLD_SCAN, 1, KEY, 1_020) == [2, 12]  # the sums' fields do not trip it
+    assert await run(redis, CTX, "admit", 1_030, 1) == [3, 15, 1_000]  # its admission counted
+    await redis.hincrby(KEY, "t:1030", 5)  # its settlement: a bucket corrected, not the sums
+    # every window is counted again once a minute (when its start passes a multiple of 60 s)
+    assert await run(redis, CTX, "peek", 1_080) == [1, 6, 1_030]

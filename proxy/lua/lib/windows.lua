@@ -2,21 +2,25 @@
 --
 -- A window (rl, rlm, rlk) is a hash of 1 s buckets, 'r:' .. sec (requests) and
 -- 't:' .. sec (tokens), and beside them
---   _r, _t  the sums of every bucket in the hash
---   _p      the last second pruned: no bucket at or before it is left
---   _o      the oldest second with a bucket (-1: none)
+--   R:0, T:0  the sums of every bucket in the hash
+--   P:0       the last second pruned: no bucket at or before it is left
+--   O:0       the oldest second with a bucket (-1: none)
+-- (named as buckets of second 0, so that a release before the sums, scanning every
+-- field during a rolling upgrade, drops them as long gone instead of failing on them)
 -- An admission reads the sums instead of scanning the buckets, and drops only the
 -- seconds that left the minute since the last prune (none or one when busy), so its
 -- cost stays flat however full the minute is. The sums stay exact: every bucket
--- written, corrected or dropped moves its sum by the same amount. A hash without `_p`
--- (new, expired, or written before the sums existed) or a clock that went back past
--- the last prune is rebuilt by one scan, which counts what the old scan counted.
+-- written, corrected or dropped moves its sum by the same amount. A hash without `P:0`
+-- (new, expired, or written by a release before the sums), a clock that went back past
+-- the last prune, and every window once a minute are rebuilt by one scan, which counts
+-- what the old scan counted: whatever wrote buckets without their sums (an older
+-- release's settlement, during an upgrade) is counted exactly again within a minute.
 
 local WINDOW_S = 60
 
 -- The sums as they now stand, for the next call (a refused admission prunes too).
 local function save_sums(w)
-  redis.call('HSET', w.key, '_r', fmt(w.r), '_t', fmt(w.t), '_p', fmt(w.p), '_o', fmt(w.o or -1))
+  redis.call('HSET', w.key, 'R:0', fmt(w.r), 'T:0', fmt(w.t), 'P:0', fmt(w.p), 'O:0', fmt(w.o or -1))
   return w
 end
 
@@ -27,7 +31,7 @@ local function rebuild_window(key, now_s, lo)
   local stale = {}
   for i = 1, #flat, 2 do
     local kind, sec = string.sub(flat[i], 1, 1), tonumber(string.sub(flat[i], 3))
-    if string.sub(flat[i], 2, 2) == ':' and sec then
+    if (kind == 'r' or kind == 't') and string.sub(flat[i], 2, 2) == ':' and sec then
       if sec <= lo then
         stale[#stale + 1] = flat[i]
       else
@@ -61,9 +65,11 @@ end
 -- sums move with it).
 local function open_window(key, now_s)
   local lo = now_s - WINDOW_S
-  local m = redis.call('HMGET', key, '_r', '_t', '_p', '_o', 'r:' .. fmt(now_s), 't:' .. fmt(now_s))
+  local m = redis.call('HMGET', key, 'R:0', 'T:0', 'P:0', 'O:0', 'r:' .. fmt(now_s), 't:' .. fmt(now_s))
   local p = tonumber(m[3])
-  if p == nil or lo - p > WINDOW_S or now_s <= p then return rebuild_window(key, now_s, lo) end
+  if p == nil or lo - p > WINDOW_S or now_s <= p or math.floor(lo / WINDOW_S) ~= math.floor(p / WINDOW_S) then
+    return rebuild_window(key, now_s, lo)  -- (the last: once a minute)
+  end
   local o = tonumber(m[4])
   local w = {key = key, r = tonumber(m[1]), t = tonumber(m[2]), p = p, o = o >= 0 and o or nil,
              now = {r = num(m[5]), t = num(m[6])}}
@@ -94,7 +100,7 @@ end
 local function count_admission(w, now_s, tokens)
   local o = (w.o == nil or now_s < w.o) and now_s or w.o
   redis.call('HSET', w.key, 'r:' .. fmt(now_s), fmt(w.now.r + 1), 't:' .. fmt(now_s), fmt(w.now.t + tokens),
-             '_r', fmt(w.r + 1), '_t', fmt(w.t + tokens), '_p', fmt(w.p), '_o', fmt(o))
+             'R:0', fmt(w.r + 1), 'T:0', fmt(w.t + tokens), 'P:0', fmt(w.p), 'O:0', fmt(o))
   redis.call('PEXPIRE', w.key, (WINDOW_S + 1) * 1000)
 end
 
@@ -118,11 +124,11 @@ end
 -- counted.
 local function correct_tokens(key, sec, delta)
   local field = 't:' .. fmt(sec)
-  local m = redis.call('HMGET', key, '_p', '_t', field)
+  local m = redis.call('HMGET', key, 'P:0', 'T:0', field)
   local p = tonumber(m[1])
   if p == nil or sec <= p or not m[3] then return end
   local value = tonumber(m[3]) + delta
   local moved = delta
   if value < 0 then moved, value = delta - value, 0 end
-  redis.call('HSET', key, field, fmt(value), '_t', fmt(tonumber(m[2]) + moved))
+  redis.call('HSET', key, field, fmt(value), 'T:0', fmt(tonumber(m[2]) + moved))
 end
