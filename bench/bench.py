@@ -1,12 +1,24 @@
 """Benchmark: metering-proxy against a bare aiohttp pass-through and the upstream itself.
 
-Everything runs on 127.0.0.1: a redis-server, the fake OpenAI upstream, the bare
-pass-through and the proxy, each its own process. For each target it sends the same
-bounded load (non-streamed and streamed chat) and prints throughput, latency
-percentiles, the target process's CPU time per request (from /proc) and, for the
-proxy, Redis commands per request (INFO commandstats).
+Everything runs on 127.0.0.1, each part its own process: a redis-server (the embedded
+one: Valkey where installed), a lean fake upstream (bench/upstream.py: 16-token chat
+completions), and the targets behind it:
 
-    make bench            # or: .venv/bin/python bench/bench.py --requests 2000 --concurrency 32
+    A  the upstream directly
+    B  a bare aiohttp pass-through that answers the way the proxy does (bench/passthrough.py)
+    C  metering-proxy with real Redis (rate tiers, the journal and checkpoints on)
+    D  LiteLLM's proxy, with --litellm PATH (its own venv; see /work/shared/NOTES.md)
+
+One load generator (aiohttp, in this process) sends every target the same requests,
+JSON and streamed, in rounds (A, B, C, D, A, B, ...) so the ratios come from one run:
+req/s and p50/p99 at --concurrency (16), p50/p99 at one connection, time to first byte
+and the delay per stream chunk, CPU per 1,000 requests of the target process (from
+/proc: user + system) and its peak RSS. For C also: Redis commands per request
+(top-level ones from MONITOR sampled at one connection; all of them, scripts' included,
+from INFO commandstats), Redis server CPU per request (INFO cpu) and each script's time.
+
+    make bench                                   # prints the table, writes docs/benchmarks.md
+    .venv/bin/python bench/bench.py --smoke      # seconds: the CI's check that it runs
 """
 
 from __future__ import annotations
@@ -14,11 +26,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import re
+import signal
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,17 +45,27 @@ sys.path.insert(0, str(ROOT))
 
 from proxy.app import connect  # noqa: E402
 from proxy.configfile import parse_config  # noqa: E402
-from proxy.embedded import EmbeddedRedis, free_port  # noqa: E402
+from proxy.embedded import EmbeddedRedis, free_port, server_binary  # noqa: E402
 from proxy.keys import KeyStore  # noqa: E402
 from proxy.ledger import GrantSpec, Ledger  # noqa: E402
+from proxy.scripts import SCRIPTS  # noqa: E402
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 MESSAGES = [{"role": "user", "content": "Write one sentence about the sea."}]
+TOKENS = 16  # bench/upstream.py's answer
+LITELLM_KEY = "sk-litellm-bench"
 
 
 def cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime + stime
+
+
+def peak_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
 
 
 async def wait_up(url: str, tries: int = 200) -> None:
@@ -56,10 +81,17 @@ async def wait_up(url: str, tries: int = 200) -> None:
     raise RuntimeError(f"{url} did not come up")
 
 
-async def load(url: str, key: str, requests: int, concurrency: int, stream: bool) -> list[float]:
-    body = {"model": "gpt-4o-mini", "messages": MESSAGES, "max_tokens": 16, "stream": stream}
+@dataclass
+class Sample:
+    latencies: list[float] = field(default_factory=list)  # seconds, whole request
+    first_byte: list[float] = field(default_factory=list)  # seconds to the first body bytes
+    per_chunk: list[float] = field(default_factory=list)  # seconds per chunk after the first byte
+
+
+async def load(url: str, key: str, requests: int, concurrency: int, stream: bool) -> Sample:
+    body = {"model": "gpt-4o-mini", "messages": MESSAGES, "max_tokens": TOKENS, "stream": stream}
     headers = {"Authorization": f"Bearer {key}"}
-    latencies: list[float] = []
+    sample = Sample()
     queue = iter(range(requests))
     connector = aiohttp.TCPConnector(limit=concurrency)
     async with aiohttp.ClientSession(connector=connector) as session:
@@ -68,40 +100,190 @@ async def load(url: str, key: str, requests: int, concurrency: int, stream: bool
             for _ in queue:
                 started = time.perf_counter()
                 async with session.post(f"{url}/v1/chat/completions", json=body, headers=headers) as resp:
-                    await resp.read()
+                    first = None
+                    async for _chunk in resp.content.iter_any():
+                        first = first or time.perf_counter()
                     assert resp.status == 200, (resp.status, await resp.text())
-                latencies.append(time.perf_counter() - started)
+                end = time.perf_counter()
+                sample.latencies.append(end - started)
+                if stream and first is not None:
+                    sample.first_byte.append(first - started)
+                    sample.per_chunk.append((end - first) / TOKENS)
 
         await asyncio.gather(*(worker() for _ in range(concurrency)))
-    return latencies
+    return sample
 
 
-async def measure(
-    name: str, url: str, pid: int, key: str, args: argparse.Namespace, stream: bool, redis: Any = None
-) -> dict[str, Any]:
-    await load(url, key, min(200, args.requests), args.concurrency, stream)  # warm up
-    before = await redis_calls(redis) if redis is not None else {}
-    cpu0, t0 = cpu_seconds(pid), time.perf_counter()
-    latencies = await load(url, key, args.requests, args.concurrency, stream)
-    wall, cpu = time.perf_counter() - t0, cpu_seconds(pid) - cpu0
-    after = await redis_calls(redis) if redis is not None else {}
-    latencies.sort()
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else 0.0
+
+
+async def redis_counts(redis: Any) -> tuple[dict[str, int], float]:
+    """(command -> calls, server CPU seconds) from Redis's own statistics."""
+    stats = await redis.info("commandstats")
+    cpu = await redis.info("cpu")
+    calls = {name.removeprefix("cmdstat_"): int(v["calls"]) for name, v in stats.items()}
+    return calls, float(cpu["used_cpu_user"]) + float(cpu["used_cpu_sys"])
+
+
+def script_names() -> dict[str, str]:
+    names = {s.sha: s.name for s in SCRIPTS.values()}
+    return names | {name: name for name in SCRIPTS}  # FCALL names the function itself
+
+
+class Monitor:
+    """Top-level commands as Redis sees them (MONITOR marks those a script ran `lua]`)."""
+
+    def __init__(self, url: str) -> None:
+        self.url, self.lines = url, 0
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+        self.task: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> Monitor:
+        host, port = self.url.removeprefix("redis://").split("/")[0].rsplit(":", 1)
+        self.reader, self.writer = await asyncio.open_connection(host, int(port))
+        self.writer.write(b"MONITOR\r\n")
+        assert (await self.reader.readline()).startswith(b"+OK")
+        self.task = asyncio.create_task(self._count())
+        return self
+
+    async def _count(self) -> None:
+        assert self.reader is not None
+        while line := await self.reader.readline():
+            if b"lua]" not in line and not any(c in line for c in (b'"SLOWLOG"', b'"CONFIG"', b'"INFO"')):
+                self.lines += 1
+
+    async def __aexit__(self, *_: object) -> None:
+        await asyncio.sleep(0.2)  # the last lines on their way
+        assert self.task is not None and self.writer is not None
+        self.task.cancel()
+        self.writer.close()
+
+
+async def redis_sample(redis: Any, url: str, run: Any, requests: int) -> dict[str, Any]:
+    """During `run`: the proxy's top-level commands (MONITOR) and each script's time
+    (SLOWLOG at 0 us, which logs scripts' own commands too: only scripts are counted)."""
+    old = await redis.config_get("slowlog-*")
+    await redis.config_set("slowlog-log-slower-than", 0)
+    await redis.config_set("slowlog-max-len", 100_000)
+    await redis.slowlog_reset()
+    try:
+        async with Monitor(url) as monitor:
+            await run()
+        entries = await redis.execute_command("SLOWLOG", "GET", "-1")
+    finally:
+        for name, value in old.items():
+            await redis.config_set(name, value)
+    names, scripts = script_names(), {}
+    for entry in entries:
+        args = [a.decode() if isinstance(a, bytes) else str(a) for a in entry[3]]
+        if args[0].lower() in ("evalsha", "eval", "fcall", "evalsha_ro", "fcall_ro"):
+            script = names.get(args[1]) or re.sub(r"_[0-9a-f]{16}$", "", args[1])[:12]  # another release's
+            n, us = scripts.get(script, (0, 0))
+            scripts[script] = (n + 1, us + int(entry[2]))
     return {
-        "redis_per_req": {
-            k: ((n - before.get(k, (0, 0))[0]) / args.requests, (us - before.get(k, (0, 0))[1]) / args.requests)
-            for k, (n, us) in after.items()
-            if n != before.get(k, (0, 0))[0]
-        },
-        "target": name,
-        "stream": stream,
-        "rps": args.requests / wall,
-        "p50_ms": 1000 * statistics.median(latencies),
-        "p99_ms": 1000 * latencies[int(0.99 * len(latencies)) - 1],
-        "cpu_us_per_req": 1e6 * cpu / args.requests,
+        "top_level_per_req": monitor.lines / requests,
+        "script_us": {name: us / n for name, (n, us) in scripts.items()},
     }
 
 
-LITELLM_KEY = "sk-litellm-bench"
+@dataclass
+class Target:
+    name: str
+    url: str
+    pid: int
+    key: str
+    metered: bool = False
+    rows: dict[bool, list[dict[str, Any]]] = field(default_factory=lambda: {False: [], True: []})
+
+
+async def measure(target: Target, args: argparse.Namespace, stream: bool, redis: Any) -> dict[str, Any]:
+    await load(target.url, target.key, args.warmup, args.concurrency, stream)
+    counts0, rcpu0 = await redis_counts(redis)
+    spy = profile(target, args, stream)
+    cpu0, t0 = cpu_seconds(target.pid), time.perf_counter()
+    busy = await load(target.url, target.key, args.requests, args.concurrency, stream)
+    wall, cpu = time.perf_counter() - t0, cpu_seconds(target.pid) - cpu0
+    if spy is not None:
+        spy.send_signal(signal.SIGINT)
+        spy.wait(timeout=30)
+    counts1, rcpu1 = await redis_counts(redis)
+    one = Sample()
+
+    async def one_connection() -> None:
+        nonlocal one
+        one = await load(target.url, target.key, args.serial, 1, stream)
+
+    row: dict[str, Any] = {}
+    if target.metered:
+        row.update(await redis_sample(redis, args.redis_url, one_connection, args.serial))
+        calls = sum(counts1.values()) - sum(counts0.values())
+        row["commands_per_req"] = calls / args.requests
+        row["redis_cpu_us"] = 1e6 * (rcpu1 - rcpu0) / args.requests
+    else:
+        await one_connection()
+    row.update(
+        rps=args.requests / wall,
+        cpu_us=1e6 * cpu / args.requests,
+        p50_c16=1000 * statistics.median(busy.latencies),
+        p99_c16=1000 * pct(busy.latencies, 0.99),
+        p50_c1=1000 * statistics.median(one.latencies),
+        p99_c1=1000 * pct(one.latencies, 0.99),
+        ttfb_c1=1000 * statistics.median(one.first_byte) if stream else 0.0,
+        chunk_c1=1000 * statistics.median(one.per_chunk) if stream else 0.0,
+    )
+    return row
+
+
+def proxy_config(path: Path, redis_url: str, upstream_url: str, port: int) -> Path:
+    """config.example.yaml on this Redis and upstream, with rate tiers that never bind."""
+    example = yaml.safe_load((ROOT / "config.example.yaml").read_text())
+    example.update(redis={"url": redis_url}, data_dir=str(path.with_suffix(".data")))
+    example["server"].update(port=port, admin_port=free_port(), host="127.0.0.1")
+    example["upstreams"]["openai"].update(base_url=upstream_url + "/v1", api_key="sk-bench")
+    example["rate_tiers"] = {"tiers": [{"name": "bench", "min_usd": "0", "rpm": 10**9, "tpm": 10**12}]}
+    path.write_text(yaml.safe_dump(example))
+    return path
+
+
+async def funded_key(ledger: Ledger, account_id: str) -> str:
+    await ledger.save_account(account_id, {}, create=True)
+    await ledger.grant(account_id, GrantSpec("paid", 10**15, idem=account_id))
+    _, key = await KeyStore(ledger.redis).create_key(account_id)
+    return key
+
+
+def start_proxy(
+    config_file: Path, log_level: str, procs: list[subprocess.Popen[bytes]], tree: Path = ROOT
+) -> subprocess.Popen[bytes]:
+    """The proxy (the code in `tree`), its log as in a container: unbuffered, into a pipe
+    someone reads."""
+    proxy = subprocess.Popen(
+        [sys.executable, "-m", "proxy", "--config", str(config_file), "serve", "--log-level", log_level],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(tree)},
+        cwd=tree,
+    )
+    procs.append(proxy)
+    log = config_file.with_suffix(".log").open("wb")  # kept with the run's files
+    procs.append(subprocess.Popen(["cat"], stdin=proxy.stdout, stdout=log))
+    return proxy
+
+
+def profile(target: Target, args: argparse.Namespace, stream: bool) -> subprocess.Popen[bytes] | None:
+    """py-spy on the proxy under load (--py-spy DIR: collapsed stacks, one file per mode)."""
+    if not (args.py_spy and target.metered):
+        return None
+    out = Path(args.py_spy) / f"proxy-{'stream' if stream else 'json'}.txt"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    spy = Path(sys.executable).parent / "py-spy"
+    argv = [str(spy), "record", "-p", str(target.pid), "-f", "raw", "-r", "400", "-o", str(out), "--nonblocking"]
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(0.5)  # attached before the load starts
+    return proc
 
 
 def start_litellm(binary: str, tmp: Path, upstream_url: str) -> tuple[subprocess.Popen[bytes], int]:
@@ -134,13 +316,82 @@ def start_litellm(binary: str, tmp: Path, upstream_url: str) -> tuple[subprocess
     return proc, port
 
 
-async def redis_calls(redis: Any) -> dict[str, tuple[int, int]]:
-    """Command name -> (calls, microseconds), from Redis's own statistics."""
-    stats = await redis.info("commandstats")
-    return {name.removeprefix("cmdstat_"): (int(v["calls"]), int(v["usec"])) for name, v in stats.items()}
+def ratio_text(values: list[float]) -> str:
+    """A CPU ratio; a smoke run's few requests may round to 0 clock ticks."""
+    return f"{spread(values)}x" if max(values) < 1e6 else "n/a"
+
+
+def med(rows: list[dict[str, Any]], name: str) -> float:
+    return statistics.median(r[name] for r in rows)
+
+
+def spread(values: list[float], digits: int = 2) -> str:
+    lo, hi = min(values), max(values)
+    return f"{lo:.{digits}f}" if round(lo, digits) == round(hi, digits) else f"{lo:.{digits}f}-{hi:.{digits}f}"
+
+
+def report(targets: list[Target], args: argparse.Namespace, redis_version: str) -> str:
+    upstream, bare = targets[0], targets[1]
+    lines = [
+        f"{args.requests} requests per round at concurrency {args.concurrency}, {args.serial} at one connection,"
+        f" {args.rounds} rounds; gpt-4o-mini, {TOKENS} output tokens; {redis_version}; medians over rounds"
+        " (ratios: range over rounds)",
+        "",
+    ]
+    for stream in (False, True):
+        lines += [
+            f"### {'stream' if stream else 'JSON'}",
+            "",
+            f"| target | req/s c={args.concurrency} | p50/p99 ms c={args.concurrency} | p50/p99 ms c=1"
+            " | added p50 c=1 over A | CPU ms per 1k req | CPU vs B | peak RSS MB"
+            + (" | TTFB ms c=1 | added TTFB over B | ms per chunk | added per chunk over B |" if stream else " |"),
+            "|---" * (12 if stream else 8) + "|",
+        ]
+        for t in targets:
+            rows, a_rows, b_rows = t.rows[stream], upstream.rows[stream], bare.rows[stream]
+            ratio = [r["cpu_us"] / max(b["cpu_us"], 1e-9) for r, b in zip(rows, b_rows, strict=True)]
+            added = [r["p50_c1"] - a["p50_c1"] for r, a in zip(rows, a_rows, strict=True)]
+            cells = [
+                t.name,
+                f"{med(rows, 'rps'):.0f}",
+                f"{med(rows, 'p50_c16'):.2f} / {med(rows, 'p99_c16'):.2f}",
+                f"{med(rows, 'p50_c1'):.2f} / {med(rows, 'p99_c1'):.2f}",
+                f"{spread(added)} ms",
+                f"{med(rows, 'cpu_us'):.0f}",
+                ratio_text(ratio),
+                f"{peak_rss_mb(t.pid):.0f}" if t.pid else "",
+            ]
+            if stream:
+                ttfb = [r["ttfb_c1"] - b["ttfb_c1"] for r, b in zip(rows, b_rows, strict=True)]
+                chunk = [r["chunk_c1"] - b["chunk_c1"] for r, b in zip(rows, b_rows, strict=True)]
+                cells += [
+                    f"{med(rows, 'ttfb_c1'):.2f}",
+                    f"{spread(ttfb)} ms",
+                    f"{med(rows, 'chunk_c1'):.3f}",
+                    f"{spread(chunk, 3)} ms",
+                ]
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+        for t in (t for t in targets if t.metered):
+            rows = t.rows[stream]
+            scripts = {name for r in rows for name in r["script_us"]}
+            per_script = ", ".join(
+                f"{name} {spread([r['script_us'].get(name, 0) for r in rows], 0)} us" for name in sorted(scripts)
+            )
+            lines += [
+                f"Redis per {t.name} request ({'stream' if stream else 'JSON'}):"
+                f" {spread([r['redis_cpu_us'] for r in rows], 0)} us server CPU;"
+                f" {spread([r['top_level_per_req'] for r in rows])} top-level commands"
+                f" ({spread([r['commands_per_req'] for r in rows], 1)} counting those scripts ran);"
+                f" script time: {per_script}",
+                "",
+            ]
+    return "\n".join(lines)
 
 
 async def main(args: argparse.Namespace) -> None:
+    if args.smoke:
+        args.requests, args.serial, args.warmup, args.rounds = 40, 10, 10, 1
     tmp = Path(tempfile.mkdtemp(prefix="mp-bench-"))
     redis_server = EmbeddedRedis(tmp / "redis")
     await redis_server.start()
@@ -154,23 +405,23 @@ async def main(args: argparse.Namespace) -> None:
     try:
         up_port, pass_port, proxy_port = free_port(), free_port(), free_port()
         upstream_url = f"http://127.0.0.1:{up_port}"
-        upstream = spawn("-m", "proxy", "demo-upstream", "--port", str(up_port))
+        upstream = spawn(str(ROOT / "bench" / "upstream.py"), "--port", str(up_port))
         passthrough = spawn(
             str(ROOT / "bench" / "passthrough.py"), "--port", str(pass_port), "--upstream", upstream_url + "/v1"
         )
-        example = yaml.safe_load((ROOT / "config.example.yaml").read_text())
-        example.update(redis={"url": redis_server.url}, data_dir=str(tmp / "data"))
-        example["server"].update(port=proxy_port, admin_port=free_port(), host="127.0.0.1")
-        example["upstreams"]["openai"].update(base_url=upstream_url + "/v1", api_key="sk-bench")
-        example["rate_tiers"] = {"tiers": [{"name": "bench", "min_usd": "0", "rpm": 10**9, "tpm": 10**12}]}
-        config_file = tmp / "config.yaml"
-        config_file.write_text(yaml.safe_dump(example))
-        proxy = spawn("-m", "proxy", "--config", str(config_file), "serve", "--log-level", args.log_level)
+        config_file = proxy_config(tmp / "config.yaml", redis_server.url, upstream_url, proxy_port)
+        proxy = start_proxy(config_file, args.log_level, procs)
+        compare = None
+        if args.compare:  # another checkout of the proxy, on the same load, its own account
+            compare_port = free_port()
+            compare_config = proxy_config(tmp / "compare.yaml", redis_server.url, upstream_url, compare_port)
+            compare = start_proxy(compare_config, args.log_level, procs, Path(args.compare))
         litellm = start_litellm(args.litellm, tmp, upstream_url) if args.litellm else None
         for url in (
             f"{upstream_url}/v1/models",
             f"http://127.0.0.1:{pass_port}/",
             f"http://127.0.0.1:{proxy_port}/healthz",
+            *([f"http://127.0.0.1:{compare_port}/healthz"] if compare else []),
         ):
             await wait_up(url)
         if litellm is not None:
@@ -178,46 +429,36 @@ async def main(args: argparse.Namespace) -> None:
             await wait_up(f"http://127.0.0.1:{litellm[1]}/health/liveliness", tries=600)  # ~6 s to start
 
         redis = connect(redis_server.url)
+        args.redis_url = redis_server.url
+        info = await redis.info("server")
+        redis_version = f"{Path(server_binary()).name} {info.get('valkey_version') or info['redis_version']}"
         ledger = Ledger(redis, parse_config(config_file.read_text()))
-        await ledger.save_account("bench", {}, create=True)
-        await ledger.grant("bench", GrantSpec("paid", 10**15, idem="bench"))
-        _, key = await KeyStore(redis).create_key("bench")
+        key = await funded_key(ledger, "bench")
 
-        rows = []
-        for stream in (False, True):
-            rows.append(await measure("upstream (direct)", upstream_url, upstream.pid, key, args, stream))
-            rows.append(
-                await measure(
-                    "bare aiohttp pass-through", f"http://127.0.0.1:{pass_port}", passthrough.pid, key, args, stream
-                )
+        targets = [
+            Target("A upstream (direct)", upstream_url, upstream.pid, key),
+            Target("B bare aiohttp pass-through", f"http://127.0.0.1:{pass_port}", passthrough.pid, key),
+        ]
+        if compare is not None:
+            name = f"C0 metering-proxy ({Path(args.compare).name})"
+            compare_key = await funded_key(ledger, "bench-compare")
+            targets.append(Target(name, f"http://127.0.0.1:{compare_port}", compare.pid, compare_key, metered=True))
+        targets.append(Target("C metering-proxy", f"http://127.0.0.1:{proxy_port}", proxy.pid, key, metered=True))
+        if litellm is not None:
+            targets.append(Target("D LiteLLM proxy", f"http://127.0.0.1:{litellm[1]}", litellm[0].pid, LITELLM_KEY))
+        for _ in range(args.rounds):
+            for stream in (False, True):
+                for target in targets:
+                    target.rows[stream].append(await measure(target, args, stream, redis))
+        text = report(targets, args, redis_version)
+        print(text)
+        if not args.smoke:
+            out = ROOT / "docs" / "benchmarks.md"
+            out.write_text(
+                "# Benchmarks\n\nWritten by `make bench` (bench/bench.py) on the machine it ran on: compare"
+                " ratios within one run, not absolute figures across machines.\n\n" + text + "\n"
             )
-            rows.append(
-                await measure("metering-proxy", f"http://127.0.0.1:{proxy_port}", proxy.pid, key, args, stream, redis)
-            )
-            if litellm is not None:
-                url = f"http://127.0.0.1:{litellm[1]}"
-                rows.append(await measure("litellm proxy", url, litellm[0].pid, LITELLM_KEY, args, stream))
-        print(f"\n{args.requests} requests, concurrency {args.concurrency}, gpt-4o-mini, max_tokens 16\n")
-        print(f"{'target':28} {'stream':6} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'CPU us/req':>11}")
-        for row in rows:
-            print(
-                f"{row['target']:28} {row['stream']!s:6} {row['rps']:8.0f} {row['p50_ms']:8.2f} {row['p99_ms']:8.2f}"
-                f" {row['cpu_us_per_req']:11.0f}"
-            )
-        for stream in (False, True):
-            base = next(r for r in rows if r["target"].startswith("bare") and r["stream"] == stream)
-            mine = next(r for r in rows if r["target"] == "metering-proxy" and r["stream"] == stream)
-            ratio = mine["cpu_us_per_req"] / base["cpu_us_per_req"]
-            for other in (r for r in rows if r["target"] == "litellm proxy" and r["stream"] == stream):
-                other_ratio = other["cpu_us_per_req"] / base["cpu_us_per_req"]
-                print(f"\nstream={stream}: LiteLLM proxy CPU per request = {other_ratio:.1f}x the bare pass-through")
-            redis_stats = mine["redis_per_req"]
-            evalsha, zadd = redis_stats.get("evalsha", (0, 0)), redis_stats.get("zadd", (0, 0))
-            print(
-                f"\nstream={stream}: metering-proxy CPU per request = {ratio:.2f}x the bare pass-through;"
-                f" per request Redis ran {evalsha[0]:.2f} scripts ({evalsha[1]:.0f} us) and {zadd[0]:.2f}"
-                f" pipelined zadd ({zadd[1]:.1f} us)"
-            )
+            print(f"\nwrote {out.relative_to(ROOT)}")
         await redis.aclose()
     finally:
         for proc in procs:
@@ -229,8 +470,16 @@ async def main(args: argparse.Namespace) -> None:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--requests", type=int, default=2000)
-    parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--requests", type=int, default=2000, help="per target, round and mode, at --concurrency")
+    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--serial", type=int, default=300, help="requests at one connection (latency)")
+    parser.add_argument("--warmup", type=int, default=200)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--smoke", action="store_true", help="a few requests, one round, nothing written (CI)")
     parser.add_argument("--log-level", default="info", help="the proxy's (info: one access line per request)")
+    parser.add_argument("--compare", metavar="DIR", help="also measure the proxy of another checkout (e.g. main)")
+    parser.add_argument("--py-spy", metavar="DIR", help="profile the proxy under load (py-spy, collapsed stacks)")
     parser.add_argument("--litellm", metavar="BIN", help="also measure LiteLLM's proxy (path to its `litellm` command)")
-    asyncio.run(main(parser.parse_args()))
+    parsed = parser.parse_args()
+    parsed.compare = parsed.compare and str(Path(parsed.compare).resolve())
+    asyncio.run(main(parsed))

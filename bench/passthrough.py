@@ -1,7 +1,8 @@
 """A bare aiohttp pass-through proxy: the CPU baseline metering-proxy is compared with.
 
-It forwards POST bodies to the upstream and relays the answer chunk by chunk, with
-no auth, no parsing and no metering.
+It forwards POST bodies to the upstream and answers the way metering-proxy does: a JSON
+answer read whole and sent as one `web.Response`, a stream relayed chunk by chunk through
+a `StreamResponse`; no auth, no parsing and no metering: a tight floor.
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ def make_app(upstream: str) -> web.Application:
             upstream + request.path.removeprefix("/v1"), data=body, headers={"content-type": "application/json"}
         ) as resp:
             headers = {k: v for k, v in resp.headers.items() if k.lower() not in HOP}
+            if resp.content_type != "text/event-stream":
+                return web.Response(status=resp.status, body=await resp.read(), headers=headers)
             out = web.StreamResponse(status=resp.status, headers=headers)
             await out.prepare(request)
             async for chunk in resp.content.iter_any():

@@ -8,6 +8,8 @@ rendered as JSON lines by the same processors on the same stream.
 
 from __future__ import annotations
 
+import asyncio
+import atexit
 import logging
 import re
 import sys
@@ -72,7 +74,73 @@ def _drop_meta(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMappi
     return event
 
 
+_STRUCTLOG_STDOUT = vars(structlog._output).get("stdout")  # PrintLogger's stand-in for the current sys.stdout
+
+
+class _LineLogger(structlog.PrintLogger):
+    """structlog's PrintLogger, writing whole lines: print() writes a line and its
+    newline apart (two syscalls on an unbuffered stdout, PYTHONUNBUFFERED). A `batched`
+    logger (the access log: a line per request) leaves the lines of one event-loop turn
+    together, in one write at the end of the turn; every other line goes at once."""
+
+    def __init__(self, file: Any, batched: bool = False) -> None:
+        super().__init__(file)
+        self.batched = batched
+
+    def msg(self, message: str) -> None:
+        target = sys.stdout if self._file is _STRUCTLOG_STDOUT else self._file  # as print() picks it
+        loop = None
+        if self.batched:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                pass
+        with self._lock:
+            if loop is None:  # not batched, or no loop: what waits goes first, then this
+                _PENDING.write(target, message)
+                _PENDING.flush()
+                return
+            if _PENDING.write(target, message):
+                loop.call_soon(_PENDING.flush)
+
+    log = debug = info = warn = warning = fatal = failure = err = error = critical = exception = msg
+
+
+class _Pending:
+    """Lines written in this loop turn, by stream, in order."""
+
+    def __init__(self) -> None:
+        self.lines: list[tuple[Any, str]] = []
+        self.lock = threading.Lock()
+
+    def write(self, target: Any, message: str) -> bool:
+        """Queue a line; True when it is the turn's first (the caller schedules the flush)."""
+        with self.lock:
+            self.lines.append((target, message))
+            return len(self.lines) == 1
+
+    def flush(self) -> None:
+        with self.lock:
+            lines, self.lines = self.lines, []
+            i = 0
+            while i < len(lines):  # consecutive lines to the same stream: one write
+                target, j = lines[i][0], i
+                while j < len(lines) and lines[j][0] is target:
+                    j += 1
+                target.write("".join(line + "\n" for _, line in lines[i:j]))
+                target.flush()
+                i = j
+
+
+_PENDING = _Pending()
+atexit.register(_PENDING.flush)  # a turn's lines when the loop stopped before flushing them
+
+
+ACCESS_LOGGER = "proxy.access"  # relay.py's line per request
+
+
 def setup(level: str = "info", stream: Any = None) -> None:
+    _PENDING.flush()  # to the stream they were meant for
     stream = stream or sys.stdout
     numeric = logging.getLevelName(level.upper())
     shared: list[Any] = [
@@ -83,7 +151,7 @@ def setup(level: str = "info", stream: Any = None) -> None:
     structlog.configure(
         processors=[structlog.contextvars.merge_contextvars, *shared, REDACTOR, _json()],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
-        logger_factory=structlog.PrintLoggerFactory(stream),
+        logger_factory=lambda *names: _LineLogger(stream, batched=names[:1] == (ACCESS_LOGGER,)),
         cache_logger_on_first_use=False,
     )
     _route_stdlib(numeric, stream, shared)

@@ -14,8 +14,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import secrets
 import time
+from collections.abc import Callable
 from typing import Any
 
 import aiohttp
@@ -24,7 +26,7 @@ import structlog
 from aiohttp import web
 from aiohttp.web_protocol import RequestPayloadError
 
-from . import errors, intake, metrics, receipt
+from . import errors, intake, logs, metrics, receipt
 from .meter import Meter
 from .money import usd
 from .scripts import Settlement
@@ -33,7 +35,7 @@ from .state import STATE, State
 from .upstream import Scrubber, UpstreamResponse, passthrough_headers
 from .usage import StreamTap, loads, output_of_body, usage_from_body
 
-log = structlog.get_logger("proxy.access")
+log = structlog.get_logger(logs.ACCESS_LOGGER)
 BODY_TIMEOUT_S = 60
 CLIENT_GONE = (ConnectionResetError, aiohttp.ClientConnectionResetError)
 STREAM_INTERRUPTED = orjson.dumps(
@@ -107,7 +109,7 @@ async def metered(request: web.Request, endpoint: str) -> web.StreamResponse:
         response: web.StreamResponse = error_response(err, req_id)
         if isinstance(err, errors.BodyTooLarge):
             response.force_close()  # the unread rest of the body makes the connection unusable
-        access_log(request, req_id, label, response.status, started, None, reason=err.code, known=known)
+        after_response(access_log, request, req_id, label, response.status, started, None, reason=err.code, known=known)
         return response
     status = 499  # what the log says if the handler is cancelled mid-flight
     try:
@@ -119,7 +121,7 @@ async def metered(request: web.Request, endpoint: str) -> web.StreamResponse:
         raise
     finally:
         settlement = await meter.settle()
-        access_log(request, req_id, model, status, started, meter, settlement=settlement)
+        after_response(access_log, request, req_id, model, status, started, meter, settlement=settlement)
 
 
 async def admit(state: State, request: web.Request, endpoint: str, req_id: str, known: Known) -> Meter:
@@ -316,6 +318,13 @@ async def write(response: web.StreamResponse, data: bytes) -> bool:
     except CLIENT_GONE:
         return False
     return True
+
+
+def after_response(work: Callable[..., None], *args: Any, **kwargs: Any) -> None:
+    """Run `work` (the log line, the metrics) once the handler's answer has been written:
+    aiohttp writes a returned response before this task yields, so nothing that can
+    wait delays the client."""
+    asyncio.get_running_loop().call_soon(functools.partial(work, *args, **kwargs))
 
 
 def access_log(

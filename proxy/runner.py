@@ -1,12 +1,13 @@
 """Running a Lua script on Redis: one seam, three transports.
 
-`ScriptRunner.run` sends one EVALSHA (after the reaper's watch pointer, when asked) and
+`ScriptRunner.run` sends one FCALL or EVALSHA (after the reaper's watch pointer, when asked) and
 returns the raw reply; `load` loads a script after NOSCRIPT through the same transport,
 whose connection has just been shown alive. Every transport raises redis-py's exception
 types (resp.py maps its replies with redis-py's own table), so the ledger maps them to
 the proxy's errors once (`errors.STORE_DOWN` -> `StoreUnavailable`).
 
-    LeanRunner     the lean RESP client (resp.py): one Redis over TCP or a unix socket
+    LeanRunner     the lean RESP client (resp.py): one Redis over TCP or a unix socket;
+                   FCALL into the function library where Redis has functions
     PoolRunner     redis-py on one Redis: the watch pointer pipelined with the script,
                    and the durability barrier after an admin money write
     ClusterRunner  redis-py on a Cluster: the watch pointer in a round trip of its own
@@ -18,11 +19,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from redis import exceptions as redis_errors
 from redis.asyncio import Redis, RedisCluster
 
 from . import keyspace
 from .resp import Packed, RespClient
-from .scripts import Script
+from .scripts import LIBRARY, Script
 
 PACKED_CACHE = 100_000  # (account, model, script keys) whose KEYS stay packed
 
@@ -57,15 +59,35 @@ class ScriptRunner(Protocol):
 
 @dataclass
 class LeanRunner:
+    """FCALL into scripts.LIBRARY where Redis has functions (7.0+, Valkey): the shared
+    Lua is loaded once, not run again on every call; EVALSHA on Redis 6.2."""
+
     client: RespClient
+    functions: bool = True  # until Redis says it has none
     _keys: dict[tuple[str, str, tuple[str, ...]], Packed] = field(default_factory=dict)
     _contexts: dict[bytes, Packed] = field(default_factory=dict)
 
     async def run(self, call: Invocation) -> Any:
+        try:
+            return await self._run(call)
+        except redis_errors.ResponseError as exc:
+            if not self.functions:
+                raise
+            if _library_missing(exc):
+                raise redis_errors.NoScriptError(str(exc)) from exc  # the ledger loads, then calls again
+            if not _no_functions(exc):
+                raise
+            self.functions = False  # Redis 6.2, or FCALL not allowed: scripts it is
+            return await self._run(call)
+
+    async def _run(self, call: Invocation) -> Any:
         keys = self._packed_keys(call.account_id, call.model, call.script.keys)
         context = self._contexts.get(call.context) or self._pack_context(call.context)
         numkeys = keys.arity + len(call.extra_keys)
-        script = ("EVALSHA", call.script.sha, numkeys, keys, *call.extra_keys, context, *call.args)
+        command = (
+            ("FCALL", call.script.function) if self.functions and call.script.function else ("EVALSHA", call.script.sha)
+        )
+        script = (*command, numkeys, keys, *call.extra_keys, context, *call.args)
         if call.watch_due is None:
             return await self.client.call(*script)
         shard, member = call.watch()
@@ -76,6 +98,14 @@ class LeanRunner:
         return result
 
     async def load(self, script: Script) -> None:
+        if self.functions and script.function:
+            try:
+                await self.client.call("FUNCTION", "LOAD", LIBRARY)
+                return
+            except redis_errors.ResponseError as exc:
+                if "already exists" in str(exc):  # another instance loaded it first
+                    return
+                self.functions = False  # functions refused (an ACL, a managed Redis): scripts it is
         await self.client.call("SCRIPT", "LOAD", script.source)
 
     def _packed_keys(self, account_id: str, model: str, names: tuple[str, ...]) -> Packed:
@@ -142,6 +172,17 @@ class ClusterRunner:
 
     async def load(self, script: Script) -> None:
         await self.redis.script_load(script.source)
+
+
+def _library_missing(exc: Exception) -> bool:
+    """FCALL found no such function: the library is not loaded (a restart, FUNCTION FLUSH)."""
+    return "function not found" in str(exc).lower()
+
+
+def _no_functions(exc: Exception) -> bool:
+    """FCALL itself refused: Redis 6.2 has no functions, or an ACL does not allow them."""
+    text = str(exc).lower()
+    return "fcall" in text and ("unknown command" in text or "noperm" in text)
 
 
 def runner_for(redis: Redis, fast: RespClient | None) -> ScriptRunner:

@@ -16,6 +16,7 @@ here: nothing else indexes into a script's reply.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import re
 from dataclasses import dataclass
@@ -30,14 +31,14 @@ from .money import FINE, MAX_MICRO, UNLIMITED_MICRO, dollars, to_micro, usd
 from .ratelimits import RateFigures, go_duration, retry_headers
 from .views import rfc3339
 
-LIB = ("base", "account", "calendar", "plans", "grants", "keys", "charges", "events", "tiers")
+LIB = ("base", "account", "calendar", "plans", "grants", "keys", "charges", "events", "tiers", "windows", "call")
 ACCOUNT_SCRIPTS = (
     "admit", "settle", "grant", "void", "reap", "touch", "account", "extend", "adjust", "generation", "key", "keyinfo",
 )  # fmt: skip
 SETTLED_TTL_MS = 30 * 86_400_000  # a settled request id is remembered (duplicates) this long
 _REPLY = re.compile(r"^-- reply(?: (\w+))?:(.*)$", re.MULTILINE)
 _KEYS = re.compile(r"^-- keys:(.*)$", re.MULTILINE)
-_LUA_LINE = re.compile(r"user_script:(\d+)")
+_LUA_LINE = re.compile(r"user_(script|function):(\d+)")
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +57,8 @@ class Script:
     replies: dict[str | None, tuple[str, ...]]  # reply kind -> value names
     keys: tuple[str, ...] = ()  # the account's keys it takes, by name (keyspace.account_keys)
     extra_keys: tuple[str, ...] = ()  # keys the caller adds for the call (`+name`: settle's marker)
+    function: str = ""  # its name in LIBRARY (FCALL); "" for a script outside it
+    library_parts: tuple[tuple[int, str], ...] = ()  # as `parts`, in LIBRARY's source
 
     def decode(self, raw: list[Any]) -> Reply:
         code = str(raw[0]) if None not in self.replies else None
@@ -66,12 +69,31 @@ class Script:
         return Reply(code, dict(zip(names, values, strict=True)), int(raw[-1]))
 
     def describe(self, message: str) -> str:
-        """A Redis error about this script with each `user_script:N` as file:line."""
-        return _LUA_LINE.sub(lambda m: self.locate(int(m.group(1))), message)
+        """A Redis error about this script with each `user_script:N` (run as a script) or
+        `user_function:N` (run from LIBRARY) as file:line."""
+        return _LUA_LINE.sub(
+            lambda m: self.locate(int(m.group(2)), self.parts if m.group(1) == "script" else self.library_parts),
+            message,
+        )
 
-    def locate(self, line: int) -> str:
-        start, path = max((p for p in self.parts if p[0] <= line), default=(1, f"{self.name}.lua"))
+    def locate(self, line: int, parts: tuple[tuple[int, str], ...] | None = None) -> str:
+        chosen = self.parts if parts is None else parts
+        start, path = max((p for p in chosen if p[0] <= line), default=(1, f"{self.name}.lua"))
         return f"lua/{path}:{line - start + 1}"
+
+
+def _lib_texts() -> list[tuple[str, str]]:
+    lua = resources.files("proxy") / "lua"
+    texts = [("local K\n", "(K: set by begin_call)")]
+    return texts + [((lua / f"lib/{part}.lua").read_text().rstrip("\n") + "\n", f"lib/{part}.lua") for part in LIB]
+
+
+def _parts(texts: list[tuple[str, str]], line: int = 1) -> tuple[tuple[int, str], ...]:
+    parts = []
+    for text, path in texts:
+        parts.append((line, path))
+        line += text.count("\n")
+    return tuple(parts)
 
 
 def _load(name: str, lib: bool = True) -> Script:
@@ -81,29 +103,47 @@ def _load(name: str, lib: bool = True) -> Script:
     names = tuple(declared.group(1).split()) if declared else ()
     keys = tuple(n for n in names if not n.startswith("+"))
     extra = tuple(n[1:] for n in names if n.startswith("+"))
-    texts = [(_key_table((*keys, *extra)), "(KEYS, from the script's `-- keys:` line)")] if lib else []
-    texts += (
-        [((lua / f"lib/{part}.lua").read_text().rstrip("\n") + "\n", f"lib/{part}.lua") for part in LIB] if lib else []
-    )
+    texts = [*_lib_texts(), (_begin((*keys, *extra)), "(KEYS, from the script's `-- keys:` line)")] if lib else []
     texts.append((own, f"{name}.lua"))
-    parts, line = [], 1
-    for text, path in texts:
-        parts.append((line, path))
-        line += text.count("\n")
     source = "".join(text for text, _ in texts)
     replies = {m.group(1): tuple(m.group(2).split()) for m in _REPLY.finditer(own)}
     sha = hashlib.sha1(source.encode()).hexdigest()
-    return Script(name, source, sha, tuple(parts), replies, keys, extra)
+    return Script(name, source, sha, _parts(texts), replies, keys, extra)
 
 
-def _key_table(names: tuple[str, ...]) -> str:
-    """`K`, the script's KEYS by name; any other name is an error, never a nil key."""
+def _begin(names: tuple[str, ...]) -> str:
+    """The call's start: `K`, its KEYS by name (any other name is an error, never a nil
+    key), and the rest of its state (lib/call.lua)."""
     fields = ", ".join(f"{n} = KEYS[{i}]" for i, n in enumerate(names, 1))
     guard = "function(_, name) error('this script did not declare KEYS `' .. name .. '`') end"
-    return f"local K = setmetatable({{{fields}}}, {{__index = {guard}}})\n"
+    return f"begin_call(setmetatable({{{fields}}}, {{__index = {guard}}}), ARGV)\n"
 
 
-SCRIPTS = {name: _load(name) for name in ACCOUNT_SCRIPTS} | {"watch": _load("watch", lib=False)}
+def _library(scripts: dict[str, Script]) -> tuple[str, dict[str, Script]]:
+    """Every account script as one Redis function library (FCALL): the shared code runs
+    once when loaded instead of on every call. Named by its content, so instances
+    running different releases each find their own."""
+    shared = _lib_texts()
+    skip = len("".join(text for text, _ in shared))
+    texts = list(shared)
+    for script in scripts.values():
+        texts.append((f"redis.register_function('{script.name}_@', function(KEYS, ARGV)\n", f"{script.name}.lua"))
+        texts.append((script.source[skip:], f"{script.name}.lua"))  # its KEYS line, then its body
+        texts.append(("end)\n", f"{script.name}.lua"))
+    body = "".join(text for text, _ in texts)
+    digest = hashlib.sha1(body.encode()).hexdigest()[:16]
+    source = f"#!lua name=metering_{digest}\n" + body.replace("_@', function(KEYS", f"_{digest}', function(KEYS")
+    parts = _parts(texts, line=2)
+    named = {}
+    for name, script in scripts.items():
+        begin = next(line for line, path in parts if path == f"{name}.lua") + 1  # after its register line
+        own = (*parts[: len(shared)], (begin, "(KEYS, from the script's `-- keys:` line)"), (begin + 1, f"{name}.lua"))
+        named[name] = dataclasses.replace(script, function=f"{name}_{digest}", library_parts=own)
+    return source, named
+
+
+LIBRARY, _IN_LIBRARY = _library({name: _load(name) for name in ACCOUNT_SCRIPTS})
+SCRIPTS = _IN_LIBRARY | {"watch": _load("watch", lib=False)}
 
 
 # -- the context: ARGV[1] of every account script ------------------------------------

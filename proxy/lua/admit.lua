@@ -1,7 +1,7 @@
 -- admit.lua: the ONE admission script of a metered request.
 -- Checks the key (status, expiry, models) and account, runs lazy grant bookkeeping,
 -- derives the tier, checks RPM/TPM in a rolling minute (1 s buckets; the key's own
--- limits in a window of its own) and reserves the worst-case cost against the balance
+-- limits in a window of its own; lib/windows.lua) and reserves the worst-case cost against the balance
 -- and the key's spend limit (lib/keys.lua).
 -- ARGV (after ctx, clock offset):
 --   3 request id   4 key id   5 model   6 prompt cost (micro-USD, rounded up)
@@ -46,33 +46,11 @@ local now_s = math.floor(now / 1000)
 if refresh(now) then balance_events(now) end  -- e.g. credit expired: the billing system hears of it
 local tier, rpm, tpm, model_rpm, model_tpm = derive_tier(now)
 
--- Sum one rolling-minute window; buckets older than 60 s are dropped as we go.
-local function window(key)
-  local flat = redis.call('HGETALL', key)
-  local used = {r = 0, t = 0}
-  local buckets = {r = {}, t = {}}
-  local stale = {}
-  for i = 1, #flat, 2 do
-    local kind, sec, v = string.sub(flat[i], 1, 1), tonumber(string.sub(flat[i], 3)), tonumber(flat[i + 1])
-    if sec <= now_s - 60 then
-      stale[#stale + 1] = flat[i]
-    else
-      used[kind] = used[kind] + v
-      table.insert(buckets[kind], {sec, v})
-    end
-  end
-  if #stale > 0 then redis.call('HDEL', key, unpack(stale)) end
-  return used, buckets
-end
-
-local function oldest_first(a, b) return a[1] < b[1] end
-
 -- Milliseconds until enough of the window ages out for `requested` more to fit.
--- (Only rejections need the buckets in order: sorted here, not on every admission.)
-local function retry_ms(buckets, used, limit, requested)
-  table.sort(buckets, oldest_first)
+-- (Only rejections need the buckets in order: read here, not on every admission.)
+local function retry_ms(w, kind, used, limit, requested)
   local freed = 0
-  for _, b in ipairs(buckets) do
+  for _, b in ipairs(window_buckets(w, kind)) do
     freed = freed + b[2]
     if used - freed + requested <= limit then return (b[1] + 60) * 1000 - now end
   end
@@ -81,59 +59,52 @@ end
 
 -- When capacity next grows: the oldest counted second leaves the window (this
 -- request's own second when it is the only one counted).
-local function reset_ms(buckets, admitted)
-  local oldest = nil
-  for _, b in ipairs(buckets) do
-    if oldest == nil or b[1] < oldest then oldest = b[1] end
-  end
-  if oldest then return (oldest + 60) * 1000 - now end
+local function reset_ms(w, admitted)
+  if w.o then return (w.o + 60) * 1000 - now end
   if admitted > 0 then return (now_s + 60) * 1000 - now end
   return 0
 end
 
 local tokens = prompt_tokens + max_out
-local used, buckets = window(K.rl)
+local used = open_window(K.rl, now_s)
 local per_key = key.rpm ~= nil or key.tpm ~= nil  -- the key's own limits, below the account's
-local kused, kbuckets = {r = 0, t = 0}, {r = {}, t = {}}
-if per_key then kused, kbuckets = window(K.rlk) end
+local kused = {r = 0, t = 0}
+if per_key then kused = open_window(K.rlk, now_s) end
 
 -- The headers' figures: the account's, or the key's where they bind tighter.
 local function figures(admitted_tokens, admitted_requests)
-  local out = {rpm, math.max(0, rpm - used.r - admitted_requests), reset_ms(buckets.r, admitted_requests),
-               tpm, math.max(0, tpm - used.t - admitted_tokens), reset_ms(buckets.t, admitted_tokens)}
+  local out = {rpm, math.max(0, rpm - used.r - admitted_requests), reset_ms(used, admitted_requests),
+               tpm, math.max(0, tpm - used.t - admitted_tokens), reset_ms(used, admitted_tokens)}
   if key.rpm and key.rpm - kused.r - admitted_requests < out[2] then
     out[1], out[2] = key.rpm, math.max(0, key.rpm - kused.r - admitted_requests)
-    out[3] = reset_ms(kbuckets.r, admitted_requests)
+    out[3] = reset_ms(kused, admitted_requests)
   end
   if key.tpm and key.tpm - kused.t - admitted_tokens < out[5] then
     out[4], out[5] = key.tpm, math.max(0, key.tpm - kused.t - admitted_tokens)
-    out[6] = reset_ms(kbuckets.t, admitted_tokens)
+    out[6] = reset_ms(kused, admitted_tokens)
   end
   return out
 end
 
-local function reject(code, limit, used_now, requested, kind_buckets)
-  local out = {code, tier, limit, used_now, requested, retry_ms(kind_buckets, used_now, limit, requested)}
+local function reject(code, limit, w, kind, requested)
+  local out = {code, tier, limit, w[kind], requested, retry_ms(w, kind, w[kind], limit, requested)}
   for _, v in ipairs(figures(0, 0)) do out[#out + 1] = v end
   return reply(out)
 end
 
-if used.r + 1 > rpm then return reject('rate_requests', rpm, used.r, 1, buckets.r) end
-if used.t + tokens > tpm then return reject('rate_tokens', tpm, used.t, tokens, buckets.t) end
+if used.r + 1 > rpm then return reject('rate_requests', rpm, used, 'r', 1) end
+if used.t + tokens > tpm then return reject('rate_tokens', tpm, used, 't', tokens) end
 local per_model = model_rpm > 0 or model_tpm > 0
+local mused = nil
 if per_model then
-  local mused, mbuckets = window(K.rlm)
-  if model_rpm > 0 and mused.r + 1 > model_rpm then
-    return reject('rate_requests', model_rpm, mused.r, 1, mbuckets.r)
-  end
+  mused = open_window(K.rlm, now_s)
+  if model_rpm > 0 and mused.r + 1 > model_rpm then return reject('rate_requests', model_rpm, mused, 'r', 1) end
   if model_tpm > 0 and mused.t + tokens > model_tpm then
-    return reject('rate_tokens', model_tpm, mused.t, tokens, mbuckets.t)
+    return reject('rate_tokens', model_tpm, mused, 't', tokens)
   end
 end
-if key.rpm and kused.r + 1 > key.rpm then return reject('key_rate_requests', key.rpm, kused.r, 1, kbuckets.r) end
-if key.tpm and kused.t + tokens > key.tpm then
-  return reject('key_rate_tokens', key.tpm, kused.t, tokens, kbuckets.t)
-end
+if key.rpm and kused.r + 1 > key.rpm then return reject('key_rate_requests', key.rpm, kused, 'r', 1) end
+if key.tpm and kused.t + tokens > key.tpm then return reject('key_rate_tokens', key.tpm, kused, 't', tokens) end
 
 local avail = available()
 local reserve = prompt_cost + output_cost
@@ -177,19 +148,9 @@ if reserve > budget then
   end
 end
 
-redis.call('HINCRBY', K.rl, 'r:' .. now_s, 1)
-redis.call('HINCRBY', K.rl, 't:' .. now_s, tokens)
-redis.call('PEXPIRE', K.rl, 61000)
-if per_model then
-  redis.call('HINCRBY', K.rlm, 'r:' .. now_s, 1)
-  redis.call('HINCRBY', K.rlm, 't:' .. now_s, tokens)
-  redis.call('PEXPIRE', K.rlm, 61000)
-end
-if per_key then
-  redis.call('HINCRBY', K.rlk, 'r:' .. now_s, 1)
-  redis.call('HINCRBY', K.rlk, 't:' .. now_s, tokens)
-  redis.call('PEXPIRE', K.rlk, 61000)
-end
+count_admission(used, now_s, tokens)
+if mused then count_admission(mused, now_s, tokens) end
+if per_key then count_admission(kused, now_s, tokens) end
 redis.call('HSET', K.resv, req_id, cjson.encode({
   amount = fmt(reserve), admitted = now, sec = now_s, tokens = tokens, pm = per_model, pk = per_key,
   key = key_id, model = model, exp = now + CTX.ttl_ms, dg = downgrade, kr = reserve > 0}))

@@ -65,12 +65,10 @@ redis.call('SET', marker, id, 'PX', CTX.settled_ttl_ms)
 local now_s = math.floor(now / 1000)
 if r and r.sec > now_s - 60 then
   local delta = real_tokens - r.tokens
-  local field = 't:' .. fmt(r.sec)
-  local windows = {K.rl}
-  if r.pm then windows[#windows + 1] = K.rlm end
-  if r.pk then windows[#windows + 1] = K.rlk end
-  for _, key in ipairs(windows) do
-    if redis.call('HINCRBY', key, field, delta) < 0 then redis.call('HSET', key, field, 0) end
+  if delta ~= 0 then
+    correct_tokens(K.rl, r.sec, delta)
+    if r.pm then correct_tokens(K.rlm, r.sec, delta) end
+    if r.pk then correct_tokens(K.rlk, r.sec, delta) end
   end
 end
 

@@ -39,7 +39,7 @@ local function ledger_add(entry, now)
   return id, balance
 end
 
-local ACCOUNT_ID = string.match(K.acct, '{(.-)}')  -- the hash tag is the account id
+local ACCOUNT_ID = nil  -- the hash tag of K.acct (begin_call)
 local EMITTED = 0  -- events raised by this call: the caller then asks for a delivery visit
 
 local function emit(kind, data, now)

@@ -23,20 +23,24 @@
 --   +rlk    hash   rate window of one api key with limits of its own
 --   +done   string a settled request's marker (a key the caller adds for the call)
 -- ARGV[1] is the context JSON built once per config (scripts.py: context), ARGV[2] a
--- clock offset in ms (0 in production, moved forward by tests).
-local CTX = cjson.decode(ARGV[1])
+-- clock offset in ms (0 in production, moved forward by tests). The state of one call
+-- (these, K and the account's cache) is set by begin_call (lib/call.lua) before the
+-- script's body runs: loaded once as a Redis function library, this code outlives a call.
+local CTX, CLOCK_OFFSET = nil, 0
 -- tiers and plans arrive as JSON strings inside the context: most calls need neither,
 -- and decoding them into tables is most of the cost of a context
 local TIERS, PLANS = nil, nil
 local function tiers()
-  TIERS = TIERS or cjson.decode(CTX.tiers)
+  TIERS = TIERS or CTX.decoded_tiers or cjson.decode(CTX.tiers)
+  CTX.decoded_tiers = TIERS  -- kept with a context later calls reuse (lib/call.lua)
   return TIERS
 end
 local function plans()
-  PLANS = PLANS or cjson.decode(CTX.plans)
+  PLANS = PLANS or CTX.decoded_plans or cjson.decode(CTX.plans)
+  CTX.decoded_plans = PLANS
   return PLANS
 end
-local UNLIMITED = CTX.unlimited  -- micro-USD: "no limit", still exact in a double
+local UNLIMITED = nil  -- CTX.unlimited, micro-USD: "no limit", still exact in a double
 local DAY_MS = 86400000
 
 local function fmt(n) return string.format('%d', n) end
@@ -46,8 +50,8 @@ local function num(v)
   return tonumber(v)
 end
 
--- ARGV[2] is a clock offset in ms: 0 in production, moved forward by tests.
+-- CLOCK_OFFSET (ARGV[2]) is a clock offset in ms: 0 in production, moved forward by tests.
 local function now_ms()
   local t = redis.call('TIME')
-  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + tonumber(ARGV[2])
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + CLOCK_OFFSET
 end
