@@ -9,8 +9,9 @@ must never be smaller than the charge they stand for. Nothing here touches a flo
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from decimal import ROUND_CEILING, ROUND_HALF_UP, Decimal, InvalidOperation
 
 MICRO = Decimal(1_000_000)
@@ -148,6 +149,14 @@ class Price:
     """A model's prices per service tier (`default` always present), markup applied."""
 
     tiers: tuple[tuple[str, TierPrice], ...]
+    # worst() per (tier, long-context band): every reservation asks it, the rates never change
+    _worst: dict[tuple[str | None, int], Rates] = field(init=False, compare=False, hash=False, repr=False)
+    _thresholds: tuple[int, ...] = field(init=False, compare=False, hash=False, repr=False)
+
+    def __post_init__(self) -> None:
+        bands = sorted({lc.above_input_tokens for _, tier in self.tiers for lc in tier.long_context})
+        object.__setattr__(self, "_thresholds", tuple(bands))
+        object.__setattr__(self, "_worst", {})
 
     @property
     def standard(self) -> TierPrice:
@@ -191,9 +200,20 @@ class Price:
         """The rates a reservation uses: the highest applicable to an input of at most
         `input_tokens` at the tier asked. A request that names none (or `auto`) is served
         at the upstream project's default tier, which may be any: the dearest of them."""
-        if service_tier is None or service_tier == "auto":
-            return _highest(tier.worst(input_tokens) for _, tier in self.tiers)
-        return self.tier(service_tier).worst(input_tokens)
+        tier = None if service_tier is None or service_tier == "auto" else service_tier
+        # the same rates for every input between two thresholds (bounded: configured tiers only)
+        key = (tier, bisect.bisect_left(self._thresholds, input_tokens))
+        rates = self._worst.get(key)
+        if rates is None:
+            rates = self._worst_uncached(tier, input_tokens)
+            if tier is None or self.offers(tier):
+                self._worst[key] = rates
+        return rates
+
+    def _worst_uncached(self, tier: str | None, input_tokens: int) -> Rates:
+        if tier is None:
+            return _highest(t.worst(input_tokens) for _, t in self.tiers)
+        return self.tier(tier).worst(input_tokens)
 
     def describe(self) -> list[str]:
         """The effective rates (USD per 1M tokens), one line per tier and context length."""

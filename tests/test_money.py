@@ -10,6 +10,7 @@ import pytest
 from proxy.money import (
     FINE,
     STANDARD,
+    LongContext,
     LossyAmount,
     Price,
     Rates,
@@ -68,3 +69,24 @@ def test_a_request_that_names_no_tier_is_reserved_at_the_dearest() -> None:
     # charged at the tier the upstream reports, else the one asked
     assert price.cost(Usage(1000, service_tier="priority"), "default") == 5000
     assert price.cost(Usage(1000), "priority") == 5000 and price.cost(Usage(1000)) == 2500
+
+
+def test_reservation_rates_are_the_same_when_remembered() -> None:
+    # tiers with long-context rates at different thresholds: asked in any order, each
+    # answer equals a fresh price's first (unremembered) answer, at and around every threshold
+    def scaled(factor: int) -> Rates:
+        return Rates(*(r * factor for r in RATES.as_tuple()))
+
+    def price() -> Price:
+        standard = TierPrice(RATES, (LongContext(1000, scaled(2)), LongContext(5000, scaled(3))))
+        priority = TierPrice(scaled(2), (LongContext(2000, scaled(5)),))
+        return Price(((STANDARD, standard), ("priority", priority)))
+
+    remembered = price()
+    sizes = (0, 999, 1000, 1001, 2000, 2001, 4999, 5000, 5001)
+    asks = [(tier, n) for n in sizes for tier in (None, "priority", "flex")]
+    for tier, n in asks + asks[::-1]:
+        assert remembered.worst(tier, n) == price().worst(tier, n), (tier, n)
+    assert remembered.worst(None, 1500).input == 2 * RATES.input
+    assert remembered.worst(None, 2500).input == 5 * RATES.input
+    assert remembered == price()  # what it remembers is no part of its value
