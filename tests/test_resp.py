@@ -66,6 +66,28 @@ async def test_silent_server_times_out() -> None:
         server.close()
 
 
+async def test_a_reply_that_stops_coming_times_out_and_the_next_call_reconnects() -> None:
+    # each connection answers its first command only: the connection's one timer must let
+    # the answered call through, fail the unanswered one, and leave the client usable
+    async def answer_once(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"PING\r\n")
+        writer.write(b"+PONG\r\n")
+        await writer.drain()
+        await reader.read(1 << 20)
+
+    server = await asyncio.start_server(answer_once, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    client = RespClient(f"redis://127.0.0.1:{port}/0", timeout_s=0.3)
+    try:
+        assert await client.call("PING") == "PONG"
+        with pytest.raises(redis_errors.TimeoutError):
+            await asyncio.gather(client.call("PING"), client.call("PING"))
+        assert await client.call("PING") == "PONG"  # a fresh connection
+    finally:
+        await client.aclose()
+        server.close()
+
+
 async def test_packed_arguments_are_spliced_in(redis: Any, redis_server: EmbeddedRedis) -> None:
     from proxy.resp import Packed
 
