@@ -76,6 +76,11 @@ async def read_body(request: web.Request, limit: int) -> bytes:
         raise errors.BodyTooLarge(f"Request body too large: the limit is {limit} bytes.")
     body = bytearray()
     try:
+        if request.content.is_eof():  # it came with the headers (most do): no timer, no chunk loop
+            whole = request.content.read_nowait()
+            if len(whole) > limit:  # decompressed
+                raise errors.BodyTooLarge(f"Request body too large: the limit is {limit} bytes.")
+            return whole
         async with asyncio.timeout(BODY_TIMEOUT_S):  # a trickled body must not hold a connection forever
             async for chunk in request.content.iter_chunked(65536):
                 body += chunk
