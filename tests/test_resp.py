@@ -98,3 +98,11 @@ async def test_packed_arguments_are_spliced_in(redis: Any, redis_server: Embedde
         assert await client.call("MGET", keys, "k3") == ["v1", "v2", None]
     finally:
         await client.aclose()
+
+
+def test_every_kind_of_argument_packs_as_one_bulk_string() -> None:
+    from proxy.resp import Packed, pack
+
+    packed = pack(("SET", "é", 2**60, -1, True, 1.5, b"a\r\nb", Packed("k", 7)))
+    bulks = [b"SET", "é".encode(), b"1152921504606846976", b"-1", b"True", b"1.5", b"a\r\nb", b"k", b"7"]
+    assert packed == b"*9\r\n" + b"".join(b"$%d\r\n%b\r\n" % (len(b), b) for b in bulks)
