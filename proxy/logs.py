@@ -48,7 +48,7 @@ class Redactor:
                 text = text.replace(secret, REDACTED)
         if "sk-" in text:
             text = _API_KEY.sub(REDACTED, text)
-        if "earer" in text:
+        if "bearer" in text.lower():  # auth schemes are case-insensitive: BEARER too
             text = _BEARER.sub(lambda m: m.group(1) + REDACTED, text)
         return text
 

@@ -15,6 +15,7 @@ import openai
 import pytest
 import yaml
 
+from proxy import logs
 from proxy.embedded import EmbeddedRedis, free_port
 from proxy.testing.upstream import DemoUpstream
 
@@ -118,3 +119,10 @@ async def until_delivered(receiver: Receiver, types: set[str], timeout_s: float 
         assert loop.time() < deadline, [a.body["type"] for a in receiver.attempts]
         await asyncio.sleep(0.05)  # polling the receiver, not a synchronisation
     assert receiver.bad_signatures == 0
+
+
+@pytest.mark.parametrize("scheme", ["Bearer", "bearer", "BEARER", "bEaReR"])
+def test_a_bearer_credential_is_redacted_however_its_scheme_is_cased(scheme: str) -> None:
+    """HTTP auth schemes are case-insensitive: a key sent as `BEARER …` is as secret."""
+    line = logs.Redactor().scrub(f"Authorization: {scheme} opaque.token-123 trailing")
+    assert "opaque.token-123" not in line and line.endswith(f"{scheme} {logs.REDACTED} trailing")
