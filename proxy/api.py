@@ -79,11 +79,9 @@ async def own(request: web.Request, read: Callable[[State, KeyRecord], Awaitable
 
 async def generation(request: web.Request) -> web.Response:
     """One request of the caller's own account (generations.py); another account's id is
-    the same 404 as an unknown one: the lookup only ever reads the caller's keys (and
-    checks the key's revocation in the same call)."""
-    return await own(
-        request, lambda state, key: Service.of(state).generation(key.account_id, request.query, key.key_id)
-    )
+    the same 404 as an unknown one: the lookup only ever reads the caller's account's
+    keys (`own` has refused a revoked or expired key already)."""
+    return await own(request, lambda state, key: Service.of(state).generation(key.account_id, request.query))
 
 
 async def usage(request: web.Request) -> web.Response:

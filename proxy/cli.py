@@ -142,24 +142,26 @@ def cmd_healthcheck(args: argparse.Namespace) -> int:
 def cmd_prices(args: argparse.Namespace) -> int:
     """`prices show MODEL` (a configured model as priced, else the catalog's entry) and
     `prices list`: text, or JSON with --json. Reads no Redis and no network."""
-    import json
-
     from . import prices, pricesheet
 
     try:
         if args.prices_command == "list":
             table = pricesheet.listing(args.provider or prices.DEFAULT_PROVIDER)
-            lines = pricesheet.listing_text(table) if not output.JSON.get() else [json.dumps(table, indent=2)]
+            if output.JSON.get():
+                return output.emit(table)
+            lines = pricesheet.listing_text(table)
         else:
             # a configured model as it is charged; with --provider (or no config) the catalog's entry
             given = args.config or os.environ.get("METERING_CONFIG") or config_path(args).exists()
             config = load(args) if given and args.provider is None else None
             sheet = pricesheet.show(args.model, args.provider, config)
-            lines = pricesheet.show_text(sheet) if not output.JSON.get() else [json.dumps(sheet, indent=2)]
+            if output.JSON.get():
+                return output.emit(sheet)
+            lines = pricesheet.show_text(sheet)
     except prices.CatalogError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        output.error(str(exc))
         return 1
-    print("\n".join(lines))
+    output.write("\n".join(lines) + "\n", sys.stdout)
     return 0
 
 

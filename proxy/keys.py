@@ -162,25 +162,23 @@ class KeyStore:
 
     async def account_of(self, key_id: str) -> str:
         """The account a key id belongs to; NotFound for an unknown id."""
-        raw = await self.redis.get(keyspace.key_id(key_id))
-        if raw is None:
-            raise errors.NotFound(f"No key {key_id!r}.")
-        return str(orjson.loads(raw)["account_id"])
+        return str((await self._meta(key_id))["account_id"])
 
     async def revoke_key(self, key_id: str) -> dict[str, Any]:
+        meta = await self._meta(key_id)
+        pipe = self.redis.pipeline(transaction=False)
+        # the status in the account's slot is what admission checks: effective at once
+        pipe.hset(keyspace.account(meta["account_id"], "keys"), key_id, "revoked")
+        pipe.delete(keyspace.api_key(meta["hash"]))
+        await pipe.execute()
+        return {"id": key_id, "account_id": meta["account_id"], "revoked": True}
+
+    async def _meta(self, key_id: str) -> dict[str, Any]:
         raw = await self.redis.get(keyspace.key_id(key_id))
         if raw is None:
             raise errors.NotFound(f"No key {key_id!r}.")
-        meta = orjson.loads(raw)
-        # the status in the account's slot is what admission checks: effective at once
-        await self.redis.hset(keyspace.account(meta["account_id"], "keys"), key_id, "revoked")
-        await self.redis.delete(keyspace.api_key(meta["hash"]))
-        return {"id": key_id, "account_id": meta["account_id"], "revoked": True}
-
-    async def key_active(self, record: KeyRecord) -> bool:
-        """The key's revocation status alone (api.own_key also checks its expiry, in Redis time)."""
-        status = await self.redis.hget(keyspace.account(record.account_id, "keys"), record.key_id)
-        return bool(status == "active")
+        meta: dict[str, Any] = orjson.loads(raw)
+        return meta
 
     async def key_ids(self, account_id: str) -> list[str]:
         """The account's key ids, revoked ones too, in id order."""

@@ -237,10 +237,10 @@ class Ledger:
         _report_anomalies(call, settlement)
         return settlement
 
-    async def lookup(self, account_id: str, request_id: str, key_id: str = "") -> Lookup:
-        """One request as Redis knows it (generation.lua); `key_id` must be active when given."""
+    async def lookup(self, account_id: str, request_id: str) -> Lookup:
+        """One request as Redis knows it (generation.lua)."""
         marker = keyspace.settled(account_id, request_id)
-        reply = await self._run("generation", account_id, request_id, key_id, extra_keys=(marker,))
+        reply = await self._run("generation", account_id, request_id, extra_keys=(marker,))
         return scripts.lookup(reply, account_id, request_id)
 
     # -- credits and accounts ----------------------------------------------------------

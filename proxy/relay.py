@@ -219,8 +219,8 @@ async def relay_body(upstream: UpstreamResponse, meter: Meter, started: float) -
     meter.charge(usage, None if usage is not None else output_of_body(parsed))
     settlement = await meter.settle()
     headers = {**passthrough_headers(upstream.headers), **our_headers(meter)}
-    if settlement is not None and not settlement.duplicate:  # a retried settle knows no figures
-        headers["x-metering-cost-usd"] = cost = usd(settlement.cost)
+    if settlement is not None and (cost := receipt.charged(settlement)) is not None:  # a retried settle knows none
+        headers["x-metering-cost-usd"] = cost
         headers["x-metering-balance-usd"] = usd(settlement.balance)
         body = receipt.body(body, parsed, cost, meter.client.endpoint, meter.usage if meter.estimated else None)
     return web.Response(status=upstream.status, body=meter.state.upstream.scrub(body), headers=headers)

@@ -390,8 +390,6 @@ class Lookup:
 def lookup(reply: Reply, account_id: str, request_id: str) -> Lookup:
     """generation.lua's reply; an unknown request is the same 404 whoever asks."""
     v = reply.values
-    if reply.code == "revoked":
-        raise errors.InvalidApiKey("Incorrect API key provided: the key was revoked.")
     if reply.code == "no_account":
         raise errors.NotFound(f"No account {account_id!r}.")
     if reply.code == "unknown":

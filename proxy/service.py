@@ -236,11 +236,11 @@ class Service:
         await self._require(account_id)
         return EXPORT_TYPES[q.format], reconcile.export(self.redis, account_id, q.format)
 
-    async def generation(self, account_id: str, query: Body, key_id: str = "") -> dict[str, Any]:
+    async def generation(self, account_id: str, query: Body) -> dict[str, Any]:
         """One request of the account (`query`: {id}; generations.py); 404 for an id it
-        never made. With `key_id` (the client API), that key must still be active."""
+        never made."""
         q = parse(GenerationQuery, query)
-        found = await self.ledger.lookup(checked_id(account_id), q.id, key_id)
+        found = await self.ledger.lookup(checked_id(account_id), q.id)
         return generations.generation(account_id, q.id, found)
 
     async def usage(self, account_id: str, query: Body) -> dict[str, Any]:

@@ -110,10 +110,11 @@ local avail = available()
 local reserve = prompt_cost + output_cost
 -- A key with a limit reserves at most the room its period has left: the budget is the
 -- tighter of that and the account's available balance.
-local key_spent, key_resets, budget = 0, 0, avail
+local key_spent, key_held, key_resets, budget = 0, 0, 0, avail
 if key.limit then
   key_spent, key_resets = key_period_spend(key_id, key, now)
-  budget = math.min(avail, tonumber(key.limit) - key_spent - key_reserved(key_id))
+  key_held = key_reserved(key_id)
+  budget = math.min(avail, tonumber(key.limit) - key_spent - key_held)
 end
 local clamp, downgrade = 0, ''
 if reserve > budget then
@@ -138,7 +139,7 @@ if reserve > budget then
     downgrade = plan.downgrade_to
     reserve = 0
   elseif budget < avail then  -- the key's limit refuses it, not the balance
-    local out = {'key_limit', key.limit, key_spent, key_reserved(key_id), reserve, key.reset or '', key_resets}
+    local out = {'key_limit', key.limit, key_spent, key_held, reserve, key.reset or '', key_resets}
     for _, v in ipairs(figures(0, 0)) do out[#out + 1] = v end
     return reply(out)
   else

@@ -2,17 +2,15 @@
 -- one atomic snapshot: a request settling meanwhile is seen before or after, never lost).
 -- Settled: the settled marker names its ledger entry (settle.lua). Running: its open
 -- reservation. Closed by the reaper and not settled since: the reservation as reaped.
--- ARGV (after ctx, clock offset): 3 request id   4 key id to check ('' = admin read)
--- keys: acct resv ledger reaped keys +done
+-- ARGV (after ctx, clock offset): 3 request id
+-- keys: acct resv ledger reaped +done
 -- reply settled: ledger_id entry
 -- reply open: reservation
 -- reply reaped: reservation
 -- reply unknown:
--- reply revoked:
 -- reply no_account:
 -- (entry, reservation: JSON as settle.lua and admit.lua/reap.lua wrote them)
-local req_id, key_id = ARGV[3], ARGV[4]
-if key_id ~= '' and redis.call('HGET', K.keys, key_id) ~= 'active' then return reply({'revoked'}) end
+local req_id = ARGV[3]
 if redis.call('EXISTS', K.acct) == 0 then return reply({'no_account'}) end
 local ledger_id = redis.call('GET', K.done)
 if ledger_id then
