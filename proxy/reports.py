@@ -83,20 +83,21 @@ async def _scan(redis: Redis, account_id: str, start: int, end: int, tally: Tall
 async def _add_days(redis: Redis, account_id: str, days: range, tally: Tally) -> None:
     """Whole sealed days: from `usage_days` where kept, else read (in one scan) and kept."""
     key = keyspace.account(account_id, "usage_days")
+    names = {day: _day(f"{day}-0") for day in days}
     found = await redis.hmget(key, [str(day) for day in days])
-    kept = {_day(f"{day}-0"): raw for day, raw in zip(days, found, strict=True) if raw is not None}
+    kept = {names[day]: raw for day, raw in zip(days, found, strict=True) if raw is not None}
     missing = [day for day, raw in zip(days, found, strict=True) if raw is None]
     if missing:
         read: Tally = {}
         await _scan(redis, account_id, missing[0], missing[-1] + DAY_MS, read)
-        rows: dict[str, list[list[Any]]] = {_day(f"{day}-0"): [] for day in missing}
+        rows: dict[str, list[list[Any]]] = {names[day]: [] for day in missing}
         for (model, name, key_id), figures in sorted(read.items()):
             if name in rows:  # a day kept already is added from what was kept
                 rows[name].append([model, key_id, *figures])
-        fresh = {str(day): orjson.dumps(rows[_day(f"{day}-0")]).decode() for day in missing}
+        fresh = {name: orjson.dumps(day_rows).decode() for name, day_rows in rows.items()}
         # a concurrent report may keep the same days too: with the same figures
-        await redis.hset(key, items=[part for pair in fresh.items() for part in pair])
-        kept.update({_day(f"{day}-0"): fresh[str(day)] for day in missing})
+        await redis.hset(key, items=[part for day in missing for part in (str(day), fresh[names[day]])])
+        kept.update(fresh)
     for name, raw in kept.items():
         for model, key_id, *figures in orjson.loads(raw):
             _add(tally, (model, name, key_id), figures)

@@ -48,8 +48,7 @@ if TYPE_CHECKING:
 
 Body = Mapping[str, Any]
 KeyRequest = TypeVar("KeyRequest", bound=KeyPatch)
-DAY_MS = 86_400_000
-USAGE_DEFAULT_SPAN_MS = 30 * DAY_MS
+USAGE_DEFAULT_SPAN_MS = 30 * reports.DAY_MS
 EXPORT_TYPES = {"csv": "text/csv; charset=utf-8", "jsonl": "application/x-ndjson"}
 
 
