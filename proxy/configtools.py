@@ -152,7 +152,8 @@ def _changes(old: Any, new: Any, loc: Loc) -> Iterator[dict[str, Any]]:
         for key in [*old, *(k for k in new if k not in old)]:
             yield from _changes(old.get(key), new.get(key), (*loc, key))
     elif old != new:
-        secret = isinstance(old, SecretStr) or isinstance(new, SecretStr)
+        # SecretStr, or a field that may carry one (a webhook URL's token, redis.url's password)
+        secret = isinstance(old, SecretStr) or isinstance(new, SecretStr) or loc[-1] in SECRETS
         yield {
             "path": format_loc(loc),
             "old": _secret(old) if secret else old,

@@ -89,7 +89,7 @@ def test_diff_says_what_a_reload_would_change(tmp_path: Path, capsys: pytest.Cap
         .replace('cached_input: "1.25"', "cached_input: 1.25")  # the same price, written another way
         .replace('  text-embedding-3-small: {upstream: openai, price: {input: "0.02"}}\n', "")
         + '  o3-mini: {upstream: openai, price: {input: "1.10", output: "4.40"}}\n'
-        + "server: {port: 9090}\nwebhooks: {url: 'https://b.example/h', secret: whsec_BBBB}\n"
+        + "server: {port: 9090}\nwebhooks: {url: 'https://b.example/h?token=tok_CCCC', secret: whsec_BBBB}\n"
     )
     new = write(tmp_path, new_text, "new.yaml")
     code, out, _ = run(capsys, "config", "diff", old, new)
@@ -101,6 +101,7 @@ def test_diff_says_what_a_reload_would_change(tmp_path: Path, capsys: pytest.Cap
     assert any(line.startswith('+ models.o3-mini: {"upstream":"openai"') for line in lines)
     assert "~ server.port: 8080 -> 9090  (needs a restart: a reload keeps the old value)" in lines
     assert "~ webhooks.secret: (secret) -> (secret)" in lines and "AAAA" not in out and "BBBB" not in out
+    assert "~ webhooks.url: (secret) -> (secret)" in lines and "CCCC" not in out  # a URL may carry a token
 
     code, out, _ = run(capsys, "config", "diff", old, new, "--json")
     report = json.loads(out)
