@@ -1,6 +1,6 @@
-"""The upstream seam: one pooled aiohttp session; failures mapped to proxy errors.
+"""The upstream seam: one pooled HTTP/1.1 client (http1.py); failures mapped to proxy errors.
 
-The relay only sees `UpstreamResponse`-like aiohttp responses or `ProxyError`s, so it
+The relay only sees `UpstreamResponse`s or `ProxyError`s, so it
 does not care whether it talks to OpenAI or the test upstream.
 """
 
@@ -10,9 +10,7 @@ import json
 import re
 from collections.abc import AsyncIterator, Iterable, Mapping
 
-import aiohttp
-
-from . import errors
+from . import errors, http1
 from .config import UpstreamConfig
 from .logs import MIN_SECRET
 
@@ -84,33 +82,30 @@ def passthrough_headers(headers: Mapping[str, str]) -> dict[str, str]:
     return {k: v for k, v in headers.items() if k.lower() not in HOP_BY_HOP and k.lower() not in OURS}
 
 
-# what an upstream that breaks mid-answer raises inside aiohttp
-_BROKEN = (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, TimeoutError)
-
-
 class UpstreamResponse:
-    """An upstream's answer, with aiohttp's errors mapped at the boundary: reading a body
-    or a stream that breaks raises `errors.UpstreamBroken`, nothing aiohttp's."""
+    """An upstream's answer, with the HTTP client's errors mapped at the boundary: reading
+    a body or a stream that breaks raises `errors.UpstreamBroken`, nothing http1's."""
 
-    def __init__(self, response: aiohttp.ClientResponse) -> None:
+    def __init__(self, response: http1.Response) -> None:
         self._response = response
         self.status = response.status
         self.headers = response.headers
-        self.content_type = response.content_type
+        mime = response.headers.get("content-type", "application/octet-stream")
+        self.content_type = mime.partition(";")[0].strip().lower()  # as aiohttp reads it
 
     async def read(self) -> bytes:
         try:
             return await self._response.read()
         except _BROKEN as exc:
-            raise errors.UpstreamBroken(f"The upstream broke off its answer ({type(exc).__name__}).") from exc
+            raise errors.UpstreamBroken(f"The upstream broke off its answer ({_why(exc)}).") from exc
 
     async def chunks(self) -> AsyncIterator[bytes]:
         """The body as it arrives (never waiting for a line end)."""
         try:
-            async for chunk in self._response.content.iter_any():
+            while (chunk := await self._response.next_chunk()) is not None:
                 yield chunk
         except _BROKEN as exc:
-            raise errors.UpstreamBroken(f"The upstream broke off its stream ({type(exc).__name__}).") from exc
+            raise errors.UpstreamBroken(f"The upstream broke off its stream ({_why(exc)}).") from exc
 
     def close(self) -> None:
         """Drop the connection: the upstream stops generating what nobody will pay for."""
@@ -120,34 +115,40 @@ class UpstreamResponse:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        await self._response.__aexit__(None, None, None)  # release the connection, as aiohttp does
+        self._response.release()  # back to the pool if read to the end, else closed
+
+
+_BROKEN = (http1.HttpError, OSError, TimeoutError)
+
+
+def _why(exc: BaseException) -> str:
+    return "timeout" if isinstance(exc, TimeoutError) else str(exc) or type(exc).__name__
 
 
 class Upstream:
     def __init__(self, secrets: Iterable[str] = ()) -> None:
-        self.session: aiohttp.ClientSession | None = None
+        self.client: http1.Http1Client | None = None
         self.scrub = Scrubber(secrets)
 
     async def start(self) -> None:
-        # no total timeout here: each call sets its own from its upstream's config
-        connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300)
-        self.session = aiohttp.ClientSession(connector=connector, auto_decompress=True)
+        self.client = http1.Http1Client()
 
     async def close(self) -> None:
-        if self.session is not None:
-            await self.session.close()
+        if self.client is not None:
+            await self.client.close()
 
     async def post(self, upstream: UpstreamConfig, path: str, body: bytes, request_id: str) -> UpstreamResponse:
-        assert self.session is not None, "Upstream.start() was not awaited"
+        assert self.client is not None, "Upstream.start() was not awaited"
         headers = {"content-type": "application/json", "accept-encoding": "identity", "x-request-id": request_id}
         if upstream.api_key is not None:
             headers["authorization"] = f"Bearer {upstream.api_key.get_secret_value()}"
-        timeout = aiohttp.ClientTimeout(total=None, connect=upstream.connect_timeout_s, sock_read=upstream.timeout_s)
         try:
-            response = await self.session.post(upstream.base_url + path, data=body, headers=headers, timeout=timeout)
+            response = await self.client.post(
+                upstream.base_url, path, body, headers, upstream.connect_timeout_s, upstream.timeout_s
+            )
         except TimeoutError as exc:
             raise errors.UpstreamTimeout("The upstream did not answer in time; nothing was charged.") from exc
-        except aiohttp.ClientError as exc:
+        except (OSError, http1.HttpError) as exc:
             raise errors.UpstreamUnavailable(
                 f"The upstream could not be reached ({type(exc).__name__}); nothing was charged."
             ) from exc
