@@ -80,8 +80,10 @@ _STRUCTLOG_STDOUT = vars(structlog._output).get("stdout")  # PrintLogger's stand
 class _LineLogger(structlog.PrintLogger):
     """structlog's PrintLogger, writing whole lines: print() writes a line and its
     newline apart (two syscalls on an unbuffered stdout, PYTHONUNBUFFERED). A `batched`
-    logger (the access log: a line per request) leaves the lines of one event-loop turn
-    together, in one write at the end of the turn; every other line goes at once."""
+    logger (the access log: a line per request) holds its lines for up to FLUSH_S, or
+    FLUSH_BYTES, and writes them in one go, as nginx's `access_log ... buffer= flush=`
+    does: a write per line cost ~10% of the proxy's CPU under load. Every other line goes
+    at once, after the held ones (the order stays)."""
 
     def __init__(self, file: Any, batched: bool = False) -> None:
         super().__init__(file)
@@ -100,28 +102,37 @@ class _LineLogger(structlog.PrintLogger):
                 _PENDING.write(target, message)
                 _PENDING.flush()
                 return
-            if _PENDING.write(target, message):
-                loop.call_soon(_PENDING.flush)
+            first = _PENDING.write(target, message)
+            if _PENDING.size >= FLUSH_BYTES:
+                _PENDING.flush()
+            elif first:
+                loop.call_later(FLUSH_S, _PENDING.flush)
 
     log = debug = info = warn = warning = fatal = failure = err = error = critical = exception = msg
 
 
+FLUSH_S = 0.1  # the longest an access line waits (lost if the process is killed -9)
+FLUSH_BYTES = 64 * 1024
+
+
 class _Pending:
-    """Lines written in this loop turn, by stream, in order."""
+    """Lines held for one write, by stream, in order."""
 
     def __init__(self) -> None:
         self.lines: list[tuple[Any, str]] = []
+        self.size = 0
         self.lock = threading.Lock()
 
     def write(self, target: Any, message: str) -> bool:
-        """Queue a line; True when it is the turn's first (the caller schedules the flush)."""
+        """Queue a line; True when it is the first held (the caller schedules the flush)."""
         with self.lock:
             self.lines.append((target, message))
+            self.size += len(message) + 1
             return len(self.lines) == 1
 
     def flush(self) -> None:
         with self.lock:
-            lines, self.lines = self.lines, []
+            lines, self.lines, self.size = self.lines, [], 0
             i = 0
             while i < len(lines):  # consecutive lines to the same stream: one write
                 target, j = lines[i][0], i
