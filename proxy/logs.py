@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import datetime
 import logging
 import re
 import sys
@@ -147,13 +148,28 @@ _PENDING = _Pending()
 atexit.register(_PENDING.flush)  # a turn's lines when the loop stopped before flushing them
 
 
-ACCESS_LOGGER = "proxy.access"  # relay.py's line per request
+_access: _LineLogger | None = None  # relay.py's line per request; None: the level is above info
+
+
+def access(fields: dict[str, Any]) -> None:
+    """The access line of a request: the JSON structlog's chain renders (same keys, same
+    order, the same redactor), built without the chain: ~5 us instead of ~13."""
+    if _access is None:
+        return
+    line = {**fields, "event": "request", "level": "info", "timestamp": _now_utc()}
+    _access.msg(orjson.dumps(REDACTOR(None, "info", line)).decode())
+
+
+def _now_utc() -> str:
+    return datetime.datetime.now(tz=datetime.UTC).isoformat().replace("+00:00", "Z")  # TimeStamper's
 
 
 def setup(level: str = "info", stream: Any = None) -> None:
+    global _access
     _PENDING.flush()  # to the stream they were meant for
     stream = stream or sys.stdout
     numeric = logging.getLevelName(level.upper())
+    _access = _LineLogger(stream, batched=True) if numeric <= logging.INFO else None
     shared: list[Any] = [
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
@@ -162,7 +178,7 @@ def setup(level: str = "info", stream: Any = None) -> None:
     structlog.configure(
         processors=[structlog.contextvars.merge_contextvars, *shared, REDACTOR, _json()],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
-        logger_factory=lambda *names: _LineLogger(stream, batched=names[:1] == (ACCESS_LOGGER,)),
+        logger_factory=lambda *names: _LineLogger(stream),
         cache_logger_on_first_use=False,
     )
     _route_stdlib(numeric, stream, shared)

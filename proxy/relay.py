@@ -22,7 +22,6 @@ from typing import Any
 
 import aiohttp
 import orjson
-import structlog
 from aiohttp import web
 from aiohttp.web_protocol import RequestPayloadError
 
@@ -35,7 +34,6 @@ from .state import STATE, State
 from .upstream import Scrubber, UpstreamResponse, passthrough_headers
 from .usage import StreamTap, loads, output_of_body, usage_from_body
 
-log = structlog.get_logger(logs.ACCESS_LOGGER)
 BODY_TIMEOUT_S = 60
 CLIENT_GONE = (ConnectionResetError, aiohttp.ClientConnectionResetError)
 STREAM_INTERRUPTED = orjson.dumps(
@@ -374,7 +372,7 @@ def access_log(
             metrics.child(metrics.SPEND_USD, meter.route.model).inc(settlement.cost / 1_000_000)
             if meter.state.config.metrics.per_account_labels:  # high cardinality: opt-in
                 metrics.child(metrics.ACCOUNT_SPEND_USD, meter.account_id).inc(settlement.cost / 1_000_000)
-    log.info("request", **fields)
+    logs.access(fields)
 
 
 def record_usage(meter: Meter) -> None:

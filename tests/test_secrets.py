@@ -126,3 +126,32 @@ def test_a_bearer_credential_is_redacted_however_its_scheme_is_cased(scheme: str
     """HTTP auth schemes are case-insensitive: a key sent as `BEARER …` is as secret."""
     line = logs.Redactor().scrub(f"Authorization: {scheme} opaque.token-123 trailing")
     assert "opaque.token-123" not in line and line.endswith(f"{scheme} {logs.REDACTED} trailing")
+
+
+def test_the_access_line_is_what_structlogs_chain_renders_and_redacted() -> None:
+    """relay.py's line per request skips structlog's processors (for speed): the same JSON
+    comes out, key for key in the same order, through the same redactor."""
+    import io
+    import json
+
+    import structlog
+
+    out = io.StringIO()
+    logs.setup("info", out)
+    logs.REDACTOR.use([UPSTREAM_KEY])
+    try:
+        fields = {"request_id": "req_1", "model": f"gpt {UPSTREAM_KEY}", "status": 200, "duration_ms": 1.5}
+        logs.access(fields)
+        structlog.get_logger("proxy").info("request", **fields)
+        logs._PENDING.flush()
+        fast, chain = (json.loads(line) for line in out.getvalue().splitlines())
+        assert fast["model"] == "gpt [REDACTED]" and UPSTREAM_KEY not in out.getvalue()
+        assert list(fast) == list(chain) and {**fast, "timestamp": ""} == {**chain, "timestamp": ""}
+        assert fast["timestamp"].endswith("Z") and len(fast["timestamp"]) == len(chain["timestamp"])
+        logs.setup("warning", out)
+        logs.access(fields)  # below the level: not written
+        logs._PENDING.flush()
+        assert len(out.getvalue().splitlines()) == 2
+    finally:
+        logs.REDACTOR.use([])
+        logs.setup("warning")
