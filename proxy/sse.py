@@ -36,8 +36,11 @@ class SSEParser:
         start = 0
         while (end := buf.find(_EVENT_END, start)) != -1:
             block = buf[start:end]
+            if block.startswith(b"data: ") and b"\n" not in block:  # most events: one data line
+                events.append(Event(None, block[6:], buf[start : end + 2]))
+            else:
+                events.append(_parse_block(block))
             start = end + 2
-            events.append(_parse_block(block))
         self._buf = buf[start:]
         return events
 
