@@ -393,6 +393,21 @@ def report(targets: list[Target], args: argparse.Namespace, redis_version: str) 
     return "\n".join(lines)
 
 
+def write_docs(text: str, whole: bool) -> Path:
+    """docs/benchmarks.md: the whole run, or (--rounds 0 --memory) only its memory section."""
+    out = ROOT / "docs" / "benchmarks.md"
+    if not whole and out.exists():
+        kept = out.read_text().split(memory.HEADING)[0].rstrip("\n")
+        text = kept + "\n\n" + text.lstrip("\n")
+    else:
+        text = (
+            "# Benchmarks\n\nWritten by `make bench` (bench/bench.py) on the machine it ran on: compare"
+            " ratios within one run, not absolute figures across machines.\n\n" + text
+        )
+    out.write_text(text.rstrip("\n") + "\n")
+    return out.relative_to(ROOT)
+
+
 async def main(args: argparse.Namespace) -> None:
     if args.smoke:
         args.requests, args.serial, args.warmup, args.rounds = 40, 10, 10, 1
@@ -468,13 +483,8 @@ async def main(args: argparse.Namespace) -> None:
             figures = await memory.measure(c, b, f"http://127.0.0.1:{default_port}", redis, load, plan)
             text += "\n" + memory.report(figures, plan, c.name, b.name)
         print(text)
-        if not args.smoke and args.rounds:
-            out = ROOT / "docs" / "benchmarks.md"
-            out.write_text(
-                "# Benchmarks\n\nWritten by `make bench` (bench/bench.py) on the machine it ran on: compare"
-                " ratios within one run, not absolute figures across machines.\n\n" + text + "\n"
-            )
-            print(f"\nwrote {out.relative_to(ROOT)}")
+        if not args.smoke and (args.rounds or args.memory):
+            print(f"\nwrote {write_docs(text, whole=bool(args.rounds))}")
         await redis.aclose()
     finally:
         for proc in procs:

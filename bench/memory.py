@@ -6,7 +6,8 @@ requests, what one huge prompt costs it, and that streams are not buffered.
     big prompts   one chat message of 1 MB and of 10 MB of text, and the same text in many
                   small content parts, through C and through B: each target's CPU time for
                   the request (all its threads, /proc/PID/task/*/schedstat) and its peak RSS
-                  above where it stood (VmHWM, reset through /proc/PID/clear_refs)
+                  while serving it (VmHWM, reset through /proc/PID/clear_refs) above its
+                  RSS before the first big prompt
     long stream   a slow stream of many chunks: its first bytes must reach the client while
                   the upstream is still writing (a buffering relay would hold them to the end)
 
@@ -31,6 +32,7 @@ import orjson
 from tests.sample_text import realistic_text
 
 MB = 1024 * 1024
+HEADING = "## Memory, big prompts and long streams"  # bench.py --rounds 0 --memory rewrites from here
 BIG_BODY_LIMIT = 64 * MB  # the measured proxy's server.max_body_bytes: the 10 MB prompts fit
 PART_CHARS = 256  # text per content part in the many-parts prompt
 SLOW_DELAY_MS = 10  # between the long stream's chunks
@@ -130,21 +132,20 @@ async def post(session: aiohttp.ClientSession, url: str, key: str, body: bytes) 
 @dataclass
 class Cost:
     cpu_ms: float
-    peak_mb: float  # peak RSS above the RSS before the request
+    peak_mb: float  # peak RSS while it is served, above the target's RSS before the first big prompt
 
 
-async def big_prompt_cost(url: str, key: str, pid: int, body: bytes, repeats: int) -> Cost:
+async def big_prompt_cost(target: Target, body: bytes, repeats: int, steady: float) -> Cost:
     cpu, peak = [], []
     async with aiohttp.ClientSession() as session:
         for _ in range(repeats):
-            before = rss_mb(pid)
-            reset_peak(pid)
-            cpu0 = cpu_ns(pid)
-            status, answer = await post(session, url, key, body)
-            cpu.append((cpu_ns(pid) - cpu0) / 1e6)
-            peak.append(hwm_mb(pid) - before)
+            reset_peak(target.pid)
+            cpu0 = cpu_ns(target.pid)
+            status, answer = await post(session, target.url, target.key, body)
+            cpu.append((cpu_ns(target.pid) - cpu0) / 1e6)
+            peak.append(hwm_mb(target.pid) - steady)
             if status != 200:
-                raise RuntimeError(f"{url}: a {len(body)} byte prompt got {status}: {answer[:300]!r}")
+                raise RuntimeError(f"{target.name}: a {len(body)} byte prompt got {status}: {answer[:300]!r}")
     return Cost(statistics.median(cpu), statistics.median(peak))
 
 
@@ -196,15 +197,13 @@ class Figures:
 async def measure(proxy: Target, bare: Target, default_url: str, redis: Any, load: Load, plan: Plan) -> Figures:
     curve, redis_mb = await rss_curve(proxy, redis, load, plan)
     text = realistic_text(int(min(plan.sizes_mb) * MB))
-    costs = {}
+    costs, steady = {}, {t.name: rss_mb(t.pid) for t in (proxy, bare)}
     for mb in plan.sizes_mb:
         prompt = (text * -(-int(mb * MB) // len(text)))[: int(mb * MB)]
         for parts in (False, True):
             body = big_body(prompt, parts)
             for target in (proxy, bare):
-                costs[(target.name, mb, parts)] = await big_prompt_cost(
-                    target.url, target.key, target.pid, body, plan.repeats
-                )
+                costs[(target.name, mb, parts)] = await big_prompt_cost(target, body, plan.repeats, steady[target.name])
     biggest = big_body((text * -(-int(10 * MB) // len(text)))[: 10 * MB], False)
     default_answer = await refused(default_url, proxy.key, biggest)
     streams = {t.name: await first_bytes(t.url, t.key, plan.slow_chunks) for t in (bare, proxy)}
@@ -212,10 +211,12 @@ async def measure(proxy: Target, bare: Target, default_url: str, redis: Any, loa
 
 
 def report(fig: Figures, plan: Plan, proxy: str, bare: str) -> str:
-    (_, r0), (n1, r1), (nz, rz) = fig.curve[0], fig.curve[1], fig.curve[-1]
+    (_, r0), (n1, r1), (ny, ry), (nz, rz) = fig.curve[0], fig.curve[1], fig.curve[-2], fig.curve[-1]
     growth = rz - r1
     lines = [
-        "### memory",
+        HEADING,
+        "",
+        "### RSS over many requests",
         "",
         f"{proxy}: VmRSS after {plan.warmup} warm-up requests, then after each count of metered requests"
         f" (JSON and stream at once, concurrency {plan.concurrency}); Redis `used_memory` beside it.",
@@ -226,12 +227,14 @@ def report(fig: Figures, plan: Plan, proxy: str, bare: str) -> str:
         "| Redis used MB | " + " | ".join(f"{r:.1f}" for r in fig.redis_mb) + " |",
         "",
         f"Growth from {n1:,} to {nz:,} requests: {growth:+.1f} MB"
-        f" ({growth * MB / max(1, nz - n1):+.0f} bytes per request); from the warm-up: {rz - r0:+.1f} MB.",
+        f" ({growth * MB / max(1, nz - n1):+.0f} bytes per request); from {ny:,} to {nz:,}: {rz - ry:+.1f} MB"
+        f" ({(rz - ry) * MB / max(1, nz - ny):+.0f} bytes per request); from the warm-up: {rz - r0:+.1f} MB.",
         "",
         "### big prompts",
         "",
         f"One chat message of N MB of text (`text`) or the same text in {PART_CHARS}-character content parts"
-        f" (`parts`); the target's CPU for the request (all threads) and its peak RSS above where it stood;"
+        f" (`parts`); the target's CPU for the request (all threads) and its peak RSS while serving it, above"
+        " its RSS before the first of these prompts;"
         f" median of {plan.repeats}. The measured {proxy.split()[0]} has `server.max_body_bytes: {BIG_BODY_LIMIT}`;"
         f" with the default ({10 * MB}) a 10 MB text prompt gets {fig.default_answer}.",
         "",

@@ -52,7 +52,7 @@ def make_app() -> web.Application:
     async def models(_: web.Request) -> web.Response:
         return web.json_response({"object": "list", "data": [{"id": "gpt-4o-mini", "object": "model"}]})
 
-    app = web.Application()
+    app = web.Application(client_max_size=64 * 1024 * 1024)  # bench/memory.py's 10 MB prompts
     app.router.add_post("/v1/chat/completions", chat)
     app.router.add_get("/v1/models", models)
     return app
