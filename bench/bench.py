@@ -479,6 +479,8 @@ async def main(args: argparse.Namespace) -> None:
         text = report(targets, args, redis_version) if args.rounds else ""
         if args.memory:
             plan = memory.Plan.smoke() if args.smoke else memory.Plan()
+            if args.memory_checkpoints:
+                plan.checkpoints = tuple(int(n) for n in args.memory_checkpoints.split(","))
             c, b = next(t for t in targets if t.name == "C metering-proxy"), targets[1]
             figures = await memory.measure(c, b, f"http://127.0.0.1:{default_port}", redis, load, plan)
             text += "\n" + memory.report(figures, plan, c.name, b.name)
@@ -507,6 +509,9 @@ if __name__ == "__main__":
     parser.add_argument("--py-spy", metavar="DIR", help="profile the proxy under load (py-spy, collapsed stacks)")
     parser.add_argument(
         "--memory", action="store_true", help="also: RSS over 100k requests, 10 MB prompts, a long stream (minutes)"
+    )
+    parser.add_argument(
+        "--memory-checkpoints", metavar="N,N,...", help="--memory: RSS after these counts (10000,50000,100000)"
     )
     parser.add_argument("--litellm", metavar="BIN", help="also measure LiteLLM's proxy (path to its `litellm` command)")
     parsed = parser.parse_args()
