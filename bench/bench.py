@@ -63,13 +63,6 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime + stime
 
 
-def peak_rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
-
-
 async def wait_up(url: str, tries: int = 200) -> None:
     async with aiohttp.ClientSession() as session:
         for _ in range(tries):
@@ -363,7 +356,7 @@ def report(targets: list[Target], args: argparse.Namespace, redis_version: str) 
                 f"{spread(added)} ms",
                 f"{med(rows, 'cpu_us'):.0f}",
                 ratio_text(ratio),
-                f"{peak_rss_mb(t.pid):.0f}" if t.pid else "",
+                f"{memory.hwm_mb(t.pid):.0f}" if t.pid else "",
             ]
             if stream:
                 ttfb = [r["ttfb_c1"] - b["ttfb_c1"] for r, b in zip(rows, b_rows, strict=True)]

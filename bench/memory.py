@@ -228,7 +228,9 @@ def report(fig: Figures, plan: Plan, proxy: str, bare: str) -> str:
         "",
         f"Growth from {n1:,} to {nz:,} requests: {growth:+.1f} MB"
         f" ({growth * MB / max(1, nz - n1):+.0f} bytes per request); from {ny:,} to {nz:,}: {rz - ry:+.1f} MB"
-        f" ({(rz - ry) * MB / max(1, nz - ny):+.0f} bytes per request); from the warm-up: {rz - r0:+.1f} MB.",
+        f" ({(rz - ry) * MB / max(1, nz - ny):+.0f} bytes per request); from the warm-up: {rz - r0:+.1f} MB."
+        f" Redis grows {(fig.redis_mb[-1] - fig.redis_mb[1]) * MB / max(1, nz - n1):.0f} bytes per request:"
+        " each one's ledger entry (the ledger is append-only) and its settled marker (kept 30 days).",
         "",
         "### big prompts",
         "",
