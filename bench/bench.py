@@ -43,6 +43,8 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+import memory  # noqa: E402  (bench/memory.py, beside this script)
+
 from proxy.app import connect  # noqa: E402
 from proxy.configfile import parse_config  # noqa: E402
 from proxy.embedded import EmbeddedRedis, free_port, server_binary  # noqa: E402
@@ -59,13 +61,6 @@ LITELLM_KEY = "sk-litellm-bench"
 def cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime + stime
-
-
-def peak_rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
 
 
 async def wait_up(url: str, tries: int = 200) -> None:
@@ -237,11 +232,13 @@ async def measure(target: Target, args: argparse.Namespace, stream: bool, redis:
     return row
 
 
-def proxy_config(path: Path, redis_url: str, upstream_url: str, port: int) -> Path:
+def proxy_config(path: Path, redis_url: str, upstream_url: str, port: int, max_body: int | None = None) -> Path:
     """config.example.yaml on this Redis and upstream, with rate tiers that never bind."""
     example = yaml.safe_load((ROOT / "config.example.yaml").read_text())
     example.update(redis={"url": redis_url}, data_dir=str(path.with_suffix(".data")))
     example["server"].update(port=port, admin_port=free_port(), host="127.0.0.1")
+    if max_body is not None:
+        example["server"]["max_body_bytes"] = max_body
     example["upstreams"]["openai"].update(base_url=upstream_url + "/v1", api_key="sk-bench")
     example["rate_tiers"] = {"tiers": [{"name": "bench", "min_usd": "0", "rpm": 10**9, "tpm": 10**12}]}
     path.write_text(yaml.safe_dump(example))
@@ -359,7 +356,7 @@ def report(targets: list[Target], args: argparse.Namespace, redis_version: str) 
                 f"{spread(added)} ms",
                 f"{med(rows, 'cpu_us'):.0f}",
                 ratio_text(ratio),
-                f"{peak_rss_mb(t.pid):.0f}" if t.pid else "",
+                f"{memory.hwm_mb(t.pid):.0f}" if t.pid else "",
             ]
             if stream:
                 ttfb = [r["ttfb_c1"] - b["ttfb_c1"] for r, b in zip(rows, b_rows, strict=True)]
@@ -389,6 +386,21 @@ def report(targets: list[Target], args: argparse.Namespace, redis_version: str) 
     return "\n".join(lines)
 
 
+def write_docs(text: str, whole: bool) -> Path:
+    """docs/benchmarks.md: the whole run, or (--rounds 0 --memory) only its memory section."""
+    out = ROOT / "docs" / "benchmarks.md"
+    if not whole and out.exists():
+        kept = out.read_text().split(memory.HEADING)[0].rstrip("\n")
+        text = kept + "\n\n" + text.lstrip("\n")
+    else:
+        text = (
+            "# Benchmarks\n\nWritten by `make bench` (bench/bench.py) on the machine it ran on: compare"
+            " ratios within one run, not absolute figures across machines.\n\n" + text
+        )
+    out.write_text(text.rstrip("\n") + "\n")
+    return out.relative_to(ROOT)
+
+
 async def main(args: argparse.Namespace) -> None:
     if args.smoke:
         args.requests, args.serial, args.warmup, args.rounds = 40, 10, 10, 1
@@ -409,8 +421,14 @@ async def main(args: argparse.Namespace) -> None:
         passthrough = spawn(
             str(ROOT / "bench" / "passthrough.py"), "--port", str(pass_port), "--upstream", upstream_url + "/v1"
         )
-        config_file = proxy_config(tmp / "config.yaml", redis_server.url, upstream_url, proxy_port)
+        max_body = memory.BIG_BODY_LIMIT if args.memory else None  # the 10 MB prompts fit
+        config_file = proxy_config(tmp / "config.yaml", redis_server.url, upstream_url, proxy_port, max_body)
         proxy = start_proxy(config_file, args.log_level, procs)
+        if args.memory:  # one with the default body limit: what it answers a 10 MB prompt
+            default_port = free_port()
+            start_proxy(
+                proxy_config(tmp / "default.yaml", redis_server.url, upstream_url, default_port), "warning", procs
+            )
         compare = None
         if args.compare:  # another checkout of the proxy, on the same load, its own account
             compare_port = free_port()
@@ -422,6 +440,7 @@ async def main(args: argparse.Namespace) -> None:
             f"http://127.0.0.1:{pass_port}/",
             f"http://127.0.0.1:{proxy_port}/healthz",
             *([f"http://127.0.0.1:{compare_port}/healthz"] if compare else []),
+            *([f"http://127.0.0.1:{default_port}/healthz"] if args.memory else []),
         ):
             await wait_up(url)
         if litellm is not None:
@@ -450,15 +469,17 @@ async def main(args: argparse.Namespace) -> None:
             for stream in (False, True):
                 for target in targets:
                     target.rows[stream].append(await measure(target, args, stream, redis))
-        text = report(targets, args, redis_version)
+        text = report(targets, args, redis_version) if args.rounds else ""
+        if args.memory:
+            plan = memory.Plan.smoke() if args.smoke else memory.Plan()
+            if args.memory_checkpoints:
+                plan.checkpoints = tuple(int(n) for n in args.memory_checkpoints.split(","))
+            c, b = next(t for t in targets if t.name == "C metering-proxy"), targets[1]
+            figures = await memory.measure(c, b, f"http://127.0.0.1:{default_port}", redis, load, plan)
+            text += "\n" + memory.report(figures, plan, c.name, b.name)
         print(text)
-        if not args.smoke:
-            out = ROOT / "docs" / "benchmarks.md"
-            out.write_text(
-                "# Benchmarks\n\nWritten by `make bench` (bench/bench.py) on the machine it ran on: compare"
-                " ratios within one run, not absolute figures across machines.\n\n" + text + "\n"
-            )
-            print(f"\nwrote {out.relative_to(ROOT)}")
+        if not args.smoke and (args.rounds or args.memory):
+            print(f"\nwrote {write_docs(text, whole=bool(args.rounds))}")
         await redis.aclose()
     finally:
         for proc in procs:
@@ -479,6 +500,12 @@ if __name__ == "__main__":
     parser.add_argument("--log-level", default="info", help="the proxy's (info: one access line per request)")
     parser.add_argument("--compare", metavar="DIR", help="also measure the proxy of another checkout (e.g. main)")
     parser.add_argument("--py-spy", metavar="DIR", help="profile the proxy under load (py-spy, collapsed stacks)")
+    parser.add_argument(
+        "--memory", action="store_true", help="also: RSS over 100k requests, 10 MB prompts, a long stream (minutes)"
+    )
+    parser.add_argument(
+        "--memory-checkpoints", metavar="N,N,...", help="--memory: RSS after these counts (10000,50000,100000)"
+    )
     parser.add_argument("--litellm", metavar="BIN", help="also measure LiteLLM's proxy (path to its `litellm` command)")
     parsed = parser.parse_args()
     parsed.compare = parsed.compare and str(Path(parsed.compare).resolve())

@@ -42,7 +42,7 @@ def make_app(upstream: str) -> web.Application:
             await out.write_eof()
             return out
 
-    app = web.Application()
+    app = web.Application(client_max_size=64 * 1024 * 1024)  # bench/memory.py's 10 MB prompts
     app.router.add_post("/{tail:.*}", forward)
     app.on_startup.append(start)
     app.on_cleanup.append(stop)

@@ -9,15 +9,21 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_bench_smoke_prints_every_target_and_redis_figures() -> None:
+def test_bench_smoke_prints_every_target_redis_and_memory_figures() -> None:
     done = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "bench.py"), "--smoke"],
+        [sys.executable, str(ROOT / "bench" / "bench.py"), "--smoke", "--memory"],
         capture_output=True,
         text=True,
         timeout=120,
         check=False,
     )
     assert done.returncode == 0, done.stderr[-2000:]
+    table, heading, mem = done.stdout.partition("## Memory, big prompts and long streams")
     for target in ("A upstream (direct)", "B bare aiohttp pass-through", "C metering-proxy"):
-        assert done.stdout.count(f"| {target} |") == 2, done.stdout  # JSON and stream
-    assert "top-level commands" in done.stdout and "admit" in done.stdout and "settle" in done.stdout
+        assert table.count(f"| {target} |") == 2, done.stdout  # JSON and stream
+    assert "top-level commands" in table and "admit" in table and "settle" in table
+    # --memory (tiny counts): the RSS curve, the big prompts through C and B, a default
+    # proxy's answer to 10 MB, the long stream through both
+    assert heading and "| proxy RSS MB |" in mem and "| 0.1 MB parts |" in mem, done.stdout
+    assert "a 10 MB text prompt gets 413 `request_too_large`" in mem, done.stdout
+    assert "| B bare aiohttp pass-through | " in mem and "| C metering-proxy | " in mem, done.stdout
