@@ -98,11 +98,16 @@ end
 -- One admission counted in the window at now_s: a request and its tokens. The hash
 -- lives a minute past its newest second: its expiry is set with each second's first
 -- request (a bucket is written only here, so the first makes the count 1).
+-- (`P:0` is stored as it stands: open_window saved any prune; `O:0` moves only for a
+-- first or an earlier second.)
 local function count_admission(w, now_s, tokens)
-  local o = (w.o == nil or now_s < w.o) and now_s or w.o
   local first = redis.call('HINCRBY', w.key, 'r:' .. fmt(now_s), 1) == 1
   redis.call('HINCRBY', w.key, 't:' .. fmt(now_s), fmt(tokens))
-  redis.call('HSET', w.key, 'R:0', fmt(w.r + 1), 'T:0', fmt(w.t + tokens), 'P:0', fmt(w.p), 'O:0', fmt(o))
+  if w.o == nil or now_s < w.o then
+    redis.call('HSET', w.key, 'R:0', fmt(w.r + 1), 'T:0', fmt(w.t + tokens), 'P:0', fmt(w.p), 'O:0', fmt(now_s))
+  else
+    redis.call('HSET', w.key, 'R:0', fmt(w.r + 1), 'T:0', fmt(w.t + tokens))
+  end
   if first then redis.call('PEXPIRE', w.key, (WINDOW_S + 1) * 1000) end
 end
 
