@@ -206,8 +206,9 @@ class Ledger:
         max_output_tokens: int,
         choices: int,
     ) -> Admission:
-        # The watch pointer goes first so a reservation can never exist unseen by the
-        # reaper, even if this process dies right after the script.
+        # The watch pointer goes with the reservation (admit.lua writes it on one Redis) or
+        # before it (a Cluster: another slot), so a reservation can never exist unseen by
+        # the reaper, even if this process dies right after the script.
         due = int(time.time() * 1000) + self.clock_offset_ms + self.config.billing.reservation_ttl_s * 1000
         reply = await self._run(
             "admit",

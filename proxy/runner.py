@@ -1,13 +1,15 @@
 """Running a Lua script on Redis: one seam, three transports.
 
-`ScriptRunner.run` sends one FCALL or EVALSHA (after the reaper's watch pointer, when asked) and
+`ScriptRunner.run` sends one FCALL or EVALSHA (with or after the reaper's watch pointer, when asked) and
 returns the raw reply; `load` loads a script after NOSCRIPT through the same transport,
 whose connection has just been shown alive. Every transport raises redis-py's exception
 types (resp.py maps its replies with redis-py's own table), so the ledger maps them to
 the proxy's errors once (`errors.STORE_DOWN` -> `StoreUnavailable`).
 
     LeanRunner     the lean RESP client (resp.py): one Redis over TCP or a unix socket;
-                   FCALL into the function library where Redis has functions
+                   FCALL into the function library where Redis has functions; the watch
+                   pointer written by the script itself where it takes one (admit.lua
+                   `+watch`): one command, atomic with the reservation
     PoolRunner     redis-py on one Redis: the watch pointer pipelined with the script,
                    and the durability barrier after an admin money write
     ClusterRunner  redis-py on a Cluster: the watch pointer in a round trip of its own
@@ -45,8 +47,9 @@ class Invocation:
         return [*keyspace.account_keys(self.account_id, self.model, self.script.keys), *self.extra_keys]
 
     def watch(self) -> tuple[str, dict[str, int]]:
-        """The watch pointer written before the script: a reservation can never exist
-        unseen by the reaper, even if this process dies right after."""
+        """The watch pointer, written before the script where the script cannot write it
+        (another slot): a reservation can never exist unseen by the reaper, even if this
+        process dies right after."""
         assert self.watch_due is not None
         return keyspace.watch_shard(self.account_id), {self.account_id: self.watch_due}
 
@@ -83,12 +86,14 @@ class LeanRunner:
     async def _run(self, call: Invocation) -> Any:
         keys = self._packed_keys(call.account_id, call.model, call.script.keys)
         context = self._contexts.get(call.context) or self._pack_context(call.context)
-        numkeys = keys.arity + len(call.extra_keys)
+        extra, args = call.extra_keys, call.args
+        if call.watch_due is not None and "watch" in call.script.extra_keys:  # one Redis: inside the script
+            extra, args = (*extra, keyspace.watch_shard(call.account_id)), (*args, call.watch_due)
         command = (
             ("FCALL", call.script.function) if self.functions and call.script.function else ("EVALSHA", call.script.sha)
         )
-        script = (*command, numkeys, keys, *call.extra_keys, context, *call.args)
-        if call.watch_due is None:
+        script = (*command, keys.arity + len(extra), keys, *extra, context, *args)
+        if call.watch_due is None or len(extra) > len(call.extra_keys):
             return await self.client.call(*script)
         shard, member = call.watch()
         (account_id, due), *_ = member.items()

@@ -115,8 +115,7 @@ def _begin(names: tuple[str, ...]) -> str:
     """The call's start: `K`, its KEYS by name (any other name is an error, never a nil
     key), and the rest of its state (lib/call.lua)."""
     fields = ", ".join(f"{n} = KEYS[{i}]" for i, n in enumerate(names, 1))
-    guard = "function(_, name) error('this script did not declare KEYS `' .. name .. '`') end"
-    return f"begin_call(setmetatable({{{fields}}}, {{__index = {guard}}}), ARGV)\n"
+    return f"begin_call(setmetatable({{{fields}}}, UNDECLARED), ARGV)\n"
 
 
 def _library(scripts: dict[str, Script]) -> tuple[str, dict[str, Script]]:

@@ -86,3 +86,32 @@ async def test_a_redis_without_functions_runs_the_same_scripts(redis_without_fun
     assert isinstance(ledger.runner, LeanRunner) and not ledger.runner.functions
     assert (await ledger.touch("acme")).balance == 1_000_000 - 24
     await fast.aclose()
+
+
+async def test_on_one_redis_the_admission_writes_the_reapers_watch_pointer_itself(
+    redis: Any, redis_server: Any
+) -> None:
+    """One top-level command per admission on a single Redis: admit.lua writes the watch
+    pointer with the reservation (atomic with it), instead of a ZADD pipelined before it."""
+    fast = RespClient(redis_server.url)
+    ledger = Ledger(redis, parse_config(yaml.safe_dump(BASE_CONFIG)), fast=fast)
+    await ledger.save_account("watched", {}, create=True)
+    await ledger.grant("watched", GrantSpec("paid", 1_000_000))
+    await redis.hset(keyspace.account("watched", "keys"), "key_1", "active")
+    shard = keyspace.watch_shard("watched")
+    await redis.zrem(shard, "watched")
+    await fast.call("PING")  # connected (HELLO, CLIENT SETNAME) before the count
+    async with redis.monitor() as monitor:
+        await ledger.admit("watched", "key_1", "gpt-4o-mini", "req_w", prompt_cost=10, output_cost=20,
+                           output_pico=0, prompt_tokens=5, max_output_tokens=5, choices=1)  # fmt: skip
+        await redis.echo("end-of-admission")
+        seen = []
+        while "end-of-admission" not in (command := await monitor.next_command())["command"]:
+            seen.append(command)
+    ours = [c for c in seen if "{watched}" in c["command"] or shard in c["command"]]  # not a pool's HELLO
+    top = [c["command"].split()[0] for c in ours if c["client_type"] != "lua"]
+    inner = [c["command"].split()[:3] for c in ours if c["client_type"] == "lua"]
+    assert top == ["FCALL"]
+    assert ["ZADD", shard, "LT"] in inner
+    assert await redis.zscore(shard, "watched") is not None
+    await fast.aclose()

@@ -106,6 +106,23 @@ async def test_a_window_written_before_the_sums_is_counted_whole(redis: Any) -> 
     assert await run(redis, ctx, "peek", 160) == [2, 12, 130]  # second 100 left the minute
 
 
+async def test_a_window_lives_a_minute_past_its_newest_second(redis: Any) -> None:
+    """Its expiry is set with each second's first admission (not again within the second:
+    lib/windows.lua count_admission), so a second's buckets outlive the minute they count in."""
+    ctx = CTX
+    await redis.delete(KEY)
+    await run(redis, ctx, "admit", 700, 5)
+    assert 60_000 < await redis.pttl(KEY) <= 61_000
+    await redis.pexpire(KEY, 65_000)  # as if the second's first admission came a little later
+    await run(redis, ctx, "admit", 700, 5)
+    assert await redis.pttl(KEY) > 64_000  # a later admission in that second does not shorten it
+    await redis.pexpire(KEY, 1_000)
+    await run(redis, ctx, "admit", 701, 5)  # a new second: a minute from now
+    assert 60_000 < await redis.pttl(KEY) <= 61_000
+    await run(redis, ctx, "admit", 701, 5)
+    assert await run(redis, ctx, "peek", 701) == [4, 20, 700]
+
+
 @pytest.mark.parametrize("late", [0, 59, 60])
 async def test_a_correction_reaches_only_a_bucket_still_counted(redis: Any, late: int) -> None:
     ctx = CTX

@@ -8,7 +8,10 @@
 --   7 output cost at max tokens (micro-USD, rounded up)
 --   8 output price per token in pico-USD (clamp mode; 0 = cannot clamp)
 --   9 prompt tokens (estimate)   10 max output tokens (all choices)   11 choices (n)
--- keys: acct grants live resv ledger outbox keys rl rlm kset kuse +rlk
+--   last, after them all: the reaper's visit time (ms) for `+watch` (the last KEY), written
+--   with the reservation; only a caller on one Redis passes both (runner.LeanRunner: on a
+--   Cluster the watch shard is in another slot, and the caller writes the pointer itself)
+-- keys: acct grants live resv ledger outbox keys rl rlm kset kuse +rlk +watch
 -- Replies (scripts.py decodes them by these names; every reply ends with `events`):
 -- reply ok: reserved balance available tier rpm rpm_left rpm_reset_ms tpm tpm_left tpm_reset_ms clamp downgrade_to
 -- reply insufficient: available needed tier rpm rpm_left rpm_reset_ms tpm tpm_left tpm_reset_ms
@@ -155,6 +158,7 @@ if per_key then count_admission(kused, now_s, tokens) end
 redis.call('HSET', K.resv, req_id, cjson.encode({
   amount = fmt(reserve), admitted = now, sec = now_s, tokens = tokens, pm = per_model, pk = per_key,
   key = key_id, model = model, exp = now + CTX.ttl_ms, dg = downgrade, kr = reserve > 0}))
+if rawget(K, 'watch') then redis.call('ZADD', K.watch, 'LT', ARGV[#ARGV], ACCOUNT_ID) end  -- never unseen by the reaper
 acct_incr('reserved', fmt(reserve))
 if reserve > 0 then redis.call('HINCRBY', K.kuse, 'r:' .. key_id, fmt(reserve)) end
 local out = {'ok', reserve, acct_num('balance'), avail - reserve, tier}

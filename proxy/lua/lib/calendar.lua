@@ -24,20 +24,21 @@ local function civil_from_days(z)
   return y, m
 end
 
--- Returns (period id, start ms, end ms) of the period containing now.
+-- Returns (period id, start ms, end ms) of the period containing now. (fmt: '%d', cheaper
+-- than the '%.14g' of a number joined to a string, and the same for these integers)
 local function period(every, now)
   local days = math.floor(now / DAY_MS)
   if every == 'day' then
-    return 'd' .. days, days * DAY_MS, (days + 1) * DAY_MS
+    return 'd' .. fmt(days), days * DAY_MS, (days + 1) * DAY_MS
   elseif every == 'week' then  -- ISO weeks start on Monday; 1970-01-01 was a Thursday
     local start = days - (days + 3) % 7
-    return 'w' .. start, start * DAY_MS, (start + 7) * DAY_MS
+    return 'w' .. fmt(start), start * DAY_MS, (start + 7) * DAY_MS
   end
   local y, m = civil_from_days(days)
   if every == 'year' then
-    return 'y' .. y, days_from_civil(y, 1, 1) * DAY_MS, days_from_civil(y + 1, 1, 1) * DAY_MS
+    return 'y' .. fmt(y), days_from_civil(y, 1, 1) * DAY_MS, days_from_civil(y + 1, 1, 1) * DAY_MS
   end
   local ny, nm = y, m + 1
   if nm == 13 then ny, nm = y + 1, 1 end
-  return 'm' .. y .. '-' .. m, days_from_civil(y, m, 1) * DAY_MS, days_from_civil(ny, nm, 1) * DAY_MS
+  return 'm' .. fmt(y) .. '-' .. fmt(m), days_from_civil(y, m, 1) * DAY_MS, days_from_civil(ny, nm, 1) * DAY_MS
 end

@@ -6,6 +6,8 @@
 -- and model): scripts only read CTX (tiers() and plans() keep their decoded tables in
 -- it), so a call may reuse it. Bounded: a config reload leaves the old ones behind.
 local CONTEXTS, CONTEXT_COUNT = {}, 0
+-- K's metatable: a name the script did not declare is an error, never a nil key.
+local UNDECLARED = {__index = function(_, name) error('this script did not declare KEYS `' .. name .. '`') end}
 
 local function begin_call(keys, argv)
   K = keys

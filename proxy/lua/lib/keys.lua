@@ -61,8 +61,13 @@ local function key_charged(kid, amount, now, counted_at)
   if type(kid) ~= 'string' or amount == 0 then return end
   local u = key_spend(kid)
   u.t = fmt(num(u.t) + amount)
+  -- Spend written today names this week's and this month's periods already (they are runs
+  -- of whole days, and this is the only writer): the calendar is worked out only for a new day.
+  local today = period('day', now)
+  local same_day = u.d == today
   for _, every in ipairs(SPEND_PERIODS) do
-    local p, id = string.sub(every, 1, 1), period(every, now)
+    local p = string.sub(every, 1, 1)
+    local id = (p == 'd' and today) or (same_day and u[p]) or period(every, now)
     if amount > 0 or not counted_at or period(every, counted_at) == id then
       u[p .. 'u'] = fmt((u[p] == id and num(u[p .. 'u']) or 0) + amount)
       u[p] = id

@@ -27,7 +27,7 @@ end
 -- Every bucket still in the minute (after `lo`), dropping the rest: the sums from scratch.
 local function rebuild_window(key, now_s, lo)
   local flat = redis.call('HGETALL', key)
-  local w = {key = key, r = 0, t = 0, p = lo, o = nil, now = {r = 0, t = 0}}
+  local w = {key = key, r = 0, t = 0, p = lo, o = nil}
   local stale = {}
   for i = 1, #flat, 2 do
     local kind, sec = string.sub(flat[i], 1, 1), tonumber(string.sub(flat[i], 3))
@@ -36,7 +36,6 @@ local function rebuild_window(key, now_s, lo)
         stale[#stale + 1] = flat[i]
       else
         w[kind] = w[kind] + tonumber(flat[i + 1])
-        if sec == now_s then w.now[kind] = tonumber(flat[i + 1]) end
         if w.o == nil or sec < w.o then w.o = sec end
       end
     end
@@ -61,18 +60,18 @@ local function oldest_after(key, lo, now_s, requests)
 end
 
 -- The window `key` at now_s: {r, t} its sums (this minute's requests and tokens), `o`
--- its oldest second, `now` the bucket of now_s; what left the minute is dropped (its
--- sums move with it).
+-- its oldest second; what left the minute is dropped (its sums move with it). (The
+-- bucket of now_s is not read: it is the newest field, found only by a scan of the whole
+-- hash, a listpack; count_admission adds to it without reading it.)
 local function open_window(key, now_s)
   local lo = now_s - WINDOW_S
-  local m = redis.call('HMGET', key, 'R:0', 'T:0', 'P:0', 'O:0', 'r:' .. fmt(now_s), 't:' .. fmt(now_s))
+  local m = redis.call('HMGET', key, 'R:0', 'T:0', 'P:0', 'O:0')
   local p = tonumber(m[3])
   if p == nil or lo - p > WINDOW_S or now_s <= p or math.floor(lo / WINDOW_S) ~= math.floor(p / WINDOW_S) then
     return rebuild_window(key, now_s, lo)  -- (the last: once a minute)
   end
   local o = tonumber(m[4])
-  local w = {key = key, r = tonumber(m[1]), t = tonumber(m[2]), p = p, o = o >= 0 and o or nil,
-             now = {r = num(m[5]), t = num(m[6])}}
+  local w = {key = key, r = tonumber(m[1]), t = tonumber(m[2]), p = p, o = o >= 0 and o or nil}
   if lo <= p then return w end
   w.p = lo
   if w.o == nil or w.o > lo then return save_sums(w) end
@@ -96,12 +95,20 @@ local function open_window(key, now_s)
   return save_sums(w)
 end
 
--- One admission counted in the window at now_s: a request and its tokens.
+-- One admission counted in the window at now_s: a request and its tokens. The hash
+-- lives a minute past its newest second: its expiry is set with each second's first
+-- request (a bucket is written only here, so the first makes the count 1).
+-- (`P:0` is stored as it stands: open_window saved any prune; `O:0` moves only for a
+-- first or an earlier second.)
 local function count_admission(w, now_s, tokens)
-  local o = (w.o == nil or now_s < w.o) and now_s or w.o
-  redis.call('HSET', w.key, 'r:' .. fmt(now_s), fmt(w.now.r + 1), 't:' .. fmt(now_s), fmt(w.now.t + tokens),
-             'R:0', fmt(w.r + 1), 'T:0', fmt(w.t + tokens), 'P:0', fmt(w.p), 'O:0', fmt(o))
-  redis.call('PEXPIRE', w.key, (WINDOW_S + 1) * 1000)
+  local first = redis.call('HINCRBY', w.key, 'r:' .. fmt(now_s), 1) == 1
+  redis.call('HINCRBY', w.key, 't:' .. fmt(now_s), fmt(tokens))
+  if w.o == nil or now_s < w.o then
+    redis.call('HSET', w.key, 'R:0', fmt(w.r + 1), 'T:0', fmt(w.t + tokens), 'P:0', fmt(w.p), 'O:0', fmt(now_s))
+  else
+    redis.call('HSET', w.key, 'R:0', fmt(w.r + 1), 'T:0', fmt(w.t + tokens))
+  end
+  if first then redis.call('PEXPIRE', w.key, (WINDOW_S + 1) * 1000) end
 end
 
 -- The window's buckets of one kind ({sec, value}), oldest first: what a refusal needs
