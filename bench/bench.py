@@ -6,6 +6,7 @@ completions), and the targets behind it:
 
     A  the upstream directly
     B  a bare aiohttp pass-through that answers the way the proxy does (bench/passthrough.py)
+    B1 the same on the proxy's own upstream client (http1.py): the proxy's transport floor
     C  metering-proxy with real Redis (rate tiers, the journal and checkpoints on)
     D  LiteLLM's proxy, with --litellm PATH (its own venv; see /work/shared/NOTES.md)
 
@@ -421,6 +422,11 @@ async def main(args: argparse.Namespace) -> None:
         passthrough = spawn(
             str(ROOT / "bench" / "passthrough.py"), "--port", str(pass_port), "--upstream", upstream_url + "/v1"
         )
+        lean_port = free_port()
+        lean = spawn(
+            str(ROOT / "bench" / "passthrough.py"),
+            *("--port", str(lean_port), "--upstream", upstream_url + "/v1", "--client", "http1"),
+        )
         max_body = memory.BIG_BODY_LIMIT if args.memory else None  # the 10 MB prompts fit
         config_file = proxy_config(tmp / "config.yaml", redis_server.url, upstream_url, proxy_port, max_body)
         proxy = start_proxy(config_file, args.log_level, procs)
@@ -438,6 +444,7 @@ async def main(args: argparse.Namespace) -> None:
         for url in (
             f"{upstream_url}/v1/models",
             f"http://127.0.0.1:{pass_port}/",
+            f"http://127.0.0.1:{lean_port}/",
             f"http://127.0.0.1:{proxy_port}/healthz",
             *([f"http://127.0.0.1:{compare_port}/healthz"] if compare else []),
             *([f"http://127.0.0.1:{default_port}/healthz"] if args.memory else []),
@@ -457,6 +464,7 @@ async def main(args: argparse.Namespace) -> None:
         targets = [
             Target("A upstream (direct)", upstream_url, upstream.pid, key),
             Target("B bare aiohttp pass-through", f"http://127.0.0.1:{pass_port}", passthrough.pid, key),
+            Target("B1 pass-through on http1.py", f"http://127.0.0.1:{lean_port}", lean.pid, key),
         ]
         if compare is not None:
             name = f"C0 metering-proxy ({Path(args.compare).name})"

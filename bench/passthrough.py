@@ -3,14 +3,23 @@
 It forwards POST bodies to the upstream and answers the way metering-proxy does: a JSON
 answer read whole and sent as one `web.Response`, a stream relayed chunk by chunk through
 a `StreamResponse`; no auth, no parsing and no metering: a tight floor.
+
+`--client http1` forwards through the proxy's own upstream client (proxy/http1.py)
+instead of aiohttp's: the floor of the proxy's transport, so that what the proxy spends
+above it is metering alone.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 
 import aiohttp
 from aiohttp import web
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from proxy import http1
 
 HOP = {"connection", "keep-alive", "transfer-encoding", "content-length", "content-encoding", "upgrade"}
 
@@ -49,10 +58,37 @@ def make_app(upstream: str) -> web.Application:
     return app
 
 
+def make_lean_app(upstream: str) -> web.Application:
+    """The same answers, through http1.py."""
+    client = http1.Http1Client()
+
+    async def forward(request: web.Request) -> web.StreamResponse:
+        body = await request.read()
+        path = request.path.removeprefix("/v1")
+        resp = await client.post(upstream, path, body, {"content-type": "application/json"}, 10.0, 600.0)
+        try:
+            headers = {k: v for k, v in resp.headers.items() if k.lower() not in HOP}
+            if not resp.headers.get("content-type", "").startswith("text/event-stream"):
+                return web.Response(status=resp.status, body=await resp.read(), headers=headers)
+            out = web.StreamResponse(status=resp.status, headers=headers)
+            await out.prepare(request)
+            while (chunk := await resp.next_chunk()) is not None:
+                await out.write(chunk)
+            await out.write_eof()
+            return out
+        finally:
+            resp.release()
+
+    app = web.Application(client_max_size=64 * 1024 * 1024)
+    app.router.add_post("/{tail:.*}", forward)
+    return app
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--upstream", required=True)
+    parser.add_argument("--client", choices=("aiohttp", "http1"), default="aiohttp")
     args = parser.parse_args()
     try:
         import uvloop
@@ -60,4 +96,5 @@ if __name__ == "__main__":
         uvloop.install()
     except ImportError:
         pass
-    web.run_app(make_app(args.upstream), host="127.0.0.1", port=args.port, access_log=None, print=None)
+    app = make_lean_app(args.upstream) if args.client == "http1" else make_app(args.upstream)
+    web.run_app(app, host="127.0.0.1", port=args.port, access_log=None, print=None)
