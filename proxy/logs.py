@@ -15,6 +15,7 @@ import logging
 import re
 import sys
 import threading
+import time
 from collections.abc import Iterable, MutableMapping
 from types import TracebackType
 from typing import Any
@@ -160,8 +161,19 @@ def access(fields: dict[str, Any]) -> None:
     _access.msg(orjson.dumps(REDACTOR(None, "info", line)).decode())
 
 
+_second: list[Any] = [None, ""]  # the last second stamped, as text (formatted once per second)
+
+
 def _now_utc() -> str:
-    return datetime.datetime.now(tz=datetime.UTC).isoformat().replace("+00:00", "Z")  # TimeStamper's
+    """TimeStamper(fmt="iso", utc=True)'s text: 2026-12-01T20:00:00.123456Z (no fraction
+    at .000000, as isoformat() writes it); the date and time of day once per second."""
+    now = time.time()
+    second = int(now)
+    if _second[0] != second:
+        stamp = datetime.datetime.fromtimestamp(second, tz=datetime.UTC).isoformat()
+        _second[:] = [second, stamp.removesuffix("+00:00")]
+    micros = int((now - second) * 1_000_000)
+    return f"{_second[1]}.{micros:06d}Z" if micros else f"{_second[1]}Z"
 
 
 def setup(level: str = "info", stream: Any = None) -> None:
