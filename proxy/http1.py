@@ -24,6 +24,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 KEEPALIVE_S = 15.0  # an idle connection is not reused after this (aiohttp's default)
 HIGH_WATER = 1 << 18  # unread answer bytes buffered before the socket is paused
 MAX_HEAD_BYTES = 1 << 16  # an answer's status line and headers, at most
+MAX_INFLATED = 1 << 27  # what a compressed answer may inflate to (we ask for identity)
 
 
 class HttpError(Exception):
@@ -67,6 +68,7 @@ class Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpResponseParser(self)
         self.idle_since = 0.0
+        self.in_flight = False  # a request was sent and its answer has not ended
         self._reset()
 
     def _reset(self) -> None:
@@ -93,6 +95,7 @@ class Connection(asyncio.Protocol):
     def send(self, head: bytes, body: bytes, read_timeout_s: float) -> None:
         assert self.transport is not None
         self._reset()
+        self.in_flight = True
         self.read_timeout_s = read_timeout_s
         self.deadline = self.loop.time() + read_timeout_s
         self.timer = self.loop.call_at(self.deadline, self._watch)
@@ -185,6 +188,9 @@ class Connection(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
+        if not self.in_flight:  # an answer no request asked for: what follows cannot be trusted
+            self.abort()
+            return
         self.deadline = self.loop.time() + self.read_timeout_s
         try:
             self.parser.feed_data(data)
@@ -203,6 +209,10 @@ class Connection(asyncio.Protocol):
     def _broken(self, why: str) -> HttpError:
         self.failure = HttpError(why)
         return self.failure
+
+    def on_message_begin(self) -> None:
+        if not self.in_flight:  # a second answer behind the first: it would be the next request's
+            raise HttpError("the upstream sent an answer no request asked for")
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self.head_bytes += len(name) + len(value)
@@ -246,7 +256,7 @@ class Connection(asyncio.Protocol):
             return  # the end of an informational answer
         if self.decoder is not None:
             self.chunks.append(self.decoder.flush())
-        self.complete = True
+        self.complete, self.in_flight = True, False
         self.keep_alive = not self.until_eof and self.parser.should_keep_alive()
         self._stop_timer()
         self._wake()

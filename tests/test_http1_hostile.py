@@ -1,0 +1,119 @@
+"""A hostile or broken upstream against the upstream hop's HTTP/1.1 client (proxy/http1.py),
+through the real proxy where money is at stake: each request is charged exactly what
+its own answer says, or nothing, and the client gets an OpenAI-shaped error, never a
+hang, a 500 or a traceback in the logs."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import pytest
+
+from proxy import http1
+from proxy.upstream import Upstream
+
+from .conftest import Running
+from .helpers import entries, wait_for
+from .test_http1 import RawServer, post, read_request, seam  # noqa: F401 (the seam fixture)
+
+MESSAGES: list[Any] = [{"role": "user", "content": "hi"}]
+
+
+def completion(prompt: int, output: int) -> bytes:
+    body = {
+        "id": "chatcmpl-1",
+        "object": "chat.completion",
+        "created": 1,
+        "model": "gpt-4o-2024-08-06",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"}, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": prompt, "completion_tokens": output, "total_tokens": prompt + output},
+    }
+    data = json.dumps(body).encode()
+    return b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%s" % (len(data), data)
+
+
+@pytest.fixture
+async def raw() -> AsyncIterator[RawServer]:
+    server = RawServer()
+    await server.start()
+    yield server
+    assert server.server is not None
+    server.server.close()
+
+
+@pytest.fixture
+async def hostile(raw: RawServer, start_proxy: Callable[..., Any]) -> Running:
+    """The proxy, its one upstream the raw server."""
+    url = await raw.start()
+    running: Running = await start_proxy({"upstreams": {"openai": {"base_url": url, "timeout_s": 5}}})
+    return running
+
+
+def queue(server: RawServer, *replies: bytes) -> None:
+    """Each request, on whichever connection it comes, gets the next reply."""
+    pending = list(replies)
+
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while pending:
+            await read_request(reader, server.requests)
+            writer.write(pending.pop(0))
+            await writer.drain()
+        await reader.read()
+
+    server.script = script
+
+
+async def charges(running: Running) -> list[str]:
+    return [e["amount"] for e in await entries(running.state.redis, "acme") if e["type"] == "usage"]
+
+
+async def test_a_second_answer_behind_the_first_is_charged_to_nobody(hostile: Running, raw: RawServer) -> None:
+    # gpt-4o: 2.50 and 10.00 USD per million: 100 + 6 tokens cost 310 micro-USD, 10 + 1 cost 35
+    queue(raw, completion(100, 6) + completion(1_000_000, 1_000_000), completion(10, 1))
+    key = await hostile.account("acme", "10")
+    client = hostile.client(key)
+    first = await client.chat.completions.create(model="gpt-4o", messages=MESSAGES)
+    second = await client.chat.completions.create(model="gpt-4o", messages=MESSAGES)
+    assert first.usage is not None and first.usage.prompt_tokens == 100
+    assert second.usage is not None and second.usage.prompt_tokens == 10
+    assert await charges(hostile) == ["-310", "-35"]
+    assert raw.connections == 2  # the connection with bytes nobody asked for was dropped
+
+
+async def test_bytes_on_an_idle_connection_close_it(raw: RawServer, seam: Upstream) -> None:  # noqa: F811
+    url = await raw.start()
+    idle = asyncio.Event()
+    smuggled = b"HTTP/1.1 200 OK\r\nx-smuggled: 1\r\ncontent-length: 1000\r\n\r\n"
+
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(completion(100, 6))
+        await idle.wait()
+        writer.write(smuggled)  # the head of an answer to no request, its body to come
+        await read_request(reader)
+        writer.write(completion(10, 1))
+        await reader.read()
+
+    raw.script = script
+    assert (await post(seam, url))[0] == 200
+    assert seam.client is not None
+    (connection,) = seam.client.idle[http1.Origin.of(url)]
+    idle.set()
+    await wait_for(
+        lambda: connection.transport is None or any(n == "x-smuggled" for n, _ in connection.raw_headers),
+        what="the smuggled head",
+    )
+    raw.script = lambda reader, writer: queue_one(reader, writer, completion(10, 1))
+    status, body = await post(seam, url, timeout_s=2)
+    assert status == 200 and b'"prompt_tokens": 10' in body
+    assert raw.connections == 2
+
+
+async def queue_one(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, reply: bytes) -> None:
+    await read_request(reader)
+    writer.write(reply)
+    await writer.drain()
+    await reader.read()
