@@ -222,6 +222,8 @@ class Connection(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         status = self.parser.get_status_code()
+        if not 100 <= status <= 599:  # llhttp takes any three digits; 0 would read as "no answer yet"
+            raise self._broken(f"the upstream's status {status} is not an HTTP status")
         if 100 <= status < 200:  # informational (100 Continue): the answer follows it
             self.raw_headers, self.head_bytes = [], 0
             return

@@ -10,6 +10,7 @@ import json
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+import openai
 import pytest
 
 from proxy import http1
@@ -117,3 +118,19 @@ async def queue_one(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, 
     writer.write(reply)
     await writer.drain()
     await reader.read()
+
+
+@pytest.mark.parametrize("status", [b"000", b"099", b"600", b"999"])
+async def test_a_status_outside_100_to_599_is_unavailable_and_free(
+    hostile: Running, raw: RawServer, status: bytes
+) -> None:
+    body = json.loads(completion(100, 6).partition(b"\r\n\r\n")[2])
+    data = json.dumps(body).encode()
+    queue(raw, b"HTTP/1.1 %s Odd\r\ncontent-length: %d\r\n\r\n%s" % (status, len(data), data))
+    key = await hostile.account("acme", "10")
+    with pytest.raises(openai.APIStatusError) as caught:
+        await hostile.client(key).chat.completions.create(model="gpt-4o", messages=MESSAGES)
+    assert caught.value.status_code == 502 and caught.value.code == "upstream_unavailable"
+    assert "could not be reached" in caught.value.message  # refused with the head, not a read timeout
+    assert await charges(hostile) == []
+    assert (await hostile.balance("acme")).balance == 10_000_000
