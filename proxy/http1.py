@@ -197,6 +197,9 @@ class Connection(asyncio.Protocol):
         except httptools.HttpParserError as exc:  # a callback's own failure came first, if any
             self._fail(self.failure or HttpError(f"the upstream's answer is not valid HTTP/1.1 ({exc})"))
             self.abort()
+        except httptools.HttpParserUpgrade:  # 101: not an answer to a POST we sent
+            self._fail(HttpError("the upstream switched protocols"))
+            self.abort()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None

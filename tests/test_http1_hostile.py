@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -134,3 +135,15 @@ async def test_a_status_outside_100_to_599_is_unavailable_and_free(
     assert "could not be reached" in caught.value.message  # refused with the head, not a read timeout
     assert await charges(hostile) == []
     assert (await hostile.balance("acme")).balance == 10_000_000
+
+
+async def test_a_switch_of_protocols_is_unavailable_without_a_traceback(
+    hostile: Running, raw: RawServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    queue(raw, b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: upgrade\r\n\r\nxyz")
+    key = await hostile.account("acme", "10")
+    with caplog.at_level(logging.ERROR), pytest.raises(openai.APIStatusError) as caught:
+        await hostile.client(key).chat.completions.create(model="gpt-4o", messages=MESSAGES)
+    assert caught.value.status_code == 502
+    assert [r for r in caplog.records if r.levelno >= logging.ERROR] == []
+    assert await charges(hostile) == []
