@@ -75,6 +75,7 @@ class Connection(asyncio.Protocol):
         self.status = 0
         self.raw_headers: list[tuple[str, str]] = []
         self.head_bytes = 0
+        self.head_fed = 0  # bytes fed before the final answer's head ended (1xx answers too)
         self.headers: CIMultiDictProxy[str] | None = None
         self.chunks: deque[bytes] = deque()
         self.buffered = 0
@@ -200,6 +201,12 @@ class Connection(asyncio.Protocol):
         except httptools.HttpParserUpgrade:  # 101: not an answer to a POST we sent
             self._fail(HttpError("the upstream switched protocols"))
             self.abort()
+        else:
+            if self.headers is None:  # httptools holds a header's bytes until its line ends
+                self.head_fed += len(data)
+                if self.head_fed > MAX_HEAD_BYTES:
+                    self._fail(HttpError(f"the upstream's headers exceed {MAX_HEAD_BYTES} bytes"))
+                    self.abort()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None

@@ -14,7 +14,7 @@ from typing import Any
 import openai
 import pytest
 
-from proxy import http1
+from proxy import errors, http1
 from proxy.upstream import Upstream
 
 from .conftest import Running
@@ -147,3 +147,23 @@ async def test_a_switch_of_protocols_is_unavailable_without_a_traceback(
     assert caught.value.status_code == 502
     assert [r for r in caplog.records if r.levelno >= logging.ERROR] == []
     assert await charges(hostile) == []
+
+
+async def test_a_header_without_end_is_refused_before_it_fills_memory(raw: RawServer, seam: Upstream) -> None:  # noqa: F811
+    url = await raw.start()
+    total = 16 << 20
+    sent: list[int] = [0]
+
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nx-endless: ")
+        while sent[0] < total:
+            writer.write(b"y" * 65536)
+            sent[0] += 65536
+            await writer.drain()
+        await reader.read()
+
+    raw.script = script
+    with pytest.raises(errors.UpstreamUnavailable):
+        await post(seam, url, timeout_s=2)
+    assert sent[0] < total  # cut off: what it sent is not all held
