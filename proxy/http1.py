@@ -76,6 +76,7 @@ class Connection(asyncio.Protocol):
         self.raw_headers: list[tuple[str, str]] = []
         self.head_bytes = 0
         self.head_fed = 0  # bytes fed before the final answer's head ended (1xx answers too)
+        self.inflated = 0
         self.headers: CIMultiDictProxy[str] | None = None
         self.chunks: deque[bytes] = deque()
         self.buffered = 0
@@ -253,9 +254,12 @@ class Connection(asyncio.Protocol):
             return  # an informational answer has none
         if self.decoder is not None:
             try:
-                body = self.decoder.decompress(body)
+                body = self.decoder.decompress(body, MAX_INFLATED - self.inflated + 1)
             except zlib.error as exc:
                 raise self._broken(f"the upstream's compressed body is corrupt ({exc})") from exc
+            self.inflated += len(body)
+            if self.inflated > MAX_INFLATED:  # a bomb: a few MB on the wire, GBs inflated
+                raise self._broken(f"the upstream's compressed body inflates past {MAX_INFLATED} bytes")
         self.chunks.append(body)
         self.buffered += len(body)
         if self.buffered > HIGH_WATER and not (self.paused or self.whole) and self.transport is not None:

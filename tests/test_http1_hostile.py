@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import zlib
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -167,3 +168,15 @@ async def test_a_header_without_end_is_refused_before_it_fills_memory(raw: RawSe
     with pytest.raises(errors.UpstreamUnavailable):
         await post(seam, url, timeout_s=2)
     assert sent[0] < total  # cut off: what it sent is not all held
+
+
+async def test_a_gzip_bomb_is_refused_not_inflated(raw: RawServer, seam: Upstream) -> None:  # noqa: F811
+    url = await raw.start()
+    packer = zlib.compressobj(wbits=zlib.MAX_WBITS | 16)
+    block = bytes(1 << 20)
+    bomb = b"".join(packer.compress(block) for _ in range(2 * http1.MAX_INFLATED >> 20)) + packer.flush()
+    assert len(bomb) < 2 * http1.MAX_INFLATED // 500
+    head = b"HTTP/1.1 200 OK\r\ncontent-encoding: gzip\r\ncontent-length: %d\r\n\r\n" % len(bomb)
+    raw.script = lambda reader, writer: queue_one(reader, writer, head + bomb)
+    with pytest.raises(errors.UpstreamBroken, match="inflates past"):
+        await post(seam, url)
