@@ -20,6 +20,7 @@ from proxy.upstream import Upstream
 
 from .conftest import Running
 from .helpers import entries, wait_for
+from .helpers import post as raw_post
 from .test_http1 import RawServer, post, read_request, seam  # noqa: F401 (the seam fixture)
 
 MESSAGES: list[Any] = [{"role": "user", "content": "hi"}]
@@ -180,3 +181,90 @@ async def test_a_gzip_bomb_is_refused_not_inflated(raw: RawServer, seam: Upstrea
     raw.script = lambda reader, writer: queue_one(reader, writer, head + bomb)
     with pytest.raises(errors.UpstreamBroken, match="inflates past"):
         await post(seam, url)
+
+
+def sse_stream(prompt: int, output: int) -> list[bytes]:
+    events = [
+        {"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "m",
+         "choices": [{"index": 0, "delta": {"content": f"tok{i}"}, "finish_reason": None}]}
+        for i in range(output)
+    ]  # fmt: skip
+    events.append({"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "m", "choices": [],
+                   "usage": {"prompt_tokens": prompt, "completion_tokens": output,
+                             "total_tokens": prompt + output}})  # fmt: skip
+    return [b"data: " + json.dumps(e).encode() + b"\n\n" for e in events] + [b"data: [DONE]\n\n"]
+
+
+def chunked(parts: list[bytes]) -> bytes:
+    return b"".join(b"%x;ext=1\r\n%s\r\n" % (len(p), p) for p in parts) + b"0\r\nx-trailer: t\r\n\r\n"
+
+
+async def test_a_stream_split_at_every_byte_is_relayed_and_charged_exactly(hostile: Running, raw: RawServer) -> None:
+    head = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
+    reply = head + chunked(sse_stream(100, 6))
+
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        for _ in range(2):
+            await read_request(reader)
+            for i in range(len(reply)):
+                writer.write(reply[i : i + 1])
+                await writer.drain()
+        await reader.read()
+
+    raw.script = script
+    key = await hostile.account("acme", "10")
+    client = hostile.client(key)
+    for _ in range(2):
+        stream = await client.chat.completions.create(model="gpt-4o", messages=MESSAGES, stream=True)
+        text = "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+        assert text == "tok0tok1tok2tok3tok4tok5"
+    assert await charges(hostile) == ["-310", "-310"]
+    assert raw.connections == 1
+
+
+async def test_upstream_headers_that_quote_the_key_do_not_reach_the_client(hostile: Running, raw: RawServer) -> None:
+    from .conftest import UPSTREAM_KEY
+
+    reply = completion(100, 6).replace(b"\r\n\r\n", b"\r\nx-echo: Bearer %s\r\n\r\n" % UPSTREAM_KEY.encode(), 1)
+    queue(raw, reply, reply.replace(b"200 OK", b"401 Unauthorized", 1))
+    key = await hostile.account("acme", "10")
+    client = hostile.client(key)
+    raw_answer = await client.chat.completions.with_raw_response.create(model="gpt-4o", messages=MESSAGES)
+    assert UPSTREAM_KEY not in str(dict(raw_answer.headers))
+    with pytest.raises(openai.APIStatusError) as caught:
+        await client.chat.completions.create(model="gpt-4o", messages=MESSAGES)
+    assert UPSTREAM_KEY not in str(dict(caught.value.response.headers))
+
+
+async def test_odd_header_values_pass_without_a_500(hostile: Running, raw: RawServer) -> None:
+    reply = completion(100, 6).replace(b"\r\n\r\n", b"\r\nx-utf8: \xc3\xa9\r\nx-latin: \xe9\xff\r\n\r\n", 1)
+    queue(raw, reply)
+    key = await hostile.account("acme", "10")
+    answer = await hostile.client(key).chat.completions.with_raw_response.create(model="gpt-4o", messages=MESSAGES)
+    assert answer.status_code == 200
+    assert await charges(hostile) == ["-310"]
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 5\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n5\r\nda",
+    ],
+    ids=["cut body", "cut chunk"],
+)
+async def test_a_body_cut_off_is_a_clear_502_and_free(
+    hostile: Running, raw: RawServer, reply: bytes, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(reply)
+        await writer.drain()
+
+    raw.script = script
+    key = await hostile.account("acme", "10")
+    with caplog.at_level(logging.ERROR):
+        status, body = await raw_post(hostile, key, "chat/completions", {"model": "gpt-4o", "messages": MESSAGES})
+    assert status == 502 and body["error"]["code"] == "upstream_unavailable"
+    assert [r for r in caplog.records if r.levelno >= logging.ERROR] == []
+    assert await charges(hostile) == []
