@@ -12,6 +12,7 @@ import zlib
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+import aiohttp
 import openai
 import pytest
 
@@ -19,9 +20,9 @@ from proxy import errors, http1
 from proxy.upstream import Upstream
 
 from .conftest import Running
-from .helpers import entries, wait_for
+from .helpers import entries, last_entry_id, next_entry, wait_for
 from .helpers import post as raw_post
-from .test_http1 import RawServer, post, read_request, seam  # noqa: F401 (the seam fixture)
+from .test_http1 import RawServer, Script, post, read_request, seam  # noqa: F401 (the seam fixture)
 
 MESSAGES: list[Any] = [{"role": "user", "content": "hi"}]
 
@@ -268,3 +269,156 @@ async def test_a_body_cut_off_is_a_clear_502_and_free(
     assert status == 502 and body["error"]["code"] == "upstream_unavailable"
     assert [r for r in caplog.records if r.levelno >= logging.ERROR] == []
     assert await charges(hostile) == []
+
+
+async def test_an_endless_run_of_informational_answers_is_refused(raw: RawServer, seam: Upstream) -> None:  # noqa: F811
+    url = await raw.start()
+    total = 8 << 20
+    sent: list[int] = [0]
+    hint = b"HTTP/1.1 103 Early Hints\r\nlink: </style.css>; rel=preload\r\n\r\n"
+
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        while sent[0] < total:
+            writer.write(hint * 100)
+            sent[0] += 100 * len(hint)
+            await writer.drain()
+        await reader.read()
+
+    raw.script = script
+    with pytest.raises(errors.UpstreamUnavailable):
+        await post(seam, url, timeout_s=2)
+    assert sent[0] < total
+
+
+def endless_stream(events: int, then_stall: bool) -> Script:
+    """A stream of `events` token events; then it stalls, or goes on until the proxy hangs up."""
+
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n")
+        token = sse_stream(0, 1)[0]
+        for _ in range(events):
+            writer.write(chunked([token])[: -len(b"0\r\nx-trailer: t\r\n\r\n")])
+            await writer.drain()
+        while not then_stall:
+            writer.write(chunked([token])[: -len(b"0\r\nx-trailer: t\r\n\r\n")])
+            await writer.drain()  # raises once the proxy drops the connection
+        await reader.read()
+
+    return script
+
+
+async def test_a_client_gone_mid_stream_is_charged_and_its_connection_never_reused(
+    hostile: Running, raw: RawServer
+) -> None:
+    first = endless_stream(3, then_stall=False)
+
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if raw.connections == 1:
+            await first(reader, writer)
+        else:
+            await queue_one(reader, writer, completion(10, 1))
+
+    raw.script = script
+    key = await hostile.account("acme", "10")
+    after = await last_entry_id(hostile.state.redis, "acme")
+    async with aiohttp.ClientSession() as session:
+        body = {"model": "gpt-4o", "messages": MESSAGES, "stream": True}
+        async with session.post(f"{hostile.url}/v1/chat/completions", json=body,
+                                headers={"Authorization": f"Bearer {key}"}) as resp:  # fmt: skip
+            assert resp.status == 200
+            await resp.content.readuntil(b"\n\n")  # one event, then the client hangs up
+    assert (await next_entry(hostile.state.redis, "acme", after))["type"] == "usage"
+    second = await hostile.client(key).chat.completions.create(model="gpt-4o", messages=MESSAGES)
+    assert second.usage is not None and second.usage.prompt_tokens == 10
+    first_charge, second_charge = await charges(hostile)
+    assert int(first_charge) < 0 and second_charge == "-35"
+    assert raw.connections == 2
+    assert (await hostile.balance("acme")).reserved == 0
+
+
+async def test_a_stream_that_stalls_ends_with_an_error_event_and_is_charged_what_was_relayed(
+    raw: RawServer, start_proxy: Callable[..., Any]
+) -> None:
+    url = await raw.start()
+    running: Running = await start_proxy({"upstreams": {"openai": {"base_url": url, "timeout_s": 0.5}}})
+    raw.script = endless_stream(3, then_stall=True)
+    key = await running.account("acme", "10")
+    async with aiohttp.ClientSession() as session:
+        body = {"model": "gpt-4o", "messages": MESSAGES, "stream": True}
+        async with session.post(f"{running.url}/v1/chat/completions", json=body,
+                                headers={"Authorization": f"Bearer {key}"}) as resp:  # fmt: skip
+            text = await resp.read()
+    assert text.count(b"tok0") == 3 and b"stream_interrupted" in text
+    (entry,) = [e for e in await entries(running.state.redis, "acme") if e["type"] == "usage"]
+    assert entry["estimated"] is True and entry["usage"]["output_tokens"] >= 3
+    assert (await running.balance("acme")).reserved == 0
+
+
+async def test_many_requests_sharing_a_pool_of_failing_connections_are_each_settled_once(
+    hostile: Running, raw: RawServer
+) -> None:
+    count = [0]
+
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            await read_request(reader)
+            count[0] += 1
+            kind = count[0] % 4
+            if kind == 0:
+                return  # hangs up unanswered
+            if kind == 1:
+                writer.write(completion(10, 1) + completion(1_000_000, 1_000_000))  # and a smuggled second
+            elif kind == 2:
+                writer.write(completion(10, 1)[:-5])  # cut short
+                return
+            else:
+                writer.write(completion(10, 1))
+            await writer.drain()
+
+    raw.script = script
+    key = await hostile.account("acme", "10")
+    client = hostile.client(key)
+
+    async def one() -> int:
+        try:
+            await client.chat.completions.create(model="gpt-4o", messages=MESSAGES)
+        except openai.APIStatusError as exc:
+            assert exc.status_code == 502, exc
+            return 502
+        return 200
+
+    statuses = await asyncio.gather(*(one() for _ in range(60)))
+    served = statuses.count(200)
+    assert 0 < served < 60
+    assert await charges(hostile) == ["-35"] * served
+    view = await hostile.balance("acme")
+    assert view.reserved == 0 and view.balance == 10_000_000 - 35 * served
+
+
+async def test_an_ipv6_base_url_with_a_prefix_and_a_trailing_slash(
+    raw: RawServer, start_proxy: Callable[..., Any]
+) -> None:
+    server = await asyncio.start_server(raw._serve, "::1", 0)
+    port = server.sockets[0].getsockname()[1]
+    queue(raw, completion(100, 6))
+    running: Running = await start_proxy({"upstreams": {"openai": {"base_url": f"http://[::1]:{port}/gw/v1/"}}})
+    key = await running.account("acme", "10")
+    await running.client(key).chat.completions.create(model="gpt-4o", messages=MESSAGES)
+    server.close()
+    (request,) = raw.requests
+    assert request.startswith(b"POST /gw/v1/chat/completions HTTP/1.1\r\n")
+    assert f"\r\nhost: [::1]:{port}\r\n".encode() in request
+    assert await charges(running) == ["-310"]
+
+
+async def test_a_host_that_does_not_resolve_is_unavailable_and_free(start_proxy: Callable[..., Any]) -> None:
+    running: Running = await start_proxy(
+        {"upstreams": {"openai": {"base_url": "http://no-such-host.invalid/v1", "connect_timeout_s": 2}}}
+    )
+    key = await running.account("acme", "10")
+    with pytest.raises(openai.APIStatusError) as caught:
+        await running.client(key).chat.completions.create(model="gpt-4o", messages=MESSAGES)
+    assert caught.value.status_code in (502, 504)
+    assert await charges(running) == [] and (await running.balance("acme")).reserved == 0
