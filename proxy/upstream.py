@@ -90,7 +90,13 @@ class Scrubber:
 
 
 def passthrough_headers(headers: Mapping[str, str]) -> dict[str, str]:
-    return {k: v for k, v in headers.items() if k.lower() not in HOP_BY_HOP and k.lower() not in OURS}
+    return {k: v for k, v in headers.items() if not ours(k.lower())}
+
+
+def ours(name: str) -> bool:
+    """A header the proxy sets, or one that must not pass: an upstream's `x-metering-*`
+    would pose as our receipt (streams and errors carry none of ours to override it)."""
+    return name in HOP_BY_HOP or name in OURS or name.startswith("x-metering-")
 
 
 class UpstreamResponse:

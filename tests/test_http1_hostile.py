@@ -422,3 +422,19 @@ async def test_a_host_that_does_not_resolve_is_unavailable_and_free(start_proxy:
         await running.client(key).chat.completions.create(model="gpt-4o", messages=MESSAGES)
     assert caught.value.status_code in (502, 504)
     assert await charges(running) == [] and (await running.balance("acme")).reserved == 0
+
+
+async def test_upstream_headers_cannot_pose_as_the_proxys_receipt(hostile: Running, raw: RawServer) -> None:
+    spoof = b"x-metering-cost-usd: 0.000000\r\nx-metering-balance-usd: 999999.00\r\nx-metering-downgraded-from: x\r\n"
+    head = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n" + spoof + b"\r\n"
+    error = b"HTTP/1.1 429 Too Many\r\ncontent-type: application/json\r\ncontent-length: 2\r\n" + spoof + b"\r\n{}"
+    queue(raw, head + chunked(sse_stream(100, 6)), error)
+    key = await hostile.account("acme", "10")
+    client = hostile.client(key)
+    answer = await client.chat.completions.with_raw_response.create(model="gpt-4o", messages=MESSAGES, stream=True)
+    assert [chunk async for chunk in answer.parse()]
+    assert not [name for name in answer.headers if name.lower().startswith("x-metering-")]
+    with pytest.raises(openai.APIStatusError) as caught:
+        await client.chat.completions.create(model="gpt-4o", messages=MESSAGES)
+    assert caught.value.status_code == 429
+    assert not [name for name in caught.value.response.headers if name.lower().startswith("x-metering-")]
