@@ -104,8 +104,14 @@ class Connection(asyncio.Protocol):
         self.transport.writelines((head, body))
 
     async def wait_head(self) -> None:
+        """Until the head has arrived, even if what came behind it broke (in the same read):
+        the body's reader hears of the break after what came whole."""
         while self.headers is None:
-            await self._wait()
+            try:
+                await self._wait()
+            except (HttpError, TimeoutError):
+                if self.headers is None:
+                    raise
 
     async def read(self) -> bytes:
         self.whole = True  # read to the end: never paused

@@ -6,6 +6,7 @@ hang, a 500 or a traceback in the logs."""
 from __future__ import annotations
 
 import asyncio
+import gzip
 import json
 import logging
 import zlib
@@ -438,3 +439,63 @@ async def test_upstream_headers_cannot_pose_as_the_proxys_receipt(hostile: Runni
         await client.chat.completions.create(model="gpt-4o", messages=MESSAGES)
     assert caught.value.status_code == 429
     assert not [name for name in caught.value.response.headers if name.lower().startswith("x-metering-")]
+
+
+async def test_a_gzipped_stream_split_at_every_byte_is_charged_exactly(hostile: Running, raw: RawServer) -> None:
+    packed = gzip.compress(b"".join(sse_stream(100, 6)))
+    reply = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncontent-encoding: gzip\r\n"
+    reply += b"content-length: %d\r\n\r\n%s" % (len(packed), packed)
+
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        for i in range(len(reply)):
+            writer.write(reply[i : i + 1])
+            await writer.drain()
+        await reader.read()
+
+    raw.script = script
+    key = await hostile.account("acme", "10")
+    stream = await hostile.client(key).chat.completions.create(model="gpt-4o", messages=MESSAGES, stream=True)
+    assert "".join([c.choices[0].delta.content or "" async for c in stream if c.choices]).endswith("tok5")
+    assert await charges(hostile) == ["-310"]
+
+
+async def test_a_gzipped_stream_that_turns_corrupt_is_charged_what_was_relayed(
+    hostile: Running, raw: RawServer
+) -> None:
+    packer = zlib.compressobj(wbits=zlib.MAX_WBITS | 16)
+    good = packer.compress(b"".join(sse_stream(100, 6)[:3])) + packer.flush(zlib.Z_SYNC_FLUSH)
+    head = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncontent-encoding: gzip\r\n"
+    head += b"transfer-encoding: chunked\r\n\r\n"
+
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(head + b"%x\r\n%s\r\n" % (len(good), good))
+        await writer.drain()
+        writer.write(b"10\r\n" + b"\xff" * 16 + b"\r\n")
+        await reader.read()
+
+    raw.script = script
+    key = await hostile.account("acme", "10")
+    async with aiohttp.ClientSession() as session:
+        body = {"model": "gpt-4o", "messages": MESSAGES, "stream": True}
+        async with session.post(f"{hostile.url}/v1/chat/completions", json=body,
+                                headers={"Authorization": f"Bearer {key}"}) as resp:  # fmt: skip
+            text = await resp.read()
+    assert b"tok2" in text and b"stream_interrupted" in text
+    (entry,) = [e for e in await entries(hostile.state.redis, "acme") if e["type"] == "usage"]
+    assert entry["estimated"] is True and entry["usage"]["output_tokens"] >= 3
+    assert (await hostile.balance("acme")).reserved == 0
+
+
+async def test_an_answer_smuggled_behind_a_finished_stream_reaches_no_one(hostile: Running, raw: RawServer) -> None:
+    head = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
+    queue(raw, head + chunked(sse_stream(100, 6)) + completion(1_000_000, 1_000_000), completion(10, 1))
+    key = await hostile.account("acme", "10")
+    client = hostile.client(key)
+    stream = await client.chat.completions.create(model="gpt-4o", messages=MESSAGES, stream=True)
+    assert [c async for c in stream]
+    second = await client.chat.completions.create(model="gpt-4o", messages=MESSAGES)
+    assert second.usage is not None and second.usage.prompt_tokens == 10
+    assert await charges(hostile) == ["-310", "-35"]
+    assert raw.connections == 2
