@@ -276,9 +276,14 @@ class Connection(asyncio.Protocol):
     def on_message_complete(self) -> None:
         if self.status == 0:
             return  # the end of an informational answer
+        self.in_flight = False
         if self.decoder is not None:
             self.chunks.append(self.decoder.flush())
-        self.complete, self.in_flight = True, False
+            if not self.decoder.eof:  # not raised: connection_lost calls this too
+                self._fail(HttpError("the upstream's compressed body ends before its compressed stream"))
+                self.abort()
+                return
+        self.complete = True
         self.keep_alive = not self.until_eof and self.parser.should_keep_alive()
         self._stop_timer()
         self._wake()

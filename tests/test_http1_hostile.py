@@ -499,3 +499,14 @@ async def test_an_answer_smuggled_behind_a_finished_stream_reaches_no_one(hostil
     assert second.usage is not None and second.usage.prompt_tokens == 10
     assert await charges(hostile) == ["-310", "-35"]
     assert raw.connections == 2
+
+
+async def test_a_gzipped_body_that_ends_mid_stream_is_a_502_and_free(hostile: Running, raw: RawServer) -> None:
+    whole = completion(100, 6).partition(b"\r\n\r\n")[2]
+    packed = gzip.compress(whole)[:-12]  # the compressed stream stops before its end
+    queue(raw, b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-encoding: gzip\r\n"
+               b"content-length: %d\r\n\r\n%s" % (len(packed), packed))  # fmt: skip
+    key = await hostile.account("acme", "10")
+    status, body = await raw_post(hostile, key, "chat/completions", {"model": "gpt-4o", "messages": MESSAGES})
+    assert status == 502 and body["error"]["code"] == "upstream_unavailable"
+    assert await charges(hostile) == []
