@@ -75,7 +75,8 @@ class Connection(asyncio.Protocol):
         self.status = 0
         self.raw_headers: list[tuple[str, str]] = []
         self.head_bytes = 0
-        self.head_fed = 0  # bytes fed before the final answer's head ended (1xx answers too)
+        self.body_bytes = 0
+        self.barren = 0  # bytes fed since the last that gave body: a head, 1xx answers, trailers
         self.inflated = 0
         self.headers: CIMultiDictProxy[str] | None = None
         self.chunks: deque[bytes] = deque()
@@ -200,6 +201,7 @@ class Connection(asyncio.Protocol):
             self.abort()
             return
         self.deadline = self.loop.time() + self.read_timeout_s
+        body_bytes = self.body_bytes
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError as exc:  # a callback's own failure came first, if any
@@ -209,11 +211,11 @@ class Connection(asyncio.Protocol):
             self._fail(HttpError("the upstream switched protocols"))
             self.abort()
         else:
-            if self.headers is None:  # httptools holds a header's bytes until its line ends
-                self.head_fed += len(data)
-                if self.head_fed > MAX_HEAD_BYTES:
-                    self._fail(HttpError(f"the upstream's headers exceed {MAX_HEAD_BYTES} bytes"))
-                    self.abort()
+            # httptools holds a header's (or a trailer's) bytes until its line ends
+            self.barren = 0 if self.body_bytes > body_bytes else self.barren + len(data)
+            if self.barren > MAX_HEAD_BYTES and not self.complete:
+                self._fail(HttpError(f"the upstream's headers or trailers exceed {MAX_HEAD_BYTES} bytes"))
+                self.abort()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
@@ -258,6 +260,7 @@ class Connection(asyncio.Protocol):
     def on_body(self, body: bytes) -> None:
         if self.status == 0:
             return  # an informational answer has none
+        self.body_bytes += len(body)  # as sent: inflating may give nothing yet
         if self.decoder is not None:
             try:
                 body = self.decoder.decompress(body, MAX_INFLATED - self.inflated + 1)
