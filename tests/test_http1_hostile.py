@@ -10,7 +10,7 @@ import gzip
 import json
 import logging
 import zlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import aiohttp
@@ -39,6 +39,15 @@ def completion(prompt: int, output: int) -> bytes:
     }
     data = json.dumps(body).encode()
     return b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%s" % (len(data), data)
+
+
+@pytest.fixture(autouse=True)
+def _no_tracebacks(caplog: pytest.LogCaptureFixture) -> Iterator[None]:
+    """Whatever the upstream does, nothing is logged as an error (asyncio's "Fatal error"
+    tracebacks from a protocol callback included)."""
+    with caplog.at_level(logging.ERROR):
+        yield
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
 
 
 @pytest.fixture
