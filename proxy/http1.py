@@ -246,15 +246,17 @@ class Connection(asyncio.Protocol):
         if 100 <= status < 200:  # informational (100 Continue): the answer follows it
             self.raw_headers, self.head_bytes = [], 0
             return
-        self.status = status
         headers = CIMultiDict(self.raw_headers)
-        self.headers = CIMultiDictProxy(headers)
-        chunked = "chunked" in headers.get("transfer-encoding", "").lower()
-        self.until_eof = "content-length" not in headers and not chunked and status not in (204, 304)
-        encoding = headers.get("content-encoding", "").lower()
+        encoding = headers.get("content-encoding", "identity").strip().lower()
         if encoding in ("gzip", "x-gzip", "deflate"):
             # asked for identity; a server that compresses anyway is read as it meant
             self.decoder = zlib.decompressobj(wbits=zlib.MAX_WBITS | 32 if "gzip" in encoding else zlib.MAX_WBITS)
+        elif encoding not in ("identity", ""):  # br, zstd, ...: bytes no client could read, refused with the head
+            raise self._broken(f"the upstream's answer is in an encoding we cannot read ({encoding[:40]})")
+        self.status = status
+        self.headers = CIMultiDictProxy(headers)
+        chunked = "chunked" in headers.get("transfer-encoding", "").lower()
+        self.until_eof = "content-length" not in headers and not chunked and status not in (204, 304)
         self._wake()
 
     def on_body(self, body: bytes) -> None:

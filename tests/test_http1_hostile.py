@@ -539,3 +539,16 @@ async def test_a_trailer_without_end_is_refused_before_it_fills_memory(raw: RawS
     with pytest.raises(errors.UpstreamBroken):
         await post(seam, url, timeout_s=2)
     assert sent[0] < total  # cut off: what it sent is not all held
+
+
+@pytest.mark.parametrize("encoding", [b"br", b"zstd", b"compress", b"gzip, br"])
+async def test_an_answer_in_an_encoding_it_cannot_read_is_a_502_and_free(
+    hostile: Running, raw: RawServer, encoding: bytes
+) -> None:
+    packed = b"\x1b\x00\xf8\xa5\x00\x00\x00\x00"  # bytes that are no JSON: as good as any encoding's
+    queue(raw, b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-encoding: %s\r\n"
+               b"content-length: %d\r\n\r\n%s" % (encoding, len(packed), packed))  # fmt: skip
+    key = await hostile.account("acme", "10")
+    status, body = await raw_post(hostile, key, "chat/completions", {"model": "gpt-4o", "messages": MESSAGES})
+    assert status == 502 and "could not be reached" in body["error"]["message"]  # refused with the head
+    assert await charges(hostile) == []
