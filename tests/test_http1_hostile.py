@@ -552,3 +552,31 @@ async def test_an_answer_in_an_encoding_it_cannot_read_is_a_502_and_free(
     status, body = await raw_post(hostile, key, "chat/completions", {"model": "gpt-4o", "messages": MESSAGES})
     assert status == 502 and "could not be reached" in body["error"]["message"]  # refused with the head
     assert await charges(hostile) == []
+
+
+async def test_an_upstream_that_never_reads_times_each_request_out_for_free(
+    raw: RawServer, start_proxy: Callable[..., Any]
+) -> None:
+    held: list[asyncio.StreamWriter] = []  # a paused transport only a task waits on is garbage: kept
+
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)
+        await asyncio.Event().wait()  # accepts, never reads, never answers
+
+    raw.script = script
+    url = await raw.start()
+    running: Running = await start_proxy({"upstreams": {"openai": {"base_url": url, "timeout_s": 0.5}}})
+    key = await running.account("acme", "10")
+    client = running.client(key)
+    big = [{"role": "user", "content": "x" * 900_000}]
+
+    async def one(messages: list[Any]) -> int:
+        with pytest.raises(openai.APIStatusError) as caught:
+            await client.chat.completions.create(model="gpt-4o-mini", messages=messages)
+        return caught.value.status_code
+
+    statuses = await asyncio.gather(*(one(big if i % 2 else MESSAGES) for i in range(20)))
+    assert set(statuses) == {504}
+    assert await charges(running) == []
+    view = await running.balance("acme")
+    assert view.reserved == 0 and view.balance == 10_000_000
