@@ -59,6 +59,43 @@ def tls_context() -> ssl.SSLContext:
     return ssl.create_default_context()  # the system's CAs, as aiohttp's client uses
 
 
+class Inflater:
+    """A gzip or deflate body, inflated to at most MAX_INFLATED bytes, as aiohttp read it:
+    gzip members one after another, deflate with or without its zlib header."""
+
+    def __init__(self, encoding: str) -> None:
+        self.gzip = "gzip" in encoding
+        self.decoder: zlib._Decompress | None = None  # made at the first byte, which tells deflate's kind
+        self.room = MAX_INFLATED
+
+    def feed(self, data: bytes) -> bytes:
+        out = []
+        while data:
+            if self.decoder is None:
+                raw = not self.gzip and data[0] & 0x0F != 8  # 8: a zlib header's method, deflate
+                self.decoder = zlib.decompressobj(wbits=-zlib.MAX_WBITS if raw else zlib.MAX_WBITS | 32)
+            piece = self.decoder.decompress(data, self.room + 1)
+            self.room -= len(piece)
+            if self.room < 0:  # a bomb: a few MB on the wire, GBs inflated
+                raise HttpError(f"the upstream's compressed body inflates past {MAX_INFLATED} bytes")
+            out.append(piece)
+            data = self.decoder.unused_data if self.gzip and self.decoder.eof else b""
+            if data:  # the next gzip member
+                self.decoder = None
+        return b"".join(out)
+
+    def finish(self) -> bytes:
+        if self.decoder is None:
+            return b""  # an empty body
+        try:
+            tail = self.decoder.flush()
+        except zlib.error as exc:
+            raise HttpError(f"the upstream's compressed body is corrupt ({exc})") from exc
+        if not self.decoder.eof:
+            raise HttpError("the upstream's compressed body ends before its compressed stream")
+        return tail
+
+
 class Connection(asyncio.Protocol):
     """One keep-alive connection; one request at a time. The parser's callbacks fill the
     status, headers and body chunks; readers wait on one future at a time."""
@@ -77,7 +114,6 @@ class Connection(asyncio.Protocol):
         self.head_bytes = 0
         self.body_bytes = 0
         self.barren = 0  # bytes fed since the last that gave body: a head, 1xx answers, trailers
-        self.inflated = 0
         self.headers: CIMultiDictProxy[str] | None = None
         self.chunks: deque[bytes] = deque()
         self.buffered = 0
@@ -86,7 +122,7 @@ class Connection(asyncio.Protocol):
         self.complete = False
         self.keep_alive = False
         self.until_eof = False  # no length and not chunked: the body ends with the connection
-        self.decoder: zlib._Decompress | None = None
+        self.decoder: Inflater | None = None
         self.failure: BaseException | None = None
         self.waiter: asyncio.Future[None] | None = None
         self.read_timeout_s = 0.0
@@ -250,7 +286,7 @@ class Connection(asyncio.Protocol):
         encoding = headers.get("content-encoding", "identity").strip().lower()
         if encoding in ("gzip", "x-gzip", "deflate"):
             # asked for identity; a server that compresses anyway is read as it meant
-            self.decoder = zlib.decompressobj(wbits=zlib.MAX_WBITS | 32 if "gzip" in encoding else zlib.MAX_WBITS)
+            self.decoder = Inflater(encoding)
         elif encoding not in ("identity", ""):  # br, zstd, ...: bytes no client could read, refused with the head
             raise self._broken(f"the upstream's answer is in an encoding we cannot read ({encoding[:40]})")
         self.status = status
@@ -265,12 +301,12 @@ class Connection(asyncio.Protocol):
         self.body_bytes += len(body)  # as sent: inflating may give nothing yet
         if self.decoder is not None:
             try:
-                body = self.decoder.decompress(body, MAX_INFLATED - self.inflated + 1)
+                body = self.decoder.feed(body)
             except zlib.error as exc:
                 raise self._broken(f"the upstream's compressed body is corrupt ({exc})") from exc
-            self.inflated += len(body)
-            if self.inflated > MAX_INFLATED:  # a bomb: a few MB on the wire, GBs inflated
-                raise self._broken(f"the upstream's compressed body inflates past {MAX_INFLATED} bytes")
+            except HttpError as exc:
+                self.failure = exc
+                raise
         self.chunks.append(body)
         self.buffered += len(body)
         if self.buffered > HIGH_WATER and not (self.paused or self.whole) and self.transport is not None:
@@ -283,9 +319,10 @@ class Connection(asyncio.Protocol):
             return  # the end of an informational answer
         self.in_flight = False
         if self.decoder is not None:
-            self.chunks.append(self.decoder.flush())
-            if not self.decoder.eof:  # not raised: connection_lost calls this too
-                self._fail(HttpError("the upstream's compressed body ends before its compressed stream"))
+            try:
+                self.chunks.append(self.decoder.finish())
+            except HttpError as exc:  # not raised: connection_lost calls this too
+                self._fail(exc)
                 self.abort()
                 return
         self.complete = True

@@ -580,3 +580,37 @@ async def test_an_upstream_that_never_reads_times_each_request_out_for_free(
     assert await charges(running) == []
     view = await running.balance("acme")
     assert view.reserved == 0 and view.balance == 10_000_000
+
+
+def raw_deflate(data: bytes) -> bytes:
+    packer = zlib.compressobj(wbits=-zlib.MAX_WBITS)
+    return packer.compress(data) + packer.flush()
+
+
+@pytest.mark.parametrize(
+    ("encoding", "pack"),
+    [
+        (b"gzip", lambda body: gzip.compress(body[:50]) + gzip.compress(body[50:])),  # two members
+        (b"deflate", raw_deflate),  # no zlib header, as some servers send it
+        (b"deflate", zlib.compress),
+    ],
+    ids=["gzip members", "raw deflate", "zlib deflate"],
+)
+async def test_compressed_answers_read_as_aiohttp_read_them(
+    hostile: Running, raw: RawServer, encoding: bytes, pack: Callable[[bytes], bytes]
+) -> None:
+    packed = pack(completion(100, 6).partition(b"\r\n\r\n")[2])
+    queue(raw, b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-encoding: %s\r\n"
+               b"content-length: %d\r\n\r\n%s" % (encoding, len(packed), packed))  # fmt: skip
+    key = await hostile.account("acme", "10")
+    answer = await hostile.client(key).chat.completions.create(model="gpt-4o", messages=MESSAGES)
+    assert answer.usage is not None and answer.usage.completion_tokens == 6
+    assert await charges(hostile) == ["-310"]
+
+
+async def test_an_empty_body_labelled_gzip_is_empty(raw: RawServer, seam: Upstream) -> None:  # noqa: F811
+    url = await raw.start()
+    raw.script = lambda reader, writer: queue_one(
+        reader, writer, b"HTTP/1.1 200 OK\r\ncontent-encoding: gzip\r\ncontent-length: 0\r\n\r\n"
+    )
+    assert await post(seam, url) == (200, b"")
