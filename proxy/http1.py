@@ -304,9 +304,8 @@ class Connection(asyncio.Protocol):
                 body = self.decoder.feed(body)
             except zlib.error as exc:
                 raise self._broken(f"the upstream's compressed body is corrupt ({exc})") from exc
-            except HttpError as exc:
-                self.failure = exc
-                raise
+            except HttpError as exc:  # a bomb
+                raise self._broken(str(exc)) from None
         self.chunks.append(body)
         self.buffered += len(body)
         if self.buffered > HIGH_WATER and not (self.paused or self.whole) and self.transport is not None:
