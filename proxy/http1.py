@@ -178,7 +178,16 @@ class Connection(asyncio.Protocol):
 
     @property
     def reusable(self) -> bool:
-        return self.complete and self.keep_alive and self.transport is not None and not self.transport.is_closing()
+        """Answered whole, kept alive, and our request sent whole: an upstream that answered
+        before reading it all would read the next request behind the rest of this one."""
+        transport = self.transport
+        return (
+            self.complete
+            and self.keep_alive
+            and transport is not None
+            and not transport.is_closing()
+            and not transport.get_write_buffer_size()
+        )
 
     def abort(self) -> None:
         if self.transport is not None:

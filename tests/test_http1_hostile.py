@@ -23,7 +23,7 @@ from proxy.upstream import Upstream
 from .conftest import Running
 from .helpers import entries, last_entry_id, next_entry, wait_for
 from .helpers import post as raw_post
-from .test_http1 import RawServer, Script, post, read_request, seam  # noqa: F401 (the seam fixture)
+from .test_http1 import RawServer, Script, post, read_request, seam, target  # noqa: F401 (the seam fixture)
 
 MESSAGES: list[Any] = [{"role": "user", "content": "hi"}]
 
@@ -614,3 +614,28 @@ async def test_an_empty_body_labelled_gzip_is_empty(raw: RawServer, seam: Upstre
         reader, writer, b"HTTP/1.1 200 OK\r\ncontent-encoding: gzip\r\ncontent-length: 0\r\n\r\n"
     )
     assert await post(seam, url) == (200, b"")
+
+
+async def test_a_connection_answered_before_its_request_was_sent_whole_is_not_reused(
+    raw: RawServer,
+    seam: Upstream,  # noqa: F811
+) -> None:
+    url = await raw.start()
+    held: list[asyncio.StreamWriter] = []  # a paused transport only a task waits on is garbage: kept
+
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if raw.connections == 1:
+            held.append(writer)
+            await reader.readuntil(b"\r\n\r\n")  # the head only: the 32 MB body stays unread
+            writer.write(completion(100, 6))  # answered early, keep-alive
+            await asyncio.Event().wait()
+        await queue_one(reader, writer, completion(10, 1))
+
+    raw.script = script
+    config = target(url, timeout_s=2)
+    async with await seam.post(config, "/chat/completions", b"x" * (32 << 20), "req_big") as response:
+        assert b'"prompt_tokens": 100' in await response.read()
+    # what follows on that connection would reach the upstream behind the unread rest
+    async with await seam.post(config, "/chat/completions", b"{}", "req_next") as response:
+        assert b'"prompt_tokens": 10' in await response.read()
+    assert raw.connections == 2
