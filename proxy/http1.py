@@ -24,6 +24,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 KEEPALIVE_S = 15.0  # an idle connection is not reused after this (aiohttp's default)
 HIGH_WATER = 1 << 18  # unread answer bytes buffered before the socket is paused
 MAX_HEAD_BYTES = 1 << 16  # an answer's status line and headers, at most
+MAX_INFLATED = 1 << 27  # what a compressed answer may inflate to (we ask for identity)
 
 
 class HttpError(Exception):
@@ -58,6 +59,43 @@ def tls_context() -> ssl.SSLContext:
     return ssl.create_default_context()  # the system's CAs, as aiohttp's client uses
 
 
+class Inflater:
+    """A gzip or deflate body, inflated to at most MAX_INFLATED bytes, as aiohttp read it:
+    gzip members one after another, deflate with or without its zlib header."""
+
+    def __init__(self, encoding: str) -> None:
+        self.gzip = "gzip" in encoding
+        self.decoder: zlib._Decompress | None = None  # made at the first byte, which tells deflate's kind
+        self.room = MAX_INFLATED
+
+    def feed(self, data: bytes) -> bytes:
+        out = []
+        while data:
+            if self.decoder is None:
+                raw = not self.gzip and data[0] & 0x0F != 8  # 8: a zlib header's method, deflate
+                self.decoder = zlib.decompressobj(wbits=-zlib.MAX_WBITS if raw else zlib.MAX_WBITS | 32)
+            piece = self.decoder.decompress(data, self.room + 1)
+            self.room -= len(piece)
+            if self.room < 0:  # a bomb: a few MB on the wire, GBs inflated
+                raise HttpError(f"the upstream's compressed body inflates past {MAX_INFLATED} bytes")
+            out.append(piece)
+            data = self.decoder.unused_data if self.gzip and self.decoder.eof else b""
+            if data:  # the next gzip member
+                self.decoder = None
+        return b"".join(out)
+
+    def finish(self) -> bytes:
+        if self.decoder is None:
+            return b""  # an empty body
+        try:
+            tail = self.decoder.flush()
+        except zlib.error as exc:
+            raise HttpError(f"the upstream's compressed body is corrupt ({exc})") from exc
+        if not self.decoder.eof:
+            raise HttpError("the upstream's compressed body ends before its compressed stream")
+        return tail
+
+
 class Connection(asyncio.Protocol):
     """One keep-alive connection; one request at a time. The parser's callbacks fill the
     status, headers and body chunks; readers wait on one future at a time."""
@@ -67,12 +105,15 @@ class Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpResponseParser(self)
         self.idle_since = 0.0
+        self.in_flight = False  # a request was sent and its answer has not ended
         self._reset()
 
     def _reset(self) -> None:
         self.status = 0
         self.raw_headers: list[tuple[str, str]] = []
         self.head_bytes = 0
+        self.body_bytes = 0
+        self.barren = 0  # bytes fed since the last that gave body: a head, 1xx answers, trailers
         self.headers: CIMultiDictProxy[str] | None = None
         self.chunks: deque[bytes] = deque()
         self.buffered = 0
@@ -81,7 +122,7 @@ class Connection(asyncio.Protocol):
         self.complete = False
         self.keep_alive = False
         self.until_eof = False  # no length and not chunked: the body ends with the connection
-        self.decoder: zlib._Decompress | None = None
+        self.decoder: Inflater | None = None
         self.failure: BaseException | None = None
         self.waiter: asyncio.Future[None] | None = None
         self.read_timeout_s = 0.0
@@ -93,14 +134,21 @@ class Connection(asyncio.Protocol):
     def send(self, head: bytes, body: bytes, read_timeout_s: float) -> None:
         assert self.transport is not None
         self._reset()
+        self.in_flight = True
         self.read_timeout_s = read_timeout_s
         self.deadline = self.loop.time() + read_timeout_s
         self.timer = self.loop.call_at(self.deadline, self._watch)
         self.transport.writelines((head, body))
 
     async def wait_head(self) -> None:
+        """Until the head has arrived, even if what came behind it broke (in the same read):
+        the body's reader hears of the break after what came whole."""
         while self.headers is None:
-            await self._wait()
+            try:
+                await self._wait()
+            except (HttpError, TimeoutError):
+                if self.headers is None:
+                    raise
 
     async def read(self) -> bytes:
         self.whole = True  # read to the end: never paused
@@ -130,7 +178,16 @@ class Connection(asyncio.Protocol):
 
     @property
     def reusable(self) -> bool:
-        return self.complete and self.keep_alive and self.transport is not None and not self.transport.is_closing()
+        """Answered whole, kept alive, and our request sent whole: an upstream that answered
+        before reading it all would read the next request behind the rest of this one."""
+        transport = self.transport
+        return (
+            self.complete
+            and self.keep_alive
+            and transport is not None
+            and not transport.is_closing()
+            and not transport.get_write_buffer_size()
+        )
 
     def abort(self) -> None:
         if self.transport is not None:
@@ -185,12 +242,25 @@ class Connection(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
+        if not self.in_flight:  # an answer no request asked for: what follows cannot be trusted
+            self.abort()
+            return
         self.deadline = self.loop.time() + self.read_timeout_s
+        body_bytes = self.body_bytes
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError as exc:  # a callback's own failure came first, if any
             self._fail(self.failure or HttpError(f"the upstream's answer is not valid HTTP/1.1 ({exc})"))
             self.abort()
+        except httptools.HttpParserUpgrade:  # 101: not an answer to a POST we sent
+            self._fail(HttpError("the upstream switched protocols"))
+            self.abort()
+        else:
+            # httptools holds a header's (or a trailer's) bytes until its line ends
+            self.barren = 0 if self.body_bytes > body_bytes else self.barren + len(data)
+            if self.barren > MAX_HEAD_BYTES and not self.complete:
+                self._fail(HttpError(f"the upstream's headers or trailers exceed {MAX_HEAD_BYTES} bytes"))
+                self.abort()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
@@ -204,6 +274,10 @@ class Connection(asyncio.Protocol):
         self.failure = HttpError(why)
         return self.failure
 
+    def on_message_begin(self) -> None:
+        if not self.in_flight:  # a second answer behind the first: it would be the next request's
+            raise HttpError("the upstream sent an answer no request asked for")
+
     def on_header(self, name: bytes, value: bytes) -> None:
         self.head_bytes += len(name) + len(value)
         if self.head_bytes > MAX_HEAD_BYTES:
@@ -212,28 +286,35 @@ class Connection(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         status = self.parser.get_status_code()
+        if not 100 <= status <= 599:  # llhttp takes any three digits; 0 would read as "no answer yet"
+            raise self._broken(f"the upstream's status {status} is not an HTTP status")
         if 100 <= status < 200:  # informational (100 Continue): the answer follows it
             self.raw_headers, self.head_bytes = [], 0
             return
-        self.status = status
         headers = CIMultiDict(self.raw_headers)
+        encoding = headers.get("content-encoding", "identity").strip().lower()
+        if encoding in ("gzip", "x-gzip", "deflate"):
+            # asked for identity; a server that compresses anyway is read as it meant
+            self.decoder = Inflater(encoding)
+        elif encoding not in ("identity", ""):  # br, zstd, ...: bytes no client could read, refused with the head
+            raise self._broken(f"the upstream's answer is in an encoding we cannot read ({encoding[:40]})")
+        self.status = status
         self.headers = CIMultiDictProxy(headers)
         chunked = "chunked" in headers.get("transfer-encoding", "").lower()
         self.until_eof = "content-length" not in headers and not chunked and status not in (204, 304)
-        encoding = headers.get("content-encoding", "").lower()
-        if encoding in ("gzip", "x-gzip", "deflate"):
-            # asked for identity; a server that compresses anyway is read as it meant
-            self.decoder = zlib.decompressobj(wbits=zlib.MAX_WBITS | 32 if "gzip" in encoding else zlib.MAX_WBITS)
         self._wake()
 
     def on_body(self, body: bytes) -> None:
         if self.status == 0:
             return  # an informational answer has none
+        self.body_bytes += len(body)  # as sent: inflating may give nothing yet
         if self.decoder is not None:
             try:
-                body = self.decoder.decompress(body)
+                body = self.decoder.feed(body)
             except zlib.error as exc:
                 raise self._broken(f"the upstream's compressed body is corrupt ({exc})") from exc
+            except HttpError as exc:  # a bomb
+                raise self._broken(str(exc)) from None
         self.chunks.append(body)
         self.buffered += len(body)
         if self.buffered > HIGH_WATER and not (self.paused or self.whole) and self.transport is not None:
@@ -244,8 +325,14 @@ class Connection(asyncio.Protocol):
     def on_message_complete(self) -> None:
         if self.status == 0:
             return  # the end of an informational answer
+        self.in_flight = False
         if self.decoder is not None:
-            self.chunks.append(self.decoder.flush())
+            try:
+                self.chunks.append(self.decoder.finish())
+            except HttpError as exc:  # not raised: connection_lost calls this too
+                self._fail(exc)
+                self.abort()
+                return
         self.complete = True
         self.keep_alive = not self.until_eof and self.parser.should_keep_alive()
         self._stop_timer()

@@ -10,6 +10,8 @@ import json
 import re
 from collections.abc import AsyncIterator, Iterable, Mapping
 
+from multidict import CIMultiDict, CIMultiDictProxy
+
 from . import errors, http1
 from .config import UpstreamConfig
 from .logs import MIN_SECRET
@@ -62,6 +64,7 @@ class Scrubber:
             # as sent, and as a JSON string would escape it
             found |= {secret.encode(), json.dumps(secret)[1:-1].encode()}
         self.secrets = tuple(sorted((s for s in found if len(s) >= MIN_SECRET), key=len, reverse=True))
+        self.texts = tuple(secret.decode() for secret in self.secrets)
 
     def __call__(self, data: bytes) -> bytes:
         """Any body or whole SSE events: a secret never spans two events."""
@@ -77,19 +80,35 @@ class Scrubber:
         body = self(body)
         return _KEY_LIKE.sub(b"sk-[REDACTED]", body) if b"sk-" in body else body
 
+    def headers(self, headers: CIMultiDictProxy[str]) -> CIMultiDictProxy[str]:
+        """Header values too: an upstream may echo the key in one (a debug header), and
+        headers pass through to clients."""
+        if not self.texts:
+            return headers
+        text = "\n".join(headers.values())
+        if not any(secret in text for secret in self.texts):
+            return headers
+        return CIMultiDictProxy(CIMultiDict((k, self(v.encode()).decode()) for k, v in headers.items()))
+
 
 def passthrough_headers(headers: Mapping[str, str]) -> dict[str, str]:
-    return {k: v for k, v in headers.items() if k.lower() not in HOP_BY_HOP and k.lower() not in OURS}
+    return {k: v for k, v in headers.items() if not ours(k.lower())}
+
+
+def ours(name: str) -> bool:
+    """A header the proxy sets, or one that must not pass: an upstream's `x-metering-*`
+    would pose as our receipt (streams and errors carry none of ours to override it)."""
+    return name in HOP_BY_HOP or name in OURS or name.startswith("x-metering-")
 
 
 class UpstreamResponse:
     """An upstream's answer, with the HTTP client's errors mapped at the boundary: reading
     a body or a stream that breaks raises `errors.UpstreamBroken`, nothing http1's."""
 
-    def __init__(self, response: http1.Response) -> None:
+    def __init__(self, response: http1.Response, scrub: Scrubber) -> None:
         self._response = response
         self.status = response.status
-        self.headers = response.headers
+        self.headers = scrub.headers(response.headers)
         mime = response.headers.get("content-type", "application/octet-stream")
         self.content_type = mime.partition(";")[0].strip().lower()  # as aiohttp reads it
 
@@ -152,4 +171,4 @@ class Upstream:
             raise errors.UpstreamUnavailable(
                 f"The upstream could not be reached ({type(exc).__name__}); nothing was charged."
             ) from exc
-        return UpstreamResponse(response)
+        return UpstreamResponse(response, self.scrub)
