@@ -118,6 +118,16 @@ Text = Annotated[str, _Required]
 OptText = Annotated[str | None, BeforeValidator(_blank_to_none)]
 HttpUrlText = Annotated[str, _Required, AfterValidator(_http_url)]
 OptSecret = Annotated[SecretStr | None, BeforeValidator(_blank_to_none)]
+
+
+def _header_safe(v: SecretStr | None) -> SecretStr | None:
+    # sent in a request head (Authorization): a CR or LF would end the header line early
+    if v is not None and any(c in v.get_secret_value() for c in "\r\n\0"):
+        raise ValueError("must not contain a line break or NUL (a trailing newline from an env file?)")
+    return v
+
+
+HeaderSecret = Annotated[OptSecret, AfterValidator(_header_safe)]
 WebhookSecret = Annotated[SecretStr, _Required, AfterValidator(_webhook_secret)]
 Port = Annotated[int, Field(ge=0, le=65535)]  # 0 = any free port (tests)
 PosInt = Annotated[int, Field(ge=1)]
@@ -200,7 +210,7 @@ class RedisConfig(_Frozen):
 
 class UpstreamConfig(_Frozen):
     base_url: HttpUrlText  # trailing "/" removed
-    api_key: OptSecret = None  # None: no Authorization header upstream
+    api_key: HeaderSecret = None  # None: no Authorization header upstream
     timeout_s: PosFloat = 600.0
     connect_timeout_s: PosFloat = 10.0
     provider: Text = "openai"  # whose prices `price: catalog` takes (a genai-prices provider id)

@@ -98,6 +98,16 @@ def test_env_expansion_with_and_without_defaults() -> None:
     assert config.server.admin_token.get_secret_value() == "tok"
 
 
+def test_an_upstream_key_with_a_line_break_is_refused_without_showing_it() -> None:
+    """The key goes into the upstream request's head: a newline (an env file's) would end
+    the Authorization line early. The error names the field, never the key."""
+    text = MINIMAL + 'server:\n  admin_token: "${ADMIN:-}"\n'
+    for key in ("sk-live-secret\n", "sk-live\r\nx-injected: 1", "sk-live\0"):
+        (error,) = errors_of(text, env={"OPENAI_API_KEY": key})
+        assert error.startswith("upstreams.openai.api_key: must not contain a line break") and "sk-live" not in error
+    assert parse_config(text, env={"OPENAI_API_KEY": "sk-live"}).upstreams["openai"].api_key is not None
+
+
 def test_env_expansion_of_required_field_to_empty_is_an_error() -> None:
     text = MINIMAL.replace("upstream: openai", 'upstream: "${UP}"')
     (error,) = errors_of(text)
