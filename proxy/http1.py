@@ -364,7 +364,7 @@ class Response:
 
 class Http1Client:
     def __init__(self) -> None:
-        self.idle: dict[Origin, list[Connection]] = {}
+        self.idle: dict[Origin, deque[Connection]] = {}
 
     async def post(
         self,
@@ -391,8 +391,14 @@ class Http1Client:
         if not connection.reusable:
             connection.abort()
             return
-        connection.idle_since = connection.loop.time()
-        self.idle.setdefault(origin, []).append(connection)
+        now = connection.loop.time()
+        connection.idle_since = now
+        pool = self.idle.setdefault(origin, deque())
+        pool.append(connection)
+        # the least recently used sit at the left: after a burst, what idles past the
+        # keep-alive is closed here, not left holding a socket until the upstream hangs up
+        while pool and not (pool[0].reusable and now - pool[0].idle_since < KEEPALIVE_S):
+            pool.popleft().abort()
 
     def _idle(self, origin: Origin) -> Connection | None:
         pool = self.idle.get(origin)

@@ -262,3 +262,21 @@ def test_origins_parse_once_per_base_url() -> None:
         "api.openai.com", 443, True, "/v1", "api.openai.com"
     )
     assert http1.Origin.of("http://[::1]:8080/") == http1.Origin("::1", 8080, False, "", "[::1]:8080")
+
+
+async def test_connections_idle_past_the_keep_alive_are_closed_at_the_next_release(
+    raw: tuple[RawServer, str], seam: Upstream
+) -> None:
+    """After a burst, the pool does not keep sockets open that it will never reuse."""
+    server, url = raw
+    server.script = answer(OK, OK)
+    await asyncio.gather(*(post(seam, url) for _ in range(3)))  # three at once: three connections
+    assert seam.client is not None
+    pool = seam.client.idle[http1.Origin.of(url)]
+    assert len(pool) == 3 and server.connections == 3
+    stale = list(pool)[:2]  # the two used least recently
+    for connection in stale:
+        connection.idle_since -= http1.KEEPALIVE_S + 1  # as if they had idled since a burst long ago
+    assert await post(seam, url) == (200, b'{"ok": true}')  # reuses the freshest, then releases it
+    assert len(pool) == 1 and server.connections == 3
+    await wait_for(lambda: sum(c.transport is None for c in stale) == 2, what="the stale two closed")
