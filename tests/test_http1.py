@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import gzip
+import ssl
 import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
+import trustme
 
 from proxy import errors, http1
 from proxy.config import UpstreamConfig
@@ -30,10 +32,10 @@ class RawServer:
         self.requests: list[bytes] = []
         self.server: asyncio.Server | None = None
 
-    async def start(self) -> str:
-        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+    async def start(self, tls: ssl.SSLContext | None = None, host: str = "127.0.0.1") -> str:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0, ssl=tls)
         port = self.server.sockets[0].getsockname()[1]
-        return f"http://127.0.0.1:{port}/v1"
+        return f"{'https' if tls else 'http'}://{host}:{port}/v1"
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
@@ -280,3 +282,47 @@ async def test_connections_idle_past_the_keep_alive_are_closed_at_the_next_relea
     assert await post(seam, url) == (200, b'{"ok": true}')  # reuses the freshest, then releases it
     assert len(pool) == 1 and server.connections == 3
     await wait_for(lambda: sum(c.transport is None for c in stale) == 2, what="the stale two closed")
+
+
+@pytest.mark.parametrize("name", ["localhost", "elsewhere.example"])
+async def test_a_tls_upstream_is_verified_by_name_and_kept_alive(
+    seam: Upstream, monkeypatch: pytest.MonkeyPatch, name: str
+) -> None:
+    """HTTPS upstreams (OpenAI's): the certificate is checked against the system's CAs
+    (here a test CA stands in for them) and the host name; a certificate for another
+    name is refused before anything is sent."""
+    ca = trustme.CA()
+    served = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert(name).configure_cert(served)
+    trusted = ssl.create_default_context()
+    ca.configure_trust(trusted)
+    monkeypatch.setattr(http1, "tls_context", lambda: trusted)
+    server = RawServer()
+    url = await server.start(tls=served, host="localhost")
+    server.script = answer(OK, OK)
+    try:
+        if name != "localhost":
+            with pytest.raises(errors.UpstreamUnavailable, match="could not be reached"):
+                await post(seam, url)
+            return
+        assert await post(seam, url) == (200, b'{"ok": true}')
+        assert await post(seam, url) == (200, b'{"ok": true}')
+        assert server.connections == 1
+    finally:
+        assert server.server is not None
+        server.server.close()
+
+
+async def test_a_tls_upstream_whose_ca_is_not_trusted_is_refused(seam: Upstream) -> None:
+    ca = trustme.CA()  # not among the system's CAs
+    served = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("localhost").configure_cert(served)
+    server = RawServer()
+    url = await server.start(tls=served, host="localhost")
+    server.script = answer(OK)
+    try:
+        with pytest.raises(errors.UpstreamUnavailable, match="could not be reached"):
+            await post(seam, url)
+    finally:
+        assert server.server is not None
+        server.server.close()
