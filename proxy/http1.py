@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import socket
 import ssl
 import zlib
 from collections import deque
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import urlsplit
 
 import httptools
@@ -24,6 +26,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 KEEPALIVE_S = 15.0  # an idle connection is not reused after this (aiohttp's default)
 HIGH_WATER = 1 << 18  # unread answer bytes buffered before the socket is paused
 MAX_HEAD_BYTES = 1 << 16  # an answer's status line and headers, at most
+DNS_TTL_S = 300.0  # a resolved host name is reused this long (aiohttp's ttl_dns_cache)
 MAX_INFLATED = 1 << 27  # what a compressed answer may inflate to (we ask for identity)
 
 
@@ -362,9 +365,45 @@ class Response:
         self._client.release(self._origin, self._connection)
 
 
+class Resolver:
+    """Host names resolved once per DNS_TTL_S, one lookup at a time per name, as aiohttp's
+    connector did: a burst of new connections (a deploy, a spike) asks DNS once, not once
+    each through the loop's few resolver threads."""
+
+    def __init__(self) -> None:
+        self._known: dict[tuple[str, int], tuple[float, list[str]]] = {}
+        self._asking: dict[tuple[str, int], asyncio.Future[list[str]]] = {}
+
+    async def addresses(self, host: str, port: int) -> list[str]:
+        loop = asyncio.get_running_loop()
+        known = self._known.get((host, port))
+        if known is not None and known[0] > loop.time():
+            return known[1]
+        asking = self._asking.get((host, port))
+        if asking is None:
+            asking = self._asking[host, port] = asyncio.ensure_future(self._lookup(host, port))
+            asking.add_done_callback(lambda _: self._asking.pop((host, port), None))
+        return await asyncio.shield(asking)  # a caller that gives up leaves the lookup to the others
+
+    async def _lookup(self, host: str, port: int) -> list[str]:
+        loop = asyncio.get_running_loop()
+        infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        addresses = list(dict.fromkeys(map(_address, infos)))  # in the resolver's order, once each
+        self._known[host, port] = (loop.time() + DNS_TTL_S, addresses)
+        return addresses
+
+
+def _address(info: tuple[Any, ...]) -> str:
+    sockaddr = info[4]
+    if len(sockaddr) == 4 and sockaddr[3]:  # a link-local IPv6 address keeps its scope
+        return f"{sockaddr[0]}%{sockaddr[3]}"
+    return str(sockaddr[0])
+
+
 class Http1Client:
     def __init__(self) -> None:
         self.idle: dict[Origin, deque[Connection]] = {}
+        self.resolver = Resolver()
 
     async def post(
         self,
@@ -412,12 +451,19 @@ class Http1Client:
     async def _connect(self, origin: Origin, timeout_s: float) -> Connection:
         loop = asyncio.get_running_loop()
         tls = tls_context() if origin.tls else None
+        failure: OSError | None = None
         async with asyncio.timeout(timeout_s):
-            transport, connection = await loop.create_connection(
-                Connection, origin.host, origin.port, ssl=tls, server_hostname=origin.host if tls else None
-            )
-        connection.transport = transport  # uvloop may call connection_made only on the next loop turn
-        return connection
+            for address in await self.resolver.addresses(origin.host, origin.port):
+                try:
+                    transport, connection = await loop.create_connection(
+                        Connection, address, origin.port, ssl=tls, server_hostname=origin.host if tls else None
+                    )
+                except OSError as exc:  # the next address, as create_connection does with a name
+                    failure = exc
+                    continue
+                connection.transport = transport  # uvloop may call connection_made only on the next loop turn
+                return connection
+        raise failure or OSError(f"{origin.host} has no address")
 
     async def close(self) -> None:
         for pool in self.idle.values():

@@ -326,3 +326,26 @@ async def test_a_tls_upstream_whose_ca_is_not_trusted_is_refused(seam: Upstream)
     finally:
         assert server.server is not None
         server.server.close()
+
+
+async def test_a_burst_of_new_connections_resolves_the_host_name_once(
+    raw: tuple[RawServer, str], seam: Upstream, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As aiohttp's connector did (ttl_dns_cache): DNS is asked once per name, not once per
+    new connection through the loop's few resolver threads."""
+    server, url = raw
+    server.script = answer(OK, OK)
+    loop = asyncio.get_running_loop()
+    asked: list[str] = []
+    real = loop.getaddrinfo
+
+    async def counting(host: str, *args: object, **kwargs: object) -> object:
+        asked.append(host)
+        return await real(host, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(loop, "getaddrinfo", counting)
+    by_name = url.replace("127.0.0.1", "localhost")
+    results = await asyncio.gather(*(post(seam, by_name) for _ in range(8)))
+    assert results == [(200, b'{"ok": true}')] * 8 and server.connections == 8
+    await asyncio.gather(*(post(seam, by_name) for _ in range(9)))  # 8 kept alive, 1 new: known already
+    assert server.connections == 9 and asked.count("localhost") == 1
