@@ -284,6 +284,17 @@ async def test_connections_idle_past_the_keep_alive_are_closed_at_the_next_relea
     await wait_for(lambda: sum(c.transport is None for c in stale) == 2, what="the stale two closed")
 
 
+async def tls_server(name: str) -> tuple[trustme.CA, RawServer, str]:
+    """A TLS server on localhost whose certificate, for `name`, a new test CA signed."""
+    ca = trustme.CA()
+    served = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert(name).configure_cert(served)
+    server = RawServer()
+    url = await server.start(tls=served, host="localhost")
+    server.script = answer(OK, OK)
+    return ca, server, url
+
+
 @pytest.mark.parametrize("name", ["localhost", "elsewhere.example"])
 async def test_a_tls_upstream_is_verified_by_name_and_kept_alive(
     seam: Upstream, monkeypatch: pytest.MonkeyPatch, name: str
@@ -291,15 +302,10 @@ async def test_a_tls_upstream_is_verified_by_name_and_kept_alive(
     """HTTPS upstreams (OpenAI's): the certificate is checked against the system's CAs
     (here a test CA stands in for them) and the host name; a certificate for another
     name is refused before anything is sent."""
-    ca = trustme.CA()
-    served = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ca.issue_cert(name).configure_cert(served)
+    ca, server, url = await tls_server(name)
     trusted = ssl.create_default_context()
     ca.configure_trust(trusted)
     monkeypatch.setattr(http1, "tls_context", lambda: trusted)
-    server = RawServer()
-    url = await server.start(tls=served, host="localhost")
-    server.script = answer(OK, OK)
     try:
         if name != "localhost":
             with pytest.raises(errors.UpstreamUnavailable, match="could not be reached"):
@@ -314,12 +320,7 @@ async def test_a_tls_upstream_is_verified_by_name_and_kept_alive(
 
 
 async def test_a_tls_upstream_whose_ca_is_not_trusted_is_refused(seam: Upstream) -> None:
-    ca = trustme.CA()  # not among the system's CAs
-    served = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ca.issue_cert("localhost").configure_cert(served)
-    server = RawServer()
-    url = await server.start(tls=served, host="localhost")
-    server.script = answer(OK)
+    _, server, url = await tls_server("localhost")  # its CA is not among the system's
     try:
         with pytest.raises(errors.UpstreamUnavailable, match="could not be reached"):
             await post(seam, url)
