@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from pathlib import Path
 
 import aiohttp
@@ -41,15 +42,8 @@ def make_app(upstream: str) -> web.Application:
         async with session.post(
             upstream + request.path.removeprefix("/v1"), data=body, headers={"content-type": "application/json"}
         ) as resp:
-            headers = {k: v for k, v in resp.headers.items() if k.lower() not in HOP}
-            if resp.content_type != "text/event-stream":
-                return web.Response(status=resp.status, body=await resp.read(), headers=headers)
-            out = web.StreamResponse(status=resp.status, headers=headers)
-            await out.prepare(request)
-            async for chunk in resp.content.iter_any():
-                await out.write(chunk)
-            await out.write_eof()
-            return out
+            streamed = resp.content_type == "text/event-stream"
+            return await answer(request, resp.status, resp.headers, streamed, resp.read, resp.content.iter_any())
 
     app = web.Application(client_max_size=64 * 1024 * 1024)  # bench/memory.py's 10 MB prompts
     app.router.add_post("/{tail:.*}", forward)
@@ -67,21 +61,39 @@ def make_lean_app(upstream: str) -> web.Application:
         path = request.path.removeprefix("/v1")
         resp = await client.post(upstream, path, body, {"content-type": "application/json"}, 10.0, 600.0)
         try:
-            headers = {k: v for k, v in resp.headers.items() if k.lower() not in HOP}
-            if not resp.headers.get("content-type", "").startswith("text/event-stream"):
-                return web.Response(status=resp.status, body=await resp.read(), headers=headers)
-            out = web.StreamResponse(status=resp.status, headers=headers)
-            await out.prepare(request)
-            while (chunk := await resp.next_chunk()) is not None:
-                await out.write(chunk)
-            await out.write_eof()
-            return out
+            streamed = resp.headers.get("content-type", "").startswith("text/event-stream")
+            return await answer(request, resp.status, resp.headers, streamed, resp.read, chunks(resp))
         finally:
             resp.release()
 
     app = web.Application(client_max_size=64 * 1024 * 1024)
     app.router.add_post("/{tail:.*}", forward)
     return app
+
+
+async def chunks(resp: http1.Response) -> AsyncIterator[bytes]:
+    while (chunk := await resp.next_chunk()) is not None:
+        yield chunk
+
+
+async def answer(
+    request: web.Request,
+    status: int,
+    headers: Mapping[str, str],
+    streamed: bool,
+    read: Callable[[], Awaitable[bytes]],
+    body: AsyncIterator[bytes],
+) -> web.StreamResponse:
+    """As the proxy answers: a JSON body read whole, one `web.Response`; a stream chunk by chunk."""
+    kept = {k: v for k, v in headers.items() if k.lower() not in HOP}
+    if not streamed:
+        return web.Response(status=status, body=await read(), headers=kept)
+    out = web.StreamResponse(status=status, headers=kept)
+    await out.prepare(request)
+    async for chunk in body:
+        await out.write(chunk)
+    await out.write_eof()
+    return out
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import datetime
+import functools
 import logging
 import re
 import sys
@@ -161,19 +162,18 @@ def access(fields: dict[str, Any]) -> None:
     _access.msg(orjson.dumps(REDACTOR(None, "info", line)).decode())
 
 
-_second: list[Any] = [None, ""]  # the last second stamped, as text (formatted once per second)
-
-
 def _now_utc() -> str:
     """TimeStamper(fmt="iso", utc=True)'s text: 2026-12-01T20:00:00.123456Z (no fraction
     at .000000, as isoformat() writes it); the date and time of day once per second."""
     now = time.time()
     second = int(now)
-    if _second[0] != second:
-        stamp = datetime.datetime.fromtimestamp(second, tz=datetime.UTC).isoformat()
-        _second[:] = [second, stamp.removesuffix("+00:00")]
     micros = int((now - second) * 1_000_000)
-    return f"{_second[1]}.{micros:06d}Z" if micros else f"{_second[1]}Z"
+    return f"{_second_text(second)}.{micros:06d}Z" if micros else f"{_second_text(second)}Z"
+
+
+@functools.lru_cache(maxsize=2)
+def _second_text(second: int) -> str:
+    return datetime.datetime.fromtimestamp(second, tz=datetime.UTC).isoformat().removesuffix("+00:00")
 
 
 def setup(level: str = "info", stream: Any = None) -> None:

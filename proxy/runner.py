@@ -87,13 +87,14 @@ class LeanRunner:
         keys = self._packed_keys(call.account_id, call.model, call.script.keys)
         context = self._contexts.get(call.context) or self._pack_context(call.context)
         extra, args = call.extra_keys, call.args
-        if call.watch_due is not None and "watch" in call.script.extra_keys:  # one Redis: inside the script
+        inside = call.watch_due is not None and "watch" in call.script.extra_keys  # one Redis: the script writes it
+        if inside:
             extra, args = (*extra, keyspace.watch_shard(call.account_id)), (*args, call.watch_due)
         command = (
             ("FCALL", call.script.function) if self.functions and call.script.function else ("EVALSHA", call.script.sha)
         )
         script = (*command, keys.arity + len(extra), keys, *extra, context, *args)
-        if call.watch_due is None or len(extra) > len(call.extra_keys):
+        if call.watch_due is None or inside:
             return await self.client.call(*script)
         shard, member = call.watch()
         (account_id, due), *_ = member.items()

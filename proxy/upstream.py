@@ -137,7 +137,7 @@ class UpstreamResponse:
         self._response.release()  # back to the pool if read to the end, else closed
 
 
-_BROKEN = (http1.HttpError, OSError, TimeoutError)
+_BROKEN = (http1.HttpError, OSError)  # TimeoutError (no byte in time) is an OSError
 
 
 def _why(exc: BaseException) -> str:
