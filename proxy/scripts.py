@@ -408,6 +408,8 @@ class KeyFigures:
     settings: dict[str, Any]
     reserved: int  # by the key's open requests
     spend: dict[str, int]  # total, day, week, month (the current UTC periods)
+    limit_spent: int  # what the limit counts: the spend of its period, else of all time
+    room: int | None  # what may still be reserved under the limit, as admission reckons it (None: no limit)
     resets_at: int  # ms: the end of the limit's period; 0 = never
     expired: bool
 
@@ -417,16 +419,9 @@ class KeyFigures:
         return None if raw is None else int(raw)
 
     @property
-    def limit_spent(self) -> int:
-        """What the limit counts: the spend of its period, else of all time."""
-        reset = self.settings.get("reset")
-        return self.spend[PERIOD_NAMES[reset]] if reset else self.spend["total"]
-
-    @property
     def remaining(self) -> int | None:
         """What a new request may still reserve under the limit (None: no limit)."""
-        limit = self.limit
-        return None if limit is None else max(0, limit - self.limit_spent - self.reserved)
+        return None if self.room is None else max(0, self.room)
 
     @property
     def allowed_models(self) -> list[str] | None:
@@ -451,9 +446,12 @@ def key_figures(reply: Reply) -> list[KeyFigures]:
         v = orjson.loads(raw)
         spend = {name: int(v[name]) for name in ("total", "day", "week", "month")}
         settings = orjson.loads(v["settings"])
-        out.append(
-            KeyFigures(v["id"], v["status"], settings, int(v["reserved"]), spend, int(v["resets_at"]), v["expired"])
-        )
+        room = int(v["room"]) if v["room"] != "" else None
+        figures = KeyFigures(
+            v["id"], v["status"], settings, int(v["reserved"]), spend, int(v["limit_spent"]), room,
+            int(v["resets_at"]), v["expired"],
+        )  # fmt: skip
+        out.append(figures)
     return out
 
 

@@ -115,9 +115,9 @@ local reserve = prompt_cost + output_cost
 -- tighter of that and the account's available balance.
 local key_spent, key_held, key_resets, budget = 0, 0, 0, avail
 if key.limit then
-  key_spent, key_resets = key_period_spend(key_id, key, now)
-  key_held = key_reserved(key_id)
-  budget = math.min(avail, tonumber(key.limit) - key_spent - key_held)
+  local room
+  room, key_spent, key_held, key_resets = key_room(key_id, key, now)
+  budget = math.min(avail, room)
 end
 local clamp, downgrade = 0, ''
 if reserve > budget then

@@ -45,13 +45,23 @@ local function spent_in(u, every, now)
   return 0
 end
 
--- The spend the key's limit counts (its period's, else all time's) and when it resets (ms, 0 = never).
-local function key_period_spend(kid, s, now)
-  local u = key_spend(kid)
+-- The spend the key's limit counts (its period's, else all time's) and when it resets (ms,
+-- 0 = never); `u`, the key's spend when the caller has read it already.
+local function key_period_spend(kid, s, now, u)
+  u = u or key_spend(kid)
   if not s.reset then return num(u.t), 0 end
   local every = RESETS[s.reset]
   local _, _, ends = period(every, now)
   return spent_in(u, every, now), ends
+end
+
+-- What the key may still reserve under its limit (nil: no limit; below 0 when an upstream
+-- ran past its cap), with the spend the limit counts, the key's open reservations and
+-- when the limit resets: admission refuses by it and keyinfo shows it, one reckoning.
+local function key_room(kid, s, now, u)
+  local spent, resets = key_period_spend(kid, s, now, u)
+  local held = key_reserved(kid)
+  return s.limit and tonumber(s.limit) - spent - held or nil, spent, held, resets
 end
 
 -- A charge (negative: money given back) counted in the key's spend at `now`. Money given
