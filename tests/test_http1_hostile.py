@@ -224,19 +224,23 @@ def chunked(parts: list[bytes]) -> bytes:
     return b"".join(b"%x;ext=1\r\n%s\r\n" % (len(p), p) for p in parts) + b"0\r\nx-trailer: t\r\n\r\n"
 
 
-async def test_a_stream_split_at_every_byte_is_relayed_and_charged_exactly(hostile: Running, raw: RawServer) -> None:
-    head = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
-    reply = head + chunked(sse_stream(100, 6))
+def byte_by_byte(reply: bytes, requests: int = 1) -> Script:
+    """Answer each of `requests` requests on a connection with `reply`, a byte per write."""
 
     async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        for _ in range(2):
+        for _ in range(requests):
             await read_request(reader)
             for i in range(len(reply)):
                 writer.write(reply[i : i + 1])
                 await writer.drain()
         await reader.read()
 
-    raw.script = script
+    return script
+
+
+async def test_a_stream_split_at_every_byte_is_relayed_and_charged_exactly(hostile: Running, raw: RawServer) -> None:
+    head = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
+    raw.script = byte_by_byte(head + chunked(sse_stream(100, 6)), requests=2)
     key = await hostile.account("acme", "10")
     client = hostile.client(key)
     for _ in range(2):
@@ -468,15 +472,7 @@ async def test_a_gzipped_stream_split_at_every_byte_is_charged_exactly(hostile: 
     packed = gzip.compress(b"".join(sse_stream(100, 6)))
     reply = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncontent-encoding: gzip\r\n"
     reply += b"content-length: %d\r\n\r\n%s" % (len(packed), packed)
-
-    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await read_request(reader)
-        for i in range(len(reply)):
-            writer.write(reply[i : i + 1])
-            await writer.drain()
-        await reader.read()
-
-    raw.script = script
+    raw.script = byte_by_byte(reply)
     key = await hostile.account("acme", "10")
     stream = await hostile.client(key).chat.completions.create(model="gpt-4o", messages=MESSAGES, stream=True)
     assert "".join([c.choices[0].delta.content or "" async for c in stream if c.choices]).endswith("tok5")
