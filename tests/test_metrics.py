@@ -11,8 +11,9 @@ from pathlib import Path
 import aiohttp
 import openai
 import pytest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from proxy import __version__, gauges, keyspace
+from proxy import __version__, gauges, keyspace, metrics
 from proxy.embedded import EmbeddedRedis, free_port
 from proxy.testing.upstream import DemoUpstream
 from proxy.webhooks import Webhooks
@@ -141,3 +142,41 @@ async def test_redis_errors_are_counted_and_metrics_still_answer(start_proxy: St
     assert caught.value.status_code == 503
     after = await scrape(running.admin_url)  # the store gauges cannot be read: the scrape still answers
     assert value(after, "metering_proxy_redis_errors_total", operation="admit") == before + 1
+
+
+@pytest.mark.parametrize("created", [False, True])
+def test_loop_series_expose_what_prometheus_client_would(created: bool) -> None:
+    """The hot path's lock-free series (metrics.LoopSeries) render byte for byte as
+    prometheus_client's own Counter, Histogram and Gauge fed the same numbers, bucket
+    edges (a value equal to a bound) and `_created` included."""
+    ours, theirs = CollectorRegistry(), CollectorRegistry()
+    bounds = (0.005, 0.01, 1, 2.5)
+    counter = metrics.LoopSeries("counter", "t_requests", "Requests.", ["route"], registry=ours)
+    histogram = metrics.LoopSeries("histogram", "t_seconds", "Seconds.", ["model"], bounds, registry=ours)
+    gauge = metrics.LoopSeries("gauge", "t_open", "Open.", registry=ours)
+    their_counter = Counter("t_requests", "Requests.", ["route"], registry=theirs)
+    their_histogram = Histogram("t_seconds", "Seconds.", ["model"], buckets=bounds, registry=theirs)
+    their_gauge = Gauge("t_open", "Open.", registry=theirs)
+    for route, n in (("/a", 1), ("/b", 2.5), ("/a", 3)):
+        counter.labels(route).inc(n)
+        their_counter.labels(route).inc(n)
+    for model, seconds in (("m", 0.005), ("m", 0.0051), ("n", 1.0), ("m", 7.0), ("n", 0.0)):
+        histogram.labels(model).observe(seconds)
+        their_histogram.labels(model).observe(seconds)
+    for step in (gauge.inc, gauge.inc, gauge.dec):
+        step()
+    their_gauge.inc()
+    their_gauge.inc()
+    their_gauge.dec()
+    previous = metrics._created_series
+    try:
+        metrics.configure(created, (), ())
+        mine, expected = generate_latest(ours).decode(), generate_latest(theirs).decode()
+    finally:
+        metrics.configure(previous, (), ())
+
+    def without_times(text: str) -> list[str]:  # each side stamps its own creation time
+        return [line.rsplit(" ", 1)[0] if "_created" in line else line for line in text.splitlines()]
+
+    assert without_times(mine) == without_times(expected)
+    assert ("_created" in mine) is created
