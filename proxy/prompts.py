@@ -132,7 +132,7 @@ class _Tally:
 
     def count(self, enc: tiktoken.Encoding, exact: bool = False) -> PromptCount:
         """Per-string counting, as in the OpenAI cookbook recipe; bounded unless `exact`."""
-        m = measure(enc, self.texts, sys.maxsize, sys.maxsize) if exact else measure(enc, self.texts)
+        m = measure(enc, self.texts, sys.maxsize, sys.maxsize) if exact else measure(enc, self.texts, remember=True)
         bound = self.fixed + m.bound + self.extra_bound
         return PromptCount(self.fixed + m.estimate, bound, m.exact, self.uncountable, self.hosted_tools)
 

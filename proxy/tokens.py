@@ -65,6 +65,8 @@ _SAFETY_FACTOR = 1.25  # extrapolation errs high: metering must not undercount
 _SPOT_SAMPLES = 4  # windows sampled from the non-exact remainder
 _SPOT_WINDOW = 8_192  # chars per window
 _MAX_MODEL_CHARS = 256  # real model names are far shorter
+MEMO_MIN_CHARS = 512  # shorter texts tokenize in a few us: not worth holding
+MEMO_MAX_CHARS = 4_000_000  # the texts a memo holds at most, per encoding
 
 
 class EncodingIntegrityError(RuntimeError):
@@ -232,8 +234,54 @@ def _spot_ratio(enc: tiktoken.Encoding, pieces: Sequence[str], skip: int, total:
     return tokens / chars if chars else 0.0
 
 
+class _Memo:
+    """Token counts of long texts seen lately, least recently used out first: an app
+    sends the same system prompt and tool schemas on every request, and an 8 kB
+    system prompt costs ~200 us to tokenize, ~3 us to look up. Keyed by the whole
+    text, so a count is never another text's."""
+
+    def __init__(self) -> None:
+        self.counts: dict[str, int] = {}  # in use order, oldest first
+        self.chars = 0
+        self.lock = threading.Lock()  # prompts are also counted off the loop (asyncio.to_thread)
+
+    def count(self, enc: tiktoken.Encoding, text: str) -> int:
+        if len(text) < MEMO_MIN_CHARS:
+            return _tokens(enc, text)
+        with self.lock:
+            tokens = self.counts.pop(text, None)
+            if tokens is not None:
+                self.counts[text] = tokens  # now the most recent
+                return tokens
+        tokens = _tokens(enc, text)
+        with self.lock:
+            if text not in self.counts:
+                self.counts[text] = tokens
+                self.chars += len(text)
+                while self.chars > MEMO_MAX_CHARS:
+                    oldest = next(iter(self.counts))
+                    self.chars -= len(oldest)
+                    del self.counts[oldest]
+        return tokens
+
+
+_MEMOS: dict[str, _Memo] = {}
+
+
+def _tokens(enc: tiktoken.Encoding, text: str) -> int:
+    return len(enc.encode_ordinary(text))
+
+
+def _memo(enc: tiktoken.Encoding) -> _Memo:
+    return _MEMOS.get(enc.name) or _MEMOS.setdefault(enc.name, _Memo())
+
+
 def measure(
-    enc: tiktoken.Encoding, texts: Sequence[str], budget: int = EXACT_CHAR_BOUND, max_pieces: int = MAX_EXACT_PIECES
+    enc: tiktoken.Encoding,
+    texts: Sequence[str],
+    budget: int = EXACT_CHAR_BOUND,
+    max_pieces: int = MAX_EXACT_PIECES,
+    remember: bool = False,
 ) -> Measure:
     """Count ``texts`` (each tokenized on its own), exactly up to ``budget`` chars and
     ``max_pieces`` strings; beyond that, CPU stays bounded (a 10 MB text tokenizes
@@ -244,7 +292,11 @@ def measure(
     - ``estimate``: the exact part plus the rest extrapolated as
       ``ceil(len(rest) * ratio * 1.25)``, ``ratio`` the higher tokens-per-char of the
       exact part and of a few spot windows of the rest, capped at ``bound``.
+
+    ``remember``: whole texts of ``MEMO_MIN_CHARS`` or more are counted through the
+    encoding's memo (prompts repeat; streamed output does not).
     """
+    count = _memo(enc).count if remember else _tokens
     exact_tokens = exact_chars = skip = 0  # skip: chars of rest[0] counted exactly
     rest: Sequence[str] = ()
     for i, text in enumerate(texts):
@@ -257,7 +309,7 @@ def measure(
             exact_chars += skip
             rest = texts[i:]
             break
-        exact_tokens += len(enc.encode_ordinary(text))
+        exact_tokens += count(enc, text)
         exact_chars += len(text)
     if not rest:
         return Measure(exact_tokens, exact_tokens, exact=True)

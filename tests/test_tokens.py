@@ -232,3 +232,31 @@ def test_the_bound_of_10_mb_costs_little_cpu(o200k: tiktoken.Encoding) -> None:
     counted = measure(o200k, [text])
     print(f"10 MB prompt: bound and estimate in {(time.process_time() - started) * 1000:.1f} ms of CPU")
     assert counted.bound >= counted.estimate > 0  # a figure, not a timed assertion
+
+
+def test_remembered_counts_are_tiktokens_own(o200k: tiktoken.Encoding) -> None:
+    """A prompt text seen before is counted from the memo: the same count as
+    tokenizing it, for the text itself and for texts that differ from it by a byte."""
+    rng = random.Random(7)
+    words = ["sea", "ship", " ", "\n", "naïve", "数据", "🙂", "12", "3.5", "don't"]
+    base = "".join(rng.choice(words) for _ in range(2_000))
+    variants = [base, base + "!", "!" + base[1:], base[:-1], base.replace("sea", "SEA", 1)]
+    for _ in range(2):  # the second pass answers from the memo
+        for text in variants:
+            assert tokens.measure(o200k, [text], remember=True) == tokens.measure(o200k, [text])
+    assert all(text in tokens._memo(o200k).counts for text in variants)
+
+
+def test_the_memo_is_bounded_and_keeps_what_is_used(o200k: tiktoken.Encoding, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(tokens, "MEMO_MAX_CHARS", 10 * tokens.MEMO_MIN_CHARS)
+    monkeypatch.setitem(tokens._MEMOS, o200k.name, tokens._Memo())
+    memo = tokens._memo(o200k)
+    texts = [f"{i:04d} " + "word " * (tokens.MEMO_MIN_CHARS // 5) for i in range(30)]  # ~9 fit
+    system_prompt, short = texts[0], "short text"
+    for text in texts[1:]:
+        tokens.measure(o200k, [system_prompt, text, short], remember=True)  # as every request sends it
+        assert memo.chars <= tokens.MEMO_MAX_CHARS
+        assert memo.chars == sum(map(len, memo.counts))
+    assert system_prompt in memo.counts  # used by every request: never the oldest
+    assert texts[1] not in memo.counts and texts[-1] in memo.counts
+    assert short not in memo.counts  # too short to be worth holding
