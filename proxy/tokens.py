@@ -65,7 +65,7 @@ _SAFETY_FACTOR = 1.25  # extrapolation errs high: metering must not undercount
 _SPOT_SAMPLES = 4  # windows sampled from the non-exact remainder
 _SPOT_WINDOW = 8_192  # chars per window
 _MAX_MODEL_CHARS = 256  # real model names are far shorter
-MEMO_MIN_CHARS = 512  # shorter texts tokenize in a few us: not worth holding
+MEMO_MIN_CHARS = 256  # shorter texts tokenize in a few us: not worth holding (a tool's schema is ~400)
 MEMO_MAX_CHARS = 4_000_000  # the texts a memo holds at most, per encoding
 
 

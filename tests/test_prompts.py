@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import tiktoken
 
-from proxy.prompts import IMAGE_TOKENS_HIGH, IMAGE_TOKENS_LOW, estimate_prompt_tokens
+from proxy.prompts import _TOOL_OVERHEAD, IMAGE_TOKENS_HIGH, IMAGE_TOKENS_LOW, estimate_prompt_tokens
 from proxy.tokens import get_encoding
 
 from .sample_text import realistic_text
@@ -307,3 +309,17 @@ def test_weird_shapes_do_not_raise(o200k: tiktoken.Encoding, endpoint: str, body
 def test_unknown_endpoint(o200k: tiktoken.Encoding) -> None:
     with pytest.raises(ValueError):
         estimate_prompt_tokens("images", {}, o200k)
+
+
+def test_tool_schemas_count_as_their_compact_json(o200k: tiktoken.Encoding) -> None:
+    """A tool's schema is counted as json.dumps's compact text (written by orjson), the
+    same for non-ASCII and escapes, and for what orjson refuses (an int past 64 bits)."""
+    schema = {"type": "object", "properties": {"q": {"type": "string", "description": 'naïve "数据" \\ \n\t🙂'}}}
+    for tool in (
+        {"type": "function", "function": {"name": "find", "parameters": schema}},
+        {"type": "function", "function": {"name": "big", "parameters": {"maximum": 2**70, "x": 1.5e-7}}},
+    ):
+        text = json.dumps(tool, separators=(",", ":"), ensure_ascii=False)
+        alone = estimate_prompt_tokens("chat", {"messages": []}, o200k)
+        counted = estimate_prompt_tokens("chat", {"messages": [], "tools": [tool]}, o200k)
+        assert counted == alone + _TOOL_OVERHEAD + _exact(o200k, text)
