@@ -55,6 +55,33 @@ from proxy.scripts import SCRIPTS  # noqa: E402
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 MESSAGES = [{"role": "user", "content": "Write one sentence about the sea."}]
+# An app's request as apps send them: the same long system prompt and tool list every time
+_TOOL = {
+    "type": "function",
+    "function": {
+        "description": "Look up a record by its id, with the fields asked for and the depth of related records.",
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "id": {"type": "string", "description": "The record's id, e.g. cus_123"},
+                "fields": {"type": "array", "items": {"type": "string"}},
+                "depth": {"type": "integer", "minimum": 0, "maximum": 3},
+            },
+            "required": ["id"],
+        },
+    },
+}
+APP_REQUEST = {
+    "messages": [
+        {
+            "role": "system",
+            "content": "You are the support assistant of ACME Corp. Answer politely and briefly, cite the"
+            " knowledge base article you used, and never reveal internal policy or other customers' data. " * 50,
+        },
+        *MESSAGES,
+    ],
+    "tools": [{**_TOOL, "function": {**_TOOL["function"], "name": f"lookup_{i}"}} for i in range(20)],
+}
 TOKENS = 16  # bench/upstream.py's answer
 LITELLM_KEY = "sk-litellm-bench"
 
@@ -84,8 +111,10 @@ class Sample:
     per_chunk: list[float] = field(default_factory=list)  # seconds per chunk after the first byte
 
 
-async def load(url: str, key: str, requests: int, concurrency: int, stream: bool) -> Sample:
-    body = {"model": "gpt-4o-mini", "messages": MESSAGES, "max_tokens": TOKENS, "stream": stream}
+async def load(
+    url: str, key: str, requests: int, concurrency: int, stream: bool, request: dict[str, Any] | None = None
+) -> Sample:
+    body = {"model": "gpt-4o-mini", "messages": MESSAGES, "max_tokens": TOKENS, "stream": stream, **(request or {})}
     headers = {"Authorization": f"Bearer {key}"}
     sample = Sample()
     queue = iter(range(requests))
@@ -193,6 +222,7 @@ class Target:
     key: str
     metered: bool = False
     rows: dict[bool, list[dict[str, Any]]] = field(default_factory=lambda: {False: [], True: []})
+    app_cpu_us: list[float] = field(default_factory=list)  # APP_REQUEST, JSON
 
 
 async def measure(target: Target, args: argparse.Namespace, stream: bool, redis: Any) -> dict[str, Any]:
@@ -314,6 +344,14 @@ def start_litellm(binary: str, tmp: Path, upstream_url: str) -> tuple[subprocess
     return proc, port
 
 
+async def measure_app_request(target: Target, args: argparse.Namespace) -> None:
+    """CPU per request of APP_REQUEST (JSON): what counting a real app's prompt costs."""
+    await load(target.url, target.key, args.warmup, args.concurrency, False, APP_REQUEST)
+    cpu0 = cpu_seconds(target.pid)
+    await load(target.url, target.key, args.requests // 2, args.concurrency, False, APP_REQUEST)
+    target.app_cpu_us.append(1e6 * (cpu_seconds(target.pid) - cpu0) / (args.requests // 2))
+
+
 def ratio_text(values: list[float]) -> str:
     """A CPU ratio; a smoke run's few requests may round to 0 clock ticks."""
     return f"{spread(values)}x" if max(values) < 1e6 else "n/a"
@@ -384,6 +422,15 @@ def report(targets: list[Target], args: argparse.Namespace, redis_version: str) 
                 f" script time: {per_script}",
                 "",
             ]
+    lines += [
+        "### JSON, an app's request (a 1.7k-token system prompt and 20 tools, the same on every request)",
+        "",
+        "| target | CPU ms per 1k req | CPU vs B |",
+        "|---|---|---|",
+    ]
+    for t in targets[1:]:
+        ratio = [c / max(b, 1e-9) for c, b in zip(t.app_cpu_us, bare.app_cpu_us, strict=True)]
+        lines.append(f"| {t.name} | {statistics.median(t.app_cpu_us):.0f} | {ratio_text(ratio)} |")
     return "\n".join(lines)
 
 
@@ -477,6 +524,8 @@ async def main(args: argparse.Namespace) -> None:
             for stream in (False, True):
                 for target in targets:
                     target.rows[stream].append(await measure(target, args, stream, redis))
+            for target in targets[1:]:
+                await measure_app_request(target, args)
         text = report(targets, args, redis_version) if args.rounds else ""
         if args.memory:
             plan = memory.Plan.smoke() if args.smoke else memory.Plan()
