@@ -110,6 +110,7 @@ def output_of_body(body: Any) -> OutputCounter:
 
 
 FINAL_RESPONSE_EVENTS = ("response.completed", "response.incomplete", "response.failed")
+_DELTA_TEXTS = frozenset({"content", "refusal", "reasoning_content"})  # a chat delta's billed text
 
 
 class StreamTap:
@@ -149,14 +150,17 @@ class StreamTap:
             self.first_chunk = payload
         if "error" in payload:
             self.error = str(payload.get("error"))[:500]
-        for choice in payload.get("choices") or ():
+        choices = payload.get("choices")
+        for choice in choices or ():
             if isinstance(choice, dict):
                 self._collect_choice(choice)
-        self.service_tier = service_tier_of(payload) or self.service_tier
+        tier = payload.get("service_tier")
+        if tier and isinstance(tier, str):
+            self.service_tier = tier
         raw_usage = payload.get("usage")
         if raw_usage:
             self.usage = usage_from(raw_usage, self.service_tier)
-            if payload.get("choices"):
+            if choices:
                 return True
             # the usage-only chunk we forced on: shown only to clients that asked
             if self.client_wants_usage:
@@ -171,11 +175,15 @@ class StreamTap:
         delta = choice.get("delta")
         if not isinstance(delta, dict):
             return
-        for name in ("content", "refusal", "reasoning_content"):
-            value = delta.get(name)
-            if isinstance(value, str):
-                self.output.add(value)
-        for call in delta.get("tool_calls") or ():
+        for name, value in delta.items():  # a delta holds a field or two: cheaper than asking for each
+            if name in _DELTA_TEXTS:
+                if isinstance(value, str):
+                    self.output.add(value)
+            elif name == "tool_calls" and value:
+                self._collect_tool_calls(value)
+
+    def _collect_tool_calls(self, calls: Any) -> None:
+        for call in calls if isinstance(calls, list) else ():
             function = call.get("function") if isinstance(call, dict) else None
             if isinstance(function, dict):
                 for name in ("name", "arguments"):

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+import orjson
+
 from proxy import tokens
 from proxy.money import Usage
+from proxy.sse import Event
 from proxy.testing.upstream import DemoUpstream
-from proxy.usage import output_of_body, usage_from
+from proxy.usage import StreamTap, output_of_body, usage_from
 
 from .conftest import Running
 from .helpers import entries
@@ -51,3 +56,25 @@ async def test_non_streamed_reply_without_usage_is_estimated(proxy: Running, ups
     enc = tokens.get_encoding("o200k_base")
     assert entry["estimated"] is True
     assert entry["usage"]["output_tokens"] == len(enc.encode("tok0 tok1 tok2 tok3 tok4 tok5"))
+
+
+def test_a_stream_tap_collects_every_billed_text_of_a_chat_delta() -> None:
+    """What a cut stream is charged for: content, refusals, reasoning, tool names and
+    arguments, legacy `text`; odd shapes are skipped, never raised on."""
+    tap = StreamTap("chat", client_wants_usage=False)
+    deltas: list[Any] = [
+        {"role": "assistant", "content": "Hel"},
+        {"content": "lo", "refusal": None},
+        {"refusal": " no"},
+        {"reasoning_content": " think"},
+        {"tool_calls": [{"index": 0, "function": {"name": "f", "arguments": '{"a":'}}]},
+        {"tool_calls": [{"function": {"arguments": "1}"}}, "odd", {"function": "odd"}]},
+        {"tool_calls": "odd", "content": 5},
+        "odd",
+    ]
+    chunks: list[Any] = [{"choices": [{"index": 0, "delta": d}]} for d in deltas]
+    chunks += [{"choices": [{"text": " legacy"}, "odd"]}, {"choices": "odd"}, ["odd"]]
+    for chunk in chunks:
+        assert tap.forward(Event(None, orjson.dumps(chunk), b""))
+    assert "".join(tap.output._parts) == 'Hello no thinkf{"a":1} legacy'
+    assert tap.usage is None and not tap.finished
