@@ -350,12 +350,7 @@ class Response:
         self.status = connection.status
         self.headers = connection.headers
         self._client, self._origin, self._connection = client, origin, connection
-
-    async def read(self) -> bytes:
-        return await self._connection.read()
-
-    async def next_chunk(self) -> bytes | None:
-        return await self._connection.next_chunk()
+        self.read, self.next_chunk = connection.read, connection.next_chunk  # no wrapper per chunk
 
     def close(self) -> None:
         self._connection.abort()

@@ -249,7 +249,7 @@ async def relay_stream(
     first = True
     broken = gone = False
     try:
-        async for chunk in upstream.chunks():
+        while (chunk := await upstream.next_chunk()) is not None:
             if first:
                 meter.timing["ttft_ms"] = observe(metrics.TTFT_SECONDS, meter, started)
                 first = False

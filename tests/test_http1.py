@@ -241,7 +241,7 @@ async def test_a_slow_reader_pauses_the_socket_so_memory_stays_bounded(
         read_size = 256 * 1024  # the most one read of the event loop takes (asyncio, uvloop)
         assert connection.buffered <= http1.HIGH_WATER + read_size and not sent.is_set()
         received = 0
-        async for chunk in response.chunks():
+        while (chunk := await response.next_chunk()) is not None:
             received += len(chunk)
         assert received == total and sent.is_set()
 
