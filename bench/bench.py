@@ -56,7 +56,7 @@ from proxy.scripts import SCRIPTS  # noqa: E402
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 MESSAGES = [{"role": "user", "content": "Write one sentence about the sea."}]
 # An app's request as apps send them: the same long system prompt and tool list every time
-_TOOL = {
+_TOOL: dict[str, Any] = {
     "type": "function",
     "function": {
         "description": "Look up a record by its id, with the fields asked for and the depth of related records.",
@@ -222,7 +222,7 @@ class Target:
     key: str
     metered: bool = False
     rows: dict[bool, list[dict[str, Any]]] = field(default_factory=lambda: {False: [], True: []})
-    app_cpu_us: list[float] = field(default_factory=list)  # APP_REQUEST, JSON
+    cpu_us: dict[str, list[float]] = field(default_factory=dict)  # per REAL_LOADS name, per round
 
 
 async def measure(target: Target, args: argparse.Namespace, stream: bool, redis: Any) -> dict[str, Any]:
@@ -344,12 +344,21 @@ def start_litellm(binary: str, tmp: Path, upstream_url: str) -> tuple[subprocess
     return proc, port
 
 
-async def measure_app_request(target: Target, args: argparse.Namespace) -> None:
-    """CPU per request of APP_REQUEST (JSON): what counting a real app's prompt costs."""
-    await load(target.url, target.key, args.warmup, args.concurrency, False, APP_REQUEST)
-    cpu0 = cpu_seconds(target.pid)
-    await load(target.url, target.key, args.requests // 2, args.concurrency, False, APP_REQUEST)
-    target.app_cpu_us.append(1e6 * (cpu_seconds(target.pid) - cpu0) / (args.requests // 2))
+# Loads as apps send them, CPU per request only: (name, request, stream, share of --requests)
+REAL_LOADS = (
+    ("JSON, an app's request (a 1.7k-token system prompt and 20 tools, the same every time)", APP_REQUEST, False, 2),
+    # 100 tokens 1 ms apart, each its own network read, as a model streams them
+    ("stream, 100 tokens 1 ms apart", {"metadata": {"bench_chunks": "100", "bench_delay_ms": "1"}}, True, 6),
+)
+
+
+async def measure_real_loads(target: Target, args: argparse.Namespace) -> None:
+    for name, request, stream, share in REAL_LOADS:
+        await load(target.url, target.key, args.warmup // share, args.concurrency, stream, request)
+        requests = max(1, args.requests // share)
+        cpu0 = cpu_seconds(target.pid)
+        await load(target.url, target.key, requests, args.concurrency, stream, request)
+        target.cpu_us.setdefault(name, []).append(1e6 * (cpu_seconds(target.pid) - cpu0) / requests)
 
 
 def ratio_text(values: list[float]) -> str:
@@ -422,15 +431,12 @@ def report(targets: list[Target], args: argparse.Namespace, redis_version: str) 
                 f" script time: {per_script}",
                 "",
             ]
-    lines += [
-        "### JSON, an app's request (a 1.7k-token system prompt and 20 tools, the same on every request)",
-        "",
-        "| target | CPU ms per 1k req | CPU vs B |",
-        "|---|---|---|",
-    ]
-    for t in targets[1:]:
-        ratio = [c / max(b, 1e-9) for c, b in zip(t.app_cpu_us, bare.app_cpu_us, strict=True)]
-        lines.append(f"| {t.name} | {statistics.median(t.app_cpu_us):.0f} | {ratio_text(ratio)} |")
+    for name, *_ in REAL_LOADS:
+        lines += [f"### {name}", "", "| target | CPU ms per 1k req | CPU vs B |", "|---|---|---|"]
+        for t in targets[1:]:
+            ratio = [c / max(b, 1e-9) for c, b in zip(t.cpu_us[name], bare.cpu_us[name], strict=True)]
+            lines.append(f"| {t.name} | {statistics.median(t.cpu_us[name]):.0f} | {ratio_text(ratio)} |")
+        lines.append("")
     return "\n".join(lines)
 
 
@@ -525,7 +531,7 @@ async def main(args: argparse.Namespace) -> None:
                 for target in targets:
                     target.rows[stream].append(await measure(target, args, stream, redis))
             for target in targets[1:]:
-                await measure_app_request(target, args)
+                await measure_real_loads(target, args)
         text = report(targets, args, redis_version) if args.rounds else ""
         if args.memory:
             plan = memory.Plan.smoke() if args.smoke else memory.Plan()
