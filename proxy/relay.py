@@ -293,6 +293,14 @@ def forwardable(events: list[Event], tap: StreamTap, scrub: Scrubber, held: list
     """Bytes to send now; the stream's end (its usage event and what follows) goes to
     `held`, sent once settled. Whole events, so `scrub` sees every secret whole however
     the network split it."""
+    if len(events) == 1 and not held:  # a model's stream: an event per read
+        event = events[0]
+        if not tap.forward(event):
+            return b""
+        if tap.finished or event is tap.usage_event:
+            held.append(event)
+            return b""
+        return scrub(event.raw)
     now: list[bytes] = []
     for event in events:
         if not tap.forward(event):

@@ -35,11 +35,10 @@ class SSEParser:
         events = []
         start = 0
         while (end := buf.find(_EVENT_END, start)) != -1:
-            block = buf[start:end]
-            if block.startswith(b"data: ") and b"\n" not in block:  # most events: one data line
-                events.append(Event(None, block[6:], buf[start : end + 2]))
+            if buf.startswith(b"data: ", start) and buf.find(b"\n", start, end) == -1:  # most: one data line
+                events.append(Event(None, buf[start + 6 : end], buf[start : end + 2]))
             else:
-                events.append(_parse_block(block))
+                events.append(_parse_block(buf[start:end]))
             start = end + 2
         self._buf = buf[start:]
         return events

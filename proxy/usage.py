@@ -152,8 +152,15 @@ class StreamTap:
             self.error = str(payload.get("error"))[:500]
         choices = payload.get("choices")
         for choice in choices or ():
-            if isinstance(choice, dict):
-                self._collect_choice(choice)
+            if type(choice) is not dict:
+                continue
+            delta = choice.get("delta")
+            if type(delta) is dict and len(delta) == 1 and "text" not in choice:  # most chunks: one content delta
+                content = delta.get("content")
+                if type(content) is str:
+                    self.output.add(content)
+                    continue
+            self._collect_choice(choice)
         tier = payload.get("service_tier")
         if tier and isinstance(tier, str):
             self.service_tier = tier

@@ -19,23 +19,34 @@ from .helpers import entries, last_entry_id, next_entry
 MESSAGES = [{"role": "user", "content": "Tell me a story"}]
 
 
-async def test_chat_stream_with_usage_asked(proxy: Running, upstream: DemoUpstream) -> None:
+# paced: each event its own network read, as a model streams (the relay's one-event path)
+PACING_S = [0.0, 0.005]
+
+
+@pytest.mark.parametrize("pacing_s", PACING_S)
+async def test_chat_stream_with_usage_asked(proxy: Running, upstream: DemoUpstream, pacing_s: float) -> None:
     key = await proxy.account("acme", "10")
     upstream.fault.prompt_tokens, upstream.fault.output_tokens = 100, 6
+    upstream.fault.chunk_delay_s = pacing_s
     stream = await proxy.client(key).chat.completions.create(
         model="gpt-4o", messages=MESSAGES, stream=True, stream_options={"include_usage": True}
     )
     chunks = [chunk async for chunk in stream]
     usage_chunks = [c for c in chunks if c.usage is not None]
-    assert len(usage_chunks) == 1 and usage_chunks[0].choices == []
+    assert len(usage_chunks) == 1 and usage_chunks[0].choices == [] and chunks[-1] is usage_chunks[0]
+    assert (usage_chunks[0].usage.model_extra or {})["cost_usd"] == "0.000310"
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices).startswith("tok0 tok1")
     view = await proxy.balance("acme")
     assert view.balance == 10_000_000 - (100 * 2.5 + 6 * 10) and view.reserved == 0
 
 
-async def test_chat_stream_hides_the_forced_usage_chunk(proxy: Running, upstream: DemoUpstream) -> None:
+@pytest.mark.parametrize("pacing_s", PACING_S)
+async def test_chat_stream_hides_the_forced_usage_chunk(
+    proxy: Running, upstream: DemoUpstream, pacing_s: float
+) -> None:
     key = await proxy.account("acme", "10")
     upstream.fault.prompt_tokens, upstream.fault.output_tokens = 100, 6
+    upstream.fault.chunk_delay_s = pacing_s
     stream = await proxy.client(key).chat.completions.create(model="gpt-4o", messages=MESSAGES, stream=True)
     chunks = [chunk async for chunk in stream]
     assert all(c.choices for c in chunks)  # no usage-only chunk leaked
