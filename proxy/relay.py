@@ -1,12 +1,12 @@
 """The metered request path, top to bottom:
 
     authenticate -> parse -> admit (one Lua call) -> forward -> tap usage
-                 -> settle (one Lua call, in `finally`, shielded) -> respond
+                 -> settle (one Lua call, in `finally`) -> respond
 
 A request that was admitted is settled exactly once whatever happens after: upstream
 errors release the reservation at no charge; a client that vanishes mid-stream is
-charged for what was streamed; a cancelled handler still settles (the settlement runs
-as its own task).
+charged for what was streamed; a handler cancelled while settling hands its settlement
+to a task that finishes it (meter.py).
 """
 
 from __future__ import annotations

@@ -14,12 +14,16 @@ from typing import Any
 import aiohttp
 import openai
 import pytest
+from prometheus_client import REGISTRY
 from redis.asyncio import Redis
 
 from proxy import keyspace, reconcile
+from proxy.app import Proxy
+from proxy.config import Config
 from proxy.testing.upstream import DemoUpstream
 
-from .helpers import ChildConfig, child_config, entries, funded_key, spawn_proxy, wait_healthy
+from .conftest import Running
+from .helpers import ChildConfig, child_config, entries, funded_key, spawn_proxy, wait_for, wait_healthy
 
 HELD_AT = 2  # events each stream sends before the upstream holds it
 STREAMS = 3
@@ -149,3 +153,42 @@ async def test_streams_past_the_grace_period_are_cut_and_charged_for_what_was_re
     assert entry["estimated"] is True
     assert entry["usage"]["output_tokens"] >= 1  # the deltas relayed before the cut, counted
     await no_open_reservation(redis)
+
+
+async def test_a_settlement_the_grace_period_cuts_off_is_finished_once(
+    make_config: Any, upstream: DemoUpstream, redis: Redis
+) -> None:
+    """The grace period ends while a stream's settlement waits on Redis (CLIENT PAUSE
+    holds its write): the handler is cancelled in the middle of settling, a task of its
+    own finishes the settlement, and the request is charged once, its reservation closed,
+    this instance's open-reservation gauge back where it was."""
+    upstream.fault.hold_after_chunks, upstream.fault.output_tokens = HELD_AT, 8
+    config: Config = make_config({"server": {"shutdown_timeout_s": 0.3}})
+    proxy = Proxy(config)
+    state = await proxy.start()
+    running = Running(proxy, state, f"http://127.0.0.1:{proxy.ports['client']}", "")
+    stopped = False
+    try:
+        client = running.client(await running.account())
+        opened = REGISTRY.get_sample_value("metering_proxy_reservations_open")
+        task = asyncio.create_task(stream(client))
+        await held(upstream, 1)
+        (meter,) = state.inflight.values()
+        await redis.execute_command("CLIENT", "PAUSE", 1500, "WRITE")
+        upstream.release.set()  # the stream ends; its settlement waits on Redis
+        await wait_for(lambda: meter.settled is not None, what="the settlement under way")
+        await asyncio.wait_for(proxy.stop(), 30)  # cancels the handler 0.3 s on, mid-settlement
+        stopped = True
+        with pytest.raises(openai.APIError):  # its end was held for the settlement: never sent
+            await task
+    finally:
+        upstream.release.set()
+        for opened_client in running.clients:
+            await opened_client.close()
+        if not stopped:
+            await asyncio.wait_for(proxy.stop(), 30)
+    [entry] = [e for e in await entries(redis, "acme") if e["type"] == "usage"]
+    assert entry["usage"]["output_tokens"] == 8 and entry["request_id"] == meter.request_id
+    await no_open_reservation(redis)
+    assert state.inflight == {} and meter.settled.done()
+    assert REGISTRY.get_sample_value("metering_proxy_reservations_open") == opened
