@@ -19,8 +19,10 @@ def test_bench_smoke_prints_every_target_redis_and_memory_figures() -> None:
     )
     assert done.returncode == 0, done.stderr[-2000:]
     table, heading, mem = done.stdout.partition("## Memory, big prompts and long streams")
-    for target in ("A upstream (direct)", "B bare aiohttp pass-through", "C metering-proxy"):
-        assert table.count(f"| {target} |") == 2, done.stdout  # JSON and stream
+    assert table.count("| A upstream (direct) |") == 2, done.stdout  # JSON and stream
+    for target in ("B bare aiohttp pass-through", "C metering-proxy"):  # and the two apps' loads
+        assert table.count(f"| {target} |") == 4, done.stdout
+    assert "### JSON, an app's request" in table and "### stream, 100 tokens 1 ms apart" in table, done.stdout
     assert "top-level commands" in table and "admit" in table and "settle" in table
     # --memory (tiny counts): the RSS curve, the big prompts through C and B, a default
     # proxy's answer to 10 MB, the long stream through both
