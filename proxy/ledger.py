@@ -240,8 +240,8 @@ class Ledger:
         key_id = call.entry.get("key_id")
         window = keyspace.key_window(call.account_id, str(key_id or ""))
         members = orjson.dumps({k: v for k, v in call.entry.items() if k not in SETTLE_WRITES})
-        kind = call.entry.get("type") or ""
-        args = (call.request_id, whole, fine, call.real_tokens, members, kind, key_id if isinstance(key_id, str) else "")
+        kind, key = call.entry.get("type") or "", key_id if isinstance(key_id, str) else ""
+        args = (call.request_id, whole, fine, call.real_tokens, members, kind, key)
         reply = await self._run("settle", call.account_id, *args, model=call.model, extra_keys=(marker, window))
         settlement = scripts.settlement(reply)
         _report_anomalies(call, settlement)
