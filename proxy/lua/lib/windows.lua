@@ -18,9 +18,10 @@
 
 local WINDOW_S = 60
 -- `H:0`, written with the sums: a value longer than Redis's hash-max-listpack-value (64
--- bytes by default) keeps the hash a hashtable. As a listpack (~120 fields) every field
--- the admission reads or adds was found by a scan of the whole hash: ~20% of the Redis
--- CPU of a metered request. (Ignored by the scans, like the sums.)
+-- bytes by default) keeps the hash a hashtable (~4 KB more when full: docs/scaling.md).
+-- As a listpack (~120 fields) every field the admission reads or adds was found by a
+-- scan of the whole hash: ~5% of a metered request's Redis instructions per window.
+-- (Ignored by the scans, like the sums.)
 local HASHTABLE = 'keeps this rate window a hashtable: field lookups in O(1), not a scan of ~120'
 
 -- The sums as they now stand, for the next call (a refused admission prunes too).
