@@ -44,6 +44,12 @@ from .runner import Invocation, PoolRunner, ScriptRunner, runner_for
 from .scripts import SCRIPTS, AccountView, Admission, KeyFigures, Lookup, Reaped, Reply, Settlement
 
 log = structlog.get_logger("proxy.ledger")
+# The ledger entry members settle.lua writes itself (type and key_id from ARGVs of their
+# own): the proxy's entry is spliced in without them, so no name appears twice.
+SETTLE_WRITES = frozenset(
+    ("type", "key_id", "request_id", "reserved", "admitted", "unreserved", "previously_charged", "exact_micro",
+     "exact_fine", "amount", "reservation_exceeded", "overage", "grant_id", "draws", "not_returned", "balance", "ts")
+)  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)
@@ -231,8 +237,11 @@ class Ledger:
     async def settle(self, call: SettleCall) -> Settlement:
         whole, fine = split_exact(call.exact_cost)
         marker = keyspace.settled(call.account_id, call.request_id)
-        window = keyspace.key_window(call.account_id, str(call.entry.get("key_id") or ""))
-        args = (call.request_id, whole, fine, call.real_tokens, orjson.dumps(call.entry))
+        key_id = call.entry.get("key_id")
+        window = keyspace.key_window(call.account_id, str(key_id or ""))
+        members = orjson.dumps({k: v for k, v in call.entry.items() if k not in SETTLE_WRITES})
+        kind, key = call.entry.get("type") or "", key_id if isinstance(key_id, str) else ""
+        args = (call.request_id, whole, fine, call.real_tokens, members, kind, key)
         reply = await self._run("settle", call.account_id, *args, model=call.model, extra_keys=(marker, window))
         settlement = scripts.settlement(reply)
         _report_anomalies(call, settlement)

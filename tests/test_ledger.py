@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import secrets
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -11,7 +12,7 @@ from typing import Any
 import openai
 import pytest
 
-from proxy import keyspace
+from proxy import keyspace, reconcile
 from proxy.ledger import Ledger, SettleCall
 from proxy.testing.upstream import DemoUpstream
 
@@ -245,3 +246,29 @@ async def test_adjustments_settle_invoiced_overage_and_charge_by_hand(start_prox
     assert status == 201 and charge["amount_usd"] == "-2.500000" and charge["draws"][0]["amount_usd"] == "2.500000"
     assert (await ledger.touch("acme")).balance == 7_500_000
     assert not await reconcile.check_account(running.state.redis, "acme")
+
+
+async def test_the_proxys_entry_is_spliced_in_once_and_never_over_what_settle_writes(proxy: Running) -> None:
+    """settle.lua splices the proxy's members of the entry in as JSON text (never decoded):
+    each name once, text with quotes, escapes and non-ASCII intact, and the names settle.lua
+    writes (amount, request_id, ...) its own even when the proxy's entry has them too."""
+    ledger = await new_account(proxy)
+    await proxy.fund("acme", "1")
+    request_id = "req_splice"
+    await ledger.admit("acme", "key_test", "gpt-4o", request_id, prompt_cost=500, output_cost=0, output_pico=0,
+                       prompt_tokens=1, max_output_tokens=0, choices=1)  # fmt: skip
+    usage = {"input_tokens": 3, "output_tokens": 4, "prompt_tokens_details": {"cached_tokens": 1}}
+    odd = 'a "quoted" \\ back\\slash, a tab\t, é and 🙂'
+    entry = {"model": "gpt-4o", "key_id": "key_test", "usage": usage, "estimated": False, "service_tier": odd,
+             "amount": "-999999", "request_id": "req_forged", "balance": "1", "draws": []}  # fmt: skip
+    settled = await ledger.settle(SettleCall("acme", "gpt-4o", request_id, Decimal(120), 7, entry))
+    ((_, last),) = await proxy.state.redis.xrevrange(keyspace.account("acme", "ledger"), count=1)
+    pairs = json.loads(last["e"], object_pairs_hook=lambda items: items)
+    names = [name for name, _ in pairs]
+    assert len(names) == len(set(names)), names
+    e = dict(pairs)
+    assert e["request_id"] == request_id and e["amount"] == "-120" == f"-{settled.cost}"
+    assert e["type"] == "usage" and e["key_id"] == "key_test" and e["reserved"] == "500"
+    assert dict(e["usage"][:2]) == {"input_tokens": 3, "output_tokens": 4} and e["service_tier"] == odd
+    assert e["balance"] == str(settled.balance) and "draws" in e and e["draws"] != []
+    assert not await reconcile.check_account(proxy.state.redis, "acme")

@@ -188,3 +188,24 @@ async def test_a_release_before_the_sums_reads_and_writes_the_same_windows(redis
     await redis.hincrby(KEY, "t:1030", 5)  # its settlement: a bucket corrected, not the sums
     # every window is counted again once a minute (when its start passes a multiple of 60 s)
     assert await run(redis, CTX, "peek", 1_080) == [1, 6, 1_030]
+
+
+async def test_a_window_becomes_a_hashtable_and_one_left_as_a_listpack_is_counted_exactly(redis: Any) -> None:
+    """`H:0` keeps a window a hashtable (its fields found without a scan of ~120). A full
+    window the previous release left (a listpack: sums, no `H:0`) counts exactly what it
+    holds and becomes a hashtable at its next prune."""
+    ctx = CTX
+    await redis.delete(KEY)
+    await run(redis, ctx, "admit", 2_000, 5)
+    assert await redis.object("encoding", KEY) == "hashtable"
+    await redis.delete(KEY)
+    now = 3_000
+    buckets = {f"{kind}:{sec}": n for sec in range(now - 59, now) for kind, n in (("r", 2), ("t", 10))}
+    await redis.hset(KEY, mapping={"R:0": 2 * 59, "T:0": 10 * 59, "P:0": now - 60, "O:0": now - 59, **buckets})
+    assert await redis.object("encoding", KEY) == "listpack"
+    assert await run(redis, ctx, "admit", now, 7) == [118, 590, now - 59]
+    assert await run(redis, ctx, "admit", now, 1) == [119, 597, now - 59]  # the bucket of now read back
+    assert await run(redis, ctx, "admit", now + 1, 3) == [118, 588, now - 58]  # second now - 59 left
+    assert await redis.object("encoding", KEY) == "hashtable"
+    assert await run(redis, ctx, "peek", now + 1) == [119, 591, now - 58]
+    assert await redis.hget(KEY, f"r:{now}") == "2" and await redis.hget(KEY, f"t:{now}") == "8"

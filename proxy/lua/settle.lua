@@ -10,15 +10,18 @@
 -- marked settled is a duplicate.
 -- ARGV (after ctx, clock offset):
 --   3 request id   4 exact cost, whole micro-USD   5 exact cost, fraction in fine units
---   (1e-15 micro-USD)   6 real tokens (input + output)   7 entry JSON from the proxy
---   (model, key_id, usage, estimated, ...)
+--   (1e-15 micro-USD)   6 real tokens (input + output)   7 the proxy's members of the
+--   entry, a JSON object spliced into it (model, usage, estimated, ...; none this script
+--   writes: ledger.SETTLE_WRITES)   8 entry type ('' = usage; 'release' when nothing is
+--   charged)   9 the API key id ('' = the reservation's)
 -- keys: acct grants live resv ledger outbox reaped rl rlm kuse +done +rlk
 -- Replies (scripts.py decodes them by these names; every reply ends with `events`):
 -- reply ok: charged balance ledger_id reserved
 -- reply duplicate: ledger_id
 -- (reserved: the reservation it closed, -1 when Redis knew none)
 local req_id, whole, fine, real_tokens = ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
-local entry = cjson.decode(ARGV[7])
+local members = ARGV[7]
+local entry = {type = ARGV[8] ~= '' and ARGV[8] or 'usage', key_id = ARGV[9] ~= '' and ARGV[9] or nil}
 local marker = K.done  -- the request's settled marker (string: its ledger entry id)
 
 local done = redis.call('GET', marker)
@@ -47,7 +50,6 @@ else
   end
 end
 
-entry.type = entry.type or 'usage'  -- 'release' when nothing is charged
 entry.request_id = req_id
 entry.key_id = entry.key_id or (r and r.key)  -- whose spend it counts in
 if r then
@@ -58,7 +60,8 @@ else
 end
 -- a charge above its reservation (an upstream that ignored its cap) is flagged
 local limit = (r and not r.charged) and tonumber(r.amount) or nil
-local charged, id, balance = charge(whole, fine, r and r.admitted or now, entry, now, earlier_draws, limit, r and r.rt)
+local charged, id, balance = charge(whole, fine, r and r.admitted or now, entry, now, earlier_draws, limit, r and r.rt,
+                                    members)
 redis.call('SET', marker, id, 'PX', CTX.settled_ttl_ms)
 
 -- TPM counted the worst case at admission; correct its bucket to the real tokens.

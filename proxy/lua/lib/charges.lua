@@ -75,8 +75,8 @@ end
 -- cost (exact_micro, exact_fine) and the draws; a charge above `limit` (its reservation)
 -- is flagged `reservation_exceeded`. The entry's API key (`key_id`) counts it in its
 -- spend (lib/keys.lua; `counted_at`: when the charge this corrects was counted). Returns
--- the charge, entry id, balance.
-local function charge(whole, fine, at, entry, now, earlier_draws, limit, counted_at)
+-- the charge, entry id, balance. (`members`: as ledger_add's.)
+local function charge(whole, fine, at, entry, now, earlier_draws, limit, counted_at, members)
   local carry = acct_num('carry') + fine
   local charged = whole
   if carry >= CTX.fine / 2 then charged = whole + 1; carry = carry - CTX.fine end
@@ -97,7 +97,7 @@ local function charge(whole, fine, at, entry, now, earlier_draws, limit, counted
   end
   if charged ~= 0 then acct_incr('lifetime_consumed', fmt(charged)) end
   key_charged(entry.key_id, -entry.amount, now, counted_at)
-  local id, balance = ledger_add(entry, now)
+  local id, balance = ledger_add(entry, now, members)
   return charged, id, balance
 end
 

@@ -17,10 +17,16 @@
 -- release's settlement, during an upgrade) is counted exactly again within a minute.
 
 local WINDOW_S = 60
+-- `H:0`, written with the sums: a value longer than Redis's hash-max-listpack-value (64
+-- bytes by default) keeps the hash a hashtable (~4 KB more when full: docs/scaling.md).
+-- As a listpack (~120 fields) every field the admission reads or adds was found by a
+-- scan of the whole hash: ~5% of a metered request's Redis instructions per window.
+-- (Ignored by the scans, like the sums.)
+local HASHTABLE = 'keeps this rate window a hashtable: field lookups in O(1), not a scan of ~120'
 
 -- The sums as they now stand, for the next call (a refused admission prunes too).
 local function save_sums(w)
-  redis.call('HSET', w.key, 'R:0', fmt(w.r), 'T:0', fmt(w.t), 'P:0', fmt(w.p), 'O:0', fmt(w.o or -1))
+  redis.call('HSET', w.key, 'R:0', fmt(w.r), 'T:0', fmt(w.t), 'P:0', fmt(w.p), 'O:0', fmt(w.o or -1), 'H:0', HASHTABLE)
   return w
 end
 
@@ -35,8 +41,10 @@ local function rebuild_window(key, now_s, lo)
       if sec <= lo then
         stale[#stale + 1] = flat[i]
       else
-        w[kind] = w[kind] + tonumber(flat[i + 1])
+        local n = tonumber(flat[i + 1])
+        w[kind] = w[kind] + n
         if w.o == nil or sec < w.o then w.o = sec end
+        if sec == now_s then w['n' .. kind] = n end
       end
     end
   end
@@ -60,18 +68,19 @@ local function oldest_after(key, lo, now_s, requests)
 end
 
 -- The window `key` at now_s: {r, t} its sums (this minute's requests and tokens), `o`
--- its oldest second; what left the minute is dropped (its sums move with it). (The
--- bucket of now_s is not read: it is the newest field, found only by a scan of the whole
--- hash, a listpack; count_admission adds to it without reading it.)
+-- its oldest second, {nr, nt} the bucket of now_s (nil: none yet); what left the minute
+-- is dropped (its sums move with it).
 local function open_window(key, now_s)
   local lo = now_s - WINDOW_S
-  local m = redis.call('HMGET', key, 'R:0', 'T:0', 'P:0', 'O:0')
+  local sec = fmt(now_s)
+  local m = redis.call('HMGET', key, 'R:0', 'T:0', 'P:0', 'O:0', 'r:' .. sec, 't:' .. sec)
   local p = tonumber(m[3])
   if p == nil or lo - p > WINDOW_S or now_s <= p or math.floor(lo / WINDOW_S) ~= math.floor(p / WINDOW_S) then
     return rebuild_window(key, now_s, lo)  -- (the last: once a minute)
   end
   local o = tonumber(m[4])
-  local w = {key = key, r = tonumber(m[1]), t = tonumber(m[2]), p = p, o = o >= 0 and o or nil}
+  local w = {key = key, r = tonumber(m[1]), t = tonumber(m[2]), p = p, o = o >= 0 and o or nil,
+             nr = tonumber(m[5]), nt = tonumber(m[6])}  -- (tonumber(false): nil, no bucket yet)
   if lo <= p then return w end
   w.p = lo
   if w.o == nil or w.o > lo then return save_sums(w) end
@@ -95,20 +104,22 @@ local function open_window(key, now_s)
   return save_sums(w)
 end
 
--- One admission counted in the window at now_s: a request and its tokens. The hash
--- lives a minute past its newest second: its expiry is set with each second's first
--- request (a bucket is written only here, so the first makes the count 1).
--- (`P:0` is stored as it stands: open_window saved any prune; `O:0` moves only for a
--- first or an earlier second.)
+-- One admission counted in the window at now_s: a request and its tokens, written with
+-- the sums in one HSET (open_window read the bucket). The hash lives a minute past its
+-- newest second: its expiry is set with each second's first request (a bucket is
+-- written only here). (`P:0` is stored as it stands: open_window saved any prune; `O:0`
+-- moves only for a first or an earlier second.)
 local function count_admission(w, now_s, tokens)
-  local first = redis.call('HINCRBY', w.key, 'r:' .. fmt(now_s), 1) == 1
-  redis.call('HINCRBY', w.key, 't:' .. fmt(now_s), fmt(tokens))
+  local sec = fmt(now_s)
+  local r, t = 'r:' .. sec, 't:' .. sec
+  local nr, nt = fmt((w.nr or 0) + 1), fmt((w.nt or 0) + tokens)
   if w.o == nil or now_s < w.o then
-    redis.call('HSET', w.key, 'R:0', fmt(w.r + 1), 'T:0', fmt(w.t + tokens), 'P:0', fmt(w.p), 'O:0', fmt(now_s))
+    redis.call('HSET', w.key, r, nr, t, nt, 'R:0', fmt(w.r + 1), 'T:0', fmt(w.t + tokens), 'P:0', fmt(w.p),
+               'O:0', sec, 'H:0', HASHTABLE)
   else
-    redis.call('HSET', w.key, 'R:0', fmt(w.r + 1), 'T:0', fmt(w.t + tokens))
+    redis.call('HSET', w.key, r, nr, t, nt, 'R:0', fmt(w.r + 1), 'T:0', fmt(w.t + tokens))
   end
-  if first then redis.call('PEXPIRE', w.key, (WINDOW_S + 1) * 1000) end
+  if w.nr == nil then redis.call('PEXPIRE', w.key, (WINDOW_S + 1) * 1000) end
 end
 
 -- The window's buckets of one kind ({sec, value}), oldest first: what a refusal needs
