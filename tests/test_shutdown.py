@@ -6,6 +6,8 @@ streams finish and settles them, and exits 0; streams that outlive
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import gc
 import signal
 import subprocess
 from pathlib import Path
@@ -192,3 +194,49 @@ async def test_a_settlement_the_grace_period_cuts_off_is_finished_once(
     await no_open_reservation(redis)
     assert state.inflight == {} and meter.settled.done()
     assert REGISTRY.get_sample_value("metering_proxy_reservations_open") == opened
+
+
+async def test_a_handed_over_settlement_that_fails_leaves_no_unretrieved_task_exception(
+    start_proxy: Any, upstream: DemoUpstream, redis: Redis
+) -> None:
+    """A settlement cut off by cancellation is finished by a task of its own; when that
+    task's settlement fails for a reason other than an outage (Redis at its maxmemory
+    refuses settle.lua's writes: OOM), the failure is the settlement's outcome, logged,
+    not a task exception nobody retrieves ("Task exception was never retrieved" noise);
+    the gauge and `inflight` are cleaned up once."""
+    upstream.fault.hold_after_chunks = HELD_AT
+    running = await start_proxy()
+    loop = asyncio.get_running_loop()
+    unretrieved: list[dict[str, Any]] = []
+    previous = loop.get_exception_handler()
+    loop.set_exception_handler(lambda _, context: unretrieved.append(context))
+    client = running.client(await running.account())
+    opened = REGISTRY.get_sample_value("metering_proxy_reservations_open")
+    task = asyncio.create_task(stream(client))
+    try:
+        await held(upstream, 1)
+        (meter,) = running.state.inflight.values()
+        await redis.execute_command("CLIENT", "PAUSE", 10_000, "WRITE")
+        settling = asyncio.create_task(meter.settle())  # as the handler's `finally` does
+        await wait_for(lambda: meter.settled is not None, what="the settlement under way")
+        settling.cancel()  # the handler cancelled mid-settlement: the settlement is handed over
+        with pytest.raises(asyncio.CancelledError):
+            await settling
+        await redis.config_set("maxmemory", 1)
+        await redis.execute_command("CLIENT", "UNPAUSE")
+        await wait_for(lambda: meter.settled.done(), what="the handed-over settlement's end")
+        await wait_for(lambda: not running.state.background, what="the hand-over task's end")
+        with pytest.raises(Exception, match="maxmemory"):
+            await meter.settle()  # a second call: the same outcome
+        assert running.state.inflight == {}
+        assert REGISTRY.get_sample_value("metering_proxy_reservations_open") == opened
+    finally:
+        await redis.config_set("maxmemory", 0)
+        await redis.execute_command("CLIENT", "UNPAUSE")
+        upstream.release.set()
+        with contextlib.suppress(openai.APIError):
+            await task
+        del task
+        gc.collect()
+        loop.set_exception_handler(previous)
+    assert [c["message"] for c in unretrieved] == []
