@@ -200,8 +200,8 @@ async def test_a_handed_over_settlement_that_fails_leaves_no_unretrieved_task_ex
     start_proxy: Any, upstream: DemoUpstream, redis: Redis
 ) -> None:
     """A settlement cut off by cancellation is finished by a task of its own; when that
-    task's settlement fails for a reason other than an outage (Redis at its maxmemory
-    refuses settle.lua's writes: OOM), the failure is the settlement's outcome, logged,
+    task's settlement fails for a reason other than an outage (Redis refuses settle.lua's
+    writes for want of replicas: NOREPLICAS), the failure is the settlement's outcome, logged,
     not a task exception nobody retrieves ("Task exception was never retrieved" noise);
     the gauge and `inflight` are cleaned up once."""
     upstream.fault.hold_after_chunks = HELD_AT
@@ -222,16 +222,16 @@ async def test_a_handed_over_settlement_that_fails_leaves_no_unretrieved_task_ex
         settling.cancel()  # the handler cancelled mid-settlement: the settlement is handed over
         with pytest.raises(asyncio.CancelledError):
             await settling
-        await redis.config_set("maxmemory", 1)
+        await redis.config_set("min-replicas-to-write", 1)
         await redis.execute_command("CLIENT", "UNPAUSE")
         await wait_for(lambda: meter.settled.done(), what="the handed-over settlement's end")
         await wait_for(lambda: not running.state.background, what="the hand-over task's end")
-        with pytest.raises(Exception, match="maxmemory"):
+        with pytest.raises(Exception, match="NOREPLICAS"):
             await meter.settle()  # a second call: the same outcome
         assert running.state.inflight == {}
         assert REGISTRY.get_sample_value("metering_proxy_reservations_open") == opened
     finally:
-        await redis.config_set("maxmemory", 0)
+        await redis.config_set("min-replicas-to-write", 0)
         await redis.execute_command("CLIENT", "UNPAUSE")
         upstream.release.set()
         with contextlib.suppress(openai.APIError):
