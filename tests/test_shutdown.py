@@ -299,3 +299,41 @@ async def test_a_settlement_cut_off_while_redis_is_down_is_journaled_and_charged
         gc.collect()
         loop.set_exception_handler(previous)
     assert [c["message"] for c in unretrieved] == []
+
+
+async def test_a_settlement_cancelled_twice_is_finished_once_and_every_caller_gets_it(
+    start_proxy: Any, upstream: DemoUpstream, redis: Redis
+) -> None:
+    """The handler's settlement is cancelled, then its second call (the relay's outer
+    `finally`) is cancelled too, while Redis holds the write: one hand-over finishes it,
+    the request is charged once, and a later call gets that same settlement."""
+    upstream.fault.hold_after_chunks, upstream.fault.output_tokens = HELD_AT, 8
+    running = await start_proxy()
+    client = running.client(await running.account())
+    opened = REGISTRY.get_sample_value("metering_proxy_reservations_open")
+    task = asyncio.create_task(stream(client))
+    try:
+        await held(upstream, 1)
+        (meter,) = running.state.inflight.values()
+        await redis.execute_command("CLIENT", "PAUSE", 10_000, "WRITE")
+        for _ in range(2):
+            settling = asyncio.create_task(meter.settle())
+            await wait_for(lambda: meter.settled is not None, what="the settlement under way")
+            await asyncio.sleep(0)  # one loop turn: the new task runs to its first await (not a timing wait)
+            settling.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await settling
+        assert len(running.state.background) == 1  # one hand-over, not one per cancel
+        await redis.execute_command("CLIENT", "UNPAUSE")
+        settlement = await meter.settle()
+        assert settlement is not None and settlement is meter.settled.result()
+        assert running.state.inflight == {}
+        assert REGISTRY.get_sample_value("metering_proxy_reservations_open") == opened
+    finally:
+        await redis.execute_command("CLIENT", "UNPAUSE")
+        upstream.release.set()
+        with contextlib.suppress(openai.APIError):
+            await task
+    [entry] = [e for e in await entries(redis, "acme") if e["type"] == "usage"]
+    assert entry["request_id"] == meter.request_id
+    await no_open_reservation(redis)
