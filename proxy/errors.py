@@ -142,7 +142,8 @@ class WriteNotDurable(ProxyError):
 # (fail closed, 503; a settlement retries). Both transports (redis-py and resp.py) raise
 # redis-py's types for the same replies. ConnectionError covers a full pool
 # (MaxConnectionsError) and a Redis still loading its dataset (LOADING, BusyLoadingError);
-# a replica refusing writes after a failover (READONLY) is the same kind of wait. On
+# a replica refusing writes after a failover (READONLY) and a Redis at its maxmemory
+# refusing writes (OOM, noeviction) are the same kind of wait. On
 # Redis Cluster also a failed master (CLUSTERDOWN, MASTERDOWN), a slot in migration
 # (TRYAGAIN) and no node answering the topology query (redis-py's
 # RedisClusterException, which SlotNotCoveredError extends).
@@ -151,6 +152,7 @@ REDIS_DOWN: tuple[type[Exception], ...] = (
     redis_errors.BusyLoadingError,
     redis_errors.MaxConnectionsError,
     redis_errors.ReadOnlyError,
+    redis_errors.OutOfMemoryError,
     redis_errors.TimeoutError,
     redis_errors.ClusterError,
     redis_errors.TryAgainError,

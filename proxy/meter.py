@@ -96,9 +96,13 @@ class Meter:
     async def _settle_after_cancel(self) -> None:
         try:
             settlement = await self._settle()
-        except BaseException as exc:
+        except asyncio.CancelledError as exc:
             self._settled(exc)
             raise
+        except Exception as exc:  # the settlement's outcome, not the task's: nobody awaits this task
+            self._settled(exc)
+            log.error("settlement_failed", request_id=self.request_id, account_id=self.account_id, exc_info=exc)
+            return
         self._settled(settlement)
 
     def _settled(self, outcome: Settlement | BaseException | None) -> None:

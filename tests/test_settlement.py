@@ -193,3 +193,32 @@ async def test_a_journaled_settlement_keeps_its_price_source(
     await wait_for(lambda: len(journaled) == 0, timeout_s=20, what="the journal replayed")
     (entry,) = [e for e in await entries(running.state.redis, "acme") if e["type"] == "usage"]
     assert entry["price_source"] == CATALOG and entry["amount"] == "-75"  # 10 x 2.50 + 5 x 10.00 micro-USD
+
+
+async def test_a_settlement_a_full_redis_refuses_waits_in_the_journal_and_is_charged_once(
+    start_proxy: Any, upstream: DemoUpstream, own_redis: EmbeddedRedis
+) -> None:
+    """A Redis at its maxmemory (noeviction) refuses settle.lua's writes (OOM): it cannot
+    take them now, as when it is down. The client gets the whole stream, the settlement
+    waits in the journal, and once Redis has room it is charged once, exactly."""
+    running = await start_proxy({"redis": {"url": own_redis.url}})
+    key = await running.account("acme", "10")
+    upstream.fault.output_tokens, upstream.fault.hold_after_chunks = 5, 2
+    stream = asyncio.ensure_future(running.client(key).chat.completions.create(
+        model="gpt-4o", messages=[{"role": "user", "content": "hi"}], stream=True))  # fmt: skip
+    await wait_for(upstream.holding.is_set, what="the stream held upstream")
+    redis = running.state.redis
+    await redis.config_set("maxmemory", 1)  # full: every write refused from now on
+    upstream.release.set()
+    chunks = [c async for c in await stream]
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)  # the answer, whole
+    journaled = running.state.journal
+    assert journaled is not None
+    await wait_for(lambda: len(journaled) == 1, what="the settlement journaled")
+    await redis.config_set("maxmemory", 0)
+    await wait_for(lambda: len(journaled) == 0, timeout_s=20, what="the journal replayed")
+    (entry,) = [e for e in await entries(redis, "acme") if e["type"] == "usage"]
+    assert entry["amount"] == "-75" and entry["estimated"] is False  # 10 x 2.50 + 5 x 10.00 micro-USD
+    view = await running.balance("acme")
+    assert view.balance == 10_000_000 - 75 and view.reserved == 0
+    assert not await reconcile.check_account(redis, "acme")

@@ -6,6 +6,8 @@ streams finish and settles them, and exits 0; streams that outlive
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import gc
 import signal
 import subprocess
 from pathlib import Path
@@ -20,6 +22,7 @@ from redis.asyncio import Redis
 from proxy import keyspace, reconcile
 from proxy.app import Proxy
 from proxy.config import Config
+from proxy.embedded import EmbeddedRedis
 from proxy.testing.upstream import DemoUpstream
 
 from .conftest import Running
@@ -192,3 +195,145 @@ async def test_a_settlement_the_grace_period_cuts_off_is_finished_once(
     await no_open_reservation(redis)
     assert state.inflight == {} and meter.settled.done()
     assert REGISTRY.get_sample_value("metering_proxy_reservations_open") == opened
+
+
+async def test_a_handed_over_settlement_that_fails_leaves_no_unretrieved_task_exception(
+    start_proxy: Any, upstream: DemoUpstream, redis: Redis
+) -> None:
+    """A settlement cut off by cancellation is finished by a task of its own; when that
+    task's settlement fails for a reason other than an outage (Redis refuses settle.lua's
+    writes for want of replicas: NOREPLICAS), the failure is the settlement's outcome, logged,
+    not a task exception nobody retrieves ("Task exception was never retrieved" noise);
+    the gauge and `inflight` are cleaned up once."""
+    upstream.fault.hold_after_chunks = HELD_AT
+    running = await start_proxy()
+    loop = asyncio.get_running_loop()
+    unretrieved: list[dict[str, Any]] = []
+    previous = loop.get_exception_handler()
+    loop.set_exception_handler(lambda _, context: unretrieved.append(context))
+    client = running.client(await running.account())
+    opened = REGISTRY.get_sample_value("metering_proxy_reservations_open")
+    task = asyncio.create_task(stream(client))
+    try:
+        await held(upstream, 1)
+        (meter,) = running.state.inflight.values()
+        await redis.execute_command("CLIENT", "PAUSE", 10_000, "WRITE")
+        settling = asyncio.create_task(meter.settle())  # as the handler's `finally` does
+        await wait_for(lambda: meter.settled is not None, what="the settlement under way")
+        settling.cancel()  # the handler cancelled mid-settlement: the settlement is handed over
+        with pytest.raises(asyncio.CancelledError):
+            await settling
+        await redis.config_set("min-replicas-to-write", 1)
+        await redis.execute_command("CLIENT", "UNPAUSE")
+        await wait_for(lambda: meter.settled.done(), what="the handed-over settlement's end")
+        await wait_for(lambda: not running.state.background, what="the hand-over task's end")
+        with pytest.raises(Exception, match="NOREPLICAS"):
+            await meter.settle()  # a second call: the same outcome
+        assert running.state.inflight == {}
+        assert REGISTRY.get_sample_value("metering_proxy_reservations_open") == opened
+    finally:
+        await redis.config_set("min-replicas-to-write", 0)
+        await redis.execute_command("CLIENT", "UNPAUSE")
+        upstream.release.set()
+        with contextlib.suppress(openai.APIError):
+            await task
+        del task
+        gc.collect()
+        loop.set_exception_handler(previous)
+    assert [c["message"] for c in unretrieved] == []
+
+
+async def test_a_settlement_cut_off_while_redis_is_down_is_journaled_and_charged_once(
+    make_config: Any, upstream: DemoUpstream, own_redis: EmbeddedRedis
+) -> None:
+    """Redis is gone when a stream ends: its settlement is in its retries (or writing the
+    journal) when the grace period cancels the handler. The hand-over finishes it into
+    the journal, the stop leaves it on disk, and the next start on the same data_dir,
+    Redis back, charges it once, exactly; no task exception is left unretrieved."""
+    upstream.fault.hold_after_chunks, upstream.fault.output_tokens = HELD_AT, 8
+    extra = {"redis": {"url": own_redis.url}, "server": {"shutdown_timeout_s": 0.3}}
+    loop = asyncio.get_running_loop()
+    unretrieved: list[dict[str, Any]] = []
+    previous = loop.get_exception_handler()
+    loop.set_exception_handler(lambda _, context: unretrieved.append(context))
+    proxy = Proxy(make_config(extra))
+    state = await proxy.start()
+    running = Running(proxy, state, f"http://127.0.0.1:{proxy.ports['client']}", "")
+    stopped = False
+    try:
+        client = running.client(await running.account())
+        opened = REGISTRY.get_sample_value("metering_proxy_reservations_open")
+        task = asyncio.create_task(stream(client))
+        await held(upstream, 1)
+        (meter,) = state.inflight.values()
+        assert own_redis.process is not None
+        own_redis.process.kill()
+        own_redis.process.wait()
+        upstream.release.set()  # the stream ends; its settlement finds no Redis
+        await wait_for(lambda: meter.settled is not None, what="the settlement under way")
+        await asyncio.wait_for(proxy.stop(), 30)  # cancels the handler 0.3 s on, mid-settlement
+        stopped = True
+        with pytest.raises(openai.APIError):
+            await task
+        assert meter.settled.done() and state.inflight == {}
+        assert REGISTRY.get_sample_value("metering_proxy_reservations_open") == opened
+        assert state.journal is not None and len(state.journal) == 1  # kept on disk for the next start
+    finally:
+        upstream.release.set()
+        for opened_client in running.clients:
+            await opened_client.close()
+        if not stopped:
+            await asyncio.wait_for(proxy.stop(), 30)
+    await own_redis.start()
+    again = Proxy(make_config(extra))
+    await again.start()  # adopts the journal and replays it
+    try:
+        redis = again.state.redis if again.state else None
+        assert redis is not None
+        [entry] = [e for e in await entries(redis, "acme") if e["type"] == "usage"]
+        assert entry["usage"]["output_tokens"] == 8 and entry["request_id"] == meter.request_id
+        await no_open_reservation(redis)
+    finally:
+        await asyncio.wait_for(again.stop(), 30)
+        del task
+        gc.collect()
+        loop.set_exception_handler(previous)
+    assert [c["message"] for c in unretrieved] == []
+
+
+async def test_a_settlement_cancelled_twice_is_finished_once_and_every_caller_gets_it(
+    start_proxy: Any, upstream: DemoUpstream, redis: Redis
+) -> None:
+    """The handler's settlement is cancelled, then its second call (the relay's outer
+    `finally`) is cancelled too, while Redis holds the write: one hand-over finishes it,
+    the request is charged once, and a later call gets that same settlement."""
+    upstream.fault.hold_after_chunks, upstream.fault.output_tokens = HELD_AT, 8
+    running = await start_proxy()
+    client = running.client(await running.account())
+    opened = REGISTRY.get_sample_value("metering_proxy_reservations_open")
+    task = asyncio.create_task(stream(client))
+    try:
+        await held(upstream, 1)
+        (meter,) = running.state.inflight.values()
+        await redis.execute_command("CLIENT", "PAUSE", 10_000, "WRITE")
+        for _ in range(2):
+            settling = asyncio.create_task(meter.settle())
+            await wait_for(lambda: meter.settled is not None, what="the settlement under way")
+            await asyncio.sleep(0)  # one loop turn: the new task runs to its first await (not a timing wait)
+            settling.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await settling
+        assert len(running.state.background) == 1  # one hand-over, not one per cancel
+        await redis.execute_command("CLIENT", "UNPAUSE")
+        settlement = await meter.settle()
+        assert settlement is not None and settlement is meter.settled.result()
+        assert running.state.inflight == {}
+        assert REGISTRY.get_sample_value("metering_proxy_reservations_open") == opened
+    finally:
+        await redis.execute_command("CLIENT", "UNPAUSE")
+        upstream.release.set()
+        with contextlib.suppress(openai.APIError):
+            await task
+    [entry] = [e for e in await entries(redis, "acme") if e["type"] == "usage"]
+    assert entry["request_id"] == meter.request_id
+    await no_open_reservation(redis)
