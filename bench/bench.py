@@ -348,7 +348,12 @@ def start_litellm(binary: str, tmp: Path, upstream_url: str) -> tuple[subprocess
 REAL_LOADS = (
     ("JSON, an app's request (a 1.7k-token system prompt and 20 tools, the same every time)", APP_REQUEST, False, 2),
     # 100 tokens 1 ms apart, each its own network read, as a model streams them
-    ("stream, 100 tokens 1 ms apart", {"metadata": {"bench_chunks": "100", "bench_delay_ms": "1"}}, True, 6),
+    (
+        "stream, 100 tokens 1 ms apart",
+        {"max_tokens": 100, "metadata": {"bench_chunks": "100", "bench_delay_ms": "1"}},
+        True,
+        6,
+    ),
 )
 
 
