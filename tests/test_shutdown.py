@@ -10,6 +10,7 @@ import contextlib
 import gc
 import signal
 import subprocess
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,8 @@ from proxy import keyspace, reconcile
 from proxy.app import Proxy
 from proxy.config import Config
 from proxy.embedded import EmbeddedRedis
+from proxy.meter import Meter
+from proxy.state import State
 from proxy.testing.upstream import DemoUpstream
 
 from .conftest import Running
@@ -158,6 +161,64 @@ async def test_streams_past_the_grace_period_are_cut_and_charged_for_what_was_re
     await no_open_reservation(redis)
 
 
+OPEN_GAUGE = "metering_proxy_reservations_open"
+
+
+async def held_request(running: Running, upstream: DemoUpstream) -> tuple[asyncio.Task[Any], Meter, float | None]:
+    """A stream the upstream holds, admitted: its client task, its meter, and this
+    instance's open-reservation gauge before it."""
+    client = running.client(await running.account())
+    opened = REGISTRY.get_sample_value(OPEN_GAUGE)
+    task = asyncio.create_task(stream(client))
+    await held(upstream, 1)
+    (meter,) = running.state.inflight.values()
+    return task, meter, opened
+
+
+async def cut_off_mid_settlement(
+    config: Config, upstream: DemoUpstream, hold_redis: Callable[[], Awaitable[None]]
+) -> tuple[State, Meter, float | None]:
+    """An in-process proxy (`config`: a short `shutdown_timeout_s`) streams a request;
+    `hold_redis` keeps its settlement waiting; the stream ends and the proxy stops, so the
+    grace period cancels the handler mid-settlement. Returns the stopped proxy's state,
+    the request's meter and the gauge before it."""
+    proxy = Proxy(config)
+    state = await proxy.start()
+    running = Running(proxy, state, f"http://127.0.0.1:{proxy.ports['client']}", "")
+    stopped = False
+    try:
+        task, meter, opened = await held_request(running, upstream)
+        await hold_redis()
+        upstream.release.set()  # the stream ends; its settlement waits
+        await wait_for(lambda: meter.settled is not None, what="the settlement under way")
+        await asyncio.wait_for(proxy.stop(), 30)  # cancels the handler 0.3 s on, mid-settlement
+        stopped = True
+        with pytest.raises(openai.APIError):  # its end was held for the settlement: never sent
+            await task
+    finally:
+        upstream.release.set()
+        for client in running.clients:
+            await client.close()
+        if not stopped:
+            await asyncio.wait_for(proxy.stop(), 30)
+    return state, meter, opened
+
+
+@contextlib.contextmanager
+def unretrieved_exceptions() -> Iterator[list[dict[str, Any]]]:
+    """What the loop reports of exceptions nobody retrieved (tasks, futures), collected
+    once the garbage is."""
+    loop = asyncio.get_running_loop()
+    reported: list[dict[str, Any]] = []
+    previous = loop.get_exception_handler()
+    loop.set_exception_handler(lambda _, context: reported.append(context))
+    try:
+        yield reported
+    finally:
+        gc.collect()
+        loop.set_exception_handler(previous)
+
+
 async def test_a_settlement_the_grace_period_cuts_off_is_finished_once(
     make_config: Any, upstream: DemoUpstream, redis: Redis
 ) -> None:
@@ -166,35 +227,17 @@ async def test_a_settlement_the_grace_period_cuts_off_is_finished_once(
     own finishes the settlement, and the request is charged once, its reservation closed,
     this instance's open-reservation gauge back where it was."""
     upstream.fault.hold_after_chunks, upstream.fault.output_tokens = HELD_AT, 8
-    config: Config = make_config({"server": {"shutdown_timeout_s": 0.3}})
-    proxy = Proxy(config)
-    state = await proxy.start()
-    running = Running(proxy, state, f"http://127.0.0.1:{proxy.ports['client']}", "")
-    stopped = False
-    try:
-        client = running.client(await running.account())
-        opened = REGISTRY.get_sample_value("metering_proxy_reservations_open")
-        task = asyncio.create_task(stream(client))
-        await held(upstream, 1)
-        (meter,) = state.inflight.values()
+
+    async def pause() -> None:
         await redis.execute_command("CLIENT", "PAUSE", 1500, "WRITE")
-        upstream.release.set()  # the stream ends; its settlement waits on Redis
-        await wait_for(lambda: meter.settled is not None, what="the settlement under way")
-        await asyncio.wait_for(proxy.stop(), 30)  # cancels the handler 0.3 s on, mid-settlement
-        stopped = True
-        with pytest.raises(openai.APIError):  # its end was held for the settlement: never sent
-            await task
-    finally:
-        upstream.release.set()
-        for opened_client in running.clients:
-            await opened_client.close()
-        if not stopped:
-            await asyncio.wait_for(proxy.stop(), 30)
+
+    config = make_config({"server": {"shutdown_timeout_s": 0.3}})
+    state, meter, opened = await cut_off_mid_settlement(config, upstream, pause)
     [entry] = [e for e in await entries(redis, "acme") if e["type"] == "usage"]
     assert entry["usage"]["output_tokens"] == 8 and entry["request_id"] == meter.request_id
     await no_open_reservation(redis)
-    assert state.inflight == {} and meter.settled.done()
-    assert REGISTRY.get_sample_value("metering_proxy_reservations_open") == opened
+    assert state.inflight == {} and meter.settled is not None and meter.settled.done()
+    assert REGISTRY.get_sample_value(OPEN_GAUGE) == opened
 
 
 async def test_a_handed_over_settlement_that_fails_leaves_no_unretrieved_task_exception(
@@ -207,39 +250,30 @@ async def test_a_handed_over_settlement_that_fails_leaves_no_unretrieved_task_ex
     the gauge and `inflight` are cleaned up once."""
     upstream.fault.hold_after_chunks = HELD_AT
     running = await start_proxy()
-    loop = asyncio.get_running_loop()
-    unretrieved: list[dict[str, Any]] = []
-    previous = loop.get_exception_handler()
-    loop.set_exception_handler(lambda _, context: unretrieved.append(context))
-    client = running.client(await running.account())
-    opened = REGISTRY.get_sample_value("metering_proxy_reservations_open")
-    task = asyncio.create_task(stream(client))
-    try:
-        await held(upstream, 1)
-        (meter,) = running.state.inflight.values()
-        await redis.execute_command("CLIENT", "PAUSE", 10_000, "WRITE")
-        settling = asyncio.create_task(meter.settle())  # as the handler's `finally` does
-        await wait_for(lambda: meter.settled is not None, what="the settlement under way")
-        settling.cancel()  # the handler cancelled mid-settlement: the settlement is handed over
-        with pytest.raises(asyncio.CancelledError):
-            await settling
-        await redis.config_set("min-replicas-to-write", 1)
-        await redis.execute_command("CLIENT", "UNPAUSE")
-        await wait_for(lambda: meter.settled.done(), what="the handed-over settlement's end")
-        await wait_for(lambda: not running.state.background, what="the hand-over task's end")
-        with pytest.raises(Exception, match="NOREPLICAS"):
-            await meter.settle()  # a second call: the same outcome
-        assert running.state.inflight == {}
-        assert REGISTRY.get_sample_value("metering_proxy_reservations_open") == opened
-    finally:
-        await redis.config_set("min-replicas-to-write", 0)
-        await redis.execute_command("CLIENT", "UNPAUSE")
-        upstream.release.set()
-        with contextlib.suppress(openai.APIError):
-            await task
-        del task
-        gc.collect()
-        loop.set_exception_handler(previous)
+    with unretrieved_exceptions() as unretrieved:
+        task, meter, opened = await held_request(running, upstream)
+        try:
+            await redis.execute_command("CLIENT", "PAUSE", 10_000, "WRITE")
+            settling = asyncio.create_task(meter.settle())  # as the handler's `finally` does
+            await wait_for(lambda: meter.settled is not None, what="the settlement under way")
+            settling.cancel()  # the handler cancelled mid-settlement: the settlement is handed over
+            with pytest.raises(asyncio.CancelledError):
+                await settling
+            await redis.config_set("min-replicas-to-write", 1)
+            await redis.execute_command("CLIENT", "UNPAUSE")
+            await wait_for(lambda: meter.settled is not None and meter.settled.done(), what="the hand-over's end")
+            await wait_for(lambda: not running.state.background, what="the hand-over task's end")
+            with pytest.raises(Exception, match="NOREPLICAS"):
+                await meter.settle()  # a second call: the same outcome
+            assert running.state.inflight == {}
+            assert REGISTRY.get_sample_value(OPEN_GAUGE) == opened
+        finally:
+            await redis.config_set("min-replicas-to-write", 0)
+            await redis.execute_command("CLIENT", "UNPAUSE")
+            upstream.release.set()
+            with contextlib.suppress(openai.APIError):
+                await task
+            del task
     assert [c["message"] for c in unretrieved] == []
 
 
@@ -252,52 +286,28 @@ async def test_a_settlement_cut_off_while_redis_is_down_is_journaled_and_charged
     Redis back, charges it once, exactly; no task exception is left unretrieved."""
     upstream.fault.hold_after_chunks, upstream.fault.output_tokens = HELD_AT, 8
     extra = {"redis": {"url": own_redis.url}, "server": {"shutdown_timeout_s": 0.3}}
-    loop = asyncio.get_running_loop()
-    unretrieved: list[dict[str, Any]] = []
-    previous = loop.get_exception_handler()
-    loop.set_exception_handler(lambda _, context: unretrieved.append(context))
-    proxy = Proxy(make_config(extra))
-    state = await proxy.start()
-    running = Running(proxy, state, f"http://127.0.0.1:{proxy.ports['client']}", "")
-    stopped = False
-    try:
-        client = running.client(await running.account())
-        opened = REGISTRY.get_sample_value("metering_proxy_reservations_open")
-        task = asyncio.create_task(stream(client))
-        await held(upstream, 1)
-        (meter,) = state.inflight.values()
+
+    async def kill() -> None:
         assert own_redis.process is not None
         own_redis.process.kill()
         own_redis.process.wait()
-        upstream.release.set()  # the stream ends; its settlement finds no Redis
-        await wait_for(lambda: meter.settled is not None, what="the settlement under way")
-        await asyncio.wait_for(proxy.stop(), 30)  # cancels the handler 0.3 s on, mid-settlement
-        stopped = True
-        with pytest.raises(openai.APIError):
-            await task
-        assert meter.settled.done() and state.inflight == {}
-        assert REGISTRY.get_sample_value("metering_proxy_reservations_open") == opened
+
+    with unretrieved_exceptions() as unretrieved:
+        state, meter, opened = await cut_off_mid_settlement(make_config(extra), upstream, kill)
+        assert meter.settled is not None and meter.settled.done() and state.inflight == {}
+        assert REGISTRY.get_sample_value(OPEN_GAUGE) == opened
         assert state.journal is not None and len(state.journal) == 1  # kept on disk for the next start
-    finally:
-        upstream.release.set()
-        for opened_client in running.clients:
-            await opened_client.close()
-        if not stopped:
-            await asyncio.wait_for(proxy.stop(), 30)
-    await own_redis.start()
-    again = Proxy(make_config(extra))
-    await again.start()  # adopts the journal and replays it
-    try:
-        redis = again.state.redis if again.state else None
-        assert redis is not None
-        [entry] = [e for e in await entries(redis, "acme") if e["type"] == "usage"]
-        assert entry["usage"]["output_tokens"] == 8 and entry["request_id"] == meter.request_id
-        await no_open_reservation(redis)
-    finally:
-        await asyncio.wait_for(again.stop(), 30)
-        del task
-        gc.collect()
-        loop.set_exception_handler(previous)
+        await own_redis.start()
+        again = Proxy(make_config(extra))
+        await again.start()  # adopts the journal and replays it
+        try:
+            redis = again.state.redis if again.state else None
+            assert redis is not None
+            [entry] = [e for e in await entries(redis, "acme") if e["type"] == "usage"]
+            assert entry["usage"]["output_tokens"] == 8 and entry["request_id"] == meter.request_id
+            await no_open_reservation(redis)
+        finally:
+            await asyncio.wait_for(again.stop(), 30)
     assert [c["message"] for c in unretrieved] == []
 
 
@@ -309,12 +319,8 @@ async def test_a_settlement_cancelled_twice_is_finished_once_and_every_caller_ge
     the request is charged once, and a later call gets that same settlement."""
     upstream.fault.hold_after_chunks, upstream.fault.output_tokens = HELD_AT, 8
     running = await start_proxy()
-    client = running.client(await running.account())
-    opened = REGISTRY.get_sample_value("metering_proxy_reservations_open")
-    task = asyncio.create_task(stream(client))
+    task, meter, opened = await held_request(running, upstream)
     try:
-        await held(upstream, 1)
-        (meter,) = running.state.inflight.values()
         await redis.execute_command("CLIENT", "PAUSE", 10_000, "WRITE")
         for _ in range(2):
             settling = asyncio.create_task(meter.settle())
@@ -326,9 +332,9 @@ async def test_a_settlement_cancelled_twice_is_finished_once_and_every_caller_ge
         assert len(running.state.background) == 1  # one hand-over, not one per cancel
         await redis.execute_command("CLIENT", "UNPAUSE")
         settlement = await meter.settle()
-        assert settlement is not None and settlement is meter.settled.result()
+        assert settlement is not None and meter.settled is not None and settlement is meter.settled.result()
         assert running.state.inflight == {}
-        assert REGISTRY.get_sample_value("metering_proxy_reservations_open") == opened
+        assert REGISTRY.get_sample_value(OPEN_GAUGE) == opened
     finally:
         await redis.execute_command("CLIENT", "UNPAUSE")
         upstream.release.set()
