@@ -161,9 +161,7 @@ class StreamTap:
                     self.output.add(content)
                     continue
             self._collect_choice(choice)
-        tier = payload.get("service_tier")
-        if tier and isinstance(tier, str):
-            self.service_tier = tier
+        self.service_tier = service_tier_of(payload) or self.service_tier
         raw_usage = payload.get("usage")
         if raw_usage:
             self.usage = usage_from(raw_usage, self.service_tier)
