@@ -8,6 +8,8 @@ completions), and the targets behind it:
     B  a bare aiohttp pass-through that answers the way the proxy does (bench/passthrough.py)
     B1 the same on the proxy's own upstream client (http1.py): the proxy's transport floor
     C  metering-proxy with real Redis (rate tiers, the journal and checkpoints on)
+    C- with --ablate, the same without its access log, metrics, tokenizer and Redis I/O
+       (bench/ablate/sitecustomize.py): what the rest costs, for measurement only
     D  LiteLLM's proxy, with --litellm PATH (its own venv; see /work/shared/NOTES.md)
 
 One load generator (aiohttp, in this process) sends every target the same requests,
@@ -84,6 +86,7 @@ APP_REQUEST = {
 }
 TOKENS = 16  # bench/upstream.py's answer
 LITELLM_KEY = "sk-litellm-bench"
+ABLATED = "C- the same without log, metrics, tokenizer, Redis I/O"
 
 
 def cpu_seconds(pid: int) -> float:
@@ -284,15 +287,16 @@ async def funded_key(ledger: Ledger, account_id: str) -> str:
 
 
 def start_proxy(
-    config_file: Path, log_level: str, procs: list[subprocess.Popen[bytes]], tree: Path = ROOT
+    config_file: Path, log_level: str, procs: list[subprocess.Popen[bytes]], tree: Path = ROOT, ablate: bool = False
 ) -> subprocess.Popen[bytes]:
     """The proxy (the code in `tree`), its log as in a container: unbuffered, into a pipe
-    someone reads."""
+    someone reads. `ablate`: without what bench/ablate/sitecustomize.py strips."""
+    path = f"{ROOT / 'bench' / 'ablate'}:{tree}" if ablate else str(tree)
     proxy = subprocess.Popen(
         [sys.executable, "-m", "proxy", "--config", str(config_file), "serve", "--log-level", log_level],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
-        env={**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(tree)},
+        env={**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": path, "METERING_BENCH_ABLATE": "1" if ablate else ""},
         cwd=tree,
     )
     procs.append(proxy)
@@ -498,6 +502,11 @@ async def main(args: argparse.Namespace) -> None:
             compare_port = free_port()
             compare_config = proxy_config(tmp / "compare.yaml", redis_server.url, upstream_url, compare_port)
             compare = start_proxy(compare_config, args.log_level, procs, Path(args.compare))
+        ablated = None
+        if args.ablate:  # the proxy without its log, metrics, tokenizer and Redis I/O
+            ablated_port = free_port()
+            ablated_config = proxy_config(tmp / "ablated.yaml", redis_server.url, upstream_url, ablated_port)
+            ablated = start_proxy(ablated_config, args.log_level, procs, ablate=True)
         litellm = start_litellm(args.litellm, tmp, upstream_url) if args.litellm else None
         for url in (
             f"{upstream_url}/v1/models",
@@ -505,6 +514,7 @@ async def main(args: argparse.Namespace) -> None:
             f"http://127.0.0.1:{lean_port}/",
             f"http://127.0.0.1:{proxy_port}/healthz",
             *([f"http://127.0.0.1:{compare_port}/healthz"] if compare else []),
+            *([f"http://127.0.0.1:{ablated_port}/healthz"] if ablated else []),
             *([f"http://127.0.0.1:{default_port}/healthz"] if args.memory else []),
         ):
             await wait_up(url)
@@ -529,6 +539,9 @@ async def main(args: argparse.Namespace) -> None:
             compare_key = await funded_key(ledger, "bench-compare")
             targets.append(Target(name, f"http://127.0.0.1:{compare_port}", compare.pid, compare_key, metered=True))
         targets.append(Target("C metering-proxy", f"http://127.0.0.1:{proxy_port}", proxy.pid, key, metered=True))
+        if ablated is not None:
+            ablated_key = await funded_key(ledger, "bench-ablated")
+            targets.append(Target(ABLATED, f"http://127.0.0.1:{ablated_port}", ablated.pid, ablated_key))
         if litellm is not None:
             targets.append(Target("D LiteLLM proxy", f"http://127.0.0.1:{litellm[1]}", litellm[0].pid, LITELLM_KEY))
         for _ in range(args.rounds):
@@ -573,6 +586,9 @@ if __name__ == "__main__":
     )
     parser.add_argument(
         "--memory-checkpoints", metavar="N,N,...", help="--memory: RSS after these counts (10000,50000,100000)"
+    )
+    parser.add_argument(
+        "--ablate", action="store_true", help="also: the proxy without log, metrics, tokenizer and Redis I/O (C-)"
     )
     parser.add_argument("--litellm", metavar="BIN", help="also measure LiteLLM's proxy (path to its `litellm` command)")
     parsed = parser.parse_args()

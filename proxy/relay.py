@@ -122,6 +122,9 @@ async def metered(request: web.Request, endpoint: str) -> web.StreamResponse:
     except Exception:
         status, meter.outcome = 500, "proxy error"  # the middleware answers 500; the log says so
         raise
+    except asyncio.CancelledError:  # a shutdown past its grace: charged for what was relayed
+        meter.outcome = "cut off by shutdown" + (" while settling (a task finishes it)" if meter.settled else "")
+        raise
     finally:
         settlement = await meter.settle()
         after_response(access_log, request, req_id, model, status, started, meter, settlement=settlement)
@@ -374,7 +377,9 @@ def access_log(
         if meter.usage is not None:
             fields.update(meter.usage.as_dict(), estimated=meter.estimated)
             record_usage(meter)
-        if settlement is not None:
+        if settlement is not None and settlement.duplicate:  # an earlier attempt charged it; its reply was lost
+            fields["duplicate"] = True
+        elif settlement is not None:
             fields["cost_usd"] = usd(settlement.cost)
             # metrics are not money: a float is fine here
             metrics.child(metrics.SPEND_USD, meter.route.model).inc(settlement.cost / 1_000_000)

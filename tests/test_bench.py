@@ -7,11 +7,12 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+ABLATED = "C- the same without log, metrics, tokenizer, Redis I/O"  # bench.py --ablate
 
 
 def test_bench_smoke_prints_every_target_redis_and_memory_figures() -> None:
     done = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "bench.py"), "--smoke", "--memory"],
+        [sys.executable, str(ROOT / "bench" / "bench.py"), "--smoke", "--memory", "--ablate"],
         capture_output=True,
         text=True,
         timeout=120,
@@ -20,7 +21,7 @@ def test_bench_smoke_prints_every_target_redis_and_memory_figures() -> None:
     assert done.returncode == 0, done.stderr[-2000:]
     table, heading, mem = done.stdout.partition("## Memory, big prompts and long streams")
     assert table.count("| A upstream (direct) |") == 2, done.stdout  # JSON and stream
-    for target in ("B bare aiohttp pass-through", "C metering-proxy"):  # and the two apps' loads
+    for target in ("B bare aiohttp pass-through", "C metering-proxy", ABLATED):  # and the two apps' loads
         assert table.count(f"| {target} |") == 4, done.stdout
     assert "### JSON, an app's request" in table and "### stream, 100 tokens 1 ms apart" in table, done.stdout
     assert "top-level commands" in table and "admit" in table and "settle" in table

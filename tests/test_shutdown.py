@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import io
 import signal
 import subprocess
 from collections.abc import Awaitable, Callable, Iterator
@@ -16,11 +17,12 @@ from typing import Any
 
 import aiohttp
 import openai
+import orjson
 import pytest
 from prometheus_client import REGISTRY
 from redis.asyncio import Redis
 
-from proxy import keyspace, reconcile
+from proxy import keyspace, logs, reconcile
 from proxy.app import Proxy
 from proxy.config import Config
 from proxy.embedded import EmbeddedRedis
@@ -238,6 +240,31 @@ async def test_a_settlement_the_grace_period_cuts_off_is_finished_once(
     await no_open_reservation(redis)
     assert state.inflight == {} and meter.settled is not None and meter.settled.done()
     assert REGISTRY.get_sample_value(OPEN_GAUGE) == opened
+
+
+async def test_a_request_cut_off_mid_settlement_has_its_access_line(
+    make_config: Any, upstream: DemoUpstream, redis: Redis
+) -> None:
+    """A handler the grace period cancels while it settles still writes the request's
+    access line: the operator sees every request, and why it was cut."""
+    upstream.fault.hold_after_chunks, upstream.fault.output_tokens = HELD_AT, 8
+
+    async def pause() -> None:
+        await redis.execute_command("CLIENT", "PAUSE", 1500, "WRITE")
+
+    sink = io.StringIO()
+    logs.setup("info", stream=sink)
+    try:
+        _, meter, _ = await cut_off_mid_settlement(make_config({"server": {"shutdown_timeout_s": 0.3}}), upstream, pause)
+    finally:
+        logs.setup("warning")
+    lines = [orjson.loads(line) for line in sink.getvalue().splitlines()]
+    [line] = [e for e in lines if e["event"] == "request" and e.get("request_id") == meter.request_id]
+    assert line["status"] == 499 and line["account_id"] == "acme", line
+    # charged by the handler's own settle.lua call, whose reply it was cancelled before
+    # reading: the hand-over's call finds it settled, so the line cannot say a cost
+    assert line["output_tokens"] == 8 and line["duplicate"] is True and "cost_usd" not in line, line
+    assert line["outcome"] == "cut off by shutdown while settling (a task finishes it)", line
 
 
 async def test_a_handed_over_settlement_that_fails_leaves_no_unretrieved_task_exception(
