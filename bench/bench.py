@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import os
 import re
 import signal
@@ -36,9 +37,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp
 import yaml
@@ -86,6 +88,7 @@ APP_REQUEST = {
 }
 TOKENS = 16  # bench/upstream.py's answer
 LITELLM_KEY = "sk-litellm-bench"
+T = TypeVar("T")
 ABLATED = "C- the same without log, metrics, tokenizer, Redis I/O"
 
 
@@ -224,8 +227,21 @@ class Target:
     pid: int
     key: str
     metered: bool = False
+    external: bool = False  # not ours (LiteLLM): a dropped connection is measured again, not a failure
     rows: dict[bool, list[dict[str, Any]]] = field(default_factory=lambda: {False: [], True: []})
     cpu_us: dict[str, list[float]] = field(default_factory=dict)  # per REAL_LOADS name, per round
+
+
+async def again_if_external(target: Target, run: Callable[[], Awaitable[T]]) -> T:
+    """A round of a target; LiteLLM's proxy, which has dropped connections under load,
+    gets one more try, so that a 15-minute run is not lost to it."""
+    try:
+        return await run()
+    except aiohttp.ClientError as exc:
+        if not target.external:
+            raise
+        print(f"{target.name}: {exc!r}; measuring this round again", file=sys.stderr)
+        return await run()
 
 
 async def measure(target: Target, args: argparse.Namespace, stream: bool, redis: Any) -> dict[str, Any]:
@@ -361,13 +377,16 @@ REAL_LOADS = (
 )
 
 
-async def measure_real_loads(target: Target, args: argparse.Namespace) -> None:
+async def measure_real_loads(target: Target, args: argparse.Namespace) -> dict[str, float]:
+    """CPU per request (us) of each of REAL_LOADS, by its name."""
+    cpu_us = {}
     for name, request, stream, share in REAL_LOADS:
         await load(target.url, target.key, args.warmup // share, args.concurrency, stream, request)
         requests = max(1, args.requests // share)
         cpu0 = cpu_seconds(target.pid)
         await load(target.url, target.key, requests, args.concurrency, stream, request)
-        target.cpu_us.setdefault(name, []).append(1e6 * (cpu_seconds(target.pid) - cpu0) / requests)
+        cpu_us[name] = 1e6 * (cpu_seconds(target.pid) - cpu0) / requests
+    return cpu_us
 
 
 def ratio_text(values: list[float]) -> str:
@@ -543,13 +562,17 @@ async def main(args: argparse.Namespace) -> None:
             ablated_key = await funded_key(ledger, "bench-ablated")
             targets.append(Target(ABLATED, f"http://127.0.0.1:{ablated_port}", ablated.pid, ablated_key))
         if litellm is not None:
-            targets.append(Target("D LiteLLM proxy", f"http://127.0.0.1:{litellm[1]}", litellm[0].pid, LITELLM_KEY))
+            url = f"http://127.0.0.1:{litellm[1]}"
+            targets.append(Target("D LiteLLM proxy", url, litellm[0].pid, LITELLM_KEY, external=True))
         for _ in range(args.rounds):
             for stream in (False, True):
                 for target in targets:
-                    target.rows[stream].append(await measure(target, args, stream, redis))
+                    row = await again_if_external(target, functools.partial(measure, target, args, stream, redis))
+                    target.rows[stream].append(row)
             for target in targets[1:]:
-                await measure_real_loads(target, args)
+                cpu = await again_if_external(target, functools.partial(measure_real_loads, target, args))
+                for name, cpu_us in cpu.items():
+                    target.cpu_us.setdefault(name, []).append(cpu_us)
         text = report(targets, args, redis_version) if args.rounds else ""
         if args.memory:
             plan = memory.Plan.smoke() if args.smoke else memory.Plan()

@@ -6,6 +6,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import aiohttp
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 ABLATED = "C- the same without log, metrics, tokenizer, Redis I/O"  # bench.py --ablate
 
@@ -30,3 +33,25 @@ def test_bench_smoke_prints_every_target_redis_and_memory_figures() -> None:
     assert heading and "| proxy RSS MB |" in mem and "| 0.1 MB parts |" in mem, done.stdout
     assert "a 10 MB text prompt gets 413 `request_too_large`" in mem, done.stdout
     assert "| B bare aiohttp pass-through | " in mem and "| C metering-proxy | " in mem, done.stdout
+
+
+async def test_a_dropped_connection_measures_an_external_target_again_and_fails_ours(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    import bench
+
+    attempts: list[int] = []
+
+    async def flaky() -> int:
+        attempts.append(1)
+        if len(attempts) == 1:
+            raise aiohttp.ServerDisconnectedError()
+        return len(attempts)
+
+    litellm = bench.Target("D LiteLLM proxy", "http://127.0.0.1:1", 0, "k", external=True)
+    assert await bench.again_if_external(litellm, flaky) == 2
+    attempts.clear()
+    with pytest.raises(aiohttp.ServerDisconnectedError):
+        await bench.again_if_external(bench.Target("C metering-proxy", "http://127.0.0.1:1", 0, "k"), flaky)
+    assert len(attempts) == 1

@@ -255,7 +255,9 @@ async def test_a_request_cut_off_mid_settlement_has_its_access_line(
     sink = io.StringIO()
     logs.setup("info", stream=sink)
     try:
-        _, meter, _ = await cut_off_mid_settlement(make_config({"server": {"shutdown_timeout_s": 0.3}}), upstream, pause)
+        _, meter, _ = await cut_off_mid_settlement(
+            make_config({"server": {"shutdown_timeout_s": 0.3}}), upstream, pause
+        )
     finally:
         logs.setup("warning")
     lines = [orjson.loads(line) for line in sink.getvalue().splitlines()]
