@@ -63,7 +63,7 @@ typecheck: $(VENV)/.installed-dev
 # LITELLM=/path/to/litellm also measures LiteLLM's proxy (install litellm[proxy] in its own venv);
 # --memory adds RSS over 100k requests, 10 MB prompts and a long stream (~2 minutes)
 bench: $(VENV)/.installed-dev
-	$(BIN)/python bench/bench.py --memory $(if $(LITELLM),--litellm $(LITELLM),)
+	$(BIN)/python bench/bench.py --memory --ablate $(if $(LITELLM),--litellm $(LITELLM),)
 
 # docs/console-*.png and docs/usage-page.png from a real proxy in headless Chromium
 # (apt-get install chromium; with libfaketime the charts show two weeks of history)
