@@ -123,7 +123,8 @@ async def metered(request: web.Request, endpoint: str) -> web.StreamResponse:
         status, meter.outcome = 500, "proxy error"  # the middleware answers 500; the log says so
         raise
     except asyncio.CancelledError:  # a shutdown past its grace: charged for what was relayed
-        meter.outcome = "cut off by shutdown" + (" while settling (a task finishes it)" if meter.settled else "")
+        settling = meter.settled is not None
+        meter.outcome = "cut off by shutdown" + (" while settling (a task finishes it)" if settling else "")
         raise
     finally:
         settlement = await meter.settle()
