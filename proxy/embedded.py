@@ -57,11 +57,11 @@ def allocator_env(binary: str) -> dict[str, str]:
     default. Where jemalloc is installed, it is preloaded into a server that lacks it:
     ~8% less server CPU per metered request (bench/scripts_bench.py)."""
     try:
-        version = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=10).stdout
+        banner = subprocess.run([binary, "--version"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, timeout=10)
     except (OSError, subprocess.SubprocessError):
         return {}
     jemalloc = ctypes.util.find_library("jemalloc")  # e.g. Debian's libjemalloc2, which its redis-server uses
-    if "malloc=libc" not in version or jemalloc is None:
+    if b"malloc=libc" not in banner.stdout or jemalloc is None:  # bytes: a banner need not be text
         return {}
     return {"LD_PRELOAD": f"{os.environ.get('LD_PRELOAD', '')} {jemalloc}".strip()}
 

@@ -121,3 +121,22 @@ async def test_a_server_built_without_jemalloc_runs_on_it_where_it_is_installed(
         assert ("libjemalloc" in maps) == (ctypes.util.find_library("jemalloc") is not None)
     else:
         assert "malloc=jemalloc" in banner and b"LD_PRELOAD" not in environ and allocator_env(binary) == {}
+
+
+async def test_a_server_whose_banner_is_not_text_starts_as_it_is(tmp_path: Path) -> None:
+    """`--version` is asked only to choose the allocator: a banner that is not UTF-8 (a
+    wrapper's, a locale's) must not stop the server from starting."""
+    wrapper = tmp_path / "redis-server"
+    wrapper.write_bytes(
+        b'#!/bin/sh\nif [ "$1" = --version ]; then printf "v=9 \\377 malloc=libc\\n"; printf "\\376" >&2; exit 0; fi\n'
+        + f'exec "{suite_server() or server_binary()}" "$@"\n'.encode()
+    )
+    wrapper.chmod(0o755)
+    server = EmbeddedRedis(tmp_path / "redis", binary=str(wrapper))
+    await server.start()
+    try:
+        assert server.process is not None
+        maps = await asyncio.to_thread(Path(f"/proc/{server.process.pid}/maps").read_text)
+        assert ("libjemalloc" in maps) == (ctypes.util.find_library("jemalloc") is not None)
+    finally:
+        server.stop()
