@@ -11,7 +11,7 @@ import os
 from typing import Any
 
 if os.environ.get("METERING_BENCH_ABLATE") == "1":
-    from proxy import prompts, relay, resp, scripts
+    from proxy import metrics, prompts, relay, resp, scripts
 
     relay.access_log = lambda *args, **kwargs: None  # the log line and the metrics it updates
 
@@ -20,10 +20,9 @@ if os.environ.get("METERING_BENCH_ABLATE") == "1":
         def dec(self, *args: Any) -> None: ...
         def observe(self, *args: Any) -> None: ...
 
-    from proxy import metrics
-
-    metrics.child = lambda *args: _Unmeasured()
-    metrics.RESERVATIONS_OPEN = _Unmeasured()
+    _unmeasured = _Unmeasured()
+    metrics.child = lambda *args: _unmeasured
+    metrics.RESERVATIONS_OPEN = _unmeasured
 
     _measure = prompts.measure_prompt
     _counted: list[Any] = []
@@ -37,8 +36,10 @@ if os.environ.get("METERING_BENCH_ABLATE") == "1":
 
     _call = resp.RespClient.call
     _replies: dict[str, Any] = {}
-    _names = {script.function or script.sha: name for name, script in scripts.SCRIPTS.items()}
-    _names |= {script.sha: name for name, script in scripts.SCRIPTS.items()}
+    # FCALL names the function, EVALSHA (Redis 6.2) the script's sha
+    _names = {
+        called: name for name, script in scripts.SCRIPTS.items() for called in (script.function, script.sha) if called
+    }
 
     async def _first_reply(self: resp.RespClient, *args: Any) -> Any:
         name = _names.get(str(args[1]), "") if args[0] in ("FCALL", "EVALSHA") else ""
